@@ -1,0 +1,32 @@
+"""mmtransfer: move variable-length embeddings between model instances.
+
+Reading order:
+  config.py     TransferConfig, every knob and its default
+  allocator.py  BlockAllocator (free list) and FixedSlotAllocator (the baseline)
+  pool.py       BlockPool: the preallocated buffer, bounded waits, scatter/gather
+  protocol.py   wire messages (PULL, CHUNK, DONE, ACK, ABORT, ERROR), TransferState
+  ref.py        EmbedRef, the small handle that travels through Triton
+  transport.py  Transport interface and the HostTransport
+  sender.py     SenderEndpoint (encoder side): owns embeddings, serves pulls
+  receiver.py   Receiver (language side): window, pull, continuations, assembly
+See README.md beside this file for the message sequence.
+"""
+from .config import TransferConfig
+from .errors import (
+    ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge, TransferAborted,
+    TransferError, TransferNotFound, TransferTimeout,
+)
+from .observer import TransferObserver, TransferRecord
+from .pool import BlockPool, dtype_from_name
+from .protocol import Aux, TransferState
+from .receiver import Received, Receiver
+from .ref import EmbedRef
+from .sender import SenderEndpoint
+from .transport import HostTransport, Transport
+
+__all__ = [
+    "Aux", "BlockPool", "ConfigError", "EmbedRef", "HostTransport", "PoolExhausted", "ProtocolError",
+    "Received", "Receiver", "RemoteError", "RequestTooLarge", "SenderEndpoint", "TransferAborted",
+    "TransferConfig", "TransferError", "TransferNotFound", "TransferObserver", "TransferRecord",
+    "TransferState", "TransferTimeout", "Transport", "dtype_from_name",
+]

@@ -1,0 +1,133 @@
+"""One typed configuration object for pools, windows and timeouts.
+
+The source of truth is the model's ``parameters`` in ``config.pbtxt``; environment
+variables named ``MM_<FIELD NAME IN CAPITALS>`` override them (for example
+``MM_BLOCK_TOKENS=64``), so one repository can be served with other knobs without
+editing files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "MM_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Knobs of one endpoint (an encoder or a language model instance).
+
+    use_block_allocator: True = free-list of blocks sized by the actual length;
+        False = the index-based baseline, one fixed max-size slot per request.
+    block_tokens: tokens per block (default 128).
+    default_window_tokens: the receiver's default receive window (default 1024).
+    pool_blocks: blocks preallocated per instance (default 64).
+    max_embed_tokens: the largest embedding one image may produce; also the fixed
+        slot size of the sender in fixed-slot mode.
+    use_size_hint: the receiver shrinks its window to the EMBED_REF's length hint
+        when that is smaller than the default window (never larger), saving blocks.
+    alloc_timeout_s: how long an allocation waits for free blocks (backpressure).
+    pull_timeout_s: how long the receiver waits for one reply from the sender.
+    pull_wait_s: how long the sender holds a pull for a reserved embedding that is
+        not written yet.
+    ttl_s: an embedding not pulled to completion within this time is reclaimed.
+    control_host: interface the sender's control endpoint binds to (loopback by default).
+    control_port: 0 picks a free port.
+    advertise_host: address receivers use to reach this endpoint (default: control_host).
+    """
+
+    use_block_allocator: bool = True
+    block_tokens: int = 128
+    default_window_tokens: int = 1024
+    pool_blocks: int = 64
+    max_embed_tokens: int = 8192
+    use_size_hint: bool = True
+    alloc_timeout_s: float = 10.0
+    pull_timeout_s: float = 30.0
+    pull_wait_s: float = 10.0
+    ttl_s: float = 120.0
+    control_host: str = "127.0.0.1"
+    control_port: int = 0
+    advertise_host: str = ""
+
+    def __post_init__(self) -> None:
+        _check_range("block_tokens", self.block_tokens, 1, 1 << 16)
+        _check_range("default_window_tokens", self.default_window_tokens, 1, 1 << 24)
+        _check_range("pool_blocks", self.pool_blocks, 1, 1 << 24)
+        _check_range("max_embed_tokens", self.max_embed_tokens, 1, 1 << 24)
+        _check_range("control_port", self.control_port, 0, 65535)
+        for name in ("alloc_timeout_s", "pull_timeout_s", "pull_wait_s", "ttl_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 86400):
+                raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")
+        if not self.control_host:
+            raise ConfigError("control_host must not be empty")
+
+    @property
+    def window_blocks(self) -> int:
+        """Blocks in the default receive window (rounded up to whole blocks)."""
+        return math.ceil(self.default_window_tokens / self.block_tokens)
+
+    @property
+    def max_embed_blocks(self) -> int:
+        return math.ceil(self.max_embed_tokens / self.block_tokens)
+
+    @property
+    def reachable_host(self) -> str:
+        return self.advertise_host or self.control_host
+
+    def replace(self, **changes: Any) -> "TransferConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(
+        cls, params: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+    ) -> "TransferConfig":
+        """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env.
+
+        Unknown parameter names are ignored here (models carry other parameters too);
+        a known name with a malformed value raises ConfigError naming it.
+        """
+        params = dict(params or {})
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            raw = params.get(field.name)
+            env_raw = env.get(ENV_PREFIX + field.name.upper())
+            if env_raw not in (None, ""):
+                raw = env_raw
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, field.type, str(raw).strip())
+        return cls(**values)
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if kind == "bool":
+            low = raw.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"parameter {name}: cannot parse {raw!r} as {kind}") from None
+
+
+def _check_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")

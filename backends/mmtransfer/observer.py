@@ -1,0 +1,31 @@
+"""Hooks through which endpoints report what happened (metrics live outside the library)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One completed pull, as the receiver saw it."""
+
+    transfer_id: str
+    request_id: str
+    tokens: int
+    nbytes: int
+    chunks: int
+    window_blocks: int
+    latency_s: float
+
+    @property
+    def continuations(self) -> int:
+        return self.chunks - 1
+
+
+class TransferObserver:
+    """No-op base; override what you count. Called from endpoint threads: keep it cheap."""
+
+    def transfer_completed(self, record: TransferRecord) -> None:
+        pass
+
+    def transfer_failed(self, cause: str) -> None:
+        pass

@@ -1,0 +1,213 @@
+"""The block pool: one preallocated buffer per instance, lent out block by block.
+
+``storage`` is ``[num_blocks, block_tokens, hidden]`` on the instance's device (a
+CUDA tensor works unchanged); ``aux`` is a small host-side byte area, one row per
+block, where the aux record of an embedding lives in the row of its first block.
+
+An allocation is a list of block ids; token ``t`` of an allocation lives in block
+``ids[t // block_tokens]`` at row ``t % block_tokens``. Blocks need not be
+contiguous: copies go segment by segment (``segments``), merging neighbouring
+blocks, so there is no external fragmentation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .allocator import Allocator, BlockAllocator, FixedSlotAllocator
+from .errors import PoolExhausted, RequestTooLarge
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+AUX_BYTES = 4096
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of pool rows: flat rows ``[pool_row, pool_row + length)`` hold
+    tokens ``[token, token + length)`` of the allocation."""
+
+    pool_row: int
+    token: int
+    length: int
+
+
+class BlockPool:
+    """Preallocated embedding storage plus a thread-safe allocator with bounded waits."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_tokens: int,
+        hidden: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        *,
+        block_allocator: bool = True,
+        slot_blocks: int | None = None,
+        name: str = "pool",
+    ) -> None:
+        if hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        self.name = name
+        self.block_tokens = block_tokens
+        self.hidden = hidden
+        self.dtype = dtype
+        self.storage = torch.empty((num_blocks, block_tokens, hidden), dtype=dtype, device=device)
+        self.aux = torch.zeros((num_blocks, AUX_BYTES), dtype=torch.uint8)
+        self._rows = self.storage.view(num_blocks * block_tokens, hidden)
+        self.allocator: Allocator = (
+            BlockAllocator(num_blocks)
+            if block_allocator
+            else FixedSlotAllocator(num_blocks, slot_blocks or num_blocks)
+        )
+        self._cond = threading.Condition()
+
+    # ---- geometry -------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def total_blocks(self) -> int:
+        return self.allocator.total_blocks
+
+    @property
+    def used_blocks(self) -> int:
+        with self._cond:
+            return self.allocator.used_blocks
+
+    @property
+    def max_alloc_blocks(self) -> int:
+        return self.allocator.max_alloc_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.hidden * self.storage.element_size()
+
+    def blocks_for(self, tokens: int) -> int:
+        return max(1, math.ceil(tokens / self.block_tokens))
+
+    # ---- allocation -----------------------------------------------------------------
+    def alloc(self, n: int) -> list[int] | None:
+        """``n`` block ids, or None when not enough are free now. Never waits."""
+        with self._cond:
+            return self.allocator.alloc(n)
+
+    def alloc_wait(self, n: int, timeout_s: float, min_blocks: int | None = None) -> list[int]:
+        """Allocate ``n`` blocks, waiting up to ``timeout_s`` for them to be freed.
+
+        With ``min_blocks``, settle for fewer (but at least ``min_blocks``) when the
+        pool is short, rather than wait: the receiver's window shrinks under pressure.
+        Raises PoolExhausted on timeout and RequestTooLarge if ``n`` can never fit.
+        """
+        n = min(n, self.allocator.max_alloc_blocks) if min_blocks is not None else n
+        floor = n if min_blocks is None else max(1, min(min_blocks, n))
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for count in (n,) if floor == n else range(n, floor - 1, -1):
+                    if self.allocator.can_alloc(count):
+                        ids = self.allocator.alloc(count)
+                        if ids is not None:
+                            return ids
+                if floor == n and n > self.allocator.max_alloc_blocks:
+                    raise RequestTooLarge(f"{self.name}: {n} blocks can never be allocated")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PoolExhausted(
+                        f"{self.name}: no {floor} free block(s) within {timeout_s:.1f}s "
+                        f"({self.allocator.used_blocks}/{self.total_blocks} in use)"
+                    )
+                self._cond.wait(remaining)
+
+    def free(self, ids: Sequence[int]) -> None:
+        with self._cond:
+            self.allocator.free(ids)
+            self._cond.notify_all()
+
+    # ---- data -----------------------------------------------------------------------
+    def segments(self, ids: Sequence[int], num_tokens: int, token_offset: int = 0) -> list[Segment]:
+        """Contiguous pool row runs covering tokens ``[token_offset, token_offset + num_tokens)``."""
+        if num_tokens < 0 or token_offset < 0:
+            raise ValueError("segments: negative token count or offset")
+        if token_offset + num_tokens > len(ids) * self.block_tokens:
+            raise RequestTooLarge(
+                f"{self.name}: tokens [{token_offset}, {token_offset + num_tokens}) exceed "
+                f"{len(ids)} block(s) of {self.block_tokens}"
+            )
+        out: list[Segment] = []
+        token, end, bt = token_offset, token_offset + num_tokens, self.block_tokens
+        while token < end:
+            block, row = divmod(token, bt)
+            length = min(bt - row, end - token)
+            pool_row = ids[block] * bt + row
+            last = out[-1] if out else None
+            if last is not None and last.pool_row + last.length == pool_row:
+                out[-1] = Segment(last.pool_row, last.token, last.length + length)
+            else:
+                out.append(Segment(pool_row, token, length))
+            token += length
+        return out
+
+    def rows(self, segment: Segment) -> torch.Tensor:
+        """The pool rows of one segment, as a view (for transports that send in place)."""
+        return self._rows[segment.pool_row : segment.pool_row + segment.length]
+
+    def scatter(self, ids: Sequence[int], data: torch.Tensor, token_offset: int = 0) -> None:
+        """Write ``data`` ([n, hidden]) into the allocation's tokens from ``token_offset``."""
+        self._check_rows(data)
+        base = token_offset
+        for seg in self.segments(ids, data.shape[0], token_offset):
+            start = seg.token - base
+            self.rows(seg).copy_(data[start : start + seg.length], non_blocking=True)
+
+    def gather(
+        self, ids: Sequence[int], num_tokens: int, token_offset: int = 0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Copy tokens ``[token_offset, token_offset + num_tokens)`` of the allocation out."""
+        if out is None:
+            out = torch.empty((num_tokens, self.hidden), dtype=self.dtype, device=self.device)
+        self._check_rows(out, num_tokens)
+        for seg in self.segments(ids, num_tokens, token_offset):
+            start = seg.token - token_offset
+            out[start : start + seg.length].copy_(self.rows(seg), non_blocking=True)
+        return out
+
+    def write_aux(self, block_id: int, data: bytes) -> None:
+        if len(data) > AUX_BYTES - 4:
+            raise RequestTooLarge(f"aux record of {len(data)} bytes exceeds {AUX_BYTES - 4}")
+        record = len(data).to_bytes(4, "little") + data
+        self.aux[block_id, : len(record)] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
+
+    def read_aux(self, block_id: int) -> bytes:
+        row = self.aux[block_id].numpy()
+        size = int.from_bytes(row[:4].tobytes(), "little")
+        return row[4 : 4 + size].tobytes()
+
+    def _check_rows(self, data: torch.Tensor, num_tokens: int | None = None) -> None:
+        if data.dim() != 2 or data.shape[1] != self.hidden:
+            raise ValueError(f"{self.name}: expected [tokens, {self.hidden}], got {tuple(data.shape)}")
+        if num_tokens is not None and data.shape[0] != num_tokens:
+            raise ValueError(f"{self.name}: expected {num_tokens} rows, got {data.shape[0]}")
+        if data.dtype != self.dtype:
+            raise ValueError(f"{self.name}: expected dtype {self.dtype}, got {data.dtype}")
