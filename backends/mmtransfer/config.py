@@ -33,6 +33,8 @@ class TransferConfig:
         slot size of the sender in fixed-slot mode.
     use_size_hint: the receiver shrinks its window to the EMBED_REF's length hint
         when that is smaller than the default window (never larger), saving blocks.
+    window_policy: "fixed" (the default window) or "adaptive" (a percentile of recently
+        received lengths, bounded by adaptive_max_window_tokens; see window.py).
     alloc_timeout_s: how long an allocation waits for free blocks (backpressure).
     pull_timeout_s: how long the receiver waits for one reply from the sender.
     pull_wait_s: how long the sender holds a pull for a reserved embedding that is
@@ -49,6 +51,11 @@ class TransferConfig:
     pool_blocks: int = 64
     max_embed_tokens: int = 8192
     use_size_hint: bool = True
+    window_policy: str = "fixed"
+    adaptive_percentile: float = 90.0
+    adaptive_max_window_tokens: int = 8192
+    adaptive_history: int = 512
+    adaptive_min_samples: int = 16
     alloc_timeout_s: float = 10.0
     pull_timeout_s: float = 30.0
     pull_wait_s: float = 10.0
@@ -63,6 +70,13 @@ class TransferConfig:
         _check_range("pool_blocks", self.pool_blocks, 1, 1 << 24)
         _check_range("max_embed_tokens", self.max_embed_tokens, 1, 1 << 24)
         _check_range("control_port", self.control_port, 0, 65535)
+        _check_range("adaptive_max_window_tokens", self.adaptive_max_window_tokens, 1, 1 << 24)
+        _check_range("adaptive_history", self.adaptive_history, 1, 1 << 20)
+        _check_range("adaptive_min_samples", self.adaptive_min_samples, 1, 1 << 20)
+        if self.window_policy not in ("fixed", "adaptive"):
+            raise ConfigError(f"window_policy must be 'fixed' or 'adaptive', got {self.window_policy!r}")
+        if not 0 < self.adaptive_percentile <= 100:
+            raise ConfigError(f"adaptive_percentile must be in (0, 100], got {self.adaptive_percentile!r}")
         for name in ("alloc_timeout_s", "pull_timeout_s", "pull_wait_s", "ttl_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 86400):

@@ -29,3 +29,6 @@ class TransferObserver:
 
     def transfer_failed(self, cause: str) -> None:
         pass
+
+    def pool_changed(self) -> None:
+        """Blocks were allocated or freed (e.g. to refresh a usage gauge)."""

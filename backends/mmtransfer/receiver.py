@@ -25,6 +25,7 @@ from .pool import DTYPE_NAMES, BlockPool
 from .protocol import Aux, TransferState
 from .ref import EmbedRef
 from .transport import HostTransport, Transport
+from .window import make_window_policy
 
 log = logging.getLogger(__name__)
 _ABORT_LINGER_MS = 500
@@ -55,14 +56,12 @@ class Receiver:
         self.transport = transport or HostTransport()
         self.observer = observer or TransferObserver()
         self.name = name
+        self.window_policy = make_window_policy(config)
         self._ctx = zmq.Context()
 
     def window_blocks_for(self, ref: EmbedRef) -> int:
-        """Blocks to ask for: the default window, or less when the hint says it is enough."""
-        blocks = self.config.window_blocks
-        if self.config.use_size_hint and ref.num_tokens > 0:
-            blocks = min(blocks, self.pool.blocks_for(ref.num_tokens))
-        return blocks
+        """Blocks to ask for: the policy's window, or less when the hint says it is enough."""
+        return self.window_policy.window_blocks(ref.num_tokens)
 
     def pull(self, ref: EmbedRef, request_id: str = "") -> Received:
         """Move the embedding behind ``ref`` here; raises a TransferError subclass on failure."""
@@ -98,6 +97,7 @@ class Receiver:
                 seq += 1
             self._finish(sock, ref, seq)
             state = TransferState.SUCCESS
+            self.window_policy.observe(aux.total_tokens)
             record = TransferRecord(ref.transfer_id, request_id, aux.total_tokens,
                                     aux.total_tokens * self.pool.bytes_per_token, seq, len(window),
                                     time.monotonic() - start)
@@ -121,6 +121,17 @@ class Receiver:
             sock.close()
             if window:
                 self.pool.free(window)
+                self.observer.pool_changed()
+
+    def abort(self, ref: EmbedRef, reason: str) -> None:
+        """Tell a sender to drop an embedding this receiver will never pull (best effort)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _ABORT_LINGER_MS)
+        try:
+            sock.connect(ref.address)
+            self._abort(sock, ref, TransferState.WAITING_FOR_INPUT, reason)
+        finally:
+            sock.close()
 
     def close(self) -> None:
         self._ctx.term()

@@ -126,6 +126,7 @@ class SenderEndpoint:
                 entry.blocks, entry.aux, entry.state = blocks, aux, TransferState.TRANSFERRING
                 entry.expires_at = time.monotonic() + self.config.ttl_s
                 blocks = []
+            self.observer.pool_changed()
         except BaseException:
             if blocks:
                 self.pool.free(blocks)
@@ -149,6 +150,7 @@ class SenderEndpoint:
             return False
         if entry.blocks:
             self.pool.free(entry.blocks)
+            self.observer.pool_changed()
         log.info("%s: transfer %s (request %s) dropped: %s", self.name, transfer_id, entry.request_id, reason)
         self._wake()
         return True
@@ -279,6 +281,7 @@ class SenderEndpoint:
         entry.state = TransferState.SUCCESS
         if entry.blocks:
             self.pool.free(entry.blocks)
+            self.observer.pool_changed()
         self._router.send_multipart([identity, wire.encode(wire.Ack(done.transfer_id, done.seq))])
 
     def _serve_pending(self) -> None:
@@ -312,6 +315,7 @@ class SenderEndpoint:
             log.warning("%s: transfer %s (request %s) not pulled within TTL %.1fs; reclaimed %d block(s)",
                         self.name, entry.transfer_id, entry.request_id, self.config.ttl_s, len(entry.blocks))
             self.observer.transfer_failed("ttl")
+            self.observer.pool_changed()
 
     def _reply_error(self, identity: bytes, tid: str, seq: int, code: str, message: str) -> None:
         msg = wire.Error(tid, seq, code, "".join(c if " " <= c <= "~" else "?" for c in message)[:512])

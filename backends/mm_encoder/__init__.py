@@ -1,0 +1,4 @@
+"""Encoder side (sender): images -> vision tower -> block pool -> EMBED_REF."""
+from .service import EncoderService
+
+__all__ = ["EncoderService"]
