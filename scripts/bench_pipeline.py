@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""End-to-end load test with perf_analyzer: disaggregated mm_pipeline vs colocated mm_monolithic."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "backends"))
+sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with the test harness
+
+from mm_bench import perf  # noqa: E402
+from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
+from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
+from mm_bench.sampling import CpuAccount, MemorySampler, PoolSampler, metric_sum, wait_until  # noqa: E402
+
+DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
+MODELS = ("mm_pipeline", "mm_monolithic")
+# what --load-model needs per benchmarked model (an ensemble loads its steps itself)
+LOAD = {"mm_pipeline": ["mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
+
+DESCRIPTION = """\
+Drives perf_analyzer (tritonclient 2.51) against the disaggregated ensemble mm_pipeline and the colocated
+baseline mm_monolithic with the same requests: real encoded PNG images whose embedding lengths follow a
+log-normal mix (default median 800, sigma 0.75, [64, 8192] tokens: a few hundred to several thousand,
+~1/3 above the default 1024-token receive window), one prompt and MAX_TOKENS each.
+
+For every model: a closed-loop sweep over --concurrency, then an open-loop request-rate sweep
+(--request-rates, Poisson arrivals), each load point one perf_analyzer run of a fixed --request-count
+(bounded time, no stability search). Per point it reports throughput (infer/s), client p50/p90/p99
+latency (perf_analyzer -f CSV), the continuation ratio (delta mm_transfer_continuations_total /
+delta mm_transfers_total of mm_language), pool utilisation (max and mean of mm_pool_blocks_used /
+mm_pool_blocks_total per model, metrics polled every 0.25 s during the run) and peak memory (RSS, and
+PSS, of tritonserver + its Python-backend stubs, sampled from /proc every 0.5 s).
+
+By default it starts one real tritonserver per model (model_repository/, explicit model control, only
+that model loaded, so memory is the model's own) with the tiny checkpoint, and stops it afterwards.
+With --url it uses a running server instead (both models loaded; give --metrics-url and --server-pid
+for pool and memory figures).
+
+Output: a table on stdout, <out-dir>/<name>.json (every number, the machine, the command) and
+<out-dir>/<name>.png. perf_analyzer inputs, CSVs and logs go to --work-dir."""
+
+EPILOG = """\
+examples:
+  scripts/bench_pipeline.py --quick --out-dir /tmp/bench          CI size, well under a minute
+  scripts/bench_pipeline.py                                       full sweep 1..100 (long on 2 cores)
+  scripts/bench_pipeline.py --concurrency 1,2,4,8,16,32 --request-rates auto
+  scripts/bench_pipeline.py --url localhost:8001 --metrics-url http://localhost:8002/metrics --server-pid 1234
+  scripts/bench_pipeline.py --checkpoint /models/qwen2-vl-2b-random --env MM_POOL_BLOCKS=512
+
+environment: PERF_ANALYZER (binary; default: on PATH or in the venv's bin), TRITONSERVER, MM_BACKEND_DIR
+(as scripts/env.sh). perf_analyzer needs libb64.so.0d (Debian libb64-0d) and libcudart.so.12
+(nvidia-cuda-runtime-cu12 wheel) on LD_LIBRARY_PATH: `source scripts/env.sh` first.
+"""
+
+
+# ------------------------------------------------------------------------------------------ options
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def rate_list(text: str) -> list[float] | str:
+    if text.strip() in ("auto", "none", ""):
+        return text.strip() or "none"
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'none' or comma-separated rates, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError("request rates must be > 0")
+    return values
+
+
+def env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench_pipeline.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("load")
+    g.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated models to benchmark (default {','.join(MODELS)})")
+    g.add_argument("--concurrency", type=int_list, default=DEFAULT_CONCURRENCY,
+                   help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100)")
+    g.add_argument("--request-rates", type=rate_list, default="auto",
+                   help="open-loop request rates (req/s), comma-separated; 'auto' = 0.5x and 0.9x the first "
+                        "model's best concurrency-sweep throughput, same rates for every model; 'none' skips")
+    g.add_argument("--requests", type=int, default=0,
+                   help="requests per concurrency point (default 0 = max(2 x images, 4 x concurrency))")
+    g.add_argument("--rate-seconds", type=float, default=20.0,
+                   help="target length of a request-rate point: requests = rate x this (default 20)")
+    g.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer protocol (default grpc)")
+    g.add_argument("--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)")
+    g.add_argument("--quick", action="store_true",
+                   help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens")
+    g = p.add_argument_group("requests")
+    g.add_argument("--images", type=int, default=24, help="distinct images, one per data step (default 24)")
+    g.add_argument("--mix", type=LogNormalMix.parse, default=LogNormalMix(),
+                   help="embedding-length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)")
+    g.add_argument("--seed", type=int, default=0, help="seed of lengths and image content (default 0)")
+    g.add_argument("--prompt", default="Describe the image.", help="prompt of every request")
+    g.add_argument("--max-tokens", type=int, default=8, help="MAX_TOKENS of every request (default 8)")
+    g = p.add_argument_group("server")
+    g.add_argument("--url", default="", help="use a running server at HOST:PORT (for --protocol) instead of starting one")
+    g.add_argument("--metrics-url", default="", help="with --url: its metrics URL, e.g. http://localhost:8002/metrics")
+    g.add_argument("--server-pid", type=int, default=0, help="with --url: tritonserver's pid, for memory sampling")
+    g.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
+                   help="repository to serve (default model_repository/)")
+    g.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory (MM_CHECKPOINT; default the tiny model, $MM_TINY_MODEL); also "
+                        "used to size the test images")
+    g.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the started server, e.g. MM_POOL_BLOCKS=512 (repeatable)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
+                   help="where <name>.json and <name>.png go (default docs/benchmarks)")
+    g.add_argument("--name", default="pipeline-cpu", help="file name stem of the outputs (default pipeline-cpu)")
+    g.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench",
+                   help="perf_analyzer inputs, CSVs and logs (default .cache/bench)")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    g.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models:
+        p.error("--models is empty")
+    if args.quick:
+        args.images = min(args.images, 6)
+        args.mix = LogNormalMix(args.mix.median, args.mix.sigma, args.mix.min_tokens, min(args.mix.max_tokens, 2500))
+        args.concurrency = [1, 4] if args.concurrency == DEFAULT_CONCURRENCY else args.concurrency
+        if args.request_rates == "auto":
+            args.request_rates = "auto1"
+        args.max_tokens = min(args.max_tokens, 2)
+        args.rate_seconds = min(args.rate_seconds, 3.0)
+    if args.url and (args.metrics_url == "" or args.server_pid == 0):
+        print("note: with --url and no --metrics-url/--server-pid, pool or memory figures are left out", file=sys.stderr)
+    if args.images < 1 or args.max_tokens < 1:
+        p.error("--images and --max-tokens must be >= 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list[int]]:
+    """Encoded images following the mix -> perf_analyzer JSON; returns (path, actual token counts)."""
+    from mm_models.testing import make_test_image, tokens_for_image_size
+    from PIL import Image
+    import io
+
+    wanted = args.mix.sample(args.images, seed=args.seed)
+    entries, tokens = [], []
+    for i, n in enumerate(wanted):
+        data = make_test_image(tokens=int(n), seed=args.seed * 10_007 + i, model_dir=checkpoint)
+        w, h = Image.open(io.BytesIO(data)).size
+        tokens.append(tokens_for_image_size(checkpoint, w, h))
+        entries.append(perf.request_entry([data], args.prompt, args.max_tokens))
+    path = perf.write_input_data(args.work_dir / f"{args.name}-input.json", entries)
+    return path, tokens
+
+
+def expected_continuations(tokens: list[int], window: int = 1024) -> float:
+    """Continuations per transfer the fixed default window gives for these images (each used equally)."""
+    return sum(math.ceil(t / window) - 1 for t in tokens) / len(tokens)
+
+
+# ------------------------------------------------------------------------------------------ server
+class Target:
+    """Where load goes: a server this script started, or one given by --url."""
+
+    def __init__(self, url: str, metrics_url: str, pid: int, server=None) -> None:
+        self.url, self.metrics_url, self.pid, self.server = url, metrics_url, pid, server
+
+    def metrics(self) -> dict:
+        from harness import parse_metrics
+
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+            return parse_metrics(r.read().decode())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Target:
+    if args.url:
+        return Target(args.url, args.metrics_url, args.server_pid)
+    from harness import TritonServer
+
+    env = {"MM_CHECKPOINT": str(checkpoint), **dict(args.env)}
+    load = [f"--load-model={m}" for m in LOAD.get(model, [model])]
+    log = args.work_dir / f"{args.name}-{model}-server.log"
+    if log.exists():
+        log.unlink()
+    server = TritonServer(args.model_repository, env=env, args=["--model-control-mode=explicit", *load],
+                          log_file=log, startup_timeout_s=600)
+    t0 = time.monotonic()
+    server.start()
+    print(f"[{model}] tritonserver pid {server.pid} ready in {time.monotonic() - t0:.1f}s (log {log})", flush=True)
+    url = server.grpc_url if args.protocol == "grpc" else server.http_address
+    return Target(url, server.metrics_url, server.pid, server)
+
+
+# ------------------------------------------------------------------------------------------ one point
+def run_point(args, target: Target, model: str, input_path: Path, *, concurrency: int | None = None,
+              rate: float | None = None, requests: int, label: str, pa_env: dict) -> dict:
+    csv_path = args.work_dir / f"{args.name}-{model}-{label}.csv"
+    if csv_path.exists():
+        csv_path.unlink()
+    cmd = perf.command(args.perf_analyzer, model, target.url, input_path, csv_path, protocol=args.protocol,
+                       concurrency=concurrency, request_rate=rate, request_count=requests,
+                       max_threads=2 if rate else None,
+                       extra=["-a"] if rate else [])
+    before = _safe_metrics(target)
+    mem = MemorySampler(target.pid) if target.pid else None
+    pools = PoolSampler(target.metrics) if target.metrics_url else None
+    t0 = time.monotonic()
+    cpu = CpuAccount(target.pid).__enter__()
+    if mem:
+        mem.__enter__()
+    if pools:
+        pools.__enter__()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out, err = 124, exc.stdout or "", f"timed out after {args.point_timeout:g}s"
+        out = out.decode() if isinstance(out, bytes) else out
+    finally:
+        if pools:
+            pools.__exit__(None, None, None)
+        if mem:
+            mem.__exit__(None, None, None)
+        cpu.__exit__(None, None, None)
+    elapsed = time.monotonic() - t0
+    (args.work_dir / f"{args.name}-{model}-{label}.log").write_text(" ".join(cmd) + "\n\n" + out + "\n" + err)
+    row: dict = {"model": model, "mode": "concurrency" if concurrency else "request_rate",
+                 "concurrency": concurrency, "request_rate": rate, "requests": requests, "rc": rc,
+                 "elapsed_s": round(elapsed, 2), "cpu_cores": cpu.result()}
+    row["other_cpu"] = row["cpu_cores"]["other"]
+    if rc == 0 and csv_path.exists():
+        row.update(perf.parse_csv(csv_path.read_text()))
+    else:
+        tail = (out + "\n" + err).strip().splitlines()[-6:]
+        row["error"] = " | ".join(tail)
+        print(f"[{model}] {label}: perf_analyzer failed (rc {rc}): {row['error']}", file=sys.stderr, flush=True)
+    after = _wait_quiet(target) if target.metrics_url else None
+    if before is not None and after is not None:
+        transfers = metric_sum(after, "mm_transfers_total", model="mm_language") - metric_sum(
+            before, "mm_transfers_total", model="mm_language")
+        conts = metric_sum(after, "mm_transfer_continuations_total", model="mm_language") - metric_sum(
+            before, "mm_transfer_continuations_total", model="mm_language")
+        failures = metric_sum(after, "mm_transfer_failures_total") - metric_sum(before, "mm_transfer_failures_total")
+        row.update({"transfers": transfers, "continuations": conts,
+                    "continuation_ratio": conts / transfers if transfers else None, "transfer_failures": failures})
+    if pools:
+        row["pools"] = pools.result()
+        for m, short in (("mm_encoder", "enc"), ("mm_language", "lang")):
+            if row["pools"][m]["blocks_total"]:
+                row[f"{short}_pool_max"] = row["pools"][m]["max_utilisation"]
+                row[f"{short}_pool_mean"] = row["pools"][m]["mean_utilisation"]
+    if mem:
+        row["memory"] = mem.result()
+        row["peak_rss_mib"] = row["memory"]["peak_rss_mib"]
+        row["peak_pss_mib"] = row["memory"]["peak_pss_mib"]
+    return row
+
+
+def _safe_metrics(target: Target):
+    if not target.metrics_url:
+        return None
+    try:
+        return target.metrics()
+    except Exception:
+        return None
+
+
+def _wait_quiet(target: Target):
+    """Metrics once the pools are back to zero (DONE/ACK settle right after the responses)."""
+    last = {}
+
+    def quiet() -> bool:
+        m = _safe_metrics(target)
+        if m is None:
+            return False
+        last["m"] = m
+        return metric_sum(m, "mm_pool_blocks_used") == 0
+
+    wait_until(quiet, timeout_s=10, interval_s=0.1)
+    return last.get("m")
+
+
+def requests_for(args, concurrency: int) -> int:
+    return args.requests or max(2 * args.images, 4 * concurrency)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.perf_analyzer = perf.find_perf_analyzer()
+    if not args.perf_analyzer:
+        print("error: perf_analyzer not found (pip install 'tritonclient[all]==2.51.0'; or set PERF_ANALYZER)",
+              file=sys.stderr)
+        return 2
+    from harness import server_env
+
+    pa_env = server_env()  # nvidia_pytriton.libs + cuda_runtime on LD_LIBRARY_PATH, venv bin on PATH
+    probe = subprocess.run([args.perf_analyzer, "--version"], capture_output=True, text=True, env=pa_env)
+    if "error while loading shared libraries" in probe.stderr:
+        print(f"error: perf_analyzer cannot start: {probe.stderr.strip()}\n(install the Debian package libb64-0d "
+              "and `source scripts/env.sh`; see docs/BENCHMARKS.md)", file=sys.stderr)
+        return 2
+    checkpoint = Path(args.checkpoint or os.environ.get("MM_TINY_MODEL", ROOT / ".cache/models/tiny-qwen2-vl"))
+    if not (checkpoint / "config.json").is_file():
+        print(f"error: no checkpoint at {checkpoint} (run scripts/setup, or give --checkpoint)", file=sys.stderr)
+        return 2
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    input_path, tokens = build_inputs(args, checkpoint)
+    token_summary = summarize(tokens)
+    print(f"{len(tokens)} images, embedding tokens: p50 {token_summary['p50']:.0f}, p90 {token_summary['p90']:.0f}, "
+          f"max {token_summary['max']}, {token_summary['share_above_1024']:.0%} above the 1024 window "
+          f"(expected continuations/transfer {expected_continuations(tokens):.2f}); input {input_path}", flush=True)
+
+    rows: list[dict] = []
+    rates: list[float] = [] if args.request_rates in ("none",) else (
+        list(args.request_rates) if isinstance(args.request_rates, list) else [])
+    for model in args.models:
+        target = start_target(args, model, checkpoint)
+        try:
+            warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
+                                protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
+            subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+            for c in args.concurrency:
+                row = run_point(args, target, model, input_path, concurrency=c, requests=requests_for(args, c),
+                                label=f"c{c}", pa_env=pa_env)
+                rows.append(row)
+                _print_progress(row)
+            if isinstance(args.request_rates, str) and args.request_rates.startswith("auto") and not rates:
+                best = max((r.get("throughput", 0.0) for r in rows if r["model"] == model), default=0.0)
+                factors = (0.5,) if args.request_rates == "auto1" else (0.5, 0.9)
+                rates = [round(best * f, 1) for f in factors if best * f >= 0.1]
+            for rate in rates:
+                n = max(8, int(round(rate * args.rate_seconds)))
+                row = run_point(args, target, model, input_path, rate=rate, requests=n, label=f"r{rate:g}",
+                                pa_env=pa_env)
+                rows.append(row)
+                _print_progress(row)
+        finally:
+            target.close()
+
+    info = machine_info()
+    print()
+    print(table(rows, TABLE_COLUMNS, markdown=args.markdown))
+    print(f"\nmachine: {machine_line(info)}")
+    payload = {
+        "benchmark": "pipeline", "command": "scripts/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": info, "checkpoint": str(checkpoint), "models": args.models, "protocol": args.protocol,
+        "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": token_summary,
+        "expected_continuations_per_transfer": expected_continuations(tokens),
+        "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
+        "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
+    }
+    print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
+    if not args.no_plot:
+        print(f"wrote {plot(rows, args, info, expected_continuations(tokens))}")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+TABLE_COLUMNS = [
+    ("model", "model"), ("point", "load"), ("requests", "reqs"), ("throughput", "infer/s", ".2f"),
+    ("p50_ms", "p50 ms", ".0f"), ("p90_ms", "p90 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"),
+    ("continuation_ratio", "conts/xfer", ".2f"), ("enc_pool_max", "enc pool max", ".0%"),
+    ("lang_pool_max", "lang pool max", ".0%"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
+    ("peak_pss_mib", "peak PSS MiB", ".0f"), ("other_cpu", "other CPU", ".2f"),
+]
+
+
+def _point(row: dict) -> str:
+    return f"c={row['concurrency']}" if row["mode"] == "concurrency" else f"rate={row['request_rate']:g}/s"
+
+
+def _print_progress(row: dict) -> None:
+    row["point"] = _point(row)
+    if row["rc"] == 0:
+        print(f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, p50 {row.get('p50_ms', 0):.0f} ms, "
+              f"p99 {row.get('p99_ms', 0):.0f} ms ({row['elapsed_s']:.0f}s)", flush=True)
+
+
+def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | None = None) -> Path:
+    from mm_bench.plotting import pyplot, save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ok = [r for r in rows if r["rc"] == 0]
+    for i, model in enumerate(args.models):
+        conc = sorted((r for r in ok if r["model"] == model and r["mode"] == "concurrency"), key=lambda r: r["concurrency"])
+        rate = sorted((r for r in ok if r["model"] == model and r["mode"] == "request_rate"), key=lambda r: r["request_rate"])
+        x = [r["concurrency"] for r in conc]
+        color = f"C{i}"
+        if conc:
+            axes[0, 0].plot(x, [r["throughput"] for r in conc], "o-", color=color, label=model)
+            axes[0, 1].plot(x, [r["p50_ms"] for r in conc], "o-", color=color, label=f"{model} p50")
+            axes[0, 1].plot(x, [r["p99_ms"] for r in conc], "s--", color=color, label=f"{model} p99")
+        if rate:
+            xr = [r["request_rate"] for r in rate]
+            axes[0, 2].plot(xr, [r["p50_ms"] for r in rate], "o-", color=color, label=f"{model} p50")
+            axes[0, 2].plot(xr, [r["p99_ms"] for r in rate], "s--", color=color, label=f"{model} p99")
+        if model == "mm_pipeline" and conc:
+            for key, label, style in (("enc_pool_max", "encoder pool max", "o-"), ("enc_pool_mean", "encoder pool mean", "o:"),
+                                      ("lang_pool_max", "language pool max", "s-"), ("lang_pool_mean", "language pool mean", "s:")):
+                if any(r.get(key) is not None for r in conc):
+                    axes[1, 0].plot(x, [100 * (r.get(key) or 0) for r in conc], style, label=label)
+            axes[1, 1].plot(x, [r.get("continuation_ratio") or 0 for r in conc], "o-", color=color,
+                            label="measured (metrics)")
+    if exp is not None:
+        axes[1, 1].axhline(exp, color="0.5", ls="--", label="expected from the image mix")
+    # memory: peak RSS per process at the highest concurrency of each model
+    labels, bottoms = [], []
+    for i, model in enumerate(args.models):
+        conc = [r for r in ok if r["model"] == model and r.get("memory")]
+        if not conc:
+            continue
+        top = max(conc, key=lambda r: r["memory"]["peak_rss_mib"])
+        bottom = 0.0
+        for j, (proc, mib) in enumerate(sorted(top["memory"]["peak_rss_by_process_mib"].items())):
+            axes[1, 2].bar(i, mib, bottom=bottom, color=f"C{j + 2}", label=proc)
+            axes[1, 2].annotate(proc, (i, bottom + mib / 2), ha="center", va="center", fontsize=7)
+            bottom += mib
+        labels.append(model)
+        bottoms.append(bottom)
+    axes[1, 2].set_xticks(range(len(labels)), labels)
+    for ax, title, xl, yl, logx in (
+        (axes[0, 0], "Throughput (closed loop)", "concurrency", "infer/s", True),
+        (axes[0, 1], "Client latency (closed loop)", "concurrency", "ms", True),
+        (axes[0, 2], "Client latency (open loop, Poisson)", "offered request rate (req/s)", "ms", False),
+        (axes[1, 0], "mm_pipeline pool utilisation", "concurrency", "% of pool blocks", True),
+        (axes[1, 1], "mm_pipeline continuations per transfer", "concurrency", "continuations / transfer", True),
+        (axes[1, 2], "Peak RSS by process (highest load point)", "", "MiB", False),
+    ):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles and ax is not axes[1, 2]:
+            ax.legend(fontsize=7)
+    if args.models and any(r["model"] == "mm_pipeline" for r in ok):
+        axes[0, 1].set_yscale("log")
+    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {args.mix.describe()}; "
+                 f"MAX_TOKENS {args.max_tokens}", fontsize=10)
+    fig.tight_layout()
+    return save(fig, args.out_dir / f"{args.name}.png", footer=machine_line(info))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
