@@ -6,7 +6,9 @@ Reading order:
   pool.py       BlockPool: the preallocated buffer, bounded waits, scatter/gather
   protocol.py   wire messages (PULL, CHUNK, DONE, ACK, ABORT, ERROR), TransferState
   ref.py        EmbedRef, the small handle that travels through Triton
-  transport.py  Transport interface and the HostTransport
+  transport.py  Transport interface, the HostTransport, and the choice of transport (negotiate)
+  channels.py, transport_nccl.py, transport_cuda_ipc.py, nccl_lib.py, cuda.py
+                GPU channels: NCCL point-to-point, same-GPU CUDA IPC, the libnccl binding
   sender.py     SenderEndpoint (encoder side): owns embeddings, serves pulls
   receiver.py   Receiver (language side): window, pull, continuations, assembly
 See README.md beside this file for the message sequence.
@@ -22,11 +24,11 @@ from .protocol import Aux, TransferState
 from .receiver import Received, Receiver
 from .ref import EmbedRef
 from .sender import SenderEndpoint
-from .transport import HostTransport, Transport
+from .transport import HostTransport, Transport, negotiate
 
 __all__ = [
     "Aux", "BlockPool", "ConfigError", "EmbedRef", "HostTransport", "PoolExhausted", "ProtocolError",
     "Received", "Receiver", "RemoteError", "RequestTooLarge", "SenderEndpoint", "TransferAborted",
     "TransferConfig", "TransferError", "TransferNotFound", "TransferObserver", "TransferRecord",
-    "TransferState", "TransferTimeout", "Transport", "dtype_from_name",
+    "TransferState", "TransferTimeout", "Transport", "dtype_from_name", "negotiate",
 ]

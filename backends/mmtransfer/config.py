@@ -18,6 +18,7 @@ from .errors import ConfigError
 ENV_PREFIX = "MM_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+TRANSPORTS = ("auto", "host", "nccl", "cuda_ipc")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ class TransferConfig:
     control_host: interface the sender's control endpoint binds to (loopback by default).
     control_port: 0 picks a free port.
     advertise_host: address receivers use to reach this endpoint (default: control_host).
+    transport: how chunk bytes move: "auto" (both pools on CPU or either on CPU -> host;
+        same GPU -> cuda_ipc; different GPUs -> nccl), or forced: "host", "nccl", "cuda_ipc".
+        Both ends must agree: a forced transport the other end cannot use is a clear error.
+    gpu_landing: where GPU transports put received bytes: "direct" (straight into the assembled
+        embedding: the CHUNK header, which carries the total length, always arrives before the
+        bytes; the window is the flow-control credit) or "window" (into the window's blocks, then
+        copied out, like the host transport).
+    bootstrap_timeout_s: how long forming a GPU channel (NCCL communicator, IPC mapping) may take.
     """
 
     use_block_allocator: bool = True
@@ -63,6 +72,9 @@ class TransferConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0
     advertise_host: str = ""
+    transport: str = "auto"
+    gpu_landing: str = "direct"
+    bootstrap_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check_range("block_tokens", self.block_tokens, 1, 1 << 16)
@@ -77,7 +89,11 @@ class TransferConfig:
             raise ConfigError(f"window_policy must be 'fixed' or 'adaptive', got {self.window_policy!r}")
         if not 0 < self.adaptive_percentile <= 100:
             raise ConfigError(f"adaptive_percentile must be in (0, 100], got {self.adaptive_percentile!r}")
-        for name in ("alloc_timeout_s", "pull_timeout_s", "pull_wait_s", "ttl_s"):
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {list(TRANSPORTS)}, got {self.transport!r}")
+        if self.gpu_landing not in ("direct", "window"):
+            raise ConfigError(f"gpu_landing must be 'direct' or 'window', got {self.gpu_landing!r}")
+        for name in ("alloc_timeout_s", "pull_timeout_s", "pull_wait_s", "ttl_s", "bootstrap_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 86400):
                 raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")

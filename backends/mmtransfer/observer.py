@@ -15,6 +15,8 @@ class TransferRecord:
     chunks: int
     window_blocks: int
     latency_s: float
+    ready_s: float = 0.0  # from the pull being issued to the embedding being usable (before DONE/ACK)
+    transport: str = "host"
 
     @property
     def continuations(self) -> int:

@@ -155,19 +155,36 @@ class BlockPool:
                 f"{self.name}: tokens [{token_offset}, {token_offset + num_tokens}) exceed "
                 f"{len(ids)} block(s) of {self.block_tokens}"
             )
+        # Plain ints in the loop and one Segment per run: this runs on the request path once per
+        # chunk on each side, over up to thousands of blocks.
         out: list[Segment] = []
         token, end, bt = token_offset, token_offset + num_tokens, self.block_tokens
+        block = token // bt
+        run_row = run_tok = run_len = -1
         while token < end:
-            block, row = divmod(token, bt)
+            row = token - block * bt
             length = min(bt - row, end - token)
             pool_row = ids[block] * bt + row
-            last = out[-1] if out else None
-            if last is not None and last.pool_row + last.length == pool_row:
-                out[-1] = Segment(last.pool_row, last.token, last.length + length)
+            if run_len > 0 and run_row + run_len == pool_row:
+                run_len += length
             else:
-                out.append(Segment(pool_row, token, length))
+                if run_len > 0:
+                    out.append(Segment(run_row, run_tok, run_len))
+                run_row, run_tok, run_len = pool_row, token, length
             token += length
+            block += 1
+        if run_len > 0:
+            out.append(Segment(run_row, run_tok, run_len))
         return out
+
+    def row_ptr(self, row: int) -> int:
+        """Device address of flat pool row ``row`` (for transports that hand raw pointers to NCCL)."""
+        return self.storage.data_ptr() + row * self.bytes_per_token
+
+    @property
+    def flat_rows(self) -> torch.Tensor:
+        """The whole storage as ``[num_blocks * block_tokens, hidden]`` (a view)."""
+        return self._rows
 
     def rows(self, segment: Segment) -> torch.Tensor:
         """The pool rows of one segment, as a view (for transports that send in place)."""

@@ -15,6 +15,16 @@ Sequence (receiver R drives, sender S answers; one request in flight per pull)::
     R: DONE(tid)  -> S ;  S frees its blocks ;  S: ACK(tid) -> R
     (on failure R sends ABORT(tid, reason); S frees and answers nothing)
     (any bad request: S answers ERROR(tid, code, message))
+
+GPU transports add a bootstrap pair, once per (sender endpoint, receiver) channel::
+
+    R: BOOTSTRAP(channel, wanted transport, R's device)  ->  S
+    S: BOOTSTRAP_ACK(channel, chosen transport, S's device, ncclUniqueId | CUDA IPC handle)  -> R
+    (both sides then form the channel: a 2-rank NCCL communicator, warmed up; or the mapped pool)
+    R: CLOSE(channel, reason)  -> S   (the receiver gives a broken channel up; no answer)
+
+and optional fields on PULL (channel, count, runs, op_seq) and CHUNK (pieces), left out of the
+frame when they hold their defaults, so host-transport frames are the same bytes as before.
 """
 from __future__ import annotations
 
@@ -32,6 +42,10 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 64 * 1024
 MAX_TOKENS_ON_WIRE = 1 << 24
 MAX_HIDDEN = 1 << 16
+MAX_PIECES = 2048  # contiguous pieces of one chunk (the union of both sides' block boundaries)
+MAX_CHUNKS_PER_PULL = 1 << 16
+BOOTSTRAP_VERSION = 1
+TRANSPORT_NAMES = ("auto", "host", "nccl", "cuda_ipc")
 _HEADER = struct.Struct("!4sBB")
 _TID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -56,6 +70,9 @@ class MsgType(IntEnum):
     ACK = 4
     ABORT = 5
     ERROR = 6
+    BOOTSTRAP = 7
+    BOOTSTRAP_ACK = 8
+    CLOSE = 9
 
 
 class ErrorCode:
@@ -66,7 +83,8 @@ class ErrorCode:
     BUSY = "busy"
     INTERNAL = "internal"
     VERSION = "version"
-    ALL = frozenset({NOT_FOUND, EXPIRED, BAD_REQUEST, TIMEOUT, BUSY, INTERNAL, VERSION})
+    UNAVAILABLE = "unavailable"  # the asked-for transport cannot connect these endpoints
+    ALL = frozenset({NOT_FOUND, EXPIRED, BAD_REQUEST, TIMEOUT, BUSY, INTERNAL, VERSION, UNAVAILABLE})
 
 
 def chunk_tokens(total_tokens: int, sent_tokens: int, capacity_tokens: int) -> int:
@@ -120,6 +138,68 @@ def _code(name: str, v: Any) -> str:
 
 _SEQ = _int(0, (1 << 31) - 1)
 _TOKENS = _int(0, MAX_TOKENS_ON_WIRE)
+_ROW = _int(0, (1 << 40))
+
+
+def _channel(name: str, v: Any) -> str:
+    return "" if v == "" else _tid(name, v)
+
+
+def _transport(name: str, v: Any) -> str:
+    if v not in TRANSPORT_NAMES:
+        raise ProtocolError(f"field {name}: unknown transport {v!r}; expected one of {list(TRANSPORT_NAMES)}")
+    return v
+
+
+def _runs(name: str, v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > MAX_PIECES:
+        raise ProtocolError(f"field {name}: expected a list of <= {MAX_PIECES} run lengths")
+    return tuple(_int(1, MAX_TOKENS_ON_WIRE)(name, x) for x in v)
+
+
+def _pieces(name: str, v: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(v, list) or len(v) > MAX_PIECES:
+        raise ProtocolError(f"field {name}: expected a list of <= {MAX_PIECES} [row, length] pairs")
+    out = []
+    for item in v:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolError(f"field {name}: expected [row, length] pairs")
+        out.append((_ROW(name, item[0]), _int(1, MAX_TOKENS_ON_WIRE)(name, item[1])))
+    return tuple(out)
+
+
+def _hex(max_chars: int, exact: int | None = None):
+    def check(name: str, v: Any) -> str:
+        if not isinstance(v, str) or len(v) > max_chars or len(v) % 2 or not re.fullmatch(r"[0-9a-f]*", v):
+            raise ProtocolError(f"field {name}: expected lowercase hex of <= {max_chars} digits")
+        if exact is not None and v and len(v) != exact:
+            raise ProtocolError(f"field {name}: expected {exact} hex digits, got {len(v)}")
+        return v
+
+    return check
+
+
+_IPC_SCHEMA: dict[str, Any] = {
+    "handle": _hex(1024), "size_bytes": _int(1, 1 << 48), "offset_bytes": _int(0, 1 << 48),
+    "ref_counter_handle": _hex(1024), "ref_counter_offset": _int(0, 1 << 48), "event_handle": _hex(1024),
+    "event_sync_required": lambda name, v: _bool(name, v), "storage_offset": _int(0, 1 << 48),
+    "rows": _int(1, 1 << 40), "hidden": _int(1, MAX_HIDDEN), "dtype": _str(16, _NAME),
+    "pid": _int(0, 1 << 31), "local_key": _str(128),
+}
+
+
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(f"field {name}: expected true or false")
+    return v
+
+
+def _ipc(name: str, v: Any) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != set(_IPC_SCHEMA):
+        raise ProtocolError(f"field {name}: expected exactly the fields {sorted(_IPC_SCHEMA)}")
+    return {key: check(f"{name}.{key}", v[key]) for key, check in _IPC_SCHEMA.items()}
 
 
 @dataclass(frozen=True)
@@ -177,13 +257,24 @@ class Pull:
         "transfer_id": _tid, "seq": _SEQ, "sent_tokens": _TOKENS,
         "capacity_tokens": _int(1, MAX_TOKENS_ON_WIRE), "transport": _str(16, _NAME),
         "request_id": _str(128),
+        "channel": _channel, "count": _int(0, MAX_CHUNKS_PER_PULL), "runs": _runs, "op_seq": _int(0, 1 << 62),
     }
+    OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0}
     transfer_id: str
     seq: int
     sent_tokens: int
     capacity_tokens: int
     transport: str = "host"
     request_id: str = ""
+    # GPU transports: the channel (from BOOTSTRAP), how many consecutive window-sized chunks
+    # this PULL asks for (each answered by its own CHUNK; 0 = all of them, window by window,
+    # which is what the receiver asks: no round trip per continuation), the receiver window's contiguous run
+    # lengths (the sender splits at the union of both sides' boundaries), and the channel's
+    # operation counter (NCCL: sends and receives must pair up in the same order).
+    channel: str = ""
+    count: int = 1
+    runs: tuple[int, ...] = ()
+    op_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,13 +287,18 @@ class Chunk:
         "transfer_id": _tid, "seq": _SEQ, "offset": _TOKENS,
         "num_tokens": _int(1, MAX_TOKENS_ON_WIRE), "total_tokens": _int(1, MAX_TOKENS_ON_WIRE),
         "aux": lambda name, v: None if v is None else Aux.from_obj(v),
+        "pieces": _pieces,
     }
+    OPTIONAL: ClassVar[dict] = {"pieces": ()}
     transfer_id: str
     seq: int
     offset: int
     num_tokens: int
     total_tokens: int
     aux: Aux | None = None
+    # GPU transports: the chunk as contiguous pieces, in token order: (sender pool row, length).
+    # Every piece is contiguous in the sender's pool and in the receiver's window.
+    pieces: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -242,12 +338,74 @@ class Error:
     message: str
 
 
-Message = Union[Pull, Chunk, Done, Ack, Abort, Error]
-_BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error)}
+@dataclass(frozen=True)
+class Bootstrap:
+    """Receiver asks to open a channel for GPU transports (once per sender endpoint)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP
+    SCHEMA: ClassVar[dict] = {
+        "version": _int(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": _tid, "transport": _transport,
+        "device_kind": lambda name, v: _choice(name, v, ("cpu", "cuda")), "device_uuid": _str(64),
+        "host": _str(128), "pid": _int(0, 1 << 31),
+    }
+    channel: str
+    transport: str
+    device_kind: str
+    device_uuid: str
+    host: str
+    pid: int
+    version: int = BOOTSTRAP_VERSION
+
+
+@dataclass(frozen=True)
+class BootstrapAck:
+    """Sender's answer: the transport chosen for the channel and what forming it needs."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP_ACK
+    SCHEMA: ClassVar[dict] = {
+        "version": _int(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": _tid, "transport": _transport,
+        "device_kind": lambda name, v: _choice(name, v, ("cpu", "cuda")), "device_uuid": _str(64),
+        "host": _str(128), "nccl_id": _hex(256, exact=256), "ipc": _ipc,
+    }
+    channel: str
+    transport: str
+    device_kind: str
+    device_uuid: str
+    host: str
+    nccl_id: str = ""
+    ipc: dict | None = None
+    version: int = BOOTSTRAP_VERSION
+
+
+@dataclass(frozen=True)
+class Close:
+    """Receiver gives a channel up (after a failure on it, or at shutdown); no answer."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CLOSE
+    SCHEMA: ClassVar[dict] = {"channel": _tid, "reason": _str(256)}
+    channel: str
+    reason: str
+
+
+def _choice(name: str, v: Any, allowed: tuple[str, ...]) -> str:
+    if v not in allowed:
+        raise ProtocolError(f"field {name}: expected one of {list(allowed)}, got {v!r}")
+    return v
+
+
+Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close]
+_BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap,
+                                                       BootstrapAck, Close)}
 
 
 def encode(msg: Message) -> bytes:
-    body = {f.name: getattr(msg, f.name) for f in fields(msg)}
+    optional = getattr(msg, "OPTIONAL", {})
+    body = {}
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in optional and value == optional[f.name]:
+            continue  # defaults stay off the wire
+        body[f.name] = [list(x) if isinstance(x, tuple) else x for x in value] if isinstance(value, tuple) else value
     if isinstance(msg, Chunk) and msg.aux is not None:
         body["aux"] = asdict(msg.aux)
     data = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.TYPE)) + json.dumps(
@@ -279,6 +437,53 @@ def decode(data: bytes) -> Message:
         body = json.loads(data[_HEADER.size :])
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(f"{cls.__name__}: body is not valid JSON") from None
-    if not isinstance(body, dict) or set(body) != set(cls.SCHEMA):
-        raise ProtocolError(f"{cls.__name__}: expected exactly the fields {sorted(cls.SCHEMA)}")
-    return cls(**{name: check(name, body[name]) for name, check in cls.SCHEMA.items()})
+    optional = getattr(cls, "OPTIONAL", {})
+    if not isinstance(body, dict) or not set(cls.SCHEMA) - set(optional) <= set(body) <= set(cls.SCHEMA):
+        raise ProtocolError(f"{cls.__name__}: expected exactly the fields {sorted(cls.SCHEMA)}"
+                            + (f" (optional: {sorted(optional)})" if optional else ""))
+    return cls(**{name: check(name, body[name]) for name, check in cls.SCHEMA.items() if name in body})
+
+
+# ---- splitting a chunk into pieces contiguous on both sides ---------------------------------------
+def split_pieces(src: list[tuple[int, int]], dst_runs: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
+    """Cut the sender's contiguous runs ``src`` ((pool row, length), in token order) at the
+    receiver's run boundaries ``dst_runs`` (lengths, in token order): the union of both sides'
+    boundaries. Returns (sender pool row, length) pieces; each is contiguous on both sides.
+    Empty ``dst_runs`` means the receiver side is one contiguous run."""
+    total = sum(n for _, n in src)
+    if dst_runs and sum(dst_runs) < total:
+        raise ProtocolError(f"receiver runs cover {sum(dst_runs)} tokens, the chunk has {total}")
+    cuts, acc = [], 0
+    for n in dst_runs:
+        acc += n
+        cuts.append(acc)
+    out: list[tuple[int, int]] = []
+    token, ci = 0, 0
+    for row, length in src:
+        start, end = token, token + length
+        while token < end:
+            while ci < len(cuts) and cuts[ci] <= token:
+                ci += 1
+            nxt = min(cuts[ci], end) if ci < len(cuts) else end
+            out.append((row + token - start, nxt - token))
+            token = nxt
+    if len(out) > MAX_PIECES:
+        raise ProtocolError(f"chunk splits into {len(out)} pieces, more than {MAX_PIECES}: use larger blocks")
+    return out
+
+
+def check_pieces(pieces: tuple[tuple[int, int], ...], num_tokens: int, dst_runs: tuple[int, ...] | list[int]) -> None:
+    """Receiver side: the pieces cover exactly ``num_tokens`` and none crosses a receiver run."""
+    if sum(n for _, n in pieces) != num_tokens:
+        raise ProtocolError(f"chunk pieces cover {sum(n for _, n in pieces)} tokens, expected {num_tokens}")
+    cuts, acc = [], 0
+    for n in dst_runs:
+        acc += n
+        cuts.append(acc)
+    token, ci = 0, 0
+    for _, n in pieces:
+        while ci < len(cuts) and cuts[ci] <= token:
+            ci += 1
+        if ci < len(cuts) and token + n > cuts[ci]:
+            raise ProtocolError(f"chunk piece [{token}, {token + n}) crosses a receiver block boundary at {cuts[ci]}")
+        token += n

@@ -6,10 +6,22 @@ its aux, and keeps issuing continuations with a growing ``sent_tokens`` offset
 until everything has arrived, copying each chunk out of the window into the
 assembled embedding. The window is freed on every path; on failure the sender is
 told to ABORT so its blocks are freed too.
+
+When this pool is on a GPU (and ``transport`` is not forced to host), the first pull to a
+sender endpoint opens a channel (BOOTSTRAP; see ``channels.py``): NCCL for another GPU,
+CUDA IPC for the same GPU, or host when the sender has no GPU. On a channel the chunk bytes
+move out of band on the channel's stream: the first PULL asks for one chunk (its CHUNK
+carries the total length), then ONE PULL asks for every remaining chunk (``count``), each
+answered by its own CHUNK, and the receiver posts each chunk's receive as its CHUNK arrives,
+without waiting for the previous one to land: continuations are pipelined. A CUDA event on
+the channel's stream says when the embedding is usable; nothing waits on the whole device.
 """
 from __future__ import annotations
 
 import logging
+import math
+import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +38,15 @@ from .protocol import Aux, TransferState
 from .ref import EmbedRef
 from .transport import HostTransport, Transport
 from .window import make_window_policy
+from .channels import (
+    ChannelError, ReceiverChannel, current_stream, elapsed_us, open_receiver_channel, record_event, use_device,
+    use_stream, wait_event,
+)
 
 log = logging.getLogger(__name__)
 _ABORT_LINGER_MS = 500
+_MAX_IDLE_SOCKETS = 16
+_SPIN_RECV_S = 0.003
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,9 @@ class Received:
     embedding: torch.Tensor
     aux: Aux
     record: TransferRecord
+    # GPU channels: where the time went, in microseconds from the pull's start (window, sent,
+    # first_chunk, posted, ready); for profiling and the benchmark
+    timings: dict | None = None
 
 
 class Receiver:
@@ -58,6 +79,18 @@ class Receiver:
         self.name = name
         self.window_policy = make_window_policy(config)
         self._ctx = zmq.Context()
+        self._channels: dict[str, ReceiverChannel | None] = {}  # sender address -> channel (None: host)
+        self._channels_lock = threading.Lock()
+        self._address_locks: dict[str, threading.Lock] = {}
+        self._idle_sockets: dict[str, list[zmq.Socket]] = {}  # connected DEALERs, reused by channel pulls
+        self._sockets_lock = threading.Lock()
+
+    @property
+    def uses_channels(self) -> bool:
+        """True when pulls may go over a GPU channel: this pool is on CUDA and the transport is not
+        forced to host, or a GPU transport is forced (a CPU pool then gets a clear error)."""
+        return (self.pool.device.type == "cuda" and self.config.transport != "host") or \
+            self.config.transport in ("nccl", "cuda_ipc")
 
     def window_blocks_for(self, ref: EmbedRef) -> int:
         """Blocks to ask for: the policy's window, or less when the hint says it is enough."""
@@ -65,6 +98,27 @@ class Receiver:
 
     def pull(self, ref: EmbedRef, request_id: str = "") -> Received:
         """Move the embedding behind ``ref`` here; raises a TransferError subclass on failure."""
+        if self.uses_channels:
+            try:
+                with use_device(self.pool.device):
+                    channel = self.channel_for(ref.address)
+            except BaseException as exc:
+                self.abort(ref, f"receiver could not open a channel: {type(exc).__name__}")
+                self.observer.transfer_failed(getattr(exc, "cause", "internal"))
+                raise
+            if channel is not None:
+                try:
+                    return self._pull_channel(ref, request_id, channel)
+                except _Reopen:
+                    # the sender no longer knows the channel (it restarted, or gave the channel up)
+                    # and sent nothing: open a new one once, the embedding is still there
+                    with use_device(self.pool.device):
+                        channel = self.channel_for(ref.address)
+                    if channel is not None:
+                        return self._pull_channel(ref, request_id, channel, retry=False)
+        return self._pull_host(ref, request_id)
+
+    def _pull_host(self, ref: EmbedRef, request_id: str = "") -> Received:
         start = time.monotonic()
         state = TransferState.BOOTSTRAPPING
         window: list[int] = []
@@ -95,12 +149,13 @@ class Receiver:
                 self.pool.gather(window, chunk.num_tokens, out=out[sent : sent + chunk.num_tokens])
                 sent += chunk.num_tokens
                 seq += 1
+            ready_s = time.monotonic() - start
             self._finish(sock, ref, seq)
             state = TransferState.SUCCESS
             self.window_policy.observe(aux.total_tokens)
             record = TransferRecord(ref.transfer_id, request_id, aux.total_tokens,
                                     aux.total_tokens * self.pool.bytes_per_token, seq, len(window),
-                                    time.monotonic() - start)
+                                    time.monotonic() - start, ready_s, "host")
             self.observer.transfer_completed(record)
             if seq > 1:
                 log.info("%s: request %s transfer %s done: %d tokens in %d chunks (%d continuations), %.1f ms",
@@ -134,13 +189,269 @@ class Receiver:
             sock.close()
 
     def close(self) -> None:
+        with self._channels_lock:
+            channels, self._channels = [c for c in self._channels.values() if c is not None], {}
+        for channel in channels:
+            channel.close()
+        with self._sockets_lock:
+            idle, self._idle_sockets = [x for v in self._idle_sockets.values() for x in v], {}
+        for sock in idle:
+            sock.close(linger=0)
         self._ctx.term()
+
+    def _take_socket(self, address: str) -> zmq.Socket:
+        """A connected DEALER to ``address``: an idle one when there is, else a new one. Reusing
+        sockets keeps the TCP and ZeroMQ handshakes (a few hundred microseconds) off the request path."""
+        with self._sockets_lock:
+            idle = self._idle_sockets.get(address)
+            if idle:
+                return idle.pop()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _ABORT_LINGER_MS)
+        sock.connect(address)
+        return sock
+
+    def _give_socket(self, address: str, sock: zmq.Socket) -> None:
+        """Back to the idle list, only after a clean exchange (no reply can still be on its way)."""
+        with self._sockets_lock:
+            idle = self._idle_sockets.setdefault(address, [])
+            if len(idle) < _MAX_IDLE_SOCKETS:
+                idle.append(sock)
+                return
+        sock.close()
 
     def __enter__(self) -> "Receiver":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+    # ---- GPU channels -------------------------------------------------------------------
+    def channel_for(self, address: str) -> ReceiverChannel | None:
+        """The channel to the sender endpoint at ``address`` (opened on first use), or None when
+        the pair negotiated the host transport."""
+        with self._channels_lock:
+            if address in self._channels:
+                channel = self._channels[address]
+                if channel is None or not channel.broken:
+                    return channel
+            lock = self._address_locks.setdefault(address, threading.Lock())
+        with lock:
+            with self._channels_lock:
+                channel = self._channels.get(address, False)
+                if channel is not False and (channel is None or not channel.broken):
+                    return channel
+            channel = self._bootstrap(address)
+            with self._channels_lock:
+                self._channels[address] = channel
+            return channel
+
+    def _drop_channel(self, channel: ReceiverChannel, reason: str, sock: zmq.Socket | None = None) -> None:
+        channel.broken = True
+        with self._channels_lock:
+            if self._channels.get(channel.address) is channel:
+                del self._channels[channel.address]
+        log.warning("%s: %s channel %s to %s given up: %s", self.name, channel.transport, channel.channel_id[:8],
+                    channel.address, reason)
+        channel.close()
+        if sock is not None:
+            try:
+                sock.send(wire.encode(wire.Close(channel.channel_id, reason.encode("ascii", "replace").decode()[:256])),
+                          zmq.NOBLOCK)
+            except (zmq.ZMQError, ProtocolError):
+                pass
+
+    def _bootstrap(self, address: str) -> ReceiverChannel | None:
+        from .cuda import TransportUnavailable, device_info
+        from .ref import new_transfer_id
+
+        mine = device_info(self.pool.device)
+        channel_id = new_transfer_id()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(address)
+            sock.send(wire.encode(wire.Bootstrap(channel_id, self.config.transport, mine.kind, mine.uuid[:64],
+                                                 mine.host[:128], os.getpid() & 0x7FFFFFFF)))
+            if not sock.poll(int(self.config.bootstrap_timeout_s * 1000)):
+                raise TransferTimeout(f"no BOOTSTRAP answer from {address} within {self.config.bootstrap_timeout_s:.0f}s")
+            msg = wire.decode(sock.recv_multipart(copy=True)[0])
+        finally:
+            sock.close()
+        if isinstance(msg, wire.Error):
+            if msg.code == wire.ErrorCode.UNAVAILABLE:
+                raise TransportUnavailable(f"sender at {address}: {msg.message}")
+            raise _remote_error(msg)
+        if not isinstance(msg, wire.BootstrapAck) or msg.channel != channel_id:
+            raise ProtocolError(f"expected BOOTSTRAP_ACK for channel {channel_id[:8]}, got {type(msg).__name__}")
+        if self.config.transport not in ("auto", msg.transport):
+            raise TransportUnavailable(f"asked for {self.config.transport!r}, sender chose {msg.transport!r}")
+        if msg.transport == "host":
+            log.info("%s: sender at %s (%s) uses the host transport", self.name, address, msg.device_kind)
+            return None
+        channel = open_receiver_channel(msg.transport, channel_id, self.pool, address, msg,
+                                        self.config.bootstrap_timeout_s)
+        log.info("%s: %s channel %s to %s open", self.name, msg.transport, channel_id[:8], address)
+        return channel
+
+    def _pull_channel(self, ref: EmbedRef, request_id: str, channel: ReceiverChannel, retry: bool = True) -> Received:
+        with use_device(self.pool.device):
+            return self._pull_channel_on_device(ref, request_id, channel, retry)
+
+    def _pull_channel_on_device(self, ref: EmbedRef, request_id: str, channel: ReceiverChannel,
+                                retry: bool) -> Received:
+        t0 = time.perf_counter()
+        start = time.monotonic()
+        marks: dict[str, float] = {}
+        state = TransferState.BOOTSTRAPPING
+        window: list[int] = []
+        unpaired = False  # a PULL is out whose chunks were not all posted here: the channel is suspect
+        clean = False  # the socket may be reused: every answer it was owed has been read
+        aux: Aux | None = None
+        seq = 0
+        sock = self._take_socket(ref.address)
+        device = self.pool.device
+        try:
+            window = self.pool.alloc_wait(self.window_blocks_for(ref), self.config.alloc_timeout_s, min_blocks=1)
+            capacity = len(window) * self.pool.block_tokens
+            landing_window = self.config.gpu_landing == "window"
+            win_segs = self.pool.segments(window, capacity) if landing_window else []
+            runs = tuple(seg.length for seg in win_segs)
+            if len(runs) > wire.MAX_PIECES:
+                raise RequestTooLarge(f"window of {len(runs)} runs exceeds {wire.MAX_PIECES}; use larger blocks")
+            state = TransferState.WAITING_FOR_INPUT
+            current = current_stream(device)
+            out: torch.Tensor | None = None
+            sent, total = 0, None
+            marks["window"] = time.perf_counter()
+            with channel.lock:
+                if channel.broken:
+                    raise ChannelError(f"{channel.transport} channel to {ref.address} broke")
+                # ONE PULL for the whole embedding (count=0): the sender answers with one CHUNK per
+                # window-sized chunk, the first carrying the total; each chunk's receive is posted as
+                # its CHUNK arrives, behind the previous one on the channel's stream (which also
+                # orders the reuse of the window), so continuations cost no round trip.
+                pull = wire.Pull(ref.transfer_id, seq, 0, capacity, channel.transport, request_id[:128],
+                                 channel=channel.channel_id, count=0, runs=runs, op_seq=channel.ops)
+                sock.send(wire.encode(pull))
+                unpaired = True
+                marks["sent"] = time.perf_counter()
+                while total is None or sent < total:
+                    chunk = self._next_chunk(sock, pull, seq, first_of_pull=(seq == 0))
+                    if aux is None:
+                        marks["first_chunk"] = time.perf_counter()
+                        aux = self._check_first(chunk)
+                        total = aux.total_tokens
+                        out = torch.empty((total, self.pool.hidden), dtype=self.pool.dtype, device=device)
+                        channel.stream.wait_stream(current)  # out and window were allocated on this stream
+                        gpu_start = record_event(channel.stream, device, timing=True)
+                        state = TransferState.TRANSFERRING
+                        if total > capacity:
+                            log.info("%s: request %s transfer %s needs continuation: %d/%d tokens (%d more "
+                                     "chunk(s) in the same PULL)", self.name, request_id, ref.transfer_id,
+                                     min(capacity, total), total, math.ceil(total / capacity) - 1)
+                    if chunk.offset != sent or chunk.total_tokens != total or chunk.num_tokens > capacity \
+                            or sent + chunk.num_tokens > total or (chunk.offset and chunk.aux is not None):
+                        raise ProtocolError(f"chunk {chunk.seq} at {chunk.offset}+{chunk.num_tokens}/"
+                                            f"{chunk.total_tokens}, expected {sent}/{total} within {capacity}")
+                    self._post_chunk(channel, chunk, runs, win_segs, window, out)
+                    sent += chunk.num_tokens
+                    seq += 1
+                unpaired = False
+            marks["posted"] = time.perf_counter()
+            landed = record_event(channel.stream, device, timing=True)
+            if not wait_event(landed, self.config.pull_timeout_s):
+                raise ChannelError(f"chunk bytes not landed within {self.config.pull_timeout_s:.0f}s")
+            marks["ready"] = time.perf_counter()
+            ready_s = time.monotonic() - start
+            clean = self._finish(sock, ref, seq)
+            state = TransferState.SUCCESS
+            self.window_policy.observe(total)
+            record = TransferRecord(ref.transfer_id, request_id, total, total * self.pool.bytes_per_token, seq,
+                                    len(window), time.monotonic() - start, ready_s, channel.transport)
+            self.observer.transfer_completed(record)
+            if seq > 1:
+                log.info("%s: request %s transfer %s done over %s: %d tokens in %d chunks (%d continuations), "
+                         "usable after %.2f ms", self.name, request_id, ref.transfer_id, channel.transport, total,
+                         seq, seq - 1, ready_s * 1e3)
+            timings = {k: round((v - t0) * 1e6, 1) for k, v in marks.items()}
+            gpu_us = elapsed_us(gpu_start, landed)  # first receive posted -> last byte landed, on the GPU
+            if gpu_us is not None:
+                timings["gpu_us"] = round(gpu_us, 1)
+            return Received(out, aux, record, timings)
+        except BaseException as exc:
+            if isinstance(exc, RemoteError) and exc.code == wire.ErrorCode.UNAVAILABLE:
+                if retry and seq == 0 and aux is None and "unknown channel" in str(exc):
+                    self._drop_channel(channel, str(exc), None)
+                    clean = True  # the one answer owed (the ERROR) was read
+                    raise _Reopen() from exc
+                unpaired = True  # the sender gave the channel up
+            elif getattr(exc, "sender_posted_nothing", False):
+                unpaired = False
+            # Whatever was posted here pairs with sends already posted by the sender (it posts
+            # before it answers), so it completes unless the peer died: wait for it (bounded)
+            # before the window is freed and the sender told to free its blocks.
+            if not channel.drain(min(self.config.pull_timeout_s, 10.0)):
+                self._drop_channel(channel, f"posted work did not complete after {type(exc).__name__}", sock)
+            elif unpaired or isinstance(exc, ChannelError):
+                self._drop_channel(channel, f"{type(exc).__name__}: {exc}", sock)
+            self._abort(sock, ref, state, str(exc) if isinstance(exc, TransferError) else
+                        f"receiver error: {type(exc).__name__}")
+            self.observer.transfer_failed(getattr(exc, "cause", "internal") if isinstance(exc, TransferError)
+                                          else "internal")
+            log.warning("%s: request %s transfer %s failed in state %s over %s: %s", self.name, request_id,
+                        ref.transfer_id, state.name, channel.transport, exc)
+            raise
+        finally:
+            if clean:
+                self._give_socket(ref.address, sock)
+            else:
+                sock.close()
+            if window:
+                self.pool.free(window)
+                self.observer.pool_changed()
+
+    def _next_chunk(self, sock: zmq.Socket, pull: wire.Pull, seq: int, first_of_pull: bool) -> wire.Chunk:
+        # Spin a little before sleeping in poll: the answer usually comes within a few hundred
+        # microseconds, and waking a sleeping thread costs that much again on a virtual machine.
+        spin_until = time.monotonic() + _SPIN_RECV_S
+        while not sock.poll(0) and time.monotonic() < spin_until:
+            time.sleep(0)
+        msg, frames = self._recv(sock, pull.transfer_id)
+        if isinstance(msg, wire.Error):
+            exc = _remote_error(msg)
+            # The sender checks a PULL completely before it posts anything: an ERROR in place of
+            # the first CHUNK means nothing was sent, and the channel's pairing is intact.
+            exc.sender_posted_nothing = first_of_pull and msg.code != wire.ErrorCode.UNAVAILABLE
+            raise exc
+        if not isinstance(msg, wire.Chunk) or msg.transfer_id != pull.transfer_id or msg.seq != seq or frames:
+            raise ProtocolError(f"expected CHUNK seq {seq} for {pull.transfer_id}, got {type(msg).__name__}")
+        return msg
+
+    def _post_chunk(self, channel: ReceiverChannel, chunk: wire.Chunk, runs: tuple[int, ...],
+                    win_segs: list, window: list[int], out: torch.Tensor) -> None:
+        """Enqueue one chunk on the channel: pieces land straight in ``out`` (direct) or in the
+        window's blocks, followed by the copy out of the window on the same stream (window)."""
+        wire.check_pieces(chunk.pieces, chunk.num_tokens, runs)
+        if not runs:
+            dests, token = [], chunk.offset
+            for _, n in chunk.pieces:
+                dests.append(out[token : token + n])
+                token += n
+            channel.post(chunk.pieces, dests)
+            return
+        rows, dests, token, si = self.pool.flat_rows, [], 0, 0
+        for _, n in chunk.pieces:
+            while win_segs[si].token + win_segs[si].length <= token:
+                si += 1
+            seg = win_segs[si]
+            row = seg.pool_row + token - seg.token
+            dests.append(rows[row : row + n])
+            token += n
+        channel.post(chunk.pieces, dests)
+        with use_stream(channel.stream):
+            self.pool.gather(window, chunk.num_tokens, out=out[chunk.offset : chunk.offset + chunk.num_tokens])
 
     # ---- helpers ------------------------------------------------------------------------
     def _exchange(self, sock: zmq.Socket, pull: wire.Pull) -> tuple[wire.Chunk, list[bytes]]:
@@ -185,7 +496,7 @@ class Receiver:
         if chunk.offset != 0 and chunk.aux is not None:
             raise ProtocolError("aux on a continuation chunk")
 
-    def _finish(self, sock: zmq.Socket, ref: EmbedRef, seq: int) -> None:
+    def _finish(self, sock: zmq.Socket, ref: EmbedRef, seq: int) -> bool:
         """DONE lets the sender free its blocks now; wait for the ACK so that a caller
         seeing ``pull`` return knows both pools are settled (the TTL covers a lost ACK)."""
         sock.send(wire.encode(wire.Done(ref.transfer_id, seq)))
@@ -193,9 +504,11 @@ class Receiver:
             msg, _ = self._recv(sock, ref.transfer_id)
         except TransferError as exc:
             log.warning("%s: no ACK for DONE of %s (%s); the sender's TTL will reclaim", self.name, ref.transfer_id, exc)
-            return
+            return False
         if not isinstance(msg, wire.Ack):
             log.warning("%s: DONE of %s answered by %s", self.name, ref.transfer_id, msg)
+            return False
+        return True
 
     def _abort(self, sock: zmq.Socket, ref: EmbedRef, state: TransferState, reason: str) -> None:
         if state < TransferState.WAITING_FOR_INPUT:
@@ -205,6 +518,10 @@ class Receiver:
                       zmq.NOBLOCK)
         except (zmq.ZMQError, ProtocolError):
             pass
+
+
+class _Reopen(Exception):
+    """Internal: retry a pull once on a freshly opened channel."""
 
 
 def _remote_error(msg: wire.Error) -> TransferError:

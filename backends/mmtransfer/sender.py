@@ -6,7 +6,13 @@ single server thread answers PULL/DONE/ABORT on a ZeroMQ ROUTER socket in arriva
 order, which is also the order in which out-of-band transports post their sends.
 
 Every block is freed exactly once: on DONE, on ABORT, when ``fill`` fails, when the
-TTL expires before the receiver finished, or at ``close``.
+TTL expires before the receiver finished, or at ``close``. With a GPU transport a block is
+freed only once the sends that read it completed (a CUDA event per PULL, polled by the
+server thread: the free is deferred, never a blocking sync).
+
+GPU transports: a receiver opens a channel with BOOTSTRAP (see ``channels.py``); the endpoint
+negotiates the transport (``transport.negotiate``), forms the channel, and serves that
+channel's PULLs in arrival order, posting the sends of every chunk on the channel's stream.
 """
 from __future__ import annotations
 
@@ -20,16 +26,18 @@ import torch
 import zmq
 
 from . import protocol as wire
+from .channels import SenderChannel, open_sender_channel, set_thread_device
 from .config import TransferConfig
-from .errors import ProtocolError, RequestTooLarge, TransferAborted
+from .errors import ProtocolError, RequestTooLarge, TransferAborted, TransferError
 from .observer import TransferObserver
 from .pool import DTYPE_NAMES, BlockPool
 from .protocol import Aux, ErrorCode, TransferState
 from .ref import EmbedRef, new_transfer_id
-from .transport import HostTransport, Transport
+from .transport import HostTransport, Transport, negotiate
 
 log = logging.getLogger(__name__)
 MAX_PENDING_PULLS = 4096
+MAX_CHANNELS = 1024
 _TICK_S = 0.05
 
 
@@ -41,6 +49,7 @@ class _Entry:
     state: TransferState = TransferState.WAITING_FOR_INPUT
     blocks: list[int] = field(default_factory=list)
     aux: Aux | None = None
+    in_flight: Any = None  # CUDA event: the last sends reading these blocks (GPU transports)
 
 
 @dataclass
@@ -69,6 +78,9 @@ class SenderEndpoint:
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self._pending: list[_PendingPull] = []
+        self._channels: dict[str, SenderChannel] = {}
+        self._deferred: list[tuple[Any, list[int], float]] = []  # (event, blocks, since): frees after sends
+        self._device_info = None
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -148,9 +160,7 @@ class SenderEndpoint:
             entry = self._entries.pop(transfer_id, None)
         if entry is None:
             return False
-        if entry.blocks:
-            self.pool.free(entry.blocks)
-            self.observer.pool_changed()
+        self._release(entry)
         log.info("%s: transfer %s (request %s) dropped: %s", self.name, transfer_id, entry.request_id, reason)
         self._wake()
         return True
@@ -174,9 +184,15 @@ class SenderEndpoint:
         self._thread.join(timeout=5)
         with self._lock:
             entries, self._entries = list(self._entries.values()), {}
+            deferred, self._deferred = self._deferred, []
         for entry in entries:
             if entry.blocks:
                 self.pool.free(entry.blocks)
+        for _event, blocks, _since in deferred:
+            self.pool.free(blocks)
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
         for sock in (self._router, self._wake_rx, self._wake_tx):
             sock.close(linger=0)
         self._ctx.term()
@@ -195,7 +211,42 @@ class SenderEndpoint:
             except zmq.ZMQError:
                 pass  # a wake-up is already queued, or the endpoint is closed
 
+    def _release(self, entry: _Entry) -> None:
+        """Free an entry's blocks now, or once the sends that read them completed."""
+        if not entry.blocks:
+            return
+        event, entry.in_flight = entry.in_flight, None
+        if event is not None and not event.query():
+            with self._lock:
+                self._deferred.append((event, entry.blocks, time.monotonic()))
+            return
+        self.pool.free(entry.blocks)
+        self.observer.pool_changed()
+
+    def _free_deferred(self) -> None:
+        if not self._deferred:
+            return
+        now, freed = time.monotonic(), []
+        with self._lock:
+            still = []
+            for item in self._deferred:
+                event, blocks, since = item
+                if event.query():
+                    freed.append(blocks)
+                elif now - since > self.config.ttl_s:  # a send that never completes: peer gone
+                    log.warning("%s: sends on %d block(s) not complete after %.0fs; freeing them anyway",
+                                self.name, len(blocks), now - since)
+                    freed.append(blocks)
+                else:
+                    still.append(item)
+            self._deferred = still
+        for blocks in freed:
+            self.pool.free(blocks)
+        if freed:
+            self.observer.pool_changed()
+
     def _serve(self) -> None:
+        set_thread_device(self.pool.device)  # events, streams and NCCL calls of this thread
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
@@ -213,6 +264,7 @@ class SenderEndpoint:
                     self._handle(frames)
             self._serve_pending()
             self._reap_expired()
+            self._free_deferred()
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -231,6 +283,10 @@ class SenderEndpoint:
                 self._on_done(identity, msg)
             elif isinstance(msg, wire.Abort):
                 self.discard(msg.transfer_id, f"aborted by receiver: {msg.reason}")
+            elif isinstance(msg, wire.Bootstrap):
+                self._on_bootstrap(identity, msg)
+            elif isinstance(msg, wire.Close):
+                self._close_channel(msg.channel, f"closed by receiver: {msg.reason}")
             else:
                 self._reply_error(identity, "", 0, ErrorCode.BAD_REQUEST, f"unexpected {msg.TYPE.name}")
         except Exception as exc:  # the endpoint must keep serving whatever one message does
@@ -260,9 +316,13 @@ class SenderEndpoint:
             self._reply_error(identity, pull.transfer_id, pull.seq, ErrorCode.BAD_REQUEST,
                               f"sent_tokens {pull.sent_tokens} is not below the total {total}")
             return
-        if pull.transport != self.transport.name:
+        if pull.channel:
+            self._send_on_channel(identity, pull, entry, aux)
+            return
+        if pull.transport != self.transport.name or pull.count != 1:
             self._reply_error(identity, pull.transfer_id, pull.seq, ErrorCode.BAD_REQUEST,
-                              f"transport {pull.transport!r} not served here ({self.transport.name!r})")
+                              f"transport {pull.transport!r} (count {pull.count}) without a channel is not served "
+                              f"here ({self.transport.name!r}, count 1)")
             return
         n = wire.chunk_tokens(total, pull.sent_tokens, pull.capacity_tokens)
         payload = self.transport.send_chunk(identity.hex(), self.pool, entry.blocks, pull.sent_tokens, n)
@@ -272,6 +332,108 @@ class SenderEndpoint:
         with self._lock:
             entry.expires_at = time.monotonic() + self.config.ttl_s
 
+    def _send_on_channel(self, identity: bytes, pull: wire.Pull, entry: _Entry, aux: Aux) -> None:
+        """Serve ``pull.count`` consecutive chunks over a GPU channel: per chunk, post its sends
+        (one NCCL group) and answer with a CHUNK naming its pieces; one event covers them all."""
+        tid, total, cap = pull.transfer_id, aux.total_tokens, pull.capacity_tokens
+        channel = self._channels.get(pull.channel)
+        problem = ""
+        if channel is None:
+            problem = f"unknown channel {pull.channel[:8]} (closed or never opened here): bootstrap again"
+        elif channel.transport != pull.transport:
+            problem = f"channel {pull.channel[:8]} is {channel.transport!r}, the PULL says {pull.transport!r}"
+        elif channel.transport == "nccl" and pull.op_seq != channel.ops:
+            problem = (f"channel {pull.channel[:8]} out of order: the receiver posted {pull.op_seq} chunk(s), "
+                       f"this sender {channel.ops}; the channel is given up")
+        if problem:
+            if channel is not None:
+                self._close_channel(pull.channel, problem)
+            self._reply_error(identity, tid, pull.seq, ErrorCode.UNAVAILABLE, problem)
+            return
+        offsets = list(range(pull.sent_tokens, total, cap))
+        if pull.count:
+            offsets = offsets[: pull.count]
+        if (pull.count and len(offsets) != pull.count) or (pull.runs and sum(pull.runs) != cap):
+            self._reply_error(identity, tid, pull.seq, ErrorCode.BAD_REQUEST,
+                              f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
+                              f"of capacity {cap} from token {pull.sent_tokens} of {total}")
+            return
+        try:
+            channel.wait_ready(self.config.bootstrap_timeout_s)
+        except TransferError as exc:
+            self._close_channel(pull.channel, str(exc))
+            self._reply_error(identity, tid, pull.seq, ErrorCode.UNAVAILABLE, str(exc))
+            return
+        def plan(offset: int) -> tuple[int, int, list[tuple[int, int]]]:
+            n = wire.chunk_tokens(total, offset, cap)
+            segs = self.pool.segments(entry.blocks, n, offset)
+            return offset, n, wire.split_pieces([(s.pool_row, s.length) for s in segs], pull.runs)
+
+        # A chunk has at most (its blocks + 1) sender runs, cut at most len(runs) more times; when
+        # that bound fits, no plan can fail, so each chunk is planned just before it is sent (the
+        # first bytes move sooner). Otherwise everything is planned first: an ERROR must come
+        # before anything was sent, or the channel's pairing would break.
+        if cap // self.pool.block_tokens + 2 + len(pull.runs) <= wire.MAX_PIECES:
+            plans = (plan(offset) for offset in offsets)
+        else:
+            plans = iter([plan(offset) for offset in offsets])
+        for i, (offset, n, pieces) in enumerate(plans):
+            try:
+                channel.send(pieces)
+            except Exception as exc:
+                self._close_channel(pull.channel, f"send failed: {exc}")
+                raise
+            chunk = wire.Chunk(tid, pull.seq + i, offset, n, total, aux if offset == 0 else None, tuple(pieces))
+            self._router.send_multipart([identity, wire.encode(chunk)])
+        event = channel.record()
+        with self._lock:
+            if event is not None:
+                entry.in_flight = event
+            entry.expires_at = time.monotonic() + self.config.ttl_s
+
+    # ---- channels -----------------------------------------------------------------------
+    def _device(self):
+        if self._device_info is None:
+            from .cuda import device_info
+
+            self._device_info = device_info(self.pool.device)
+        return self._device_info
+
+    def _on_bootstrap(self, identity: bytes, msg: wire.Bootstrap) -> None:
+        from .cuda import DeviceInfo
+
+        mine = self._device()
+        theirs = DeviceInfo(msg.device_kind, msg.device_uuid, msg.host)
+        try:
+            choice = negotiate(self.config.transport, msg.transport, mine, theirs)
+        except TransferError as exc:
+            self._reply_error(identity, "", 0, ErrorCode.UNAVAILABLE, str(exc))
+            return
+        extra: dict[str, Any] = {}
+        if choice != "host":
+            if msg.channel in self._channels or len(self._channels) >= MAX_CHANNELS:
+                self._reply_error(identity, "", 0, ErrorCode.BUSY, "channel id in use or too many channels")
+                return
+            try:
+                channel = open_sender_channel(choice, msg.channel, self.pool, self.config.bootstrap_timeout_s)
+            except Exception as exc:
+                log.warning("%s: cannot open a %s channel: %s", self.name, choice, exc)
+                self._reply_error(identity, "", 0, ErrorCode.UNAVAILABLE,
+                                  f"cannot open a {choice} channel: {type(exc).__name__}: {exc}")
+                return
+            self._channels[msg.channel] = channel
+            extra = channel.ack_fields()
+            log.info("%s: opening %s channel %s for a receiver on %s %s", self.name, choice, msg.channel[:8],
+                     msg.device_kind, msg.device_uuid)
+        ack = wire.BootstrapAck(msg.channel, choice, mine.kind, mine.uuid[:64], mine.host[:128], **extra)
+        self._router.send_multipart([identity, wire.encode(ack)])
+
+    def _close_channel(self, channel_id: str, reason: str) -> None:
+        channel = self._channels.pop(channel_id, None)
+        if channel is not None:
+            log.warning("%s: %s channel %s closed: %s", self.name, channel.transport, channel_id[:8], reason)
+            channel.close()
+
     def _on_done(self, identity: bytes, done: wire.Done) -> None:
         with self._lock:
             entry = self._entries.pop(done.transfer_id, None)
@@ -279,9 +441,7 @@ class SenderEndpoint:
             self._reply_error(identity, done.transfer_id, done.seq, ErrorCode.NOT_FOUND, "unknown transfer id")
             return
         entry.state = TransferState.SUCCESS
-        if entry.blocks:
-            self.pool.free(entry.blocks)
-            self.observer.pool_changed()
+        self._release(entry)
         self._router.send_multipart([identity, wire.encode(wire.Ack(done.transfer_id, done.seq))])
 
     def _serve_pending(self) -> None:
@@ -310,10 +470,10 @@ class SenderEndpoint:
             for entry in expired:
                 del self._entries[entry.transfer_id]
         for entry in expired:
-            if entry.blocks:
-                self.pool.free(entry.blocks)
+            nblocks = len(entry.blocks)
+            self._release(entry)
             log.warning("%s: transfer %s (request %s) not pulled within TTL %.1fs; reclaimed %d block(s)",
-                        self.name, entry.transfer_id, entry.request_id, self.config.ttl_s, len(entry.blocks))
+                        self.name, entry.transfer_id, entry.request_id, self.config.ttl_s, nblocks)
             self.observer.transfer_failed("ttl")
             self.observer.pool_changed()
 

@@ -1,0 +1,149 @@
+"""NCCL point-to-point transport: one 2-rank communicator per channel (sender rank 0, receiver rank 1).
+
+Forming (lazily, at the first pull from a receiver to a sender endpoint):
+  receiver -> BOOTSTRAP -> sender: ncclGetUniqueId, reply BOOTSTRAP_ACK(nccl_id), then
+  ncclCommInitRank(rank 0) in a helper thread (the endpoint keeps serving); the receiver runs
+  ncclCommInitRank(rank 1). Both warm the pair up at once: a 16-byte send/recv, checked on the
+  receiver, so NCCL's lazy connection set-up never happens inside a request.
+
+Moving a chunk: the sender posts ``ncclSend`` per piece in one ncclGroupStart/End on the
+channel's stream and records an event (its blocks are not freed before it completes); the
+receiver posts ``ncclRecv`` per piece, also in one group, on its channel stream. The CHUNK
+header reaches the receiver before it posts, so a receive is never posted for bytes that
+are not coming.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Sequence
+
+import torch
+
+from . import nccl_lib
+from .channels import (
+    ChannelError, ReceiverChannel, SenderChannel, current_stream, new_stream, record_event, run_with_timeout,
+    set_thread_device, use_device, wait_event,
+)
+from .errors import TransferTimeout
+from .pool import BlockPool
+
+log = logging.getLogger(__name__)
+SENDER_RANK, RECEIVER_RANK = 0, 1
+WARMUP_BYTES = 16
+
+
+class NcclSenderChannel(SenderChannel):
+    transport = "nccl"
+
+    def __init__(self, channel_id: str, pool: BlockPool, timeout_s: float) -> None:
+        super().__init__(channel_id, pool)
+        self.lib = nccl_lib.load()
+        self.device = pool.device
+        with use_device(self.device):
+            self.uid = self.lib.get_unique_id()
+            self.stream = new_stream(self.device)
+        self._sptr = int(self.stream.cuda_stream)
+        self._bpt = pool.bytes_per_token
+        self.comm: nccl_lib.ncclComm_t | None = None
+        self._timeout_s = timeout_s
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._form, name=f"nccl-init-{channel_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def ack_fields(self) -> dict:
+        return {"nccl_id": nccl_lib.unique_id_to_hex(self.uid)}
+
+    def _form(self) -> None:
+        try:
+            set_thread_device(self.device)
+            self.comm = self.lib.comm_init_rank(2, self.uid, SENDER_RANK)
+            warm = torch.arange(WARMUP_BYTES, dtype=torch.uint8, device=self.device)
+            self.stream.wait_stream(current_stream(self.device))
+            self.lib.send(warm.data_ptr(), WARMUP_BYTES, RECEIVER_RANK, self.comm, self._sptr)
+            if not wait_event(record_event(self.stream, self.device), self._timeout_s):
+                raise TransferTimeout(f"NCCL warm-up send not received within {self._timeout_s:.0f}s")
+            log.info("nccl channel %s formed (sender rank 0 on %s, NCCL %s)", self.channel_id[:8], self.device,
+                     self.lib.version_string())
+        except BaseException as exc:  # reported to the first PULL on the channel
+            self._error = exc
+            log.warning("nccl channel %s could not be formed: %s", self.channel_id[:8], exc)
+        finally:
+            self._ready.set()
+
+    def wait_ready(self, timeout_s: float) -> None:
+        if not self._ready.wait(timeout_s):
+            raise TransferTimeout(f"nccl channel {self.channel_id[:8]} not formed within {timeout_s:.0f}s")
+        if self._error is not None:
+            raise ChannelError(f"nccl channel {self.channel_id[:8]} could not be formed: {self._error}")
+
+    def send(self, pieces: Sequence[tuple[int, int]]) -> None:
+        lib, comm, sptr, bpt, pool = self.lib, self.comm, self._sptr, self._bpt, self.pool
+        lib.group_start()
+        try:
+            for row, n in pieces:
+                lib.send(pool.row_ptr(row), n * bpt, RECEIVER_RANK, comm, sptr)
+        finally:
+            lib.group_end()
+        self.ops += 1
+
+    def record(self):
+        return record_event(self.stream, self.device)
+
+    def close(self) -> None:
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            try:
+                self.lib.comm_abort(comm)
+            except nccl_lib.NcclError as exc:
+                log.warning("nccl channel %s: abort failed: %s", self.channel_id[:8], exc)
+
+
+class NcclReceiverChannel(ReceiverChannel):
+    transport = "nccl"
+
+    def __init__(self, channel_id: str, pool: BlockPool, address: str, nccl_id_hex: str, timeout_s: float) -> None:
+        super().__init__(channel_id, pool, address)
+        self.lib = nccl_lib.load()
+        uid = nccl_lib.unique_id_from_hex(nccl_id_hex)
+        device = pool.device
+        self._sptr = int(self.stream.cuda_stream)
+        self._elt = pool.storage.element_size()
+
+        def form():
+            set_thread_device(device)
+            return self.lib.comm_init_rank(2, uid, RECEIVER_RANK)
+
+        self.comm = run_with_timeout(form, timeout_s, "ncclCommInitRank")
+        try:
+            warm = torch.empty(WARMUP_BYTES, dtype=torch.uint8, device=device)
+            self.stream.wait_stream(current_stream(device))
+            self.lib.recv(warm.data_ptr(), WARMUP_BYTES, SENDER_RANK, self.comm, self._sptr)
+            if not self.drain(timeout_s):
+                raise TransferTimeout(f"NCCL warm-up receive not completed within {timeout_s:.0f}s")
+            if not torch.equal(warm.cpu(), torch.arange(WARMUP_BYTES, dtype=torch.uint8)):
+                raise ChannelError("NCCL warm-up bytes arrived wrong")
+        except BaseException:
+            self.close()
+            raise
+        log.info("nccl channel %s formed with %s (receiver rank 1 on %s, NCCL %s)", channel_id[:8], address,
+                 device, self.lib.version_string())
+
+    def post(self, pieces: Sequence[tuple[int, int]], dests: Sequence[torch.Tensor]) -> None:
+        lib, comm, sptr, elt = self.lib, self.comm, self._sptr, self._elt
+        lib.group_start()
+        try:
+            for dst in dests:
+                lib.recv(dst.data_ptr(), dst.numel() * elt, SENDER_RANK, comm, sptr)
+        finally:
+            lib.group_end()
+        self.ops += 1
+
+    def close(self) -> None:
+        comm, self.comm = self.comm, None
+        if comm is not None:
+            try:
+                self.lib.comm_abort(comm)
+            except nccl_lib.NcclError as exc:
+                log.warning("nccl channel %s: abort failed: %s", self.channel_id[:8], exc)
