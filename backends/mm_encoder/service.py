@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
@@ -11,10 +15,19 @@ from mmtransfer import (
     BlockPool, ConfigError, EmbedRef, RequestTooLarge, SenderEndpoint, TransferConfig, TransferObserver,
 )
 
+from .cache import EmbeddingCache, image_key
+
 log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 16
 # Header-checked before decoding: bigger files are refused as decompression bombs.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+MAX_ENCODE_THREADS = 16
+
+
+def default_encode_threads(device: str) -> int:
+    """Threads encoding the images of one request: 4 on a GPU (preprocessing and publishing overlap
+    the vision tower), 1 on the CPU (torch's intra-op threads already use every core)."""
+    return 4 if str(device).startswith("cuda") else 1
 
 
 class EncoderService:
@@ -28,30 +41,44 @@ class EncoderService:
         observer: TransferObserver | None = None,
         name: str = "mm_encoder",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        encode_threads: int = 0,
+        cache_blocks: int = 0,
     ) -> None:
         if config.max_embed_blocks > config.pool_blocks:
             raise ConfigError(
                 f"{name}: pool_blocks={config.pool_blocks} x block_tokens={config.block_tokens} cannot hold one "
                 f"embedding of max_embed_tokens={config.max_embed_tokens}; raise pool_blocks"
             )
+        if not 0 <= encode_threads <= MAX_ENCODE_THREADS:
+            raise ConfigError(f"{name}: encode_threads must be in [0, {MAX_ENCODE_THREADS}] (0 = automatic), "
+                              f"got {encode_threads}")
         self.config = config
         self.max_image_pixels = max_image_pixels
+        self.encode_threads = encode_threads or default_encode_threads(device)
+        self._device = torch.device(device)
+        self._executor = (ThreadPoolExecutor(self.encode_threads, thread_name_prefix=f"{name}-encode")
+                          if self.encode_threads > 1 else None)
         self.vision = VisionEncoder.from_pretrained(checkpoint, device=device)
         self.pool = BlockPool(
             config.pool_blocks, config.block_tokens, self.vision.hidden_size, self.vision.dtype, device,
             block_allocator=config.use_block_allocator, slot_blocks=config.max_embed_blocks, name=f"{name}-pool",
         )
         self.sender = SenderEndpoint(self.pool, config, observer=observer, name=name)
-        log.info("%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s", name, checkpoint, device,
-                 config.pool_blocks, config.block_tokens,
-                 "blocks" if config.use_block_allocator else "fixed slots", self.sender.address)
+        self.cache = EmbeddingCache(self.pool, min(cache_blocks, config.pool_blocks))
+        log.info("%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)", name,
+                 checkpoint, device, config.pool_blocks, config.block_tokens,
+                 "blocks" if config.use_block_allocator else "fixed slots", self.sender.address,
+                 self.encode_threads)
 
     def encode(self, images: Sequence[bytes], request_id: str = "") -> list[EmbedRef]:
-        """Encode every image of one request, in order; returns one EMBED_REF per image.
+        """Encode every image of one request; returns one EMBED_REF per image, in prompt order.
 
         All images are decoded and their token counts checked before any vision work,
-        so a bad image costs nothing; if anything fails, already-published embeddings
-        are dropped again (nothing stays allocated).
+        so a bad image costs nothing. With ``encode_threads`` > 1 the images of a request
+        are encoded by a thread pool: one image's preprocessing and publishing (copy into
+        the pool) overlap another's vision tower (the tower itself runs one image at a
+        time). If anything fails, every embedding of the request that was published is
+        dropped again (nothing stays allocated), after all its images have finished.
         """
         if not images:
             raise ValueError("IMAGE: at least one image is required")
@@ -69,18 +96,56 @@ class EncoderService:
                     f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
                     f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
                 )
-            decoded.append(image)
-        refs: list[EmbedRef] = []
-        try:
-            for image in decoded:
-                encoded = self.vision.encode(image)
-                refs.append(self.sender.register(encoded.embeds, {"grid_thw": list(encoded.grid_thw)}, request_id))
-        except BaseException:
-            for ref in refs:
-                self.sender.discard(ref.transfer_id, "request failed")
-            raise
+            decoded.append((image, image_key(data) if self.cache.enabled else ""))
+        if self._executor is None or len(decoded) == 1:
+            refs: list[EmbedRef] = []
+            try:
+                for image, key in decoded:
+                    refs.append(self._encode_one(image, key, request_id))
+            except BaseException:
+                self._discard(refs)
+                raise
+        else:
+            futures = [self._executor.submit(self._encode_one, image, key, request_id) for image, key in decoded]
+            refs, error = [], None
+            for future in futures:  # wait for every image, even after a failure: none may publish later
+                try:
+                    refs.append(future.result())
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, the first in prompt order
+                    error = error or exc
+            if error is not None:
+                self._discard(refs)
+                raise error
         log.debug("request %s: %d image(s) -> %s tokens", request_id, len(refs), [r.num_tokens for r in refs])
         return refs
 
+    def _encode_one(self, image, key: str, request_id: str) -> EmbedRef:
+        # pool threads start on cuda:0: make this instance's GPU current for anything allocated implicitly
+        with torch.cuda.device(self._device) if self._device.type == "cuda" else nullcontext():
+            if not key:
+                encoded = self.vision.encode(image)
+                return self.sender.register(encoded.embeds, {"grid_thw": list(encoded.grid_thw)}, request_id)
+            entry = self.cache.acquire(key)
+            if entry is None:
+                encoded = self.vision.encode(image)
+                extras = {"grid_thw": list(encoded.grid_thw)}
+                blocks, aux = self.sender.write_blocks(encoded.embeds, extras)
+                entry = self.cache.insert(key, blocks, aux.total_tokens, extras)
+            else:
+                log.debug("request %s: embedding cache hit %s (%d tokens)", request_id, key[:12], entry.num_tokens)
+            try:
+                return self.sender.publish(entry.blocks, entry.num_tokens, entry.extras,
+                                           lambda _blocks, e=entry: self.cache.release(e), request_id)
+            except BaseException:
+                self.cache.release(entry)
+                raise
+
+    def _discard(self, refs: Sequence[EmbedRef]) -> None:
+        for ref in refs:
+            self.sender.discard(ref.transfer_id, "request failed")
+
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
         self.sender.close()
+        self.cache.clear()

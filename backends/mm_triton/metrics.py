@@ -20,10 +20,12 @@ FAILURE_CAUSES = ("pool_exhausted", "timeout", "not_found", "expired", "protocol
 class TritonMetrics(TransferObserver):
     """Observer that turns transfer events and pool usage into Triton metrics."""
 
-    def __init__(self, pb_utils: Any, model: str, instance: str, pool: BlockPool) -> None:
+    def __init__(self, pb_utils: Any, model: str, instance: str, pool: BlockPool, cache: Any = None) -> None:
         mf = pb_utils.MetricFamily
         labels = {"model": model, "instance": instance}
         self._pool = pool
+        self._cache = cache  # an EmbeddingCache (encoder side), whose idle blocks are not "used"
+        self._cache_seen = (0, 0)
         self._lock = threading.Lock()
 
         # Families must outlive their metrics (Triton refuses updates otherwise): keep them.
@@ -49,11 +51,25 @@ class TritonMetrics(TransferObserver):
         self._used = used.Metric(labels=labels)
         self._total = total.Metric(labels=labels)
         self._total.set(pool.total_blocks)
+        if cache is not None:
+            cached = family("mm_pool_blocks_cached", "Pool blocks held only by the embedding cache", mf.GAUGE)
+            hits = family("mm_embedding_cache_hits_total", "Images served from the embedding cache", mf.COUNTER)
+            misses = family("mm_embedding_cache_misses_total", "Images not in the embedding cache", mf.COUNTER)
+            self._cached = cached.Metric(labels=labels)
+            self._hits = hits.Metric(labels=labels)
+            self._misses = misses.Metric(labels=labels)
         self.update_pool()
 
     def update_pool(self) -> None:
         with self._lock:
-            self._used.set(self._pool.used_blocks)
+            idle = self._cache.idle_blocks if self._cache is not None else 0
+            self._used.set(max(0, self._pool.used_blocks - idle))
+            if self._cache is not None:
+                self._cached.set(idle)
+                hits, misses = self._cache.hits, self._cache.misses
+                self._hits.increment(hits - self._cache_seen[0])
+                self._misses.increment(misses - self._cache_seen[1])
+                self._cache_seen = (hits, misses)
 
     def transfer_completed(self, record: TransferRecord) -> None:
         with self._lock:

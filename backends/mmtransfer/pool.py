@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -81,6 +81,9 @@ class BlockPool:
             else FixedSlotAllocator(num_blocks, slot_blocks or num_blocks)
         )
         self._cond = threading.Condition()
+        # Called with a block count when an allocation would wait; returns True if it freed
+        # something (an embedding cache evicting idle entries, say).
+        self.reclaimer: Callable[[int], bool] | None = None
 
     # ---- geometry -------------------------------------------------------------------
     @property
@@ -118,20 +121,27 @@ class BlockPool:
 
         With ``min_blocks``, settle for fewer (but at least ``min_blocks``) when the
         pool is short, rather than wait: the receiver's window shrinks under pressure.
-        Raises PoolExhausted on timeout and RequestTooLarge if ``n`` can never fit.
+        Before waiting, the ``reclaimer`` (if set, e.g. an embedding cache) is asked to
+        give back idle blocks. Raises PoolExhausted on timeout and RequestTooLarge if
+        ``n`` can never fit.
         """
         n = min(n, self.allocator.max_alloc_blocks) if min_blocks is not None else n
         floor = n if min_blocks is None else max(1, min(min_blocks, n))
+        if floor == n and n > self.allocator.max_alloc_blocks:
+            raise RequestTooLarge(f"{self.name}: {n} blocks can never be allocated")
         deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for count in (n,) if floor == n else range(n, floor - 1, -1):
-                    if self.allocator.can_alloc(count):
-                        ids = self.allocator.alloc(count)
-                        if ids is not None:
-                            return ids
-                if floor == n and n > self.allocator.max_alloc_blocks:
-                    raise RequestTooLarge(f"{self.name}: {n} blocks can never be allocated")
+        while True:
+            with self._cond:
+                ids = self._try_alloc(n, floor)
+                if ids is not None:
+                    return ids
+            # Outside the pool lock: the reclaimer frees through pool.free and has its own lock.
+            if self.reclaimer is not None and self.reclaimer(floor):
+                continue
+            with self._cond:
+                ids = self._try_alloc(n, floor)
+                if ids is not None:
+                    return ids
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PoolExhausted(
@@ -139,6 +149,12 @@ class BlockPool:
                         f"({self.allocator.used_blocks}/{self.total_blocks} in use)"
                     )
                 self._cond.wait(remaining)
+
+    def _try_alloc(self, n: int, floor: int) -> list[int] | None:
+        for count in range(n, floor - 1, -1):
+            if self.allocator.can_alloc(count):
+                return self.allocator.alloc(count)
+        return None
 
     def free(self, ids: Sequence[int]) -> None:
         with self._cond:

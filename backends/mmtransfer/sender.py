@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import zmq
@@ -50,6 +50,7 @@ class _Entry:
     blocks: list[int] = field(default_factory=list)
     aux: Aux | None = None
     in_flight: Any = None  # CUDA event: the last sends reading these blocks (GPU transports)
+    release: Callable[[list[int]], None] | None = None  # who takes the blocks back (default: the pool)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class SenderEndpoint:
         self._lock = threading.Lock()
         self._pending: list[_PendingPull] = []
         self._channels: dict[str, SenderChannel] = {}
-        self._deferred: list[tuple[Any, list[int], float]] = []  # (event, blocks, since): frees after sends
+        self._deferred: list[tuple[Any, list[int], float, Any]] = []  # (event, blocks, since, release)
         self._device_info = None
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -124,26 +125,69 @@ class SenderEndpoint:
         """
         blocks: list[int] = []
         try:
-            num_tokens = self._check_embedding(embedding)
-            blocks = self.pool.alloc_wait(self.pool.blocks_for(num_tokens), self.config.alloc_timeout_s)
-            self.pool.scatter(blocks, embedding)
-            aux = Aux(num_tokens, self.pool.hidden, DTYPE_NAMES[self.pool.dtype], dict(extras or {}))
-            self.pool.write_aux(blocks[0], aux.to_bytes())
-            if self.pool.device.type == "cuda":
-                torch.cuda.current_stream(self.pool.device).synchronize()
-            with self._lock:
-                entry = self._entries.get(transfer_id)
-                if entry is None or entry.state != TransferState.WAITING_FOR_INPUT:
-                    raise TransferAborted(f"transfer {transfer_id} was aborted or expired before it was filled")
-                entry.blocks, entry.aux, entry.state = blocks, aux, TransferState.TRANSFERRING
-                entry.expires_at = time.monotonic() + self.config.ttl_s
-                blocks = []
-            self.observer.pool_changed()
+            blocks, aux = self.write_blocks(embedding, extras)
+            self._publish(transfer_id, blocks, aux, None)
+            blocks = []
         except BaseException:
             if blocks:
                 self.pool.free(blocks)
             self.discard(transfer_id, "fill failed")
             raise
+
+    def write_blocks(
+        self, embedding: torch.Tensor, extras: dict[str, list[int]] | None = None
+    ) -> tuple[list[int], Aux]:
+        """Allocate blocks by the embedding's actual length and write it and its aux there.
+
+        The caller owns the blocks (``fill`` publishes them; a cache may keep them and
+        ``publish`` them again and again). Nothing stays allocated if this raises."""
+        num_tokens = self._check_embedding(embedding)
+        blocks = self.pool.alloc_wait(self.pool.blocks_for(num_tokens), self.config.alloc_timeout_s)
+        try:
+            self.pool.scatter(blocks, embedding)
+            aux = Aux(num_tokens, self.pool.hidden, DTYPE_NAMES[self.pool.dtype], dict(extras or {}))
+            self.pool.write_aux(blocks[0], aux.to_bytes())
+            if self.pool.device.type == "cuda":
+                torch.cuda.current_stream(self.pool.device).synchronize()
+        except BaseException:
+            self.pool.free(blocks)
+            raise
+        return blocks, aux
+
+    def publish(
+        self,
+        blocks: list[int],
+        num_tokens: int,
+        extras: dict[str, list[int]] | None,
+        release: Callable[[list[int]], None],
+        request_id: str = "",
+    ) -> EmbedRef:
+        """Serve an embedding that already sits in ``blocks`` of this pool (e.g. cached).
+
+        The endpoint does not own the blocks: ``release(blocks)`` is called exactly once
+        when the transfer ends (DONE, ABORT, TTL, discard or close), after any send that
+        reads them has completed.
+        """
+        if not 1 <= num_tokens <= len(blocks) * self.pool.block_tokens:
+            raise ValueError(f"{num_tokens} tokens do not fit {len(blocks)} block(s)")
+        ref = self.reserve(request_id, num_tokens)
+        aux = Aux(num_tokens, self.pool.hidden, DTYPE_NAMES[self.pool.dtype], dict(extras or {}))
+        try:
+            self._publish(ref.transfer_id, blocks, aux, release)
+        except BaseException:
+            self.discard(ref.transfer_id, "publish failed")
+            raise
+        return ref
+
+    def _publish(self, transfer_id: str, blocks: list[int], aux: Aux, release: Any) -> None:
+        with self._lock:
+            entry = self._entries.get(transfer_id)
+            if entry is None or entry.state != TransferState.WAITING_FOR_INPUT:
+                raise TransferAborted(f"transfer {transfer_id} was aborted or expired before it was filled")
+            entry.blocks, entry.aux, entry.release = blocks, aux, release
+            entry.state = TransferState.TRANSFERRING
+            entry.expires_at = time.monotonic() + self.config.ttl_s
+        self.observer.pool_changed()
         self._wake()
 
     def register(
@@ -187,9 +231,9 @@ class SenderEndpoint:
             deferred, self._deferred = self._deferred, []
         for entry in entries:
             if entry.blocks:
-                self.pool.free(entry.blocks)
-        for _event, blocks, _since in deferred:
-            self.pool.free(blocks)
+                (entry.release or self.pool.free)(entry.blocks)
+        for _event, blocks, _since, release in deferred:
+            release(blocks)
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
@@ -216,11 +260,12 @@ class SenderEndpoint:
         if not entry.blocks:
             return
         event, entry.in_flight = entry.in_flight, None
+        release = entry.release or self.pool.free
         if event is not None and not event.query():
             with self._lock:
-                self._deferred.append((event, entry.blocks, time.monotonic()))
+                self._deferred.append((event, entry.blocks, time.monotonic(), release))
             return
-        self.pool.free(entry.blocks)
+        release(entry.blocks)
         self.observer.pool_changed()
 
     def _free_deferred(self) -> None:
@@ -230,18 +275,18 @@ class SenderEndpoint:
         with self._lock:
             still = []
             for item in self._deferred:
-                event, blocks, since = item
+                event, blocks, since, release = item
                 if event.query():
-                    freed.append(blocks)
+                    freed.append((blocks, release))
                 elif now - since > self.config.ttl_s:  # a send that never completes: peer gone
                     log.warning("%s: sends on %d block(s) not complete after %.0fs; freeing them anyway",
                                 self.name, len(blocks), now - since)
-                    freed.append(blocks)
+                    freed.append((blocks, release))
                 else:
                     still.append(item)
             self._deferred = still
-        for blocks in freed:
-            self.pool.free(blocks)
+        for blocks, release in freed:
+            release(blocks)
         if freed:
             self.observer.pool_changed()
 

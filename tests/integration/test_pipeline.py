@@ -242,3 +242,20 @@ def test_wrong_dtype_for_max_tokens_is_rejected_by_triton(mm_server, images):
     mt.set_data_from_numpy(np.array([3.0], dtype=np.float32))
     with pytest.raises(InferenceServerException, match="(?i)data-type|datatype|TYPE_INT32"):
         client.infer("mm_pipeline", [img, p, mt])
+
+
+def test_repeated_image_hits_the_embedding_cache(mm_server, tiny_model_dir, oracle):
+    image = make_test_image(tokens=1800, seed=4242, model_dir=tiny_model_dir)
+    before = _metrics(mm_server)
+    with MMClient(mm_server.http_url) as client:
+        first = client.generate([image], PROMPT, max_tokens=MAX_TOKENS)
+        second = client.generate([image, image], PROMPT, max_tokens=MAX_TOKENS)
+    assert first.token_ids == oracle([image])
+    assert second.token_ids == oracle([image, image])
+    after = _wait_pools_empty(mm_server)
+    hits = metric_value(after, "mm_embedding_cache_hits_total") - metric_value(before, "mm_embedding_cache_hits_total")
+    misses = (metric_value(after, "mm_embedding_cache_misses_total")
+              - metric_value(before, "mm_embedding_cache_misses_total"))
+    assert (hits, misses) == (2, 1)
+    assert metric_value(after, "mm_pool_blocks_used", model="mm_encoder") == 0
+    assert metric_value(after, "mm_pool_blocks_cached", model="mm_encoder") >= 15  # 1800 tokens / 128
