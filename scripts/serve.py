@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -12,12 +13,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the launcher is shared with the test harness
+sys.path.insert(1, str(ROOT / "backends"))  # mm_remote (repository generation), also without the venv's .pth
+ROLES = ("all", "encoder", "language")  # as mm_remote.repository.ROLES (imported lazily: --help needs no numpy)
 
 DESCRIPTION = """\
-Serve the disaggregated multimodal pipeline (mm_encoder + mm_language + ensemble mm_pipeline) with a real
-tritonserver 2.51. Runs scripts/setup first. By default it serves the tiny Qwen2-VL model built at set-up
-(.cache/models/tiny-qwen2-vl); --checkpoint serves a real Qwen2-VL checkpoint directory instead.
-Stops cleanly on Ctrl-C / SIGTERM."""
+Serve the disaggregated multimodal pipeline with a real tritonserver 2.51. Runs scripts/setup first.
+By default it serves the tiny Qwen2-VL model built at set-up (.cache/models/tiny-qwen2-vl); --checkpoint
+serves a real Qwen2-VL checkpoint directory instead. Stops cleanly on Ctrl-C / SIGTERM.
+
+roles (--role):
+  all       one server: mm_encoder + mm_language + the ensemble mm_pipeline (model_repository/)
+  encoder   an encoder server: mm_encoder only (model_repositories/encoder_server/); default ports 8010-8012
+  language  a language server: mm_language + mm_pipeline (BLS) that sends the images to the encoder
+            server(s) given by --encoder-url (gRPC HOST:PORT) and pulls the embeddings from them
+            (model_repositories/language_server/); same mm_pipeline contract as 'all'
+Several language servers may share one encoder server, and a language server may use several encoder
+servers (--encoder-url repeated: round-robin, skipping unavailable ones). See docs/DEPLOYMENT.md."""
 
 EPILOG = """\
 model knobs (passed to the models as environment overrides of config.pbtxt parameters):
@@ -26,7 +37,15 @@ model knobs (passed to the models as environment overrides of config.pbtxt param
   --window-tokens N       -> MM_DEFAULT_WINDOW_TOKENS (default receive window)
   --pool-blocks N         -> MM_POOL_BLOCKS           (blocks per instance pool)
   --no-block-allocator    -> MM_USE_BLOCK_ALLOCATOR=0 (index-based fixed slots, the baseline)
+  --encode-threads N      -> MM_ENCODE_THREADS        (threads encoding one request's images; 0 = auto)
+  --control-host ADDR     -> MM_CONTROL_HOST          (interface the encoder's control endpoints bind)
+  --advertise-host ADDR   -> MM_ADVERTISE_HOST        (address language servers use to reach them)
+  --control-port PORT     -> MM_CONTROL_PORT          (encoder instance i binds PORT + i; 0 = any free port)
+  --encoder-url HOST:PORT -> MM_ENCODER_URLS          (language role: encoder servers' gRPC addresses)
+  --encoder-timeout S     -> MM_ENCODER_TIMEOUT_S     (language role: limit of one encoder call)
   Any other MM_* variable already in the environment reaches the models too.
+  --encoder-instances/--language-instances/--pipeline-instances/--encoder-gpus/--language-gpus generate a
+  repository under .cache/repos/ from the role's source repository (config.pbtxt rewritten, code symlinked).
 
 examples:
   scripts/serve                                  serve on 8000 (HTTP) / 8001 (gRPC) / 8002 (metrics)
@@ -35,6 +54,16 @@ examples:
   scripts/serve --http-port 9000 --grpc-port 9001 --metrics-port 9002 --pool-blocks 64
   scripts/serve --checkpoint /models/Qwen2-VL-2B-Instruct
   scripts/serve -- --log-verbose=1               arguments after -- go to tritonserver
+  scripts/serve --encoder-instances 2 --language-instances 2          one server, 2 x 2 instances
+
+  split servers on one host (two shells):
+  scripts/serve --role encoder                                         HTTP 8010, gRPC 8011, metrics 8012
+  scripts/serve --role language --encoder-url localhost:8011 --demo    HTTP 8000, gRPC 8001, metrics 8002
+  scripts/serve --role language --encoder-url localhost:8011 --port-base 8020    a second language server
+
+  across hosts (encoder on 10.0.0.5; open 8011 and 9500-9501 to the language hosts):
+  scripts/serve --role encoder --control-host 10.0.0.5 --control-port 9500 --encoder-instances 2
+  scripts/serve --role language --encoder-url 10.0.0.5:8011
 
 then, from another shell:
   scripts/client --url localhost:8000 --prompt "Describe the image." photo.jpg
@@ -60,13 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/serve", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("server")
-    g.add_argument("--http-port", type=port, metavar="PORT", default=8000, help="HTTP port (default: 8000)")
-    g.add_argument("--grpc-port", type=port, metavar="PORT", default=8001, help="gRPC port (default: 8001)")
-    g.add_argument("--metrics-port", type=port, metavar="PORT", default=8002, help="Prometheus metrics port (default: 8002)")
+    g.add_argument("--role", choices=ROLES, default="all",
+                   help="all (default): one server; encoder: mm_encoder only; language: mm_language + mm_pipeline "
+                        "calling --encoder-url")
+    g.add_argument("--http-port", type=port, metavar="PORT", default=None,
+                   help="HTTP port (default: 8000; role encoder: 8010)")
+    g.add_argument("--grpc-port", type=port, metavar="PORT", default=None,
+                   help="gRPC port (default: 8001; role encoder: 8011)")
+    g.add_argument("--metrics-port", type=port, metavar="PORT", default=None,
+                   help="Prometheus metrics port (default: 8002; role encoder: 8012)")
+    g.add_argument("--port-base", type=port, metavar="PORT", default=None,
+                   help="HTTP on PORT, gRPC on PORT+1, metrics on PORT+2 (the --*-port options win)")
     g.add_argument("--address", default="0.0.0.0",
                    help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)")
     g.add_argument("--model-repository", type=Path, action="append", default=None, metavar="DIR",
-                   help="model repository (default: model_repository/); repeat for several")
+                   help="model repository served as it is (default: the role's: model_repository/, model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
     g.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for all models to be ready (default: 600)")
     g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
@@ -81,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pool-blocks", type=positive_int, default=None, metavar="N", help="blocks in each pool")
     m.add_argument("--no-block-allocator", action="store_true",
                    help="use index-based fixed slots instead of the block allocator")
+    m.add_argument("--encode-threads", type=int, default=None, metavar="N",
+                   help="threads encoding the images of one request (default 0 = auto: 1 on CPU, 4 on GPU)")
+    s = p.add_argument_group("split deployment and instances")
+    s.add_argument("--encoder-url", action="append", default=None, metavar="HOST:PORT",
+                   help="role language: gRPC address of an encoder server; repeat (or comma-separate) for "
+                        "several, used round-robin")
+    s.add_argument("--encoder-timeout", type=float, default=None, metavar="SECONDS",
+                   help="role language: how long one call to an encoder server may take (default: 300)")
+    s.add_argument("--control-host", default=None, metavar="ADDR",
+                   help="interface the encoder instances' control endpoints bind (default: 127.0.0.1, this host "
+                        "only); 0.0.0.0 for all interfaces (then give --advertise-host)")
+    s.add_argument("--advertise-host", default=None, metavar="ADDR",
+                   help="address language servers reach the control endpoints at, put into every EMBED_REF "
+                        "(default: --control-host)")
+    s.add_argument("--control-port", type=int, default=None, metavar="PORT",
+                   help="first control port: encoder instance i binds PORT+i (default 0: any free port)")
+    s.add_argument("--encoder-instances", type=positive_int, default=None, metavar="N",
+                   help="mm_encoder instances (per GPU with --encoder-gpus); default: the repository's (1)")
+    s.add_argument("--language-instances", type=positive_int, default=None, metavar="N",
+                   help="mm_language instances (per GPU with --language-gpus); default: the repository's (1)")
+    s.add_argument("--pipeline-instances", type=positive_int, default=None, metavar="N",
+                   help="role language: instances of the BLS mm_pipeline (default: 2 x mm_language's)")
+    s.add_argument("--encoder-gpus", default=None, metavar="LIST",
+                   help="comma-separated GPUs for mm_encoder instances, e.g. 0,1 (default: CPU)")
+    s.add_argument("--language-gpus", default=None, metavar="LIST",
+                   help="comma-separated GPUs for mm_language instances, e.g. 2,3 (default: CPU)")
     d = p.add_argument_group("demo")
     d.add_argument("--demo", action="store_true",
                    help="once ready, send a demo request (generated image + prompt) and print the answer")
@@ -114,7 +177,108 @@ def model_env(args) -> dict[str, str]:
         env["MM_POOL_BLOCKS"] = str(args.pool_blocks)
     if args.no_block_allocator:
         env["MM_USE_BLOCK_ALLOCATOR"] = "0"
+    if args.encode_threads is not None:
+        env["MM_ENCODE_THREADS"] = str(args.encode_threads)
+    if args.control_host is not None:
+        env["MM_CONTROL_HOST"] = args.control_host
+    if args.advertise_host is not None:
+        env["MM_ADVERTISE_HOST"] = args.advertise_host
+    if args.control_port is not None:
+        env["MM_CONTROL_PORT"] = str(args.control_port)
+    if args.encoder_urls:
+        env["MM_ENCODER_URLS"] = ",".join(args.encoder_urls)
+    if args.encoder_timeout is not None:
+        env["MM_ENCODER_TIMEOUT_S"] = str(args.encoder_timeout)
     return env
+
+
+LAYOUT_OPTIONS = ("encoder_instances", "language_instances", "pipeline_instances", "encoder_gpus", "language_gpus")
+
+
+def check_role_options(args) -> None:
+    """Fill role-dependent defaults and refuse options that do not fit the role (SystemExit)."""
+    from mm_remote.encoders import parse_encoder_urls
+    from mm_remote.repository import parse_gpus
+
+    def fail(msg: str) -> None:
+        raise SystemExit(f"serve: error: {msg}")
+
+    base = args.port_base or (8010 if args.role == "encoder" else 8000)
+    if args.port_base is not None and base + 2 > 65535:
+        fail(f"--port-base {base}: PORT+2 is not a port")
+    args.http_port = args.http_port or base
+    args.grpc_port = args.grpc_port or base + 1
+    args.metrics_port = args.metrics_port or base + 2
+    args.encoder_urls = []
+    if args.role == "language":
+        if not args.encoder_url:
+            fail("--role language needs --encoder-url HOST:PORT (the gRPC port of an encoder server, "
+                 "e.g. started with: scripts/serve --role encoder)")
+        try:
+            args.encoder_urls = parse_encoder_urls(args.encoder_url)
+        except ValueError as e:
+            fail(f"--encoder-url: {e}")
+        for opt in ("control_host", "advertise_host", "control_port", "encoder_instances", "encoder_gpus",
+                    "encode_threads"):
+            if getattr(args, opt) is not None:
+                fail(f"--{opt.replace('_', '-')} is for the encoder side (--role encoder or all), not --role language")
+    else:
+        for opt in ("encoder_url", "encoder_timeout", "pipeline_instances"):
+            if getattr(args, opt) is not None:
+                fail(f"--{opt.replace('_', '-')} is only for --role language")
+    if args.role == "encoder":
+        for opt in ("language_instances", "language_gpus", "window_tokens"):
+            if getattr(args, opt) is not None:
+                fail(f"--{opt.replace('_', '-')} is for the language side, not --role encoder")
+        if args.demo:
+            fail("--demo needs a server with mm_pipeline (--role all or language)")
+    if args.control_port is not None and not 0 <= args.control_port <= 65535:
+        fail(f"--control-port {args.control_port}: not a port")
+    if args.control_host in ("0.0.0.0", "::", "*") and not args.advertise_host:
+        fail(f"--control-host {args.control_host} binds every interface: give --advertise-host ADDR, the address "
+             "language servers reach this host at (it goes into every EMBED_REF)")
+    for opt in ("encoder_gpus", "language_gpus"):
+        try:
+            setattr(args, opt, parse_gpus(getattr(args, opt)))
+        except ValueError as e:
+            fail(f"--{opt.replace('_', '-')}: {e}")
+    if args.model_repository and any(getattr(args, o) is not None for o in LAYOUT_OPTIONS):
+        fail("--model-repository serves the given repositories as they are: instance and GPU options need the "
+             "generated one (leave --model-repository out)")
+
+
+def repositories(args, env: dict[str, str]) -> list[Path]:
+    """The model repositories to serve: given, the role's own, or one generated for the layout options."""
+    from mm_remote.repository import build_repository, source_repository
+
+    if args.model_repository:
+        return list(args.model_repository)
+    if all(getattr(args, o) is None for o in LAYOUT_OPTIONS):
+        return [source_repository(args.role)]
+    cache = Path(os.environ.get("MM_CACHE", ROOT / ".cache"))
+    dest = cache / "repos" / f"{args.role}-{args.http_port}"
+    try:
+        return [build_repository(
+            dest, args.role, encoder_instances=args.encoder_instances, language_instances=args.language_instances,
+            pipeline_instances=args.pipeline_instances, encoder_gpus=args.encoder_gpus,
+            language_gpus=args.language_gpus, checkpoint=env.get("MM_CHECKPOINT"),
+        )]
+    except ValueError as e:
+        raise SystemExit(f"serve: error: {e}") from None
+
+
+def check_encoders(urls: list[str], timeout_s: float = 3.0) -> list[str]:
+    """Warnings for encoder servers that do not answer (the language server starts anyway)."""
+    from mm_remote.encoders import RemoteEncoders
+
+    try:
+        encoders = RemoteEncoders(urls)
+    except Exception as e:  # noqa: BLE001
+        return [str(e)]
+    try:
+        return [f"encoder server {url}: {problem}" for url, problem in encoders.check(timeout_s).items() if problem]
+    finally:
+        encoders.close()
 
 
 def follow(path: Path, stop: threading.Event) -> None:
@@ -158,8 +322,9 @@ def main(argv=None) -> int:
 
     from harness import TritonServer, TritonStartError, port_is_free
 
-    repos = args.model_repository or [ROOT / "model_repository"]
-    for r in repos:
+    check_role_options(args)
+    env = model_env(args)
+    for r in args.model_repository or []:
         if not r.is_dir():
             raise SystemExit(f"serve: error: model repository not found: {r}")
     ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
@@ -170,8 +335,19 @@ def main(argv=None) -> int:
         if not port_is_free(p, check_host) or (args.address in ("0.0.0.0", "") and not port_is_free(p, "0.0.0.0")):
             raise SystemExit(f"serve: error: port {p} is already in use (another server running?); "
                              f"choose another with {opt}")
+    repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
+    if args.control_port:
+        from mm_remote.repository import instance_count
 
-    env = model_env(args)
+        control_host = "127.0.0.1" if args.control_host in (None, "0.0.0.0", "::", "*") else args.control_host
+        n = sum(instance_count(r, "mm_encoder") for r in repos if (Path(r) / "mm_encoder" / "config.pbtxt").is_file())
+        for p in range(args.control_port, args.control_port + n):
+            if p > 65535 or p in ports.values() or not port_is_free(p, control_host):
+                raise SystemExit(f"serve: error: control port {p} (--control-port {args.control_port} + instance) "
+                                 "is in use or not a port; choose another --control-port")
+    for warning in check_encoders(args.encoder_urls) if args.encoder_urls else []:
+        print(f"serve: warning: {warning}; requests get UNAVAILABLE until it is up", file=sys.stderr)
+
     log_file = args.log_file or Path(os.environ.get("MM_CACHE", ROOT / ".cache")) / "logs" / f"tritonserver-{args.http_port}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.unlink(missing_ok=True)
@@ -208,7 +384,7 @@ def main(argv=None) -> int:
         except TritonStartError as e:
             print(f"serve: error: {e}", file=sys.stderr)
             return 1
-        print(banner(server, args, time.monotonic() - t0), flush=True)
+        print(banner(server, args, time.monotonic() - t0, env), flush=True)
         if args.demo:
             rc = run_demo(server, args)
             if args.exit:
@@ -228,11 +404,21 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         code = server.stop()
         stop_follow.set()
+        for repo in repos:  # a repository generated for this server goes with it
+            if (Path(repo) / ".mm-generated").is_file():
+                shutil.rmtree(repo, ignore_errors=True)
         if code is not None and server.proc is not None:
             print(f"serve: tritonserver stopped (exit code {code})", flush=True)
 
 
-def banner(server, args, elapsed: float) -> str:
+def control_endpoints(server) -> list[str]:
+    """The encoder instances' control endpoints, as their log lines announce them."""
+    import re
+
+    return sorted(set(re.findall(r"(\S+): serving pulls at (tcp://\S+)", server.log_text())))
+
+
+def banner(server, args, elapsed: float, env: dict[str, str] | None = None) -> str:
     models = []
     try:
         import json
@@ -245,12 +431,23 @@ def banner(server, args, elapsed: float) -> str:
     except Exception:
         pass
     host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1", "") else args.address
-    return f"""
-serve: tritonserver ready in {elapsed:.1f} s (pid {server.pid}); models: {', '.join(models) or '?'}
+    text = f"""
+serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}); models: {', '.join(models) or '?'}
   HTTP     {host}:{server.http_port}      (e.g. curl {host}:{server.http_port}/v2/health/ready)
   gRPC     {host}:{server.grpc_port}
   metrics  http://{host}:{server.metrics_port}/metrics
-  log      {server.log_file}
+  log      {server.log_file}"""
+    if args.role == "encoder":
+        endpoints = control_endpoints(server)
+        text += "\n  control  " + ("\n           ".join(f"{addr}  ({inst})" for inst, addr in endpoints) or "?")
+        text += f"\n  use:     scripts/serve --role language --encoder-url {host}:{server.grpc_port}"
+        if all("://127." in addr or "://localhost" in addr for _inst, addr in endpoints):
+            text += ("\n  note:    control endpoints are on loopback: only language servers on this host can pull; "
+                     "for other hosts use --control-host/--advertise-host (docs/DEPLOYMENT.md)")
+        return text
+    if args.role == "language":
+        text += f"\n  encoders {', '.join(args.encoder_urls)}"
+    return text + f"""
   try:     scripts/client --url {host}:{server.http_port} --demo-image --prompt "Describe the image."
            scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" photo.jpg"""
 

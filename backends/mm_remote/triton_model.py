@@ -1,0 +1,157 @@
+"""Triton model ``mm_pipeline`` of a language server (BLS): the same contract as the ensemble.
+
+    IMAGE (BYTES [n]), PROMPT (BYTES [1]), MAX_TOKENS (INT32 [1], optional) -> TEXT (BYTES [1]), TOKEN_IDS (INT64 [-1])
+
+1. IMAGE goes to ``mm_encoder`` on a remote encoder server (gRPC, ``encoder_urls`` round-robin);
+   EMBED_REFs come back (small handles; each embedding stays in that encoder instance's pool).
+2. EMBED_REF, PROMPT, MAX_TOKENS go to the local ``mm_language`` by BLS; its instance pulls every
+   embedding from the encoder instance named in the EMBED_REF (pull protocol, control channel) and
+   generates. Its outputs, or its error, are this model's.
+
+Parameters (``MM_<NAME>`` environment variables override them, as for the other models):
+``encoder_urls`` (comma-separated HOST:PORT gRPC addresses of encoder servers), ``encoder_model``
+(``mm_encoder``), ``encoder_timeout_s`` (300), ``language_model`` (``mm_language``).
+
+No torch here: an instance of this model only waits on the encoder server and on ``mm_language``,
+so it is cheap to run several (each one carries one request at a time).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+from mm_triton.params import instance_index, model_parameters
+
+from .encoders import DEFAULT_ENCODER_MODEL, DEFAULT_TIMEOUT_S, EncoderCallError, RemoteEncoders
+
+log = logging.getLogger(__name__)
+OUTPUTS = ("TEXT", "TOKEN_IDS")
+
+
+class _StepError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RemotePipelineModel:
+    pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
+
+    def initialize(self, args: dict[str, str]) -> None:
+        logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        self.instance_name = args.get("model_instance_name", self.model_name)
+        params = model_parameters(model_config)
+
+        def param(name: str, default: str) -> str:
+            return os.environ.get("MM_" + name.upper()) or params.get(name) or default
+
+        self.language_model = param("language_model", "mm_language")
+        try:
+            timeout_s = float(param("encoder_timeout_s", str(DEFAULT_TIMEOUT_S)))
+        except ValueError:
+            raise ValueError(f"parameter encoder_timeout_s: {param('encoder_timeout_s', '')!r} is not a number") from None
+        self._families: list[Any] = []
+        self._counters: dict[tuple[str, str], Any] = {}
+        index = instance_index(model_config, self.instance_name)
+        self.encoders = RemoteEncoders(
+            param("encoder_urls", ""), param("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
+            observer=self._count,
+        )
+        self._setup_metrics()
+        for url, problem in self.encoders.check().items():
+            if problem:
+                log.warning("%s: encoder server %s: %s (requests get UNAVAILABLE until it is up)",
+                            self.instance_name, url, problem)
+        log.info("%s: encoder server(s) %s (model %s, timeout %g s), language model %s", self.instance_name,
+                 ", ".join(self.encoders.urls), self.encoders.model, timeout_s, self.language_model)
+
+    def _setup_metrics(self) -> None:
+        mf = self.pb_utils.MetricFamily
+        family = mf(name="mm_remote_encoder_requests_total",
+                    description="Requests sent to remote encoder servers, by server and outcome", kind=mf.COUNTER)
+        self._families.append(family)
+        for url in self.encoders.urls:
+            for outcome in ("ok", "unavailable", "error"):
+                self._counters[(url, outcome)] = family.Metric(labels={
+                    "model": self.model_name, "instance": self.instance_name, "encoder": url, "outcome": outcome})
+
+    def _count(self, url: str, outcome: str) -> None:
+        counter = self._counters.get((url, outcome))
+        if counter is not None:
+            counter.increment(1)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = self.pb_utils
+        responses = []
+        for request in requests:
+            request_id = request.request_id() or uuid.uuid4().hex[:12]
+            try:
+                responses.append(pb.InferenceResponse(output_tensors=self.handle(request, request_id)))
+            except (EncoderCallError, _StepError) as exc:
+                log.warning("%s: request %s failed: %s", self.instance_name, request_id, exc)
+                responses.append(pb.InferenceResponse(error=self._error(exc.code, str(exc))))
+            except ValueError as exc:
+                responses.append(pb.InferenceResponse(error=self._error("INVALID_ARG", f"invalid input: {exc}")))
+            except Exception as exc:  # every request gets an answer; the instance keeps serving
+                log.exception("%s: request %s failed", self.instance_name, request_id)
+                responses.append(pb.InferenceResponse(
+                    error=self._error("INTERNAL", f"internal error ({type(exc).__name__}): {exc}")))
+        return responses
+
+    def handle(self, request: Any, request_id: str) -> list[Any]:
+        pb = self.pb_utils
+        images = pb.get_input_tensor_by_name(request, "IMAGE")
+        prompt = pb.get_input_tensor_by_name(request, "PROMPT")
+        max_tokens = pb.get_input_tensor_by_name(request, "MAX_TOKENS")
+        if images is None or prompt is None:
+            raise ValueError("inputs IMAGE and PROMPT are required")
+        image_array = images.as_numpy().reshape(-1)
+        if image_array.size == 0:
+            raise ValueError("IMAGE: at least one image is required")
+        refs, _url = self.encoders.encode(image_array, request_id)
+        inputs = [pb.Tensor("EMBED_REF", refs), prompt] + ([max_tokens] if max_tokens is not None else [])
+        language_request = pb.InferenceRequest(model_name=self.language_model, inputs=inputs,
+                                               requested_output_names=list(OUTPUTS), request_id=request_id)
+        response = language_request.exec()
+        if response.has_error():
+            error = response.error()
+            raise _StepError(_code_name(pb, error, error.message()), error.message())
+        return [pb.get_output_tensor_by_name(response, name) for name in OUTPUTS]
+
+    def _error(self, code: str, message: str) -> Any:
+        err_cls = self.pb_utils.TritonError
+        value = getattr(err_cls, code, None)
+        return err_cls(message, value) if value is not None else err_cls(message)
+
+    def finalize(self) -> None:
+        self.encoders.close()
+
+
+# Triton 2.51 hands a BLS caller every error of the called model as INTERNAL; mm_language's errors
+# start with the prefix mm_triton.errors gives each code, so that prefix tells the code again.
+_PREFIX_CODES = (("invalid input:", "INVALID_ARG"), ("unavailable:", "UNAVAILABLE"))
+
+
+def _code_name(pb: Any, error: Any, message: str) -> str:
+    """The name (INVALID_ARG, UNAVAILABLE, ...) of a BLS response's error code; INTERNAL if unknown."""
+    name = "INTERNAL"
+    try:
+        code = error.code()
+        for candidate in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED",
+                          "INTERNAL", "UNKNOWN"):
+            if getattr(pb.TritonError, candidate, object()) == code:
+                name = candidate
+                break
+    except Exception:  # noqa: BLE001 - older stubs have no code()
+        pass
+    if name in ("INTERNAL", "UNKNOWN"):
+        for prefix, by_prefix in _PREFIX_CODES:
+            if message.startswith(prefix):
+                return by_prefix
+    return name
