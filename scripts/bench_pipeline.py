@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with th
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
-from mm_bench.sampling import CpuAccount, MemorySampler, PoolSampler, metric_sum, wait_until  # noqa: E402
+from mm_bench.sampling import CpuAccount, MemorySampler, PoolSampler, metric_sum, wait_for_quiet, wait_until  # noqa: E402
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
 MODELS = ("mm_pipeline", "mm_monolithic")
@@ -33,11 +33,17 @@ log-normal mix (default median 800, sigma 0.75, [64, 8192] tokens: a few hundred
 
 For every model: a closed-loop sweep over --concurrency, then an open-loop request-rate sweep
 (--request-rates, Poisson arrivals), each load point one perf_analyzer run of a fixed --request-count
-(bounded time, no stability search). Per point it reports throughput (infer/s), client p50/p90/p99
-latency (perf_analyzer -f CSV), the continuation ratio (delta mm_transfer_continuations_total /
-delta mm_transfers_total of mm_language), pool utilisation (max and mean of mm_pool_blocks_used /
-mm_pool_blocks_total per model, metrics polled every 0.25 s during the run) and peak memory (RSS, and
-PSS, of tritonserver + its Python-backend stubs, sampled from /proc every 0.5 s).
+(bounded time, no stability search). Per point it reports:
+  throughput and client p50/p90/p99 latency, computed from perf_analyzer's per-request timestamps
+    (--profile-export-file; perf_analyzer's own -f CSV figures, kept as pa_*, use whole-second windows,
+    too coarse for short runs);
+  the continuation ratio: delta mm_transfer_continuations_total / delta mm_transfers_total of mm_language;
+  pool utilisation: max and mean of mm_pool_blocks_used / mm_pool_blocks_total per model, metrics polled
+    every 0.25 s (the language pool is held only during a pull, milliseconds, so its sampled max is ~0);
+  peak memory: RSS (and PSS) of tritonserver + its Python-backend stubs, from /proc every 0.5 s;
+  CPU use by the server, perf_analyzer and other processes ("other CPU": a busy neighbour on a shared
+    machine makes a point not comparable; --wait-quiet waits for a quiet machine first);
+  whether every request with the same image got the same greedy TOKEN_IDS, within and across models.
 
 By default it starts one real tritonserver per model (model_repository/, explicit model control, only
 that model loaded, so memory is the model's own) with the tiny checkpoint, and stops it afterwards.
@@ -72,6 +78,10 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def concurrency_list(text: str) -> list[int]:
+    return [] if text.strip() == "none" else int_list(text)
+
+
 def rate_list(text: str) -> list[float] | str:
     if text.strip() in ("auto", "none", ""):
         return text.strip() or "none"
@@ -97,17 +107,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("load")
     g.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated models to benchmark (default {','.join(MODELS)})")
-    g.add_argument("--concurrency", type=int_list, default=DEFAULT_CONCURRENCY,
-                   help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100)")
+    g.add_argument("--concurrency", type=concurrency_list, default=DEFAULT_CONCURRENCY,
+                   help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100; 'none' skips)")
     g.add_argument("--request-rates", type=rate_list, default="auto",
                    help="open-loop request rates (req/s), comma-separated; 'auto' = 0.5x and 0.9x the first "
                         "model's best concurrency-sweep throughput, same rates for every model; 'none' skips")
     g.add_argument("--requests", type=int, default=0,
-                   help="requests per concurrency point (default 0 = max(2 x images, 4 x concurrency))")
+                   help="requests per concurrency point (default 0 = max(3 x images, 4 x concurrency))")
     g.add_argument("--rate-seconds", type=float, default=20.0,
                    help="target length of a request-rate point: requests = rate x this (default 20)")
     g.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer protocol (default grpc)")
     g.add_argument("--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)")
+    g.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before each load point wait up to SECONDS until other processes use < 0.25 cores "
+                        "(a shared machine); the 'other CPU' column shows what remained (default 0: no wait)")
+    g.add_argument("--retry-noisy", type=int, default=0, metavar="N",
+                   help="re-run a load point up to N times while other processes used more than --noise-threshold "
+                        "cores during it; the quietest attempt is kept (default 0)")
+    g.add_argument("--noise-threshold", type=float, default=0.25,
+                   help="cores used by other processes that make a point noisy (default 0.25)")
     g.add_argument("--quick", action="store_true",
                    help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens")
     g = p.add_argument_group("requests")
@@ -126,6 +144,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint directory (MM_CHECKPOINT; default the tiny model, $MM_TINY_MODEL); also "
                         "used to size the test images")
+    g.add_argument("--monolithic-instances", type=int, default=1,
+                   help="instance count of mm_monolithic (default 1 as in its config.pbtxt; 2 = as many model "
+                        "processes as the pipeline's encoder + language); served from a copy in --work-dir")
+    g.add_argument("--embedding-cache", action="store_true",
+                   help="leave mm_encoder's embedding cache as configured; by default the started server gets "
+                        "MM_CACHE_BLOCKS=0, because the benchmark repeats its images and mm_monolithic has no cache")
     g.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started server, e.g. MM_POOL_BLOCKS=512 (repeatable)")
     g = p.add_argument_group("output")
@@ -134,6 +158,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--name", default="pipeline-cpu", help="file name stem of the outputs (default pipeline-cpu)")
     g.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench",
                    help="perf_analyzer inputs, CSVs and logs (default .cache/bench)")
+    g.add_argument("--keep-exports", action="store_true",
+                   help="keep perf_analyzer's per-request --profile-export-file JSONs in --work-dir (large)")
+    g.add_argument("--merge", type=Path, default=None, metavar="JSON",
+                   help="an earlier result of the same inputs: its rows for load points not measured in this run "
+                        "are kept (re-measure a few disturbed points without redoing the sweep)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = p.parse_args(argv)
@@ -150,6 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rate_seconds = min(args.rate_seconds, 3.0)
     if args.url and (args.metrics_url == "" or args.server_pid == 0):
         print("note: with --url and no --metrics-url/--server-pid, pool or memory figures are left out", file=sys.stderr)
+    if args.monolithic_instances < 1:
+        p.error("--monolithic-instances must be >= 1")
     if args.images < 1 or args.max_tokens < 1:
         p.error("--images and --max-tokens must be >= 1")
     return args
@@ -157,12 +188,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------ inputs
 def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list[int]]:
-    """Encoded images following the mix -> perf_analyzer JSON; returns (path, actual token counts)."""
+    """Encoded images at the mix's quantiles (LogNormalMix.stratified) -> perf_analyzer JSON; returns
+    (path, actual token counts: the image geometry rounds up a little)."""
     from mm_models.testing import make_test_image, tokens_for_image_size
     from PIL import Image
     import io
 
-    wanted = args.mix.sample(args.images, seed=args.seed)
+    wanted = args.mix.stratified(args.images, seed=args.seed)
     entries, tokens = [], []
     for i, n in enumerate(wanted):
         data = make_test_image(tokens=int(n), seed=args.seed * 10_007 + i, model_dir=checkpoint)
@@ -196,17 +228,40 @@ class Target:
             self.server.stop()
 
 
+def instance_copy(repository: Path, model: str, count: int, work_dir: Path) -> Path:
+    """A one-model repository whose config.pbtxt asks for ``count`` instances (version dir linked)."""
+    import re
+
+    src = repository / model
+    repo = work_dir / f"repo-{model}-x{count}"
+    (repo / model).mkdir(parents=True, exist_ok=True)
+    config = (src / "config.pbtxt").read_text()
+    config, n = re.subn(r"count:\s*\d+", f"count: {count}", config, count=1)
+    if n != 1:
+        raise ValueError(f"no instance count in {src / 'config.pbtxt'}")
+    (repo / model / "config.pbtxt").write_text(config)
+    link = repo / model / "1"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to((src / "1").resolve(), target_is_directory=True)
+    return repo
+
+
 def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Target:
     if args.url:
         return Target(args.url, args.metrics_url, args.server_pid)
     from harness import TritonServer
 
-    env = {"MM_CHECKPOINT": str(checkpoint), **dict(args.env)}
+    env = {"MM_CHECKPOINT": str(checkpoint), **({} if args.embedding_cache else {"MM_CACHE_BLOCKS": "0"}),
+           **dict(args.env)}
     load = [f"--load-model={m}" for m in LOAD.get(model, [model])]
     log = args.work_dir / f"{args.name}-{model}-server.log"
     if log.exists():
         log.unlink()
-    server = TritonServer(args.model_repository, env=env, args=["--model-control-mode=explicit", *load],
+    repo = args.model_repository
+    if model == "mm_monolithic" and args.monolithic_instances != 1:
+        repo = instance_copy(args.model_repository, model, args.monolithic_instances, args.work_dir)
+    server = TritonServer(repo, env=env, args=["--model-control-mode=explicit", *load],
                           log_file=log, startup_timeout_s=600)
     t0 = time.monotonic()
     server.start()
@@ -219,12 +274,15 @@ def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Targ
 def run_point(args, target: Target, model: str, input_path: Path, *, concurrency: int | None = None,
               rate: float | None = None, requests: int, label: str, pa_env: dict) -> dict:
     csv_path = args.work_dir / f"{args.name}-{model}-{label}.csv"
-    if csv_path.exists():
-        csv_path.unlink()
+    export_path = args.work_dir / f"{args.name}-{model}-{label}-export.json"
+    for stale in (csv_path, export_path):
+        if stale.exists():
+            stale.unlink()
     cmd = perf.command(args.perf_analyzer, model, target.url, input_path, csv_path, protocol=args.protocol,
                        concurrency=concurrency, request_rate=rate, request_count=requests,
-                       max_threads=2 if rate else None,
+                       max_threads=2 if rate else None, profile_export=export_path,
                        extra=["-a"] if rate else [])
+    quiet = wait_for_quiet(target.pid, args.noise_threshold, args.wait_quiet) if args.wait_quiet > 0 else None
     before = _safe_metrics(target)
     mem = MemorySampler(target.pid) if target.pid else None
     pools = PoolSampler(target.metrics) if target.metrics_url else None
@@ -252,8 +310,13 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
                  "concurrency": concurrency, "request_rate": rate, "requests": requests, "rc": rc,
                  "elapsed_s": round(elapsed, 2), "cpu_cores": cpu.result()}
     row["other_cpu"] = row["cpu_cores"]["other"]
-    if rc == 0 and csv_path.exists():
-        row.update(perf.parse_csv(csv_path.read_text()))
+    if quiet is not None:
+        row["other_cpu_before"] = round(quiet, 2)
+    if rc == 0 and csv_path.exists() and export_path.exists():
+        row.update({f"pa_{k}": v for k, v in perf.parse_csv(csv_path.read_text()).items()})
+        row.update(perf.summarize_profile(perf.load_profile_export(export_path)))
+        if not args.keep_exports:
+            export_path.unlink()
     else:
         tail = (out + "\n" + err).strip().splitlines()[-6:]
         row["error"] = " | ".join(tail)
@@ -265,7 +328,8 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
         conts = metric_sum(after, "mm_transfer_continuations_total", model="mm_language") - metric_sum(
             before, "mm_transfer_continuations_total", model="mm_language")
         failures = metric_sum(after, "mm_transfer_failures_total") - metric_sum(before, "mm_transfer_failures_total")
-        row.update({"transfers": transfers, "continuations": conts,
+        hits = metric_sum(after, "mm_embedding_cache_hits_total") - metric_sum(before, "mm_embedding_cache_hits_total")
+        row.update({"transfers": transfers, "continuations": conts, "embedding_cache_hits": hits,
                     "continuation_ratio": conts / transfers if transfers else None, "transfer_failures": failures})
     if pools:
         row["pools"] = pools.result()
@@ -304,8 +368,64 @@ def _wait_quiet(target: Target):
     return last.get("m")
 
 
+def token_agreement(rows: list[dict]) -> dict:
+    """Did every request with the same image get the same greedy tokens, within and across models?
+    (Pops the bulky per-row token maps.)"""
+    per_model: dict[str, dict[str, set]] = {}
+    for r in rows:
+        for key, seqs in (r.pop("token_ids", None) or {}).items():
+            per_model.setdefault(r["model"], {}).setdefault(key, set()).update(tuple(s) for s in seqs)
+    within = all(len(v) == 1 for m in per_model.values() for v in m.values()) if per_model else None
+    common = set.intersection(*(set(m) for m in per_model.values())) if per_model else set()
+    across = (all(len(set().union(*(per_model[m][k] for m in per_model))) == 1 for k in common)
+              if len(per_model) > 1 else None)
+    return {"inputs": len(common), "consistent_within_model": within, "equal_across_models": across}
+
+
+def run_point_retrying(args, target: Target, model: str, input_path: Path, **kw) -> dict:
+    """run_point, repeated (up to --retry-noisy times) while a neighbour disturbed it; keeps the quietest."""
+    attempts = []
+    for attempt in range(args.retry_noisy + 1):
+        row = run_point(args, target, model, input_path, **kw)
+        attempts.append(row)
+        if row.get("other_cpu", 0.0) <= args.noise_threshold:
+            break
+        if attempt < args.retry_noisy:
+            print(f"[{model}] {kw['label']}: other processes used {row['other_cpu']:.2f} cores, retrying", flush=True)
+    best = min(attempts, key=lambda r: (r["rc"] != 0, r.get("other_cpu", 0.0)))
+    best["attempts"] = len(attempts)
+    return best
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["mode"], row.get("concurrency"), row.get("request_rate")
+
+
+def merge_rows(rows: list[dict], path: Path, models: list[str], tokens: list[int]) -> tuple[list[dict], dict]:
+    """New rows plus the earlier result's rows for other load points (same images required)."""
+    old = json_load(path)
+    if old.get("image_tokens") != tokens:
+        raise SystemExit(f"--merge {path}: measured with other images (image_tokens differ); not merged")
+    new_keys = {_key(r) for r in rows}
+    kept = [r for r in old.get("rows", []) if _key(r) not in new_keys]
+    order = {m: i for i, m in enumerate(dict.fromkeys([*old.get("models", []), *models]))}
+    merged = sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["mode"] != "concurrency",
+                                                r.get("concurrency") or 0, r.get("request_rate") or 0))
+    for r in merged:
+        r.setdefault("point", _point(r))
+    earlier = old.get("token_agreement_runs") or [old.get("token_agreement")]
+    return merged, {"path": str(path), "command": old.get("command"), "rows_kept": len(kept),
+                    "token_agreement_runs": [a for a in earlier if a]}
+
+
+def json_load(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
 def requests_for(args, concurrency: int) -> int:
-    return args.requests or max(2 * args.images, 4 * concurrency)
+    return args.requests or max(3 * args.images, 4 * concurrency)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -346,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                                 protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
             subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
             for c in args.concurrency:
-                row = run_point(args, target, model, input_path, concurrency=c, requests=requests_for(args, c),
+                row = run_point_retrying(args, target, model, input_path, concurrency=c, requests=requests_for(args, c),
                                 label=f"c{c}", pa_env=pa_env)
                 rows.append(row)
                 _print_progress(row)
@@ -356,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                 rates = [round(best * f, 1) for f in factors if best * f >= 0.1]
             for rate in rates:
                 n = max(8, int(round(rate * args.rate_seconds)))
-                row = run_point(args, target, model, input_path, rate=rate, requests=n, label=f"r{rate:g}",
+                row = run_point_retrying(args, target, model, input_path, rate=rate, requests=n, label=f"r{rate:g}",
                                 pa_env=pa_env)
                 rows.append(row)
                 _print_progress(row)
@@ -364,16 +484,24 @@ def main(argv: list[str] | None = None) -> int:
             target.close()
 
     info = machine_info()
+    agreement = token_agreement(rows)
+    merged_from = None
+    if args.merge:
+        rows, merged_from = merge_rows(rows, args.merge, args.models, tokens)
     print()
     print(table(rows, TABLE_COLUMNS, markdown=args.markdown))
+    print(f"\ngreedy TOKEN_IDS per input: {agreement}")
     print(f"\nmachine: {machine_line(info)}")
     payload = {
         "benchmark": "pipeline", "command": "scripts/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": info, "checkpoint": str(checkpoint), "models": args.models, "protocol": args.protocol,
+        "machine": info, "checkpoint": str(checkpoint),
+        "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)), "protocol": args.protocol,
         "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": token_summary,
         "expected_continuations_per_transfer": expected_continuations(tokens),
         "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
-        "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
+        "embedding_cache": "as configured" if args.embedding_cache else "off (MM_CACHE_BLOCKS=0)",
+        "token_agreement": agreement, "merged_from": merged_from,
+        "token_agreement_runs": ((merged_from or {}).get("token_agreement_runs") or []) + [agreement], "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
     }
     print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
     if not args.no_plot:
@@ -407,7 +535,8 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ok = [r for r in rows if r["rc"] == 0]
-    for i, model in enumerate(args.models):
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for i, model in enumerate(models):
         conc = sorted((r for r in ok if r["model"] == model and r["mode"] == "concurrency"), key=lambda r: r["concurrency"])
         rate = sorted((r for r in ok if r["model"] == model and r["mode"] == "request_rate"), key=lambda r: r["request_rate"])
         x = [r["concurrency"] for r in conc]
@@ -429,20 +558,23 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
                             label="measured (metrics)")
     if exp is not None:
         axes[1, 1].axhline(exp, color="0.5", ls="--", label="expected from the image mix")
-    # memory: peak RSS per process at the highest concurrency of each model
-    labels, bottoms = [], []
-    for i, model in enumerate(args.models):
+    axes[1, 1].set_ylim(bottom=0)
+    axes[1, 0].set_ylim(bottom=0)
+    # memory: peak RSS per process at the highest-memory load point of each model
+    labels = []
+    procs = sorted({p for r in ok if r.get("memory") for p in r["memory"]["peak_rss_by_process_mib"]})
+    colors = {p: f"C{j + 2}" for j, p in enumerate(procs)}
+    for model in models:
         conc = [r for r in ok if r["model"] == model and r.get("memory")]
         if not conc:
             continue
         top = max(conc, key=lambda r: r["memory"]["peak_rss_mib"])
         bottom = 0.0
-        for j, (proc, mib) in enumerate(sorted(top["memory"]["peak_rss_by_process_mib"].items())):
-            axes[1, 2].bar(i, mib, bottom=bottom, color=f"C{j + 2}", label=proc)
-            axes[1, 2].annotate(proc, (i, bottom + mib / 2), ha="center", va="center", fontsize=7)
+        for proc, mib in sorted(top["memory"]["peak_rss_by_process_mib"].items()):
+            axes[1, 2].bar(len(labels), mib, bottom=bottom, color=colors[proc])
+            axes[1, 2].annotate(f"{proc} {mib:.0f}", (len(labels), bottom + mib / 2), ha="center", va="center", fontsize=7)
             bottom += mib
         labels.append(model)
-        bottoms.append(bottom)
     axes[1, 2].set_xticks(range(len(labels)), labels)
     for ax, title, xl, yl, logx in (
         (axes[0, 0], "Throughput (closed loop)", "concurrency", "infer/s", True),
@@ -457,11 +589,15 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
         ax.set_ylabel(yl)
         if logx:
             ax.set_xscale("log")
+            ticks = sorted({r["concurrency"] for r in ok if r["mode"] == "concurrency"})
+            if ticks:
+                ax.set_xticks(ticks, [str(t) for t in ticks])
+                ax.minorticks_off()
         ax.grid(alpha=0.3)
         handles, _ = ax.get_legend_handles_labels()
         if handles and ax is not axes[1, 2]:
             ax.legend(fontsize=7)
-    if args.models and any(r["model"] == "mm_pipeline" for r in ok):
+    if any(r["model"] == "mm_pipeline" for r in ok):
         axes[0, 1].set_yscale("log")
     fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {args.mix.describe()}; "
                  f"MAX_TOKENS {args.max_tokens}", fontsize=10)

@@ -1,0 +1,95 @@
+"""mm_monolithic (colocated baseline) through a real tritonserver: same contract, same greedy tokens and
+the same input errors as the disaggregated mm_pipeline."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from harness import metric_value
+from mm_client import MMClient
+from mm_models.testing import make_test_image
+
+pytestmark = pytest.mark.integration
+PROMPT = "Describe the image."
+MAX_TOKENS = 6
+# tokens wanted, seed: no continuation, one, five (at the default 1024-token window)
+IMAGES = {"small": (96, 11), "one_cont": (1500, 12), "five_cont": (5500, 13)}
+
+
+@pytest.fixture(scope="module")
+def images(tiny_model_dir):
+    return {name: make_test_image(tokens=t, seed=s, model_dir=tiny_model_dir) for name, (t, s) in IMAGES.items()}
+
+
+def _generate(server, model, images, prompt=PROMPT, max_tokens=MAX_TOKENS, protocol="http"):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with MMClient(url, protocol=protocol, model=model, timeout_s=300) as client:
+        return client.generate(images, prompt, max_tokens=max_tokens)
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_monolithic_tokens_equal_pipeline(mm_server, images, name):
+    mono = _generate(mm_server, "mm_monolithic", [images[name]])
+    pipe = _generate(mm_server, "mm_pipeline", [images[name]], protocol="grpc")
+    assert len(mono.token_ids) == MAX_TOKENS
+    assert mono.token_ids == pipe.token_ids
+    assert mono.text == pipe.text
+
+
+def test_monolithic_several_images_and_default_max_tokens(mm_server, images):
+    order = [images["one_cont"], images["small"]]
+    assert _generate(mm_server, "mm_monolithic", order).token_ids == _generate(mm_server, "mm_pipeline", order).token_ids
+    mono = _generate(mm_server, "mm_monolithic", [images["small"]], "Hi", max_tokens=None)
+    pipe = _generate(mm_server, "mm_pipeline", [images["small"]], "Hi", max_tokens=None)
+    assert mono.token_ids == pipe.token_ids and len(mono.token_ids) <= 32  # default_max_tokens
+
+
+def test_monolithic_moves_no_embedding(mm_server, images):
+    """The colocated path does no transfer: the mm_ transfer counters do not move."""
+    before = metric_value(mm_server.metrics(), "mm_transfers_total", 0.0)
+    _generate(mm_server, "mm_monolithic", [images["one_cont"]], max_tokens=1)
+    assert metric_value(mm_server.metrics(), "mm_transfers_total", 0.0) == before
+
+
+def _infer(server, model, image_list, prompt=b"Describe", max_tokens=None):
+    client = httpclient.InferenceServerClient(server.http_address, network_timeout=120)
+    img = httpclient.InferInput("IMAGE", [len(image_list)], "BYTES")
+    img.set_data_from_numpy(np.array(image_list, dtype=np.object_).reshape(len(image_list)))
+    p = httpclient.InferInput("PROMPT", [1], "BYTES")
+    p.set_data_from_numpy(np.array([prompt], dtype=np.object_))
+    inputs = [img, p]
+    if max_tokens is not None:
+        mt = httpclient.InferInput("MAX_TOKENS", [1], "INT32")
+        mt.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+        inputs.append(mt)
+    return client.infer(model, inputs)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not_an_image", "IMAGE\\[0\\].*recognised image format"),
+        ("empty_list", "at least one image"),
+        ("too_large", "more than the configured maximum max_embed_tokens"),
+        ("empty_prompt", "PROMPT: must not be empty"),
+        ("max_tokens_zero", "MAX_TOKENS: must be in \\[1, 1024\\]"),
+        ("second_image_bad", "IMAGE\\[1\\]"),
+    ],
+)
+def test_monolithic_bad_input_same_error_as_pipeline(mm_server, images, tiny_model_dir, case, message):
+    good = images["small"]
+    args = {
+        "not_an_image": dict(image_list=[b"this is not an image"]),
+        "empty_list": dict(image_list=[]),
+        "too_large": dict(image_list=[make_test_image(tokens=9000, model_dir=tiny_model_dir)]),
+        "empty_prompt": dict(image_list=[good], prompt=b"   "),
+        "max_tokens_zero": dict(image_list=[good], max_tokens=0),
+        "second_image_bad": dict(image_list=[good, b"\x89PNG\r\n\x1a\n broken"]),
+    }[case]
+    for model in ("mm_monolithic", "mm_pipeline"):
+        with pytest.raises(InferenceServerException, match=message) as info:
+            _infer(mm_server, model, **args)
+        assert "400" in str(info.value.status()) or "invalid input" in str(info.value), (model, info.value)
+    assert _infer(mm_server, "mm_monolithic", [good], max_tokens=1).as_numpy("TOKEN_IDS").shape == (1,)

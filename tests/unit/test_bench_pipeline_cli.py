@@ -1,0 +1,66 @@
+"""scripts/bench_pipeline.py without a server: options, input data, helpers."""
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_pipeline  # noqa: E402
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_pipeline.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("perf_analyzer", "--concurrency", "--request-rates", "--quick", "--url", "--metrics-url",
+                 "--server-pid", "continuation", "pool", "RSS", "--monolithic-instances", "examples:"):
+        assert word in out, word
+
+
+def test_defaults_and_quick():
+    args = bench_pipeline.parse_args([])
+    assert args.concurrency == [1, 2, 4, 8, 16, 32, 64, 100] and args.models == ["mm_pipeline", "mm_monolithic"]
+    assert args.request_rates == "auto" and not args.embedding_cache
+    quick = bench_pipeline.parse_args(["--quick"])
+    assert quick.concurrency == [1, 4] and quick.images == 6 and quick.mix.max_tokens <= 2500
+    assert bench_pipeline.parse_args(["--request-rates", "1,2.5"]).request_rates == [1.0, 2.5]
+    assert bench_pipeline.parse_args(["--request-rates", "none"]).request_rates == "none"
+    for bad in (["--concurrency", "0"], ["--request-rates", "-1"], ["--env", "NOEQUALS"], ["--models", ","]):
+        with pytest.raises(SystemExit):
+            bench_pipeline.parse_args(bad)
+
+
+def test_inputs_follow_the_mix(tmp_path, tiny_model_dir):
+    args = bench_pipeline.parse_args(["--images", "5", "--mix", "1500,0.2,1100,2000", "--work-dir", str(tmp_path),
+                                      "--max-tokens", "3"])
+    path, tokens = bench_pipeline.build_inputs(args, tiny_model_dir)
+    data = json.loads(path.read_text())["data"]
+    assert len(data) == 5 and all(1100 <= t <= 2100 for t in tokens)
+    raw = base64.b64decode(data[0]["IMAGE"]["b64"])
+    assert raw[4:8] == b"\x89PNG" and int.from_bytes(raw[:4], "little") == len(raw) - 4
+    assert data[0]["MAX_TOKENS"]["content"] == [3]
+    assert bench_pipeline.expected_continuations([100, 1024, 1025, 3000]) == pytest.approx((0 + 0 + 1 + 2) / 4)
+
+
+def test_token_agreement():
+    rows = [{"model": "a", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}},
+            {"model": "a", "token_ids": {"k1": [[1, 2]]}},
+            {"model": "b", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}}]
+    assert bench_pipeline.token_agreement(rows) == {"inputs": 2, "consistent_within_model": True,
+                                                    "equal_across_models": True}
+    assert all("token_ids" not in r for r in rows)
+    rows = [{"model": "a", "token_ids": {"k1": [[1, 2]]}}, {"model": "b", "token_ids": {"k1": [[9]]}}]
+    assert bench_pipeline.token_agreement(rows)["equal_across_models"] is False
+
+
+def test_instance_copy(tmp_path):
+    repo = bench_pipeline.instance_copy(ROOT / "model_repository", "mm_monolithic", 2, tmp_path)
+    config = (repo / "mm_monolithic" / "config.pbtxt").read_text()
+    assert "count: 2" in config and "count: 1" not in config
+    assert (repo / "mm_monolithic" / "1" / "model.py").is_file()
