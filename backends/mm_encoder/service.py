@@ -1,18 +1,21 @@
 """The encoder service: decode, validate, encode and publish images; no Triton inside."""
 from __future__ import annotations
 
+import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
 from mmtransfer import (
-    BlockPool, ConfigError, EmbedRef, RequestTooLarge, SenderEndpoint, TransferConfig, TransferObserver,
+    BlockPool, ConfigError, EmbedRef, RequestTooLarge, SenderEndpoint, TransferCancelled, TransferConfig,
+    TransferObserver,
 )
 
 from .cache import EmbeddingCache, image_key
@@ -70,7 +73,8 @@ class EncoderService:
                  "blocks" if config.use_block_allocator else "fixed slots", self.sender.address,
                  self.encode_threads)
 
-    def encode(self, images: Sequence[bytes], request_id: str = "") -> list[EmbedRef]:
+    def encode(self, images: Sequence[bytes], request_id: str = "",
+               cancelled: Callable[[], bool] | None = None) -> list[EmbedRef]:
         """Encode every image of one request; returns one EMBED_REF per image, in prompt order.
 
         All images are decoded and their token counts checked before any vision work,
@@ -79,12 +83,18 @@ class EncoderService:
         the pool) overlap another's vision tower (the tower itself runs one image at a
         time). If anything fails, every embedding of the request that was published is
         dropped again (nothing stays allocated), after all its images have finished.
+        A request whose images together need more blocks than the whole pool is refused at
+        once (RequestTooLarge) instead of waiting ``alloc_timeout_s`` for space that cannot
+        come. ``cancelled`` (optional) is asked before the vision work and after publishing:
+        a cancelled request publishes nothing (TransferCancelled).
         """
         if not images:
             raise ValueError("IMAGE: at least one image is required")
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
-        decoded = []
+        for i, data in enumerate(images):  # cheap header checks of every image before decoding any
+            self._check_header(i, data)
+        decoded, sizes = [], []
         for i, data in enumerate(images):
             try:
                 image = decode_image(data, self.max_image_pixels)
@@ -97,6 +107,10 @@ class EncoderService:
                     f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
                 )
             decoded.append((image, image_key(data) if self.cache.enabled else ""))
+            sizes.append((tokens, decoded[-1][1] or str(i)))
+        self._check_fits(sizes)
+        if cancelled is not None and cancelled():
+            raise TransferCancelled(f"request {request_id or '-'} was cancelled before encoding")
         if self._executor is None or len(decoded) == 1:
             refs: list[EmbedRef] = []
             try:
@@ -116,8 +130,45 @@ class EncoderService:
             if error is not None:
                 self._discard(refs)
                 raise error
+        if cancelled is not None and cancelled():
+            self._discard(refs)
+            raise TransferCancelled(f"request {request_id or '-'} was cancelled; its {len(refs)} embedding(s) dropped")
         log.debug("request %s: %d image(s) -> %s tokens", request_id, len(refs), [r.num_tokens for r in refs])
         return refs
+
+    def _check_header(self, index: int, data: bytes) -> None:
+        """Refuse an image whose header alone shows it gives too many tokens, before its pixels are
+        decoded (a 8000x8000 PNG of a few hundred KiB would otherwise cost seconds and hundreds of MiB).
+        Anything the header parser does not like is left to ``decode_image``, which names the problem."""
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as header:  # parses the header only
+                width, height = header.size
+                if width * height > self.max_image_pixels:
+                    return  # decode_image refuses it with its own message, still before decoding
+                tokens = self.vision.count_tokens(header)
+        except Exception:  # noqa: BLE001 - decode_image reports corrupt or unknown data clearly
+            return
+        if tokens > self.config.max_embed_tokens:
+            raise RequestTooLarge(
+                f"IMAGE[{index}]: {width}x{height} gives {tokens} embedding tokens, more than the "
+                f"configured maximum max_embed_tokens={self.config.max_embed_tokens}")
+
+    def _check_fits(self, sizes: list[tuple[int, str]]) -> None:
+        """RequestTooLarge when the request's images (the same image counted once) can never be held by
+        the pool at the same time."""
+        unique = dict((key, tokens) for tokens, key in sizes)
+        if self.config.use_block_allocator:
+            need = sum(self.pool.blocks_for(t) for t in unique.values())
+            if need > self.pool.total_blocks:
+                raise RequestTooLarge(
+                    f"IMAGE: the request's {len(unique)} image(s) need {need} blocks of {self.pool.block_tokens} "
+                    f"tokens at once, more than the encoder's whole pool (pool_blocks={self.pool.total_blocks}): "
+                    "send fewer or smaller images, or raise pool_blocks")
+        else:
+            slots = getattr(self.pool.allocator, "num_slots", len(unique))
+            if len(unique) > slots:
+                raise RequestTooLarge(f"IMAGE: the request's {len(unique)} images need more fixed slots than the "
+                                      f"encoder's pool has ({slots})")
 
     def _encode_one(self, image, key: str, request_id: str) -> EmbedRef:
         # pool threads start on cuda:0: make this instance's GPU current for anything allocated implicitly

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from mm_triton.metrics import TritonMetrics
+from mmtransfer import RequestTooLarge, TransferError
 from mm_triton.model_base import ModelBase
 from mm_triton.params import instance_index
 from mm_triton.tensors import bytes_list
@@ -39,7 +40,13 @@ class EncoderModel(ModelBase):
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
-        refs = self.service.encode(bytes_list(self.pb_utils, request, "IMAGE"), request_id)
+        try:
+            refs = self.service.encode(bytes_list(self.pb_utils, request, "IMAGE"), request_id,
+                                       self.cancellation_check(request))
+        except TransferError as exc:  # pool exhausted, cancelled: counted like the receiver's failures
+            if not isinstance(exc, RequestTooLarge):
+                self.metrics.transfer_failed(exc.cause)
+            raise
         self._images.increment(len(refs))
         payload = np.array([ref.to_json().encode() for ref in refs], dtype=np.object_)
         return [self.pb_utils.Tensor("EMBED_REF", payload)]

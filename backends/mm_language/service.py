@@ -4,16 +4,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from mm_models.prompt import check_prompt
 from mm_models.qwen2vl import EncodedImage, LanguageModel
 from mmtransfer import (
-    BlockPool, EmbedRef, ProtocolError, Receiver, TransferConfig, TransferObserver, TransferRecord,
+    BlockPool, EmbedRef, ProtocolError, Receiver, TransferCancelled, TransferConfig, TransferObserver,
+    TransferRecord,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 32
 MAX_IMAGES_PER_REQUEST = 16
+# A prompt longer than this is refused before any transfer (the model's context bounds it anyway, but
+# tokenizing megabytes of text first would cost the instance time).
+DEFAULT_MAX_PROMPT_BYTES = 128 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,10 @@ class LanguageService:
         name: str = "mm_language",
         max_tokens_limit: int = 1024,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
     ) -> None:
         self.config = config
+        self.max_prompt_bytes = max_prompt_bytes
         self.max_tokens_limit = max_tokens_limit
         self.default_max_tokens = min(default_max_tokens, max_tokens_limit)
         self.lm = LanguageModel.from_pretrained(checkpoint, device=device)
@@ -53,6 +60,12 @@ class LanguageService:
         """Validate everything before any transfer starts; ValueError names the bad input."""
         if not prompt.strip():
             raise ValueError("PROMPT: must not be empty")
+        if len(prompt.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
+            raise ValueError(f"PROMPT: longer than max_prompt_bytes={self.max_prompt_bytes} bytes")
+        try:
+            check_prompt(prompt)
+        except ValueError as exc:
+            raise ValueError(f"PROMPT: {exc}") from None
         if max_tokens is None:
             max_tokens = self.default_max_tokens
         if not 1 <= max_tokens <= self.max_tokens_limit:
@@ -68,12 +81,15 @@ class LanguageService:
         return parsed, max_tokens
 
     def generate(
-        self, refs: Sequence[bytes | str], prompt: str, max_tokens: int | None = None, request_id: str = ""
+        self, refs: Sequence[bytes | str], prompt: str, max_tokens: int | None = None, request_id: str = "",
+        cancelled: Callable[[], bool] | None = None,
     ) -> GenerateOutput:
         """Pull each referenced embedding in prompt order, then greedy-generate.
 
         If validation or a pull fails, the embeddings not pulled yet are aborted on
-        their senders so no block waits for its TTL.
+        their senders so no block waits for its TTL. ``cancelled`` (optional) is asked
+        before every pull message and before generation: a cancelled request stops
+        there (TransferCancelled), its remaining embeddings aborted and its window freed.
         """
         try:
             parsed, max_tokens = self.check_request(refs, prompt, max_tokens)
@@ -84,7 +100,7 @@ class LanguageService:
         records: list[TransferRecord] = []
         for i, ref in enumerate(parsed):
             try:
-                received = self.receiver.pull(ref, request_id)
+                received = self.receiver.pull(ref, request_id, cancelled)
                 grid = received.aux.extras.get("grid_thw")
                 if not grid or len(grid) != 3:
                     raise ProtocolError(f"EMBED_REF[{i}]: the sender sent no grid_thw for the image")
@@ -94,6 +110,8 @@ class LanguageService:
                 raise
             images.append(EncodedImage(embeds=received.embedding, grid_thw=tuple(grid)))
             records.append(received.record)
+        if cancelled is not None and cancelled():
+            raise TransferCancelled(f"request {request_id or '-'} was cancelled before generation")
         token_ids = self.lm.generate(prompt, images, max_tokens)
         return GenerateOutput(self.lm.decode(token_ids), token_ids, records)
 

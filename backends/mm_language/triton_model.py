@@ -9,7 +9,7 @@ from mm_triton.metrics import TritonMetrics
 from mm_triton.model_base import ModelBase
 from mm_triton.tensors import bytes_list, one_string, optional_int
 
-from .service import DEFAULT_MAX_TOKENS, LanguageService
+from .service import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS, LanguageService
 
 
 class LanguageModelTriton(ModelBase):
@@ -18,6 +18,7 @@ class LanguageModelTriton(ModelBase):
             self.checkpoint, self.transfer_config, self.device, name=self.instance_name,
             max_tokens_limit=self.int_param("max_tokens_limit", 1024),
             default_max_tokens=self.int_param("default_max_tokens", DEFAULT_MAX_TOKENS),
+            max_prompt_bytes=self.int_param("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES),
         )
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool)
         self.service.receiver.observer = self.metrics
@@ -31,7 +32,7 @@ class LanguageModelTriton(ModelBase):
         except ValueError:
             self.service.abort_all(refs, "request rejected")
             raise
-        out = self.service.generate(refs, prompt, max_tokens, request_id)
+        out = self.service.generate(refs, prompt, max_tokens, request_id, self.cancellation_check(request))
         return [
             pb.Tensor("TEXT", np.array([out.text.encode()], dtype=np.object_)),
             pb.Tensor("TOKEN_IDS", np.array(out.token_ids, dtype=np.int64)),

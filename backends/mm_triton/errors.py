@@ -1,21 +1,45 @@
-"""Map library exceptions to Triton errors with the right status code."""
+"""Map library exceptions to Triton errors with the right status code.
+
+    INVALID_ARG   bad input: ValueError (images, prompt, MAX_TOKENS, EMBED_REF), RequestTooLarge
+    UNAVAILABLE   retry later, the request itself was fine: pool exhausted (backpressure), a peer that did not
+                  answer in time, an embedding reclaimed (TTL) or unknown to its encoder (restarted), a GPU
+                  channel that broke, a sender that refused this endpoint's shared secret
+    CANCELLED     the client cancelled the request (gRPC) while it was being served
+    INTERNAL      anything else (a protocol violation, a bug)
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from mmtransfer import PoolExhausted, TransferError, TransferTimeout
+from mmtransfer import (
+    AuthenticationError, PoolExhausted, TransferCancelled, TransferError, TransferNotFound, TransferTimeout,
+)
+
+_RETRYABLE = (PoolExhausted, TransferTimeout, TransferNotFound, AuthenticationError)
+_RETRYABLE_CAUSES = ("channel",)
+
+
+def error_code_name(exc: BaseException) -> tuple[str, str]:
+    """(pb_utils.TritonError code name, message prefix) for an exception."""
+    if isinstance(exc, TransferCancelled):
+        return "CANCELLED", "cancelled"
+    if isinstance(exc, PoolExhausted):
+        return "UNAVAILABLE", "unavailable (pool_exhausted)"
+    if isinstance(exc, _RETRYABLE) or (isinstance(exc, TransferError) and exc.cause in _RETRYABLE_CAUSES):
+        return "UNAVAILABLE", f"unavailable ({getattr(exc, 'cause', 'timeout')})"
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return "INVALID_ARG", "invalid input"
+    if isinstance(exc, TransferError):
+        return "INTERNAL", f"transfer failed ({exc.cause})"
+    return "INTERNAL", f"internal error ({type(exc).__name__})"
 
 
 def triton_error(pb_utils: Any, exc: BaseException) -> Any:
-    """INVALID_ARG for bad input, UNAVAILABLE for backpressure and timeouts, INTERNAL otherwise."""
+    """A ``pb_utils.TritonError`` for ``exc`` (see the table above)."""
     err_cls = pb_utils.TritonError
-    if isinstance(exc, (PoolExhausted, TransferTimeout)):
-        code, prefix = getattr(err_cls, "UNAVAILABLE", None), "unavailable"
-    elif isinstance(exc, (ValueError, FileNotFoundError)):
-        code, prefix = getattr(err_cls, "INVALID_ARG", None), "invalid input"
-    elif isinstance(exc, TransferError):
-        code, prefix = getattr(err_cls, "INTERNAL", None), f"transfer failed ({exc.cause})"
-    else:
-        code, prefix = getattr(err_cls, "INTERNAL", None), f"internal error ({type(exc).__name__})"
+    name, prefix = error_code_name(exc)
+    code = getattr(err_cls, name, None)
+    if code is None and name == "CANCELLED":
+        code, prefix = getattr(err_cls, "UNAVAILABLE", None), "cancelled"
     message = f"{prefix}: {exc}"
     return err_cls(message, code) if code is not None else err_cls(message)

@@ -14,7 +14,7 @@ from mmtransfer import BlockPool, TransferObserver, TransferRecord
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 FAILURE_CAUSES = ("pool_exhausted", "timeout", "not_found", "expired", "protocol", "too_large", "aborted",
-                  "remote", "ttl", "internal")
+                  "cancelled", "auth", "channel", "remote", "ttl", "internal")
 
 
 class TritonMetrics(TransferObserver):

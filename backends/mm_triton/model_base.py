@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,31 @@ class ModelBase:
                 log.warning("%s: request %s failed: %s", self.instance_name, request_id, exc)
                 responses.append(self.pb_utils.InferenceResponse(error=triton_error(self.pb_utils, exc)))
         return responses
+
+    @staticmethod
+    def cancellation_check(request: Any, min_interval_s: float = 0.02):
+        """A cheap ``() -> bool`` telling whether the client cancelled ``request`` (gRPC cancel, or the
+        ensemble that carries it was cancelled). ``request.is_cancelled()`` (Python backend >= 23.10) asks
+        the server process over IPC, so answers are reused for ``min_interval_s``; once True it stays True.
+        Backends without the call get a check that always says False."""
+        probe = getattr(request, "is_cancelled", None)
+        if probe is None:
+            return lambda: False
+        state = {"at": float("-inf"), "value": False}
+
+        def cancelled() -> bool:
+            if state["value"]:
+                return True
+            now = time.monotonic()
+            if now - state["at"] >= min_interval_s:
+                state["at"] = now
+                try:
+                    state["value"] = bool(probe())
+                except Exception:  # noqa: BLE001 - a failed probe never fails the request
+                    state["value"] = False
+            return state["value"]
+
+        return cancelled
 
     def int_param(self, name: str, default: int) -> int:
         raw = os.environ.get("MM_" + name.upper()) or self.params.get(name) or str(default)

@@ -15,8 +15,8 @@ See README.md beside this file for the message sequence.
 """
 from .config import TransferConfig
 from .errors import (
-    ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge, TransferAborted,
-    TransferError, TransferNotFound, TransferTimeout,
+    AuthenticationError, ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge, TransferAborted,
+    TransferCancelled, TransferError, TransferExpired, TransferNotFound, TransferTimeout,
 )
 from .observer import TransferObserver, TransferRecord
 from .pool import BlockPool, dtype_from_name
@@ -27,6 +27,7 @@ from .sender import SenderEndpoint
 from .transport import HostTransport, Transport, negotiate
 
 __all__ = [
+    "AuthenticationError", "TransferCancelled", "TransferExpired",
     "Aux", "BlockPool", "ConfigError", "EmbedRef", "HostTransport", "PoolExhausted", "ProtocolError",
     "Received", "Receiver", "RemoteError", "RequestTooLarge", "SenderEndpoint", "TransferAborted",
     "TransferConfig", "TransferError", "TransferNotFound", "TransferObserver", "TransferRecord",

@@ -131,6 +131,7 @@ class SenderChannel:
         self.channel_id = channel_id
         self.pool = pool
         self.ops = 0  # chunks sent on this channel (NCCL ordering check)
+        self.last_used = time.monotonic()  # of the last PULL served on it (idle channels are closed)
 
     def ack_fields(self) -> dict[str, Any]:
         """Extra BOOTSTRAP_ACK fields (nccl_id / ipc)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -19,6 +19,7 @@ ENV_PREFIX = "MM_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 TRANSPORTS = ("auto", "host", "nccl", "cuda_ipc")
+MIN_SECRET_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class TransferConfig:
         bytes; the window is the flow-control credit) or "window" (into the window's blocks, then
         copied out, like the host transport).
     bootstrap_timeout_s: how long forming a GPU channel (NCCL communicator, IPC mapping) may take.
+    shared_secret: optional; when set (at least 16 characters, the same on every encoder and
+        language instance), every control frame carries an HMAC-SHA256 with it and frames
+        without a valid one are refused: it authenticates peers, it does not encrypt. Best set
+        with the environment variable MM_SHARED_SECRET (never printed: repr=False).
     """
 
     use_block_allocator: bool = True
@@ -75,6 +80,7 @@ class TransferConfig:
     transport: str = "auto"
     gpu_landing: str = "direct"
     bootstrap_timeout_s: float = 120.0
+    shared_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check_range("block_tokens", self.block_tokens, 1, 1 << 16)
@@ -99,6 +105,16 @@ class TransferConfig:
                 raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")
         if not self.control_host:
             raise ConfigError("control_host must not be empty")
+        if not isinstance(self.shared_secret, str) or (self.shared_secret and (
+                len(self.shared_secret) < MIN_SECRET_CHARS or len(self.shared_secret) > 4096
+                or any(not " " < c <= "~" for c in self.shared_secret))):
+            raise ConfigError(f"shared_secret must be empty (no authentication) or {MIN_SECRET_CHARS} to 4096 "
+                              "printable characters without spaces (e.g. `openssl rand -hex 32`)")
+
+    @property
+    def auth_key(self) -> bytes | None:
+        """The HMAC key of the control channel, or None when no shared secret is set."""
+        return self.shared_secret.encode() if self.shared_secret else None
 
     @property
     def window_blocks(self) -> int:

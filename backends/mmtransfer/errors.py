@@ -41,10 +41,23 @@ class TransferNotFound(TransferError):
     cause = "not_found"
 
 
+class TransferExpired(TransferNotFound):
+    """The sender reclaimed the embedding: it was not pulled within its ``ttl_s``."""
+
+    cause = "expired"
+
+
 class ProtocolError(TransferError, ValueError):
     """A message could not be decoded or violates the protocol."""
 
     cause = "protocol"
+
+
+class AuthenticationError(ProtocolError):
+    """A control frame without a valid MAC where a shared secret is configured (or one with a MAC
+    where none is): the peer does not hold the same ``shared_secret``."""
+
+    cause = "auth"
 
 
 class RemoteError(TransferError):
@@ -53,12 +66,17 @@ class RemoteError(TransferError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
-        self.cause = {"not_found": "not_found", "expired": "expired", "timeout": "timeout"}.get(
-            code, "remote"
-        )
+        self.cause = {"not_found": "not_found", "expired": "expired", "timeout": "timeout",
+                      "unauthenticated": "auth"}.get(code, "remote")
 
 
 class TransferAborted(TransferError):
     """The transfer was aborted (by the peer, a cancel or shutdown)."""
 
     cause = "aborted"
+
+
+class TransferCancelled(TransferAborted):
+    """The request that needed the transfer was cancelled (client cancel or disconnect)."""
+
+    cause = "cancelled"

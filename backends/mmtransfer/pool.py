@@ -145,8 +145,8 @@ class BlockPool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise PoolExhausted(
-                        f"{self.name}: no {floor} free block(s) within {timeout_s:.1f}s "
-                        f"({self.allocator.used_blocks}/{self.total_blocks} in use)"
+                        f"{self.name} exhausted: no {floor} free block(s) within {timeout_s:g}s (alloc_timeout_s; "
+                        f"{self.allocator.used_blocks}/{self.total_blocks} in use): too much load for pool_blocks"
                     )
                 self._cond.wait(remaining)
 

@@ -5,6 +5,12 @@ host transport follow as separate ZeroMQ frames, never inside the JSON. No pickl
 Every field is type-checked and bounded on decode, unknown or missing fields are
 rejected, so a forged or corrupt frame raises ``ProtocolError`` and nothing else.
 
+With a shared secret (``TransferConfig.shared_secret``) every frame is authenticated:
+the type byte gets the ``AUTH_FLAG`` bit and ``HMAC-SHA256(secret, frame)`` (32 bytes)
+is appended. The MAC is checked before anything else of the frame is parsed; a frame
+without a valid MAC raises ``AuthenticationError``. It authenticates the peer and the
+control frame; it does not encrypt, and host-transport payload frames are not covered.
+
 Sequence (receiver R drives, sender S answers; one request in flight per pull)::
 
     R: PULL(tid, seq=0, sent_tokens=0, capacity=W)   ->  S
@@ -28,6 +34,8 @@ frame when they hold their defaults, so host-transport frames are the same bytes
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import struct
@@ -35,7 +43,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar, Union
 
-from .errors import ProtocolError
+from .errors import AuthenticationError, ProtocolError
 
 MAGIC = b"MMTX"
 PROTOCOL_VERSION = 1
@@ -47,6 +55,8 @@ MAX_CHUNKS_PER_PULL = 1 << 16
 BOOTSTRAP_VERSION = 1
 TRANSPORT_NAMES = ("auto", "host", "nccl", "cuda_ipc")
 _HEADER = struct.Struct("!4sBB")
+AUTH_FLAG = 0x80  # set in the type byte of an authenticated frame
+MAC_BYTES = 32  # HMAC-SHA256
 _TID = re.compile(r"[0-9a-f]{32}")
 _NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
@@ -84,7 +94,9 @@ class ErrorCode:
     INTERNAL = "internal"
     VERSION = "version"
     UNAVAILABLE = "unavailable"  # the asked-for transport cannot connect these endpoints
-    ALL = frozenset({NOT_FOUND, EXPIRED, BAD_REQUEST, TIMEOUT, BUSY, INTERNAL, VERSION, UNAVAILABLE})
+    UNAUTHENTICATED = "unauthenticated"  # the frame had no valid MAC (shared secret)
+    ALL = frozenset({NOT_FOUND, EXPIRED, BAD_REQUEST, TIMEOUT, BUSY, INTERNAL, VERSION, UNAVAILABLE,
+                     UNAUTHENTICATED})
 
 
 def chunk_tokens(total_tokens: int, sent_tokens: int, capacity_tokens: int) -> int:
@@ -398,7 +410,19 @@ _BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, A
                                                        BootstrapAck, Close)}
 
 
-def encode(msg: Message) -> bytes:
+def mac_key(secret: str | bytes | None) -> bytes | None:
+    """The HMAC key for a shared secret (None when there is none)."""
+    if not secret:
+        return None
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def encode(msg: Message, key: bytes | None = None) -> bytes:
+    """One control frame; with ``key`` (see ``mac_key``) authenticated by an appended HMAC-SHA256."""
     optional = getattr(msg, "OPTIONAL", {})
     body = {}
     for f in fields(msg):
@@ -408,16 +432,21 @@ def encode(msg: Message) -> bytes:
         body[f.name] = [list(x) if isinstance(x, tuple) else x for x in value] if isinstance(value, tuple) else value
     if isinstance(msg, Chunk) and msg.aux is not None:
         body["aux"] = asdict(msg.aux)
-    data = _HEADER.pack(MAGIC, PROTOCOL_VERSION, int(msg.TYPE)) + json.dumps(
-        body, separators=(",", ":")
-    ).encode()
+    type_byte = int(msg.TYPE) | (AUTH_FLAG if key else 0)
+    data = _HEADER.pack(MAGIC, PROTOCOL_VERSION, type_byte) + json.dumps(body, separators=(",", ":")).encode()
+    if key:
+        data += _mac(key, data)
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"encoded {msg.TYPE.name} frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
     return data
 
 
-def decode(data: bytes) -> Message:
-    """Parse one control frame; raises ProtocolError (only) on anything malformed."""
+def decode(data: bytes, key: bytes | None = None) -> Message:
+    """Parse one control frame; raises ProtocolError (only) on anything malformed.
+
+    With ``key`` the frame must carry a valid MAC, checked before the body is parsed; without
+    one, an authenticated frame is refused too (the peers disagree about the shared secret).
+    Either mismatch raises ``AuthenticationError`` (a ProtocolError)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("frame: expected bytes")
     data = bytes(data)
@@ -430,11 +459,25 @@ def decode(data: bytes) -> Message:
         raise ProtocolError("frame: bad magic")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(f"frame: protocol version {version}, this endpoint speaks {PROTOCOL_VERSION}")
+    authed = bool(type_ & AUTH_FLAG)
+    type_ &= ~AUTH_FLAG
+    body_bytes = data[_HEADER.size:]
+    if key:
+        if not authed:
+            raise AuthenticationError("frame: not authenticated, and this endpoint requires the shared secret "
+                                      "(shared_secret / MM_SHARED_SECRET)")
+        if len(body_bytes) < MAC_BYTES or not hmac.compare_digest(data[-MAC_BYTES:], _mac(key, data[:-MAC_BYTES])):
+            raise AuthenticationError("frame: MAC does not verify (a different shared secret, or a forged or "
+                                      "altered frame)")
+        body_bytes = body_bytes[:-MAC_BYTES]
+    elif authed:
+        raise AuthenticationError("frame: authenticated with a shared secret, but this endpoint has none: set the "
+                                  "same shared_secret (MM_SHARED_SECRET) on both sides")
     cls = _BY_TYPE.get(type_)
     if cls is None:
         raise ProtocolError(f"frame: unknown message type {type_}")
     try:
-        body = json.loads(data[_HEADER.size :])
+        body = json.loads(body_bytes)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(f"{cls.__name__}: body is not valid JSON") from None
     optional = getattr(cls, "OPTIONAL", {})

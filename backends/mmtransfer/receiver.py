@@ -24,14 +24,17 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import zmq
 
 from . import protocol as wire
 from .config import TransferConfig
-from .errors import ProtocolError, RemoteError, RequestTooLarge, TransferError, TransferNotFound, TransferTimeout
+from .errors import (
+    AuthenticationError, ProtocolError, RemoteError, RequestTooLarge, TransferCancelled, TransferError,
+    TransferExpired, TransferNotFound, TransferTimeout,
+)
 from .observer import TransferObserver, TransferRecord
 from .pool import DTYPE_NAMES, BlockPool
 from .protocol import Aux, TransferState
@@ -47,6 +50,10 @@ log = logging.getLogger(__name__)
 _ABORT_LINGER_MS = 500
 _MAX_IDLE_SOCKETS = 16
 _SPIN_RECV_S = 0.003
+# Inbound message limit of sockets that carry no chunk bytes (control frames only); sockets of the host
+# transport also allow one window of bytes. ZeroMQ drops a peer that sends more: a rogue or broken
+# "sender" cannot make this process buffer arbitrary amounts.
+_CONTROL_MSG_BYTES = 2 * wire.MAX_FRAME_BYTES
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class Receiver:
         self.observer = observer or TransferObserver()
         self.name = name
         self.window_policy = make_window_policy(config)
+        self._key = config.auth_key
         self._ctx = zmq.Context()
         self._channels: dict[str, ReceiverChannel | None] = {}  # sender address -> channel (None: host)
         self._channels_lock = threading.Lock()
@@ -96,8 +104,11 @@ class Receiver:
         """Blocks to ask for: the policy's window, or less when the hint says it is enough."""
         return self.window_policy.window_blocks(ref.num_tokens)
 
-    def pull(self, ref: EmbedRef, request_id: str = "") -> Received:
-        """Move the embedding behind ``ref`` here; raises a TransferError subclass on failure."""
+    def pull(self, ref: EmbedRef, request_id: str = "", cancelled: Callable[[], bool] | None = None) -> Received:
+        """Move the embedding behind ``ref`` here; raises a TransferError subclass on failure.
+
+        ``cancelled`` (optional) is asked before every pull message; when it returns True the transfer is
+        given up (TransferCancelled), the sender told to ABORT and the window freed."""
         if self.uses_channels:
             try:
                 with use_device(self.pool.device):
@@ -108,17 +119,22 @@ class Receiver:
                 raise
             if channel is not None:
                 try:
-                    return self._pull_channel(ref, request_id, channel)
+                    return self._pull_channel(ref, request_id, channel, cancelled=cancelled)
                 except _Reopen:
                     # the sender no longer knows the channel (it restarted, or gave the channel up)
                     # and sent nothing: open a new one once, the embedding is still there
                     with use_device(self.pool.device):
                         channel = self.channel_for(ref.address)
                     if channel is not None:
-                        return self._pull_channel(ref, request_id, channel, retry=False)
-        return self._pull_host(ref, request_id)
+                        return self._pull_channel(ref, request_id, channel, retry=False, cancelled=cancelled)
+        return self._pull_host(ref, request_id, cancelled)
 
-    def _pull_host(self, ref: EmbedRef, request_id: str = "") -> Received:
+    @staticmethod
+    def _check_cancelled(cancelled: Callable[[], bool] | None, ref: EmbedRef, request_id: str) -> None:
+        if cancelled is not None and cancelled():
+            raise TransferCancelled(f"request {request_id or '-'} was cancelled; transfer {ref.transfer_id} given up")
+
+    def _pull_host(self, ref: EmbedRef, request_id: str = "", cancelled: Callable[[], bool] | None = None) -> Received:
         start = time.monotonic()
         state = TransferState.BOOTSTRAPPING
         window: list[int] = []
@@ -127,13 +143,15 @@ class Receiver:
         sock.setsockopt(zmq.LINGER, _ABORT_LINGER_MS)
         try:
             window = self.pool.alloc_wait(self.window_blocks_for(ref), self.config.alloc_timeout_s, min_blocks=1)
-            sock.connect(ref.address)
             capacity = len(window) * self.pool.block_tokens
+            sock.setsockopt(zmq.MAXMSGSIZE, capacity * self.pool.bytes_per_token + _CONTROL_MSG_BYTES)
+            sock.connect(ref.address)
             out: torch.Tensor | None = None
             aux: Aux | None = None
             sent, seq = 0, 0
             state = TransferState.WAITING_FOR_INPUT
             while aux is None or sent < aux.total_tokens:
+                self._check_cancelled(cancelled, ref, request_id)
                 if aux is not None:
                     log.info("%s: request %s transfer %s needs continuation: %d/%d tokens",
                              self.name, request_id, ref.transfer_id, sent, aux.total_tokens)
@@ -189,10 +207,20 @@ class Receiver:
             sock.close()
 
     def close(self) -> None:
+        """Close every channel (telling each sender, best effort, so it frees its side now) and every socket."""
         with self._channels_lock:
             channels, self._channels = [c for c in self._channels.values() if c is not None], {}
         for channel in channels:
             channel.close()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, _ABORT_LINGER_MS)
+            try:
+                sock.connect(channel.address)
+                sock.send(wire.encode(wire.Close(channel.channel_id, "receiver closed"), self._key), zmq.NOBLOCK)
+            except (zmq.ZMQError, ProtocolError):
+                pass
+            finally:
+                sock.close()
         with self._sockets_lock:
             idle, self._idle_sockets = [x for v in self._idle_sockets.values() for x in v], {}
         for sock in idle:
@@ -208,6 +236,7 @@ class Receiver:
                 return idle.pop()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, _ABORT_LINGER_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, _CONTROL_MSG_BYTES)
         sock.connect(address)
         return sock
 
@@ -257,8 +286,8 @@ class Receiver:
         channel.close()
         if sock is not None:
             try:
-                sock.send(wire.encode(wire.Close(channel.channel_id, reason.encode("ascii", "replace").decode()[:256])),
-                          zmq.NOBLOCK)
+                sock.send(wire.encode(wire.Close(channel.channel_id, reason.encode("ascii", "replace").decode()[:256]),
+                                      self._key), zmq.NOBLOCK)
             except (zmq.ZMQError, ProtocolError):
                 pass
 
@@ -270,13 +299,14 @@ class Receiver:
         channel_id = new_transfer_id()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, _CONTROL_MSG_BYTES)
         try:
             sock.connect(address)
             sock.send(wire.encode(wire.Bootstrap(channel_id, self.config.transport, mine.kind, mine.uuid[:64],
-                                                 mine.host[:128], os.getpid() & 0x7FFFFFFF)))
+                                                 mine.host[:128], os.getpid() & 0x7FFFFFFF), self._key))
             if not sock.poll(int(self.config.bootstrap_timeout_s * 1000)):
                 raise TransferTimeout(f"no BOOTSTRAP answer from {address} within {self.config.bootstrap_timeout_s:.0f}s")
-            msg = wire.decode(sock.recv_multipart(copy=True)[0])
+            msg = wire.decode(sock.recv_multipart(copy=True)[0], self._key)
         finally:
             sock.close()
         if isinstance(msg, wire.Error):
@@ -295,12 +325,13 @@ class Receiver:
         log.info("%s: %s channel %s to %s open", self.name, msg.transport, channel_id[:8], address)
         return channel
 
-    def _pull_channel(self, ref: EmbedRef, request_id: str, channel: ReceiverChannel, retry: bool = True) -> Received:
+    def _pull_channel(self, ref: EmbedRef, request_id: str, channel: ReceiverChannel, retry: bool = True,
+                      cancelled: Callable[[], bool] | None = None) -> Received:
         with use_device(self.pool.device):
-            return self._pull_channel_on_device(ref, request_id, channel, retry)
+            return self._pull_channel_on_device(ref, request_id, channel, retry, cancelled)
 
     def _pull_channel_on_device(self, ref: EmbedRef, request_id: str, channel: ReceiverChannel,
-                                retry: bool) -> Received:
+                                retry: bool, cancelled: Callable[[], bool] | None = None) -> Received:
         t0 = time.perf_counter()
         start = time.monotonic()
         marks: dict[str, float] = {}
@@ -325,6 +356,7 @@ class Receiver:
             out: torch.Tensor | None = None
             sent, total = 0, None
             marks["window"] = time.perf_counter()
+            self._check_cancelled(cancelled, ref, request_id)
             with channel.lock:
                 if channel.broken:
                     raise ChannelError(f"{channel.transport} channel to {ref.address} broke")
@@ -334,7 +366,7 @@ class Receiver:
                 # orders the reuse of the window), so continuations cost no round trip.
                 pull = wire.Pull(ref.transfer_id, seq, 0, capacity, channel.transport, request_id[:128],
                                  channel=channel.channel_id, count=0, runs=runs, op_seq=channel.ops)
-                sock.send(wire.encode(pull))
+                sock.send(wire.encode(pull, self._key))
                 unpaired = True
                 marks["sent"] = time.perf_counter()
                 while total is None or sent < total:
@@ -455,7 +487,7 @@ class Receiver:
 
     # ---- helpers ------------------------------------------------------------------------
     def _exchange(self, sock: zmq.Socket, pull: wire.Pull) -> tuple[wire.Chunk, list[bytes]]:
-        sock.send(wire.encode(pull))
+        sock.send(wire.encode(pull, self._key))
         msg, frames = self._recv(sock, pull.transfer_id)
         if isinstance(msg, wire.Error):
             raise _remote_error(msg)
@@ -468,7 +500,7 @@ class Receiver:
         if not sock.poll(timeout_ms):
             raise TransferTimeout(f"transfer {tid}: no answer from the sender within {self.config.pull_timeout_s:.1f}s")
         frames = sock.recv_multipart(copy=True)
-        return wire.decode(frames[0]), frames[1:]
+        return wire.decode(frames[0], self._key), frames[1:]
 
     def _check_first(self, chunk: wire.Chunk) -> Aux:
         aux = chunk.aux
@@ -499,7 +531,7 @@ class Receiver:
     def _finish(self, sock: zmq.Socket, ref: EmbedRef, seq: int) -> bool:
         """DONE lets the sender free its blocks now; wait for the ACK so that a caller
         seeing ``pull`` return knows both pools are settled (the TTL covers a lost ACK)."""
-        sock.send(wire.encode(wire.Done(ref.transfer_id, seq)))
+        sock.send(wire.encode(wire.Done(ref.transfer_id, seq), self._key))
         try:
             msg, _ = self._recv(sock, ref.transfer_id)
         except TransferError as exc:
@@ -514,8 +546,8 @@ class Receiver:
         if state < TransferState.WAITING_FOR_INPUT:
             return  # nothing was asked of the sender yet
         try:
-            sock.send(wire.encode(wire.Abort(ref.transfer_id, reason.encode("ascii", "replace").decode()[:256])),
-                      zmq.NOBLOCK)
+            sock.send(wire.encode(wire.Abort(ref.transfer_id, reason.encode("ascii", "replace").decode()[:256]),
+                                  self._key), zmq.NOBLOCK)
         except (zmq.ZMQError, ProtocolError):
             pass
 
@@ -525,6 +557,10 @@ class _Reopen(Exception):
 
 
 def _remote_error(msg: wire.Error) -> TransferError:
+    if msg.code == wire.ErrorCode.UNAUTHENTICATED:
+        return AuthenticationError(f"the sender refused this endpoint's frames: {msg.message}")
+    if msg.code == wire.ErrorCode.EXPIRED:
+        return TransferExpired(f"transfer {msg.transfer_id}: {msg.message}")
     if msg.code == wire.ErrorCode.NOT_FOUND:
         return TransferNotFound(f"transfer {msg.transfer_id}: {msg.message}")
     if msg.code == wire.ErrorCode.TIMEOUT:

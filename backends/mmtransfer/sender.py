@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import zmq
 from . import protocol as wire
 from .channels import SenderChannel, open_sender_channel, set_thread_device
 from .config import TransferConfig
-from .errors import ProtocolError, RequestTooLarge, TransferAborted, TransferError
+from .errors import AuthenticationError, ProtocolError, RequestTooLarge, TransferAborted, TransferError
 from .observer import TransferObserver
 from .pool import DTYPE_NAMES, BlockPool
 from .protocol import Aux, ErrorCode, TransferState
@@ -38,6 +39,18 @@ from .transport import HostTransport, Transport, negotiate
 log = logging.getLogger(__name__)
 MAX_PENDING_PULLS = 4096
 MAX_CHANNELS = 1024
+# A channel no PULL used for this long is closed (its communicator aborted): a receiver that went away without
+# a CLOSE (killed) must not hold NCCL resources here forever; a receiver that comes back after a long pause
+# finds its channel unknown and reopens it transparently. When MAX_CHANNELS are open, the least recently
+# used idle one makes room for a new one.
+CHANNEL_IDLE_S = 900.0
+# Ids of transfers that ended (done, aborted, reclaimed), remembered so that a late pull gets a clear
+# answer ("reclaimed after ttl_s") rather than a bare "unknown"; bounded, oldest forgotten first.
+MAX_ENDED_IDS = 8192
+# Inbound ZeroMQ messages larger than this are refused by the socket itself (the peer is disconnected):
+# a control frame is at most MAX_FRAME_BYTES; the slack lets an oversized frame be answered clearly.
+MAX_INBOUND_BYTES = 16 * wire.MAX_FRAME_BYTES
+_REJECT_LOG_EVERY_S = 10.0
 _TICK_S = 0.05
 
 
@@ -50,6 +63,7 @@ class _Entry:
     blocks: list[int] = field(default_factory=list)
     aux: Aux | None = None
     in_flight: Any = None  # CUDA event: the last sends reading these blocks (GPU transports)
+    in_flight_channel: str = ""  # the channel those sends were posted on
     release: Callable[[list[int]], None] | None = None  # who takes the blocks back (default: the pool)
 
 
@@ -80,12 +94,19 @@ class SenderEndpoint:
         self._lock = threading.Lock()
         self._pending: list[_PendingPull] = []
         self._channels: dict[str, SenderChannel] = {}
-        self._deferred: list[tuple[Any, list[int], float, Any]] = []  # (event, blocks, since, release)
+        # (event, blocks, since, release, channel id): blocks freed once the sends reading them completed
+        self._deferred: list[tuple[Any, list[int], float, Any, str]] = []
         self._device_info = None
+        self._key = config.auth_key
+        self._ended: OrderedDict[str, str] = OrderedDict()  # transfer id -> why it ended
+        self.rejected_frames = 0  # malformed, unauthenticated or unexpected frames answered with ERROR
+        self._reject_log = (0.0, 0)  # (window start, frames rejected in it): rate-limited warnings
+        self._idle_checked = 0.0
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._router.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
         bind = f"tcp://{config.control_host}"
         if config.control_port:
             self._router.bind(f"{bind}:{config.control_port}")
@@ -102,7 +123,8 @@ class SenderEndpoint:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"{name}-control", daemon=True)
         self._thread.start()
-        log.info("%s: serving pulls at %s", name, self.address)
+        log.info("%s: serving pulls at %s%s", name, self.address,
+                 " (control frames authenticated with the shared secret)" if self._key else "")
 
     @property
     def address(self) -> str:
@@ -202,6 +224,8 @@ class SenderEndpoint:
         """Drop a transfer and free its blocks; pulls waiting for it get an error."""
         with self._lock:
             entry = self._entries.pop(transfer_id, None)
+            if entry is not None:
+                self._remember(transfer_id, f"dropped ({reason[:200]})")
         if entry is None:
             return False
         self._release(entry)
@@ -232,7 +256,7 @@ class SenderEndpoint:
         for entry in entries:
             if entry.blocks:
                 (entry.release or self.pool.free)(entry.blocks)
-        for _event, blocks, _since, release in deferred:
+        for _event, blocks, _since, release, _channel in deferred:
             release(blocks)
         for channel in self._channels.values():
             channel.close()
@@ -261,9 +285,9 @@ class SenderEndpoint:
             return
         event, entry.in_flight = entry.in_flight, None
         release = entry.release or self.pool.free
-        if event is not None and not event.query():
+        if event is not None and not _completed(event):
             with self._lock:
-                self._deferred.append((event, entry.blocks, time.monotonic(), release))
+                self._deferred.append((event, entry.blocks, time.monotonic(), release, entry.in_flight_channel))
             return
         release(entry.blocks)
         self.observer.pool_changed()
@@ -271,20 +295,26 @@ class SenderEndpoint:
     def _free_deferred(self) -> None:
         if not self._deferred:
             return
-        now, freed = time.monotonic(), []
+        now, freed, stuck = time.monotonic(), [], set()
         with self._lock:
             still = []
             for item in self._deferred:
-                event, blocks, since, release = item
-                if event.query():
+                event, blocks, since, release, channel_id = item
+                if _completed(event):
                     freed.append((blocks, release))
-                elif now - since > self.config.ttl_s:  # a send that never completes: peer gone
-                    log.warning("%s: sends on %d block(s) not complete after %.0fs; freeing them anyway",
-                                self.name, len(blocks), now - since)
+                elif now - since > self.config.pull_timeout_s:
+                    # sends that never complete: the receiver is gone or its communicator hangs. Abort the
+                    # channel (ncclCommAbort stops its kernels; the receiver's next pull opens a new one),
+                    # then the blocks can be reused.
+                    log.warning("%s: sends on %d block(s) not complete after %.0fs (pull_timeout_s); aborting "
+                                "channel %s and freeing them", self.name, len(blocks), now - since, channel_id[:8])
+                    stuck.add(channel_id)
                     freed.append((blocks, release))
                 else:
                     still.append(item)
             self._deferred = still
+        for channel_id in stuck:
+            self._close_channel(channel_id, "sends did not complete within pull_timeout_s")
         for blocks, release in freed:
             release(blocks)
         if freed:
@@ -310,16 +340,18 @@ class SenderEndpoint:
             self._serve_pending()
             self._reap_expired()
             self._free_deferred()
+            self._reap_idle_channels()
 
     def _handle(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
             return  # not a DEALER frame set; nothing to answer to
         identity, header = frames[0], frames[1]
         try:
-            msg = wire.decode(header)
+            msg = wire.decode(header, self._key)
         except ProtocolError as exc:
-            log.warning("%s: rejected malformed control frame: %s", self.name, exc)
-            self._reply_error(identity, "", 0, ErrorCode.BAD_REQUEST, str(exc))
+            auth = isinstance(exc, AuthenticationError)
+            self._rejected(f"rejected {'unauthenticated' if auth else 'malformed'} control frame: {exc}")
+            self._reply_error(identity, "", 0, ErrorCode.UNAUTHENTICATED if auth else ErrorCode.BAD_REQUEST, str(exc))
             return
         try:
             if isinstance(msg, wire.Pull):
@@ -333,17 +365,50 @@ class SenderEndpoint:
             elif isinstance(msg, wire.Close):
                 self._close_channel(msg.channel, f"closed by receiver: {msg.reason}")
             else:
+                self._rejected(f"rejected unexpected {msg.TYPE.name} frame")
                 self._reply_error(identity, "", 0, ErrorCode.BAD_REQUEST, f"unexpected {msg.TYPE.name}")
         except Exception as exc:  # the endpoint must keep serving whatever one message does
             log.exception("%s: failed handling %s", self.name, type(msg).__name__)
             self._reply_error(identity, getattr(msg, "transfer_id", ""), 0, ErrorCode.INTERNAL, str(exc)[:500])
 
+    def _rejected(self, message: str) -> None:
+        """Count a rejected frame; warn about the first few of every window, not about each of a flood."""
+        self.rejected_frames += 1
+        now = time.monotonic()
+        start, count = self._reject_log
+        if now - start > _REJECT_LOG_EVERY_S:
+            if count > 5:
+                log.warning("%s: %d more control frame(s) rejected in the last %.0fs", self.name, count - 5,
+                            _REJECT_LOG_EVERY_S)
+            start, count = now, 0
+        count += 1
+        self._reject_log = (start, count)
+        if count <= 5:
+            log.warning("%s: %s", self.name, message)
+
+    def _remember(self, transfer_id: str, why: str) -> None:
+        """Call with ``self._lock`` held: remember how a transfer ended (bounded)."""
+        self._ended[transfer_id] = why
+        while len(self._ended) > MAX_ENDED_IDS:
+            self._ended.popitem(last=False)
+
+    def _reply_unknown(self, identity: bytes, tid: str, seq: int) -> None:
+        with self._lock:
+            why = self._ended.get(tid)
+        if why == "expired":
+            self._reply_error(identity, tid, seq, ErrorCode.EXPIRED,
+                              f"transfer reclaimed: not pulled within ttl_s={self.config.ttl_s:g}s")
+        elif why:
+            self._reply_error(identity, tid, seq, ErrorCode.NOT_FOUND, f"unknown transfer id: it was {why}")
+        else:
+            self._reply_error(identity, tid, seq, ErrorCode.NOT_FOUND,
+                              "unknown transfer id (never registered, finished, or expired)")
+
     def _on_pull(self, identity: bytes, pull: wire.Pull) -> None:
         with self._lock:
             entry = self._entries.get(pull.transfer_id)
         if entry is None:
-            self._reply_error(identity, pull.transfer_id, pull.seq, ErrorCode.NOT_FOUND,
-                              "unknown transfer id (never registered, finished, or expired)")
+            self._reply_unknown(identity, pull.transfer_id, pull.seq)
         elif entry.state == TransferState.WAITING_FOR_INPUT:
             if len(self._pending) >= MAX_PENDING_PULLS:
                 self._reply_error(identity, pull.transfer_id, pull.seq, ErrorCode.BUSY, "too many waiting pulls")
@@ -373,7 +438,7 @@ class SenderEndpoint:
         payload = self.transport.send_chunk(identity.hex(), self.pool, entry.blocks, pull.sent_tokens, n)
         chunk = wire.Chunk(pull.transfer_id, pull.seq, pull.sent_tokens, n, total,
                            aux if pull.sent_tokens == 0 else None)
-        self._router.send_multipart([identity, wire.encode(chunk), *payload], copy=False)
+        self._router.send_multipart([identity, wire.encode(chunk, self._key), *payload], copy=False)
         with self._lock:
             entry.expires_at = time.monotonic() + self.config.ttl_s
 
@@ -403,6 +468,7 @@ class SenderEndpoint:
                               f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
                               f"of capacity {cap} from token {pull.sent_tokens} of {total}")
             return
+        channel.last_used = time.monotonic()
         try:
             channel.wait_ready(self.config.bootstrap_timeout_s)
         except TransferError as exc:
@@ -429,11 +495,11 @@ class SenderEndpoint:
                 self._close_channel(pull.channel, f"send failed: {exc}")
                 raise
             chunk = wire.Chunk(tid, pull.seq + i, offset, n, total, aux if offset == 0 else None, tuple(pieces))
-            self._router.send_multipart([identity, wire.encode(chunk)])
+            self._router.send_multipart([identity, wire.encode(chunk, self._key)])
         event = channel.record()
         with self._lock:
             if event is not None:
-                entry.in_flight = event
+                entry.in_flight, entry.in_flight_channel = event, pull.channel
             entry.expires_at = time.monotonic() + self.config.ttl_s
 
     # ---- channels -----------------------------------------------------------------------
@@ -456,6 +522,8 @@ class SenderEndpoint:
             return
         extra: dict[str, Any] = {}
         if choice != "host":
+            if len(self._channels) >= MAX_CHANNELS:
+                self._evict_lru_channel()
             if msg.channel in self._channels or len(self._channels) >= MAX_CHANNELS:
                 self._reply_error(identity, "", 0, ErrorCode.BUSY, "channel id in use or too many channels")
                 return
@@ -471,7 +539,29 @@ class SenderEndpoint:
             log.info("%s: opening %s channel %s for a receiver on %s %s", self.name, choice, msg.channel[:8],
                      msg.device_kind, msg.device_uuid)
         ack = wire.BootstrapAck(msg.channel, choice, mine.kind, mine.uuid[:64], mine.host[:128], **extra)
-        self._router.send_multipart([identity, wire.encode(ack)])
+        self._router.send_multipart([identity, wire.encode(ack, self._key)])
+
+    def _channel_busy(self, channel_id: str) -> bool:
+        """Sends still in flight on the channel (blocks waiting for their completion)."""
+        with self._lock:
+            return any(item[4] == channel_id for item in self._deferred) or any(
+                e.in_flight is not None and e.in_flight_channel == channel_id for e in self._entries.values())
+
+    def _reap_idle_channels(self) -> None:
+        if not self._channels:
+            return
+        now = time.monotonic()
+        if now - self._idle_checked < 1.0:
+            return
+        self._idle_checked = now
+        for channel_id, channel in list(self._channels.items()):
+            if now - channel.last_used > CHANNEL_IDLE_S and not self._channel_busy(channel_id):
+                self._close_channel(channel_id, f"idle for {now - channel.last_used:.0f}s")
+
+    def _evict_lru_channel(self) -> None:
+        idle = [(c.last_used, cid) for cid, c in self._channels.items() if not self._channel_busy(cid)]
+        if idle:
+            self._close_channel(min(idle)[1], f"least recently used of {MAX_CHANNELS} channels")
 
     def _close_channel(self, channel_id: str, reason: str) -> None:
         channel = self._channels.pop(channel_id, None)
@@ -482,12 +572,14 @@ class SenderEndpoint:
     def _on_done(self, identity: bytes, done: wire.Done) -> None:
         with self._lock:
             entry = self._entries.pop(done.transfer_id, None)
+            if entry is not None:
+                self._remember(done.transfer_id, "completed already")
         if entry is None:
-            self._reply_error(identity, done.transfer_id, done.seq, ErrorCode.NOT_FOUND, "unknown transfer id")
+            self._reply_unknown(identity, done.transfer_id, done.seq)
             return
         entry.state = TransferState.SUCCESS
         self._release(entry)
-        self._router.send_multipart([identity, wire.encode(wire.Ack(done.transfer_id, done.seq))])
+        self._router.send_multipart([identity, wire.encode(wire.Ack(done.transfer_id, done.seq), self._key)])
 
     def _serve_pending(self) -> None:
         if not self._pending:
@@ -498,7 +590,7 @@ class SenderEndpoint:
                 entry = self._entries.get(item.pull.transfer_id)
             if entry is None:
                 self._reply_error(item.identity, item.pull.transfer_id, item.pull.seq, ErrorCode.NOT_FOUND,
-                                  "the embedding was dropped before it was ready")
+                                  "unknown transfer id: the embedding was dropped before it was ready")
             elif entry.state != TransferState.WAITING_FOR_INPUT:
                 self._send_chunk(item.identity, item.pull, entry)
             elif now >= item.give_up_at:
@@ -514,6 +606,7 @@ class SenderEndpoint:
             expired = [e for e in self._entries.values() if e.expires_at <= now]
             for entry in expired:
                 del self._entries[entry.transfer_id]
+                self._remember(entry.transfer_id, "expired")
         for entry in expired:
             nblocks = len(entry.blocks)
             self._release(entry)
@@ -524,7 +617,7 @@ class SenderEndpoint:
 
     def _reply_error(self, identity: bytes, tid: str, seq: int, code: str, message: str) -> None:
         msg = wire.Error(tid, seq, code, "".join(c if " " <= c <= "~" else "?" for c in message)[:512])
-        self._router.send_multipart([identity, wire.encode(msg)])
+        self._router.send_multipart([identity, wire.encode(msg, self._key)])
 
     def _check_embedding(self, embedding: torch.Tensor) -> int:
         if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
@@ -541,3 +634,12 @@ class SenderEndpoint:
                 f"embedding of {num_tokens} tokens exceeds max_embed_tokens={self.config.max_embed_tokens}"
             )
         return int(num_tokens)
+
+
+def _completed(event: Any) -> bool:
+    """Whether a CUDA event completed; an event that cannot be queried any more (its context or
+    communicator failed) counts as complete: nothing will read the blocks after that."""
+    try:
+        return bool(event.query())
+    except Exception:  # noqa: BLE001 - a failed query must not stop the control thread
+        return True

@@ -551,3 +551,174 @@ def test_sockets_are_reused_between_pulls(nccl_pair):
     assert len(idle) == 1
     nccl_pair.receiver.pull(nccl_pair.sender.register(data))
     assert nccl_pair.receiver._idle_sockets[nccl_pair.sender.address] == idle
+
+
+# ---- an NCCL communicator that times out is aborted and recreated ---------------------------------
+def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreates_it(nccl_pair, fake_nccl,
+                                                                                     monkeypatch):
+    """On a GPU, bytes that never land (a peer that hangs, a wedged communicator) show as a CUDA event that
+    never completes. The receiver waits for it at most pull_timeout_s, drains (bounded), aborts the
+    communicator on its side (ncclCommAbort), tells the sender (CLOSE: it aborts its side) and ABORTs the
+    transfer (the sender frees the blocks); the next pull bootstraps a new communicator and works."""
+    import mmtransfer.receiver as receiver_mod
+    from mmtransfer.channels import ChannelError
+
+    data = _data(90, 21)
+    assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
+    old = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    old_sender = nccl_pair.sender._channels[old.channel_id]
+    old_comms = (old.comm, old_sender.comm)
+    waits: list[float] = []
+
+    def never_lands(event, timeout_s):  # the stream's event stays incomplete until the timeout
+        waits.append(timeout_s)
+        return False
+
+    monkeypatch.setattr(receiver_mod, "wait_event", never_lands)
+    monkeypatch.setattr(type(old), "drain", lambda self, timeout_s: False)
+    ref = nccl_pair.sender.register(data)
+    with pytest.raises(ChannelError, match="not landed within"):
+        nccl_pair.receiver.pull(ref)
+    assert waits == [nccl_pair.cfg.pull_timeout_s]  # bounded by the configured timeout, nothing else
+    assert old.broken and old_comms[0].aborted  # ncclCommAbort on the receiver's side
+    assert _eventually(lambda: old_comms[1].aborted)  # CLOSE -> the sender aborted its side
+    assert _eventually(lambda: nccl_pair.sender.active_transfers == 0)  # ABORT -> blocks freed
+    assert nccl_pair.receiver_pool.used_blocks == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(nccl_lib, "load", lambda: fake_nccl)
+    monkeypatch.setattr(mcuda, "device_info", lambda device: GPU_B)
+    monkeypatch.setattr(Receiver, "uses_channels", property(lambda self: True))
+    got = nccl_pair.receiver.pull(nccl_pair.sender.register(data))
+    assert torch.equal(got.embedding, data) and got.record.transport == "nccl"
+    new = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    assert new is not old and not new.broken and len(fake_nccl.worlds) == 2  # a fresh communicator
+
+
+def test_sender_aborts_a_channel_whose_sends_never_complete(monkeypatch, fake_nccl):
+    """The sender's half of the same guarantee: blocks whose sends do not complete within pull_timeout_s
+    (the receiver vanished mid-transfer) are freed after the channel's communicator was aborted."""
+    pair = _Pair(monkeypatch, "auto", GPU_A, GPU_B, pull_timeout_s=0.5)
+    try:
+        data = _data(40, 22)
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+        channel_id = next(iter(pair.sender._channels))
+        sender_channel = pair.sender._channels[channel_id]
+        ref = pair.sender.register(data)
+        used = pair.sender_pool.used_blocks
+        stuck = _Event()  # an event that never completes
+        entry = pair.sender._entries[ref.transfer_id]
+        entry.in_flight, entry.in_flight_channel = stuck, channel_id
+        pair.sender.discard(ref.transfer_id, "receiver vanished")
+        time.sleep(0.2)
+        assert pair.sender_pool.used_blocks == used  # still deferred: the sends may read the blocks
+        assert _eventually(lambda: pair.sender_pool.used_blocks == 0, 3.0)
+        assert sender_channel.comm is None and channel_id not in pair.sender._channels  # aborted, forgotten
+        # the receiver's next pull finds the channel unknown, reopens it once, and works
+        got = pair.receiver.pull(pair.sender.register(data))
+        assert torch.equal(got.embedding, data) and len(fake_nccl.worlds) == 2
+    finally:
+        pair.close()
+
+
+# ---- the control endpoint restarted at the same address ----------------------------------------------
+def _restart_sender(pair: "_Pair") -> SenderEndpoint:
+    port = pair.sender.port
+    device = pair.sender._device_info
+    pair.sender.close()
+    fresh = SenderEndpoint(pair.sender_pool, pair.cfg.replace(transport="auto", control_port=port), name="s2")
+    fresh._device_info = device
+    pair.sender = fresh
+    return fresh
+
+
+@pytest.mark.parametrize("transport_case", ["nccl", "host"])
+def test_receiver_recovers_when_the_sender_endpoint_restarts_at_the_same_port(monkeypatch, fake_nccl,
+                                                                               transport_case):
+    """Cached sockets and channels of the receiver point at an endpoint that went away and came back (a
+    restarted encoder with a fixed control_port): an embedding of the old endpoint fails clearly and in
+    bounded time, and new ones are served: no hang, no stale channel reused."""
+    sender_dev = GPU_A if transport_case == "nccl" else CPU
+    pair = _Pair(monkeypatch, "auto", sender_dev, GPU_B, pull_timeout_s=2)
+    try:
+        data = _data(70, 23)
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+        lost = pair.sender.register(data)  # published by the old endpoint; dies with it
+        old_address = pair.sender.address
+        _restart_sender(pair)
+        assert pair.sender.address == old_address
+        start = time.monotonic()
+        with pytest.raises(TransferError, match="unknown transfer id"):
+            pair.receiver.pull(lost)
+        assert time.monotonic() - start < pair.cfg.pull_timeout_s + 1
+        for seed in range(3):
+            fresh = _data(50 + seed, seed)
+            got = pair.receiver.pull(pair.sender.register(fresh))
+            assert torch.equal(got.embedding, fresh)
+        assert pair.receiver_pool.used_blocks == 0
+        assert _eventually(lambda: pair.sender.active_transfers == 0)
+    finally:
+        pair.close()
+
+
+def test_pull_in_flight_when_the_endpoint_dies_fails_in_bounded_time(monkeypatch, fake_nccl):
+    """The endpoint closes while a pull waits for its answer (here: for an embedding not written yet):
+    the pull fails within pull_timeout_s, everything is freed, and the restarted endpoint serves."""
+    pair = _Pair(monkeypatch, "auto", CPU, GPU_B, pull_timeout_s=1.0, pull_wait_s=5.0)
+    try:
+        ref = pair.sender.reserve("never-filled")
+        errors: list[BaseException] = []
+
+        def pull():
+            try:
+                pair.receiver.pull(ref)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                errors.append(exc)
+
+        t = threading.Thread(target=pull)
+        start = time.monotonic()
+        t.start()
+        time.sleep(0.3)
+        _restart_sender(pair)
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - start < 5
+        assert errors and isinstance(errors[0], TransferError)
+        assert pair.receiver_pool.used_blocks == 0
+        data = _data(40, 24)
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+    finally:
+        pair.close()
+
+
+# ---- channels of receivers that went away -----------------------------------------------------------
+def test_receiver_close_tells_the_sender_and_idle_channels_are_reaped(monkeypatch, fake_nccl):
+    """A receiver that closes sends CLOSE (the sender aborts its side now); one that vanished without a word
+    (killed) leaves a channel that the sender closes after CHANNEL_IDLE_S without use, and when MAX_CHANNELS
+    are open the least recently used idle one makes room. A receiver whose channel was reaped reopens it."""
+    import mmtransfer.sender as sender_mod
+
+    pair = _Pair(monkeypatch, "auto", GPU_A, GPU_B)
+    try:
+        data = _data(40, 31)
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+        assert len(pair.sender._channels) == 1
+        pair.receiver.close()
+        assert _eventually(lambda: not pair.sender._channels)  # CLOSE on close
+        pair.receiver = Receiver(pair.receiver_pool, pair.cfg, name="r2")
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+        (channel,) = pair.sender._channels.values()
+        monkeypatch.setattr(sender_mod, "CHANNEL_IDLE_S", 0.2)
+        assert _eventually(lambda: not pair.sender._channels, 5.0)  # reaped: nobody used it
+        assert channel.comm is None
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)  # reopened once
+        monkeypatch.setattr(sender_mod, "CHANNEL_IDLE_S", 900.0)
+        monkeypatch.setattr(sender_mod, "MAX_CHANNELS", 1)
+        first = next(iter(pair.sender._channels))
+        other = Receiver(BlockPool(16, 8, HIDDEN, torch.bfloat16, name="r3"), pair.cfg, name="r3")
+        try:
+            assert torch.equal(other.pull(pair.sender.register(data)).embedding, data)  # evicts the LRU one
+            assert first not in pair.sender._channels and len(pair.sender._channels) == 1
+            assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)  # and back
+        finally:
+            other.close()
+    finally:
+        pair.close()

@@ -1,0 +1,250 @@
+"""Stub watchdog: reload a model whose Python-backend stub process died.
+
+Seen with tritonserver 2.51 (the version this project ships): when a model instance's stub process dies
+(SIGKILL, OOM killer, a segfault in a native library), Triton does **not** restart it. The model keeps
+reporting READY (``/v2/models/<m>/ready`` answers 200) while every request to it fails at once with
+``Stub process '<instance>' is not healthy.``, forever. Unloading and loading the model again starts
+new stubs. That needs ``--model-control-mode=explicit`` (``--load-model=*`` loads everything at start,
+as the default mode does), and the repository API, which must not be open to every client: it is
+restricted to a header whose value only the watchdog knows (``--http-restricted-api`` /
+``--grpc-restricted-protocol``). ``server_args(token)`` gives those options.
+
+The watchdog polls the server's child processes (Linux ``/proc``): each stub's command line names its
+model file (``<repo>/<model>/<version>/model.py``) and its instance. When a stub it has seen disappears
+while the server runs, it unloads and loads that model (dependent ensembles are reloaded with it);
+requests in the few seconds this takes fail with a clear "model not ready/unavailable" error. Every
+restart is logged and recorded in ``restarts``.
+
+    token = secrets.token_hex(16)
+    server = TritonServer(repo, args=server_args(token)).start()
+    with StubWatchdog(server.pid, server.http_address, token):
+        ...
+
+or as a program next to a running server: ``python -m mm_triton.watchdog --pid PID --http HOST:PORT``
+with the token in ``MM_WATCHDOG_TOKEN``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+HEADER = "x-mm-watchdog"
+STUB_NAME = "triton_python_backend_stub"
+
+
+def server_args(token: str) -> list[str]:
+    """tritonserver options the watchdog needs: explicit model control (all models loaded at start) and the
+    repository API restricted to requests carrying ``HEADER: token`` (HTTP and gRPC)."""
+    if not token or any(c in token for c in " ,:=") or len(token) < 16:
+        raise ValueError("watchdog token: at least 16 characters, no spaces, commas, colons or '='")
+    return [
+        "--model-control-mode=explicit",
+        "--load-model=*",
+        f"--http-restricted-api=model-repository:{HEADER}={token}",
+        f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
+    ]
+
+
+@dataclass(frozen=True)
+class Stub:
+    pid: int
+    model: str
+    instance: str
+    start_time: int  # /proc/<pid>/stat field 22: tells a reused pid from the original process
+
+
+@dataclass(frozen=True)
+class Restart:
+    model: str
+    instance: str  # the instance whose stub died
+    died_at: float  # time.time()
+    seconds: float  # unload + load
+    ok: bool
+    error: str = ""
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()  # fields from 'state' on (comm may hold spaces)
+
+
+def list_stubs(server_pid: int) -> dict[int, Stub]:
+    """The Python-backend stub processes whose parent is ``server_pid``, by pid."""
+    out: dict[int, Stub] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat(int(entry))
+        if not fields or len(fields) < 20 or int(fields[1]) != server_pid:
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) < 9 or not argv[0].decode(errors="replace").endswith(STUB_NAME):
+            continue
+        model_file = Path(argv[1].decode(errors="replace"))
+        model = model_file.parent.parent.name  # <repo>/<model>/<version>/model.py
+        out[int(entry)] = Stub(int(entry), model, argv[8].decode(errors="replace"), int(fields[19]))
+    return out
+
+
+def alive(stub: Stub) -> bool:
+    fields = _stat(stub.pid)
+    return bool(fields) and fields[0] not in ("Z", "X") and int(fields[19]) == stub.start_time
+
+
+class StubWatchdog:
+    """Polls the stubs of one tritonserver process; reloads a model when one of its stubs died."""
+
+    def __init__(self, server_pid: int, http_address: str, token: str, interval_s: float = 0.5,
+                 load_timeout_s: float = 300.0) -> None:
+        self.server_pid = server_pid
+        self.http_address = http_address
+        self.token = token
+        self.interval_s = interval_s
+        self.load_timeout_s = load_timeout_s
+        self.restarts: list[Restart] = []
+        self._known: dict[int, Stub] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "StubWatchdog":
+        self._known = list_stubs(self.server_pid)
+        if not self._known:
+            log.warning("watchdog: tritonserver %d has no Python-backend stubs (yet)", self.server_pid)
+        self._thread = threading.Thread(target=self._run, name="mm-stub-watchdog", daemon=True)
+        self._thread.start()
+        log.info("watchdog: watching %d stub(s) of tritonserver %d", len(self._known), self.server_pid)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.load_timeout_s + 5)
+
+    def __enter__(self) -> "StubWatchdog":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def busy(self) -> bool:
+        """True while a reload is in progress."""
+        return self._lock.locked()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stub is dead or being restarted; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.busy and all(alive(s) for s in list(self._known.values())):
+                return True
+            time.sleep(0.1)
+        return False
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _server_alive(self) -> bool:
+        fields = _stat(self.server_pid)
+        return bool(fields) and fields[0] not in ("Z", "X")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._server_alive():
+                log.info("watchdog: tritonserver %d is gone; stopping", self.server_pid)
+                return
+            try:
+                self.check_once()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failure
+                log.exception("watchdog: check failed")
+
+    def check_once(self) -> list[Restart]:
+        """Reload the models of stubs that died since the last look; returns the restarts done."""
+        with self._lock:
+            current = list_stubs(self.server_pid)
+            dead = [s for s in self._known.values() if s.pid not in current or not alive(s)]
+            # stubs that appeared (a model loaded later, or reloaded by someone else) are watched from now on
+            self._known = {**{p: s for p, s in self._known.items() if s not in dead}, **current}
+            done: list[Restart] = []
+            for model in sorted({s.model for s in dead}):
+                instance = next(s.instance for s in dead if s.model == model)
+                if self._stop.is_set() or not self._server_alive():
+                    break
+                done.append(self._reload(model, instance))
+            if dead:
+                self._known = list_stubs(self.server_pid)
+            self.restarts.extend(done)
+            return done
+
+    def _reload(self, model: str, instance: str) -> Restart:
+        died_at, start = time.time(), time.monotonic()
+        log.warning("watchdog: stub of %s (%s) died; Triton does not restart it: reloading %s", instance, model, model)
+        try:
+            self._repository_call(model, "unload")
+            deadline = time.monotonic() + self.load_timeout_s
+            while self._model_ready(model) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._repository_call(model, "load")
+        except Exception as exc:  # noqa: BLE001 - recorded; retried when the next check finds it dead
+            log.error("watchdog: reloading %s failed: %s", model, exc)
+            return Restart(model, instance, died_at, time.monotonic() - start, False, str(exc)[:300])
+        seconds = time.monotonic() - start
+        log.warning("watchdog: %s reloaded in %.1fs", model, seconds)
+        return Restart(model, instance, died_at, seconds, True)
+
+    def _repository_call(self, model: str, op: str) -> None:
+        url = f"http://{self.http_address}/v2/repository/models/{model}/{op}"
+        req = urllib.request.Request(url, data=b"{}", method="POST", headers={HEADER: self.token,
+                                                                             "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.load_timeout_s) as r:
+                r.read()
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")[:300]
+            raise RuntimeError(f"{op} {model}: HTTP {exc.code}: {body}") from None
+
+    def _model_ready(self, model: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_address}/v2/models/{model}/ready", timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mm_triton.watchdog", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pid", type=int, required=True, help="the tritonserver process id")
+    p.add_argument("--http", required=True, metavar="HOST:PORT", help="the server's HTTP address")
+    p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
+    args = p.parse_args(argv)
+    token = os.environ.get("MM_WATCHDOG_TOKEN", "")
+    if not token:
+        p.error("set MM_WATCHDOG_TOKEN to the token the server was started with (see server_args)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    dog = StubWatchdog(args.pid, args.http, token, args.interval).start()
+    try:
+        while dog._thread is not None and dog._thread.is_alive():
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    dog.stop()
+    print(json.dumps([r.__dict__ for r in dog.restarts]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

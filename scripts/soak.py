@@ -1,0 +1,472 @@
+#!/usr/bin/env python3
+"""Soak: thousands of mixed requests with injected faults against a real tritonserver, then the bill.
+
+    scripts/soak.py                                  # 3000 requests or 15 minutes, faults on, kills every 60 s
+    scripts/soak.py --requests 400 --duration 90 --kill-every 40 --json soak.json     # what CI runs (shorter)
+
+It starts its own server (tests/harness.py TritonServer + the stub watchdog, see backends/mm_triton/watchdog.py)
+on 127.0.0.1 only, with small pools, short timeouts and the shared secret on, and sends requests from
+``--concurrency`` threads over gRPC and HTTP:
+
+  normal      1-3 images of 64-1200 tokens (some repeated, for the embedding cache), a few prompts and
+              MAX_TOKENS values; every answer must equal the first answer seen for the same input
+  cancel      gRPC request cancelled by the client after 0-300 ms
+  timeout     gRPC request with a 50-300 ms deadline
+  bad_input   a hostile input (corrupt/bomb/non-image bytes, bad MAX_TOKENS, reserved tokens, missing or
+              mistyped inputs, forged or malformed EMBED_REFs sent to mm_language)
+  abandon     mm_encoder called directly and its EMBED_REF dropped (the encoder's TTL must reclaim it)
+  kill        every --kill-every seconds a random stub (mm_encoder or mm_language) gets SIGKILL; the watchdog
+              reloads the model; requests failing within the kill window are expected casualties
+
+At the end it waits for quiescence and reports: requests served, failures by cause (each marked expected or
+not), blocks leaked (the sum of mm_pool_blocks_used over every instance, which must be 0), stub restarts,
+and memory growth (RSS of tritonserver + its stubs, mean of the first vs the last quarter of the run), as a
+table and as JSON. Exit status 0 only when nothing leaked, no failure was unexpected, no answer was wrong and
+memory grew less than --max-rss-growth-mib.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for sub in ("backends", "tests", "client"):
+    if str(ROOT / sub) not in sys.path:
+        sys.path.insert(0, str(ROOT / sub))
+
+KINDS = ("normal", "cancel", "timeout", "bad_input", "abandon")
+DEFAULT_MIX = {"normal": 0.72, "cancel": 0.08, "timeout": 0.07, "bad_input": 0.10, "abandon": 0.03}
+SERVER_ENV = {
+    "MM_POOL_BLOCKS": "64", "MM_MAX_EMBED_TOKENS": "4096", "MM_CACHE_BLOCKS": "16", "MM_DEFAULT_WINDOW_TOKENS": "256",
+    "MM_TTL_S": "8", "MM_PULL_TIMEOUT_S": "5", "MM_PULL_WAIT_S": "2", "MM_ALLOC_TIMEOUT_S": "3",
+    "MM_LOG_LEVEL": "WARNING",
+}
+PROMPTS = [b"Describe the image.", b"What is in the pictures?", b"Count the colours."]
+# failure causes, from the server's message
+CAUSES = [
+    ("cancelled", r"CANCELLED|[Cc]ancelled"),
+    ("deadline", r"DEADLINE_EXCEEDED|[Dd]eadline [Ee]xceeded|timed out"),
+    ("stub_dead", r"is not healthy"),
+    ("model_reloading", r"[Uu]nknown model|not ready|is not found|unavailable: model|Request for unknown"),
+    ("pool_exhausted", r"pool_exhausted|exhausted"),
+    ("expired", r"\(expired\)|reclaimed: not pulled"),
+    ("not_found", r"\(not_found\)|unknown transfer id"),
+    ("pull_timeout", r"unavailable \(timeout\)|no answer from the sender"),
+    ("invalid_input", r"INVALID_ARG|invalid input|\[400\]|unexpected shape|data-type|expects|is required"),
+    ("connection", r"Socket closed|failed to connect|Connection reset|Broken pipe|RemoteDisconnected|EOF|UNAVAILABLE"),
+]
+# which causes each kind of request may end with, besides "ok" (kill windows allow more, see below)
+# (pool_exhausted and expired are backpressure: the pools or the language queue were full for longer than
+# alloc_timeout_s / ttl_s; both are clear UNAVAILABLE answers by design; a forged EMBED_REF may point at an
+# encoder that was restarted since, and then times out after pull_timeout_s, as designed)
+EXPECTED = {
+    "normal": {"pool_exhausted", "expired"},
+    "cancel": {"cancelled", "pool_exhausted", "expired"},
+    "timeout": {"deadline", "pool_exhausted", "expired"},
+    "bad_input": {"invalid_input", "not_found", "pull_timeout"},
+    "abandon": {"pool_exhausted"},
+}
+IN_KILL_WINDOW = {"stub_dead", "model_reloading", "pull_timeout", "not_found", "expired", "connection", "deadline",
+                  "pool_exhausted"}
+
+
+@dataclass
+class Outcome:
+    kind: str
+    cause: str  # "ok", "wrong_output" or a failure cause
+    seconds: float
+    started: float  # seconds since the start of the run
+    expected: bool = True
+    detail: str = ""
+
+
+@dataclass
+class Options:
+    requests: int = 3000
+    duration_s: float = 900.0
+    concurrency: int = 8
+    seed: int = 1
+    kill_every_s: float = 60.0  # 0: no kills
+    mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
+    max_rss_growth_mib: float = 256.0
+    log_file: str | None = None
+    quiesce_timeout_s: float = 60.0
+
+
+def classify(text: str) -> str:
+    for cause, pattern in CAUSES:
+        if re.search(pattern, text):
+            return cause
+    return "other"
+
+
+class Corpus:
+    """Deterministic test images: a hot set (repeated, for the cache) and a larger cold set."""
+
+    def __init__(self, rnd: random.Random) -> None:
+        from mm_models.testing import make_test_image
+
+        sizes = [64, 256, 600, 1200]
+        self.hot = [make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
+        self.cold = [make_test_image(tokens=rnd.choice(sizes), seed=2000 + i) for i in range(24)]
+        # normal requests repeat these 40 inputs (1-3 images, some shared), so every answer can be compared
+        # with the first answer to the same input: a block reused under a reader would show as a difference
+        self.templates = [(tuple(self.pick(rnd)), rnd.choice(PROMPTS), rnd.choice([2, 4])) for _ in range(40)]
+
+    def pick(self, rnd: random.Random) -> list[bytes]:
+        n = rnd.choice([1, 1, 1, 2, 2, 3])
+        return [rnd.choice(self.hot) if rnd.random() < 0.4 else rnd.choice(self.cold) for _ in range(n)]
+
+
+FORGED_REF = "forged EMBED_REF at the current encoder address"
+
+
+def bad_inputs(corpus: Corpus):
+    """(model, inputs) pairs of hostile requests; all must be refused clearly (INVALID_ARG, or not_found)."""
+    import io
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    def png_header(w: int, h: int) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+    good = corpus.hot[0]
+    obj = np.object_
+
+    def pipe(images, prompt=b"Describe", max_tokens=4, **override):
+        inputs = {"IMAGE": np.array(images, dtype=obj).reshape(len(images)), "PROMPT": np.array([prompt], dtype=obj),
+                  "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+        inputs.update(override)
+        return "mm_pipeline", {k: v for k, v in inputs.items() if v is not None}
+
+    def lang(ref: bytes):
+        return "mm_language", {"EMBED_REF": np.array([ref], dtype=obj), "PROMPT": np.array([b"x"], dtype=obj)}
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1000)).save(buf, "PNG")
+    return [
+        pipe([good[: len(good) // 2]]), pipe([png_header(30000, 30000)]), pipe([b"not an image at all"]),
+        pipe([b""]), pipe([buf.getvalue()]), pipe([good], max_tokens=0), pipe([good], max_tokens=-5),
+        pipe([good], max_tokens=5000), pipe([good], prompt=b"<|image_pad|>"), pipe([good], prompt=b"  "),
+        pipe([good], prompt=b"\xff\xfe"), pipe([good], PROMPT=None), pipe([good] * 17),
+        pipe([good], PROMPT=np.array([1.0], dtype=np.float32)),
+        (FORGED_REF, None), (FORGED_REF, None),
+        lang(b"{not json"), lang(b'{"transfer_id": "x"}'),
+    ]
+
+
+class Soak:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.rnd = random.Random(opts.seed)
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.answers: dict[tuple, list[int]] = {}
+        self.kills: list[dict] = []
+        self.rss: list[tuple[float, int]] = []
+        self.t0 = 0.0
+        self.stop = threading.Event()
+        self.issued = 0
+        self.encoder_address = ""
+
+    # ---- workers -------------------------------------------------------------------------------------
+    def _next_kind(self, rnd: random.Random) -> str | None:
+        with self.lock:
+            if self.issued >= self.opts.requests or time.monotonic() - self.t0 > self.opts.duration_s:
+                return None
+            self.issued += 1
+        kinds, weights = zip(*self.opts.mix.items())
+        return rnd.choices(kinds, weights)[0]
+
+    def _worker(self, index: int, rs, corpus: Corpus, bad: list) -> None:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        from reliability import error_text, tensors
+
+        rnd = random.Random(self.opts.seed * 1000 + index)
+        grpc = grpcclient.InferenceServerClient(rs.grpc_url)
+        http = httpclient.InferenceServerClient(rs.http_address, network_timeout=120, connection_timeout=30)
+        while not self.stop.is_set():
+            kind = self._next_kind(rnd)
+            if kind is None:
+                break
+            start = time.monotonic()
+            cause, detail = "ok", ""
+            try:
+                if kind == "normal":
+                    images, prompt, mt = rnd.choice(corpus.templates)
+                    inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
+                              "MAX_TOKENS": np.array([mt], dtype=np.int32)}
+                    if rnd.random() < 0.5:
+                        out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
+                    else:
+                        out = http.infer("mm_pipeline", tensors(httpclient, inputs))
+                    tokens = out.as_numpy("TOKEN_IDS").tolist()
+                    key = (images, prompt, mt)
+                    with self.lock:
+                        first = self.answers.setdefault(key, tokens)
+                    if tokens != first:
+                        cause, detail = "wrong_output", f"{tokens} != {first}"
+                elif kind == "cancel":
+                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                              "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
+                    done = threading.Event()
+                    box: list = []
+                    ctx = grpc.async_infer("mm_pipeline", tensors(grpcclient, inputs),
+                                           callback=lambda result, error: (box.append(error), done.set()))
+                    time.sleep(rnd.uniform(0, 0.3))
+                    ctx.cancel()
+                    done.wait(0.5)  # tritonclient does not always call back after a cancel
+                    error = box[0] if box else None
+                    cause = "ok" if box and error is None else "cancelled"
+                    if error is not None and "ancel" not in str(error):
+                        cause, detail = classify(str(error)), str(error)[:300]
+                elif kind == "timeout":
+                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                              "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
+                    grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
+                elif kind == "bad_input":
+                    model, inputs = rnd.choice(bad)
+                    if model == FORGED_REF:  # a well-formed EMBED_REF with a guessed transfer id
+                        from mmtransfer import EmbedRef
+                        from mmtransfer.ref import new_transfer_id
+
+                        ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
+                        model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
+                                                        "PROMPT": np.array([b"x"], dtype=np.object_)}
+                    grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
+                    cause, detail = "accepted_bad_input", model  # a hostile input must never succeed
+                elif kind == "abandon":
+                    out = grpc.infer("mm_encoder", tensors(grpcclient, {"IMAGE": np.array(corpus.pick(rnd)[:1],
+                                                                                               dtype=np.object_)}))
+                    self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
+            except InferenceServerException as exc:
+                detail = error_text(exc)[:300]
+                cause = classify(detail)
+            except Exception as exc:  # noqa: BLE001 - anything else is reported, not fatal
+                detail = f"{type(exc).__name__}: {exc}"[:300]
+                cause = classify(detail)
+            self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
+        grpc.close()
+        http.close()
+
+    def _record(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.outcomes.append(outcome)
+
+    # ---- faults and sampling --------------------------------------------------------------------------
+    def _killer(self, rs) -> None:
+        every = self.opts.kill_every_s
+        if every <= 0:
+            return
+        rnd = random.Random(self.opts.seed + 7)
+        while not self.stop.wait(every):
+            if self.issued >= self.opts.requests:
+                return
+            model = rnd.choice(["mm_encoder", "mm_language"])
+            at = time.monotonic() - self.t0
+            try:
+                pid = rs.kill_stub(model, signal.SIGKILL)
+            except RuntimeError as exc:  # a model still reloading from the previous kill
+                self.kills.append({"model": model, "at_s": round(at, 1), "skipped": str(exc)})
+                continue
+            try:
+                waited = rs.wait_serving(180)
+            except TimeoutError as exc:
+                self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1), "recovered": False,
+                                   "error": str(exc)})
+                continue
+            self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1),
+                               "back_after_s": round(time.monotonic() - self.t0 - at, 1),
+                               "reload_s": round(rs.watchdog.restarts[-1].seconds, 1) if rs.watchdog.restarts else None,
+                               "waited_s": round(waited, 1)})
+
+    def _sampler(self, rs) -> None:
+        while not self.stop.wait(1.0):
+            self.rss.append((time.monotonic() - self.t0, rs.rss_bytes()))
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from reliability import ReliableServer
+
+        env = {**SERVER_ENV, "MM_SHARED_SECRET": secrets.token_hex(16)}
+        corpus = Corpus(self.rnd)
+        with ReliableServer(env=env, log_file=self.opts.log_file) as rs:
+            for url in (rs.http_address, rs.grpc_url, rs.metrics_url):
+                assert "127.0.0.1" in url, f"soak talks to loopback only, got {url}"
+            import numpy as np
+            import tritonclient.grpc as grpcclient
+
+            from reliability import tensors
+
+            ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(
+                "mm_encoder", tensors(grpcclient, {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)}))
+            self.encoder_address = json.loads(ref.as_numpy("EMBED_REF")[0])["address"]
+            assert self.encoder_address.startswith("tcp://127.0.0.1:"), self.encoder_address
+            bad = bad_inputs(corpus)
+            start_stubs = rs.stubs()
+            self.t0 = time.monotonic()
+            threads = [threading.Thread(target=self._worker, args=(i, rs, corpus, bad), daemon=True)
+                       for i in range(self.opts.concurrency)]
+            helpers = [threading.Thread(target=self._killer, args=(rs,), daemon=True),
+                       threading.Thread(target=self._sampler, args=(rs,), daemon=True)]
+            for t in threads + helpers:
+                t.start()
+            for t in threads:
+                t.join(self.opts.duration_s + 600)
+            hung = sum(t.is_alive() for t in threads)
+            run_s = time.monotonic() - self.t0
+            self.stop.set()
+            for t in helpers:
+                t.join(300)
+            # quiescence: every published embedding pulled, aborted or reclaimed
+            rs.wait_serving(180)
+            held = rs.wait_pools_empty(self.opts.quiesce_timeout_s)
+            leaked = int(sum(held.values()))
+            pools = rs.pools_used()
+            metrics = rs.server.metrics()
+            stubs_end = rs.stubs()
+            restarts = [asdict(r) for r in rs.watchdog.restarts]
+        return self._report(run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts)
+
+    def _report(self, run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts) -> dict:
+        from harness import metric_value
+
+        windows = [(k["at_s"], k["at_s"] + k.get("back_after_s", 60) + 5) for k in self.kills if "pid" in k]
+        for o in self.outcomes:
+            if o.cause == "ok":
+                continue
+            in_window = any(a - 0.5 <= o.started + o.seconds and o.started <= b for a, b in windows)
+            o.expected = o.cause in EXPECTED[o.kind] or (in_window and o.cause in IN_KILL_WINDOW)
+        by_kind = {k: Counter(o.cause for o in self.outcomes if o.kind == k) for k in KINDS}
+        unexpected = [asdict(o) for o in self.outcomes if not o.expected]
+        ok_lat = sorted(o.seconds for o in self.outcomes if o.cause == "ok" and o.kind == "normal")
+        rss = self.rss
+        quarter = max(1, len(rss) // 4)
+        first = statistics.mean(v for _, v in rss[:quarter]) if rss else 0
+        last = statistics.mean(v for _, v in rss[-quarter:]) if rss else 0
+        failures_metric = {}
+        for (name, labels), value in metrics.items():
+            if name == "mm_transfer_failures_total" and value:
+                d = dict(labels)
+                failures_metric[f"{d.get('model')}/{d.get('cause')}"] = failures_metric.get(
+                    f"{d.get('model')}/{d.get('cause')}", 0) + value
+        report = {
+            "options": {**asdict(self.opts)},
+            "machine": {"cpus": os.cpu_count(), "gpu": False},
+            "run_s": round(run_s, 1),
+            "requests": len(self.outcomes),
+            "served": sum(o.cause == "ok" for o in self.outcomes),
+            "by_kind": {k: dict(v) for k, v in by_kind.items()},
+            "failures_by_cause": dict(Counter(o.cause for o in self.outcomes if o.cause != "ok")),
+            "unexpected": len(unexpected),
+            "unexpected_examples": unexpected[:10],
+            "wrong_outputs": sum(o.cause == "wrong_output" for o in self.outcomes),
+            "distinct_inputs_checked": len(self.answers),
+            "hung_workers": hung,
+            "blocks_leaked": leaked,
+            "pools_after": pools,
+            "kills": self.kills,
+            "watchdog_restarts": restarts,
+            "stubs_unexpectedly_changed": (stubs_end != start_stubs) and not self.kills,
+            "latency_ok_s": {"p50": round(ok_lat[len(ok_lat) // 2], 3) if ok_lat else None,
+                             "p95": round(ok_lat[int(len(ok_lat) * 0.95)], 3) if ok_lat else None},
+            "throughput_rps": round(len(self.outcomes) / run_s, 2) if run_s else 0,
+            "rss_mib": {"first_quarter": round(first / 2**20, 1), "last_quarter": round(last / 2**20, 1),
+                        "growth": round((last - first) / 2**20, 1), "samples": len(rss),
+                        "max": round(max((v for _, v in rss), default=0) / 2**20, 1)},
+            "server_metrics": {
+                "transfers": metric_value(metrics, "mm_transfers_total", 0.0),
+                "continuations": metric_value(metrics, "mm_transfer_continuations_total", 0.0),
+                "cache_hits": metric_value(metrics, "mm_embedding_cache_hits_total", 0.0),
+                "failures": failures_metric,
+            },
+        }
+        report["passed"] = (leaked == 0 and not unexpected and report["wrong_outputs"] == 0 and hung == 0
+                            and report["rss_mib"]["growth"] < self.opts.max_rss_growth_mib
+                            and all(k.get("recovered", True) for k in self.kills))
+        return report
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"soak: {r['requests']} requests in {r['run_s']}s ({r['throughput_rps']}/s) on {r['machine']['cpus']} CPU(s), "
+        f"no GPU; {r['options']['concurrency']} clients",
+        "",
+        f"{'kind':<11}{'sent':>7}{'ok':>7}  failures (cause: count)",
+    ]
+    for kind, causes in r["by_kind"].items():
+        sent = sum(causes.values())
+        fails = ", ".join(f"{c}: {n}" for c, n in sorted(causes.items()) if c != "ok")
+        lines.append(f"{kind:<11}{sent:>7}{causes.get('ok', 0):>7}  {fails or '-'}")
+    lines += [
+        "",
+        f"served                {r['served']}/{r['requests']}   (wrong answers: {r['wrong_outputs']}, "
+        f"distinct inputs checked: {r['distinct_inputs_checked']})",
+        f"unexpected failures   {r['unexpected']}",
+        f"blocks leaked         {r['blocks_leaked']}   (sum of mm_pool_blocks_used after quiescence)",
+        f"stub kills            {len([k for k in r['kills'] if 'pid' in k])}   "
+        + ", ".join(f"{k['model']}@{k['at_s']}s back after {k.get('back_after_s')}s" for k in r["kills"] if "pid" in k),
+        f"RSS server+stubs      {r['rss_mib']['first_quarter']} -> {r['rss_mib']['last_quarter']} MiB "
+        f"(growth {r['rss_mib']['growth']} MiB, max {r['rss_mib']['max']} MiB)",
+        f"latency of ok normal  p50 {r['latency_ok_s']['p50']}s  p95 {r['latency_ok_s']['p95']}s",
+        f"server counted        {int(r['server_metrics']['transfers'])} transfers, "
+        f"{int(r['server_metrics']['continuations'])} continuations, {int(r['server_metrics']['cache_hits'])} cache hits",
+        f"result                {'PASS' if r['passed'] else 'FAIL'}",
+    ]
+    return "\n".join(lines)
+
+
+def run_soak(opts: Options) -> dict:
+    return Soak(opts).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=3000, help="stop after this many requests (default 3000)")
+    p.add_argument("--duration", type=float, default=900.0, metavar="S", help="or after this many seconds (900)")
+    p.add_argument("--concurrency", type=int, default=8, help="client threads (8)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--kill-every", type=float, default=60.0, metavar="S",
+                   help="SIGKILL a random stub this often (0: never; default 60)")
+    p.add_argument("--no-faults", action="store_true", help="normal requests only (a baseline)")
+    p.add_argument("--max-rss-growth-mib", type=float, default=256.0)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the report here too")
+    p.add_argument("--log-file", type=Path, default=ROOT / ".cache" / "logs" / "soak-server.log")
+    args = p.parse_args(argv)
+    mix = {"normal": 1.0} if args.no_faults else dict(DEFAULT_MIX)
+    opts = Options(args.requests, args.duration, args.concurrency, args.seed,
+                   0.0 if args.no_faults else args.kill_every, mix, args.max_rss_growth_mib, str(args.log_file))
+    args.log_file.parent.mkdir(parents=True, exist_ok=True)
+    report = run_soak(opts)
+    print(format_table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
