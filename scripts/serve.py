@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
                    help="server log (default: .cache/logs/tritonserver-<http port>.log)")
     g.add_argument("--verbose", "-v", action="store_true", help="also stream the server log to the terminal")
+    g.add_argument("--no-watchdog", action="store_true",
+                   help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
+                        "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
     m = p.add_argument_group("model")
     m.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
                    help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default")
@@ -319,6 +322,14 @@ def main(argv=None) -> int:
     extra = list(args.triton_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    watchdog_token = None
+    if not args.no_watchdog and not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra):
+        import secrets
+
+        from mm_triton.watchdog import server_args
+
+        watchdog_token = secrets.token_hex(16)
+        extra += server_args(watchdog_token)
 
     from harness import TritonServer, TritonStartError, port_is_free
 
@@ -378,13 +389,21 @@ def main(argv=None) -> int:
     print(f"serve: starting tritonserver ({', '.join(str(r) for r in repos)}; {knobs}); log: {log_file}", flush=True)
     t0 = time.monotonic()
     rc = 0
+    watchdog = None
     try:
         try:
             server.start()
         except TritonStartError as e:
             print(f"serve: error: {e}", file=sys.stderr)
             return 1
-        print(banner(server, args, time.monotonic() - t0, env), flush=True)
+        if watchdog_token:
+            from mm_triton.watchdog import StubWatchdog
+
+            watchdog = StubWatchdog(server.pid, server.http_address, watchdog_token).start()
+        print(banner(server, args, time.monotonic() - t0, env, watchdog_token), flush=True)
+        if watchdog is not None:
+            print(f"  watchdog reloads a model whose stub process dies ({len(watchdog._known)} stubs watched; "
+                  "--no-watchdog to disable)", flush=True)
         if args.demo:
             rc = run_demo(server, args)
             if args.exit:
@@ -402,6 +421,8 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if watchdog is not None:
+            watchdog.stop()
         code = server.stop()
         stop_follow.set()
         for repo in repos:  # a repository generated for this server goes with it
@@ -418,13 +439,17 @@ def control_endpoints(server) -> list[str]:
     return sorted(set(re.findall(r"(\S+): serving pulls at (tcp://\S+)", server.log_text())))
 
 
-def banner(server, args, elapsed: float, env: dict[str, str] | None = None) -> str:
+def banner(server, args, elapsed: float, env: dict[str, str] | None = None, watchdog_token: str | None = None) -> str:
     models = []
     try:
         import json
         import urllib.request
 
-        req = urllib.request.Request(f"http://{server.http_address}/v2/repository/index", data=b"{}", method="POST")
+        from mm_triton.watchdog import HEADER
+
+        headers = {HEADER: watchdog_token} if watchdog_token else {}
+        req = urllib.request.Request(f"http://{server.http_address}/v2/repository/index", data=b"{}", method="POST",
+                                     headers=headers)
         with urllib.request.urlopen(req, timeout=5) as r:
             models = [f"{m['name']}" + ("" if m.get("state") == "READY" else f" ({m.get('state')})")
                       for m in json.loads(r.read())]
