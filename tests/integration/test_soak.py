@@ -1,5 +1,6 @@
-"""The short soak (about a minute and a half): scripts/soak.py with a few hundred mixed requests, client cancels,
-deadlines, hostile inputs, abandoned embeddings and two stub kills against a real tritonserver on 127.0.0.1.
+"""The short soak (45 s of load, about 70 s in all): scripts/soak.py with a few hundred mixed requests, client
+cancels, deadlines, hostile inputs, abandoned embeddings and two stub kills (at 15 s and 30 s) against a real
+tritonserver on 127.0.0.1.
 The long run is `scripts/soak.py` itself (docs/RELIABILITY.md has its figures)."""
 from __future__ import annotations
 
