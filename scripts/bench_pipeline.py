@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -18,7 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with th
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
-from mm_bench.sampling import CpuAccount, MemorySampler, PoolSampler, metric_sum, wait_for_quiet, wait_until  # noqa: E402
+from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, PoolSampler,  # noqa: E402
+                               gpu_memory_used_mib, metric_sum, wait_for_quiet, wait_until)
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
 MODELS = ("mm_pipeline", "mm_monolithic")
@@ -60,6 +62,8 @@ examples:
   scripts/bench_pipeline.py --concurrency 1,2,4,8,16,32 --request-rates auto
   scripts/bench_pipeline.py --url localhost:8001 --metrics-url http://localhost:8002/metrics --server-pid 1234
   scripts/bench_pipeline.py --checkpoint /models/qwen2-vl-2b-random --env MM_POOL_BLOCKS=512
+  scripts/bench_pipeline.py --checkpoint /tmp/q2b --gpu mm_encoder=0 --gpu mm_language=1 --gpu mm_monolithic=0 \
+      --concurrency 1,2,4,8,16 --request-rates auto1 --name pipeline-gpu-2b    (2 GPUs: disaggregated vs colocated)
 
 environment: PERF_ANALYZER (binary; default: on PATH or in the venv's bin), TRITONSERVER, MM_BACKEND_DIR
 (as scripts/env.sh). perf_analyzer needs libb64.so.0d (Debian libb64-0d) and libcudart.so.12
@@ -83,7 +87,7 @@ def concurrency_list(text: str) -> list[int]:
 
 
 def rate_list(text: str) -> list[float] | str:
-    if text.strip() in ("auto", "none", ""):
+    if text.strip() in ("auto", "auto1", "none", ""):
         return text.strip() or "none"
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -92,6 +96,17 @@ def rate_list(text: str) -> list[float] | str:
     if any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError("request rates must be > 0")
     return values
+
+
+def gpu_pair(text: str) -> tuple[str, list[int]]:
+    model, sep, gpus = text.partition("=")
+    try:
+        ids = [int(g) for g in gpus.split(",") if g.strip()]
+    except ValueError:
+        ids = []
+    if not sep or not model.strip() or not ids or any(g < 0 for g in ids) or len(set(ids)) != len(ids):
+        raise argparse.ArgumentTypeError(f"expected MODEL=GPU[,GPU...], e.g. mm_encoder=0, got {text!r}")
+    return model.strip(), ids
 
 
 def env_pair(text: str) -> tuple[str, str]:
@@ -111,12 +126,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100; 'none' skips)")
     g.add_argument("--request-rates", type=rate_list, default="auto",
                    help="open-loop request rates (req/s), comma-separated; 'auto' = 0.5x and 0.9x the first "
-                        "model's best concurrency-sweep throughput, same rates for every model; 'none' skips")
+                        "model's best concurrency-sweep throughput, same rates for every model ('auto1': 0.5x "
+                        "only); 'none' skips")
     g.add_argument("--requests", type=int, default=0,
                    help="requests per concurrency point (default 0 = max(3 x images, 4 x concurrency))")
     g.add_argument("--rate-seconds", type=float, default=20.0,
                    help="target length of a request-rate point: requests = rate x this (default 20)")
     g.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer protocol (default grpc)")
+    g.add_argument("--load-generator", choices=("auto", "perf_analyzer", "python"), default="auto",
+                   help="who sends the load: perf_analyzer, or the bounded Python closed/open-loop generator "
+                        "(mm_bench.loadgen, HTTP; same points and figures); auto (default) = perf_analyzer when "
+                        "it starts here, else python (said in the output and the JSON)")
     g.add_argument("--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)")
     g.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each load point wait up to SECONDS until other processes use < 0.25 cores "
@@ -147,6 +167,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--monolithic-instances", type=int, default=1,
                    help="instance count of mm_monolithic (default 1 as in its config.pbtxt; 2 = as many model "
                         "processes as the pipeline's encoder + language); served from a copy in --work-dir")
+    g.add_argument("--gpu", type=gpu_pair, action="append", default=[], metavar="MODEL=GPU[,GPU]",
+                   help="serve MODEL's instances on these GPUs (KIND_GPU, --monolithic-instances / 1 instance "
+                        "per GPU), from a copy of the repository in --work-dir; repeatable, e.g. --gpu mm_encoder=0 "
+                        "--gpu mm_language=1 --gpu mm_monolithic=0. GPU memory in use is sampled (nvidia-smi) "
+                        "whenever nvidia-smi exists")
     g.add_argument("--embedding-cache", action="store_true",
                    help="leave mm_encoder's embedding cache as configured; by default the started server gets "
                         "MM_CACHE_BLOCKS=0, because the benchmark repeats its images and mm_monolithic has no cache")
@@ -181,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         print("note: with --url and no --metrics-url/--server-pid, pool or memory figures are left out", file=sys.stderr)
     if args.monolithic_instances < 1:
         p.error("--monolithic-instances must be >= 1")
+    args.gpus = dict(args.gpu)
+    if len(args.gpus) != len(args.gpu):
+        p.error("--gpu: a model is given twice")
     if args.images < 1 or args.max_tokens < 1:
         p.error("--images and --max-tokens must be >= 1")
     return args
@@ -195,13 +223,15 @@ def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list
     import io
 
     wanted = args.mix.stratified(args.images, seed=args.seed)
-    entries, tokens = [], []
+    entries, tokens, steps = [], [], []
     for i, n in enumerate(wanted):
         data = make_test_image(tokens=int(n), seed=args.seed * 10_007 + i, model_dir=checkpoint)
         w, h = Image.open(io.BytesIO(data)).size
         tokens.append(tokens_for_image_size(checkpoint, w, h))
         entries.append(perf.request_entry([data], args.prompt, args.max_tokens))
+        steps.append([data])
     path = perf.write_input_data(args.work_dir / f"{args.name}-input.json", entries)
+    args.steps = steps  # the same requests for the Python load generator
     return path, tokens
 
 
@@ -214,8 +244,11 @@ def expected_continuations(tokens: list[int], window: int = 1024) -> float:
 class Target:
     """Where load goes: a server this script started, or one given by --url."""
 
-    def __init__(self, url: str, metrics_url: str, pid: int, server=None) -> None:
+    def __init__(self, url: str, metrics_url: str, pid: int, server=None, http_address: str = "",
+                 gpu_baseline: dict | None = None) -> None:
         self.url, self.metrics_url, self.pid, self.server = url, metrics_url, pid, server
+        self.http_address = http_address
+        self.gpu_baseline = gpu_baseline
 
     def metrics(self) -> dict:
         from harness import parse_metrics
@@ -229,27 +262,50 @@ class Target:
 
 
 def instance_copy(repository: Path, model: str, count: int, work_dir: Path) -> Path:
-    """A one-model repository whose config.pbtxt asks for ``count`` instances (version dir linked)."""
+    """A copy of the repository whose ``model`` asks for ``count`` instances (version dirs linked)."""
+    return repository_variant(repository, work_dir, counts={model: count})
+
+
+def repository_variant(repository: Path, work_dir: Path, counts: dict[str, int] | None = None,
+                       gpus: dict[str, list[int]] | None = None) -> Path:
+    """A copy of every model of ``repository`` (config.pbtxt rewritten, version dir ``1`` a symlink): the
+    models in ``counts`` get that instance count, those in ``gpus`` KIND_GPU groups, one per GPU, each of
+    the model's count (default 1)."""
     import re
 
-    src = repository / model
-    repo = work_dir / f"repo-{model}-x{count}"
-    (repo / model).mkdir(parents=True, exist_ok=True)
-    config = (src / "config.pbtxt").read_text()
-    config, n = re.subn(r"count:\s*\d+", f"count: {count}", config, count=1)
-    if n != 1:
-        raise ValueError(f"no instance count in {src / 'config.pbtxt'}")
-    (repo / model / "config.pbtxt").write_text(config)
-    link = repo / model / "1"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to((src / "1").resolve(), target_is_directory=True)
+    counts, gpus = dict(counts or {}), dict(gpus or {})
+    tag = "-".join([f"{m}x{c}" for m, c in sorted(counts.items())]
+                   + [f"{m}@{'.'.join(map(str, g))}" for m, g in sorted(gpus.items())]) or "plain"
+    repo = work_dir / f"repo-{tag}"
+    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    unknown = sorted((set(counts) | set(gpus)) - set(models))
+    if unknown:
+        raise ValueError(f"{repository} has no model {', '.join(unknown)}")
+    for model in models:
+        src = repository / model
+        (repo / model).mkdir(parents=True, exist_ok=True)
+        config = (src / "config.pbtxt").read_text()
+        if model in counts or model in gpus:
+            count = counts.get(model, 1)
+            if model in gpus:
+                group = ", ".join(f"{{ count: {count}, kind: KIND_GPU, gpus: [ {g} ] }}" for g in gpus[model])
+            else:
+                group = f"{{ count: {count}, kind: KIND_CPU }}"
+            config, n = re.subn(r"instance_group\s*\[[^\]]*\]", f"instance_group [ {group} ]", config, count=1)
+            if n != 1:
+                raise ValueError(f"no instance_group in {src / 'config.pbtxt'}")
+        (repo / model / "config.pbtxt").write_text(config)
+        link = repo / model / "1"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to((src / "1").resolve(), target_is_directory=True)
     return repo
 
 
 def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Target:
     if args.url:
-        return Target(args.url, args.metrics_url, args.server_pid)
+        return Target(args.url, args.metrics_url, args.server_pid,
+                      http_address=args.url if args.protocol == "http" else "")
     from harness import TritonServer
 
     env = {"MM_CHECKPOINT": str(checkpoint), **({} if args.embedding_cache else {"MM_CACHE_BLOCKS": "0"}),
@@ -259,15 +315,18 @@ def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Targ
     if log.exists():
         log.unlink()
     repo = args.model_repository
-    if model == "mm_monolithic" and args.monolithic_instances != 1:
-        repo = instance_copy(args.model_repository, model, args.monolithic_instances, args.work_dir)
+    counts = {"mm_monolithic": args.monolithic_instances} if args.monolithic_instances != 1 else {}
+    if counts or args.gpus:
+        repo = repository_variant(args.model_repository, args.work_dir, counts=counts, gpus=args.gpus)
     server = TritonServer(repo, env=env, args=["--model-control-mode=explicit", *load],
                           log_file=log, startup_timeout_s=600)
+    baseline = gpu_memory_used_mib()
     t0 = time.monotonic()
     server.start()
     print(f"[{model}] tritonserver pid {server.pid} ready in {time.monotonic() - t0:.1f}s (log {log})", flush=True)
     url = server.grpc_url if args.protocol == "grpc" else server.http_address
-    return Target(url, server.metrics_url, server.pid, server)
+    return Target(url, server.metrics_url, server.pid, server, http_address=server.http_address,
+                  gpu_baseline=baseline)
 
 
 # ------------------------------------------------------------------------------------------ one point
@@ -286,23 +345,30 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     before = _safe_metrics(target)
     mem = MemorySampler(target.pid) if target.pid else None
     pools = PoolSampler(target.metrics) if target.metrics_url else None
+    gpu_mem = GpuMemorySampler(target.gpu_baseline) if target.gpu_baseline else None
     t0 = time.monotonic()
     cpu = CpuAccount(target.pid).__enter__()
-    if mem:
-        mem.__enter__()
-    if pools:
-        pools.__enter__()
+    for sampler in (mem, pools, gpu_mem):
+        if sampler:
+            sampler.__enter__()
+    generated = None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
-        rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        if args.load_generator == "python":
+            cmd = ["mm_bench.loadgen", "closed_loop" if concurrency else "open_loop", f"c={concurrency}",
+                   f"rate={rate}", f"requests={requests}", f"http://{target.http_address}"]
+            generated = python_load(args, target, model, concurrency=concurrency, rate=rate, requests=requests)
+            rc = 0 if generated["completed"] and not generated["errors"] and not generated["timed_out"] else 1
+            out, err = json.dumps({k: v for k, v in generated.items() if k != "token_ids"}), ""
+        else:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+            rc, out, err = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc, out, err = 124, exc.stdout or "", f"timed out after {args.point_timeout:g}s"
         out = out.decode() if isinstance(out, bytes) else out
     finally:
-        if pools:
-            pools.__exit__(None, None, None)
-        if mem:
-            mem.__exit__(None, None, None)
+        for sampler in (pools, mem, gpu_mem):
+            if sampler:
+                sampler.__exit__(None, None, None)
         cpu.__exit__(None, None, None)
     elapsed = time.monotonic() - t0
     (args.work_dir / f"{args.name}-{model}-{label}.log").write_text(" ".join(cmd) + "\n\n" + out + "\n" + err)
@@ -312,7 +378,15 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     row["other_cpu"] = row["cpu_cores"]["other"]
     if quiet is not None:
         row["other_cpu_before"] = round(quiet, 2)
-    if rc == 0 and csv_path.exists() and export_path.exists():
+    if gpu_mem:
+        row["gpu_memory"] = gpu_mem.result()
+        row["gpu_mem"] = " ".join(f"{g}:{v:.0f}" for g, v in row["gpu_memory"]["peak_server_mib"].items())
+    if generated is not None:
+        row.update(generated)
+        if rc != 0:
+            row["error"] = generated.get("first_error") or ("timed out" if generated.get("timed_out") else "no response")
+            print(f"[{model}] {label}: load failed: {row['error']}", file=sys.stderr, flush=True)
+    elif rc == 0 and csv_path.exists() and export_path.exists():
         row.update({f"pa_{k}": v for k, v in perf.parse_csv(csv_path.read_text()).items()})
         row.update(perf.summarize_profile(perf.load_profile_export(export_path)))
         if not args.keep_exports:
@@ -342,6 +416,26 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
         row["peak_rss_mib"] = row["memory"]["peak_rss_mib"]
         row["peak_pss_mib"] = row["memory"]["peak_pss_mib"]
     return row
+
+
+def python_load(args, target: Target, model: str, *, concurrency: int | None, rate: float | None,
+                requests: int) -> dict:
+    """One load point by mm_bench.loadgen over HTTP (no perf_analyzer): the same data steps, round-robin."""
+    from gpu._http import infer  # tests/gpu/_http.py: dependency-free KServe v2 HTTP client
+    from mm_bench import loadgen
+
+    if not target.http_address:
+        raise SystemExit("--load-generator python needs an HTTP address (a started server, or --url with --protocol http)")
+    prompt = [args.prompt.encode()]
+
+    def call(step: int) -> list[int]:
+        out = infer(target.http_address, model, {"IMAGE": args.steps[step], "PROMPT": prompt},
+                    {"MAX_TOKENS": [args.max_tokens]}, outputs=["TOKEN_IDS"], timeout_s=args.point_timeout)
+        return [int(x) for x in out["TOKEN_IDS"]]
+
+    if concurrency:
+        return loadgen.closed_loop(call, len(args.steps), concurrency, requests, args.point_timeout)
+    return loadgen.open_loop(call, len(args.steps), rate, requests, args.point_timeout, seed=args.seed)
 
 
 def _safe_metrics(target: Target):
@@ -419,8 +513,6 @@ def merge_rows(rows: list[dict], path: Path, models: list[str], tokens: list[int
 
 
 def json_load(path: Path) -> dict:
-    import json
-
     return json.loads(Path(path).read_text())
 
 
@@ -431,19 +523,35 @@ def requests_for(args, concurrency: int) -> int:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.perf_analyzer = perf.find_perf_analyzer()
-    if not args.perf_analyzer:
-        print("error: perf_analyzer not found (pip install 'tritonclient[all]==2.51.0'; or set PERF_ANALYZER)",
-              file=sys.stderr)
-        return 2
     from harness import server_env
 
     pa_env = server_env()  # nvidia_pytriton.libs + cuda_runtime on LD_LIBRARY_PATH, venv bin on PATH
-    probe = subprocess.run([args.perf_analyzer, "--version"], capture_output=True, text=True, env=pa_env)
-    if "error while loading shared libraries" in probe.stderr:
-        print(f"error: perf_analyzer cannot start: {probe.stderr.strip()}\n(install the Debian package libb64-0d "
-              "and `source scripts/env.sh`; see docs/BENCHMARKS.md)", file=sys.stderr)
+    args.perf_analyzer = perf.find_perf_analyzer()
+    problem = None
+    if args.load_generator != "python":
+        if not args.perf_analyzer:
+            problem = "perf_analyzer not found (pip install 'tritonclient[all]==2.51.0'; or set PERF_ANALYZER)"
+        else:
+            try:
+                probe = subprocess.run([args.perf_analyzer, "--version"], capture_output=True, text=True, env=pa_env,
+                                       timeout=60)
+                if probe.returncode != 0 and "error while loading shared libraries" in probe.stderr:
+                    problem = (f"perf_analyzer cannot start: {probe.stderr.strip()} (install the Debian package "
+                               "libb64-0d and `source scripts/env.sh`; see docs/BENCHMARKS.md)")
+            except (OSError, subprocess.SubprocessError) as exc:
+                problem = f"perf_analyzer cannot start: {exc}"
+    if problem and args.load_generator == "perf_analyzer":
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    if problem or args.load_generator == "python":
+        if problem:
+            print(f"note: {problem}; using the Python load generator (mm_bench.loadgen, HTTP) instead", flush=True)
+        args.load_generator = "python"
+        args.perf_analyzer = args.perf_analyzer or "perf_analyzer"  # only for the (unused) command lines
+    else:
+        args.load_generator = "perf_analyzer"
+    print(f"load generator: {args.load_generator}"
+          + (f" ({args.perf_analyzer})" if args.load_generator == "perf_analyzer" else ""), flush=True)
     checkpoint = Path(args.checkpoint or os.environ.get("MM_TINY_MODEL", ROOT / ".cache/models/tiny-qwen2-vl"))
     if not (checkpoint / "config.json").is_file():
         print(f"error: no checkpoint at {checkpoint} (run scripts/setup, or give --checkpoint)", file=sys.stderr)
@@ -462,14 +570,18 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         target = start_target(args, model, checkpoint)
         try:
-            warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
-                                protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
-            subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+            if args.load_generator == "python":
+                python_load(args, target, model, concurrency=1, rate=None, requests=min(len(tokens), 8))
+            else:
+                warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
+                                    protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
+                subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
             for c in args.concurrency:
                 row = run_point_retrying(args, target, model, input_path, concurrency=c, requests=requests_for(args, c),
                                 label=f"c{c}", pa_env=pa_env)
                 rows.append(row)
                 _print_progress(row)
+                _write_partial(args, rows, tokens)
             if isinstance(args.request_rates, str) and args.request_rates.startswith("auto") and not rates:
                 best = max((r.get("throughput", 0.0) for r in rows if r["model"] == model), default=0.0)
                 factors = (0.5,) if args.request_rates == "auto1" else (0.5, 0.9)
@@ -480,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
                                 pa_env=pa_env)
                 rows.append(row)
                 _print_progress(row)
+                _write_partial(args, rows, tokens)
         finally:
             target.close()
 
@@ -491,11 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows, TABLE_COLUMNS, markdown=args.markdown))
     print(f"\ngreedy TOKEN_IDS per input: {agreement}")
-    print(f"\nmachine: {machine_line(info)}")
+    print(f"\nmachine: {machine_line(info)}; load generator: {args.load_generator}")
     payload = {
         "benchmark": "pipeline", "command": "scripts/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": info, "checkpoint": str(checkpoint),
         "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)), "protocol": args.protocol,
+        "load_generator": args.load_generator, "gpus": args.gpus,
         "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": token_summary,
         "expected_continuations_per_transfer": expected_continuations(tokens),
         "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
@@ -514,8 +628,19 @@ TABLE_COLUMNS = [
     ("p50_ms", "p50 ms", ".0f"), ("p90_ms", "p90 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"),
     ("continuation_ratio", "conts/xfer", ".2f"), ("enc_pool_max", "enc pool max", ".0%"),
     ("lang_pool_max", "lang pool max", ".0%"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
-    ("peak_pss_mib", "peak PSS MiB", ".0f"), ("other_cpu", "other CPU", ".2f"),
+    ("peak_pss_mib", "peak PSS MiB", ".0f"), ("gpu_mem", "GPU MiB (gpu:peak)"), ("other_cpu", "other CPU", ".2f"),
 ]
+
+
+def _write_partial(args, rows: list[dict], tokens: list[int]) -> None:
+    """The rows so far, in --work-dir/<name>.partial.json: what a run cut short (a time limit) still has."""
+    try:
+        slim = [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]
+        write_json(args.work_dir / f"{args.name}.partial.json",
+                   {"benchmark": "pipeline", "partial": True, "image_tokens": tokens, "gpus": args.gpus,
+                    "load_generator": args.load_generator, "rows": slim})
+    except Exception as exc:  # noqa: BLE001 - never lose the run over the insurance copy
+        print(f"note: partial JSON not written: {exc}", file=sys.stderr)
 
 
 def _point(row: dict) -> str:
@@ -560,17 +685,27 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
         axes[1, 1].axhline(exp, color="0.5", ls="--", label="expected from the image mix")
     axes[1, 1].set_ylim(bottom=0)
     axes[1, 0].set_ylim(bottom=0)
-    # memory: peak RSS per process at the highest-memory load point of each model
+    # memory: peak GPU memory per GPU (when sampled), else peak RSS per process, at the highest load point
     labels = []
-    procs = sorted({p for r in ok if r.get("memory") for p in r["memory"]["peak_rss_by_process_mib"]})
+    gpu_rows = [r for r in ok if r.get("gpu_memory")]
+    key = "gpu" if gpu_rows else "rss"
+    mem_title = ("Peak GPU memory by GPU, server's share (highest load point)" if gpu_rows
+                 else "Peak RSS by process (highest load point)")
+
+    def parts(r):
+        return ({f"GPU {g}": v for g, v in r["gpu_memory"]["peak_server_mib"].items()} if key == "gpu"
+                else r["memory"]["peak_rss_by_process_mib"])
+
+    with_mem = [r for r in ok if (r.get("gpu_memory") if key == "gpu" else r.get("memory"))]
+    procs = sorted({p for r in with_mem for p in parts(r)})
     colors = {p: f"C{j + 2}" for j, p in enumerate(procs)}
     for model in models:
-        conc = [r for r in ok if r["model"] == model and r.get("memory")]
+        conc = [r for r in with_mem if r["model"] == model]
         if not conc:
             continue
-        top = max(conc, key=lambda r: r["memory"]["peak_rss_mib"])
+        top = max(conc, key=lambda r: sum(parts(r).values()))
         bottom = 0.0
-        for proc, mib in sorted(top["memory"]["peak_rss_by_process_mib"].items()):
+        for proc, mib in sorted(parts(top).items()):
             axes[1, 2].bar(len(labels), mib, bottom=bottom, color=colors[proc])
             axes[1, 2].annotate(f"{proc} {mib:.0f}", (len(labels), bottom + mib / 2), ha="center", va="center", fontsize=7)
             bottom += mib
@@ -582,7 +717,7 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
         (axes[0, 2], "Client latency (open loop, Poisson)", "offered request rate (req/s)", "ms", False),
         (axes[1, 0], "mm_pipeline pool utilisation", "concurrency", "% of pool blocks", True),
         (axes[1, 1], "mm_pipeline continuations per transfer", "concurrency", "continuations / transfer", True),
-        (axes[1, 2], "Peak RSS by process (highest load point)", "", "MiB", False),
+        (axes[1, 2], mem_title, "", "MiB", False),
     ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xl)

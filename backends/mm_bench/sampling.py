@@ -189,6 +189,73 @@ class PoolSampler:
         return out
 
 
+# ------------------------------------------------------------------------------------------ GPU memory
+def gpu_memory_used_mib() -> dict[int, float] | None:
+    """Memory in use per GPU (MiB, all processes: nvidia-smi's memory.used), or None without nvidia-smi."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used: dict[int, float] = {}
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit():
+            try:
+                used[int(parts[0])] = float(parts[1])
+            except ValueError:
+                pass
+    return used or None
+
+
+class GpuMemorySampler:
+    """Peak memory in use per GPU during a load point (nvidia-smi every ``interval_s``), also relative to a
+    ``baseline`` taken before the server started (so the server's own share: weights, pools, allocator)."""
+
+    def __init__(self, baseline: dict[int, float] | None = None, interval_s: float = 0.5) -> None:
+        self.baseline = dict(baseline or {})
+        self.interval_s = interval_s
+        self.peak: dict[int, float] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gpu-mem-sampler", daemon=True)
+
+    def sample(self) -> None:
+        used = gpu_memory_used_mib()
+        if not used:
+            return
+        for gpu, mib in used.items():
+            self.peak[gpu] = max(self.peak.get(gpu, 0.0), mib)
+        self.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "GpuMemorySampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+        self.sample()
+
+    def result(self) -> dict:
+        return {"peak_used_mib": {str(g): round(v, 1) for g, v in sorted(self.peak.items())},
+                "baseline_mib": {str(g): round(v, 1) for g, v in sorted(self.baseline.items())},
+                "peak_server_mib": {str(g): round(v - self.baseline.get(g, 0.0), 1) for g, v in sorted(self.peak.items())},
+                "samples": self.samples}
+
+
 def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -4,16 +4,22 @@
 #
 # From the repository root of a checkout that has (see docs/GPU.md):
 #   .device-bundle/  built by ../shared/tools/device-bundle (tritonserver 2.51 + numpy 1.26.4 for CPython 3.12)
-#   .whl/            pyzmq cp312 manylinux wheel (the device image lacks pyzmq)
+#                    + tritonclient-slim.txz from scripts/device/client_bundle.sh (stages scaleout, bench2b:
+#                    tritonclient.grpc for the split servers, perf_analyzer, libb64)
+#   .whl/            pyzmq cp312 manylinux wheel (the device image lacks pyzmq); python-rapidjson (client_bundle.sh)
 #   .cache/models/tiny-qwen2-vl   built by scripts/setup (or python -m mm_models.build_tiny --out ...)
 # the call is:
 #   run(kind="nvidia-h100-x2", carry=[".device-bundle", ".whl", ".cache/models/tiny-qwen2-vl"],
 #       command="bash scripts/device/gpu_suite.sh")
 #
-# MM_GPU_STAGES picks stages (default: "env transfer pipeline bench"; "unit" adds the CPU unit tests); MM_BENCH_ARGS passes arguments to
-# scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
+# MM_GPU_STAGES picks stages (default: "env transfer pipeline bench"; "unit" adds the CPU unit tests; "scaleout" the
+# split-server / M x N instance oracle on GPUs, tests/gpu/test_scaleout_gpu.py; "bench2b" builds a random-weights
+# Qwen2-VL-2B-size checkpoint here (mm_models.sized, in the background from the start) and runs
+# scripts/bench_pipeline.py on it: mm_pipeline encoder GPU 0 / language GPU 1 vs mm_monolithic on GPU 0; its
+# arguments: MM_BENCH2B_ARGS). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
 # inside the device's 10-minute limit and what ran comes back. Files back: suite.log (summary), gpu.log,
-# bench.log, pipeline.log, unit.log, bench_transfer.json, bench_transfer.png, logs.tgz (server logs).
+# bench.log, pipeline.log, unit.log, bench_transfer.json, bench_transfer.png, logs.tgz (server logs);
+# scaleout.log; bench2b.log, pipeline-gpu-2b.json, pipeline-gpu-2b.png (at most 8 files come back: pick stages).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -32,7 +38,7 @@ mkdir -p "$MM_GPU_LOG_DIR"
 
 # ------------------------------------------------------------------------------------------------ env
 say "stages: $STAGES"
-{ nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nvidia-smi topo -m; } >>"$OUT/suite.log" 2>&1
+{ nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv; nvidia-smi topo -m; df -h /dev/shm /tmp; } >>"$OUT/suite.log" 2>&1
 if [ ! -x /tmp/v/bin/python ]; then
     mkdir -p /tmp/triton && tar xJf .device-bundle/triton-slim.txz -C /tmp/triton \
         && chmod +x /tmp/triton/pytriton/tritonserver/bin/tritonserver || { say "FAILED: bundle"; exit 1; }
@@ -54,11 +60,26 @@ if [ ! -x /tmp/v/bin/python ]; then
     done
     echo /tmp/base-site >"$SITE/base-env.pth"
     printf '%s\n%s\n' "$ROOT/backends" "$ROOT/client" >"$SITE/mm-disagg.pth"
+    # tritonclient (Python part: the language server's mm_pipeline calls encoder servers over gRPC; the generated
+    # repositories' configs) and perf_analyzer, from scripts/device/client_bundle.sh; grpcio/protobuf: the image's
+    if [ -f .device-bundle/tritonclient-slim.txz ]; then
+        mkdir -p /tmp/tc && tar xJf .device-bundle/tritonclient-slim.txz -C /tmp/tc \
+            && cp -r /tmp/tc/site/tritonclient "$SITE/" && install -m 755 /tmp/tc/bin/perf_analyzer /tmp/v/bin/ \
+            || say "WARNING: tritonclient-slim.txz did not unpack"
+    fi
     mkdir -p /tmp/be/python && cp /tmp/triton/pytriton/tritonserver/backends/python/{libtriton_python.so,triton_python_backend_utils.py} \
         /tmp/triton/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub /tmp/be/python/
 fi
+# perf_analyzer's libraries: libb64.so.0d (Debian libb64-0d, else the Triton bundle's copy) and libcudart.so.12
+# (the Triton bundle's; the image has CUDA 13), under their plain names
+mkdir -p /tmp/palib
+for pat in "libb64.so.0d:/tmp/tc/lib/libb64.so.0d" "libb64.so.0d:/tmp/triton/nvidia_pytriton.libs/libb64-*.so.0d" \
+           "libcudart.so.12:/tmp/triton/nvidia_pytriton.libs/libcudart-*.so.12*"; do
+    name="${pat%%:*}"; src="$(ls ${pat#*:} 2>/dev/null | head -1)"
+    [ -e "/tmp/palib/$name" ] || { [ -n "$src" ] && ln -sf "$src" "/tmp/palib/$name"; }
+done
 export TRITONSERVER=/tmp/triton/pytriton/tritonserver/bin/tritonserver MM_BACKEND_DIR=/tmp/be
-export LD_LIBRARY_PATH="/tmp/triton/nvidia_pytriton.libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PATH="/tmp/v/bin:$PATH"
+export LD_LIBRARY_PATH="/tmp/triton/nvidia_pytriton.libs:/tmp/palib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PATH="/tmp/v/bin:$PATH"
 export PYTHONPATH=/tmp/triton   # tests/harness.py finds the server's libraries next to a `pytriton` package
 PY=/tmp/v/bin/python
 $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/suite.log"
@@ -68,8 +89,23 @@ lib = nccl_lib.load()
 print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__, "zmq", zmq.__version__,
       "transformers", transformers.__version__, "| NCCL", lib.version_string(), "from", lib.path)
 print("gpus:", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+try:
+    import google.protobuf, grpc, tritonclient.grpc  # noqa: F401
+    print("tritonclient.grpc ok (grpcio", grpc.__version__, "protobuf", google.protobuf.__version__ + ")")
+except Exception as exc:
+    print("tritonclient.grpc NOT importable:", type(exc).__name__, exc)
 PYEOF
-timeout 120 $PY scripts/device/diag.py >"$MM_GPU_LOG_DIR/diag.log" 2>&1; grep -E "import|FAILED|Error|zmq" "$MM_GPU_LOG_DIR/diag.log" | tail -12 | tee -a "$OUT/suite.log"
+command -v perf_analyzer >/dev/null && { perf_analyzer --version 2>&1 | head -2 | tee -a "$OUT/suite.log"; }
+# the realistic-size checkpoint for bench2b is built in the background while the other stages run (CPU work)
+SIZED_DIR="${MM_SIZED_DIR:-/tmp/q2b}"
+if has bench2b; then
+    ( OMP_NUM_THREADS=16 $PY -m mm_models.sized --preset qwen2-vl-2b --out "$SIZED_DIR" -v >"$OUT/sized.log" 2>&1; echo "rc=$?" >>"$OUT/sized.log" ) &
+    SIZED_PID=$!
+    say "building the qwen2-vl-2b-size checkpoint in $SIZED_DIR (pid $SIZED_PID)"
+fi
+if has env; then
+    timeout 120 $PY scripts/device/diag.py >"$MM_GPU_LOG_DIR/diag.log" 2>&1; grep -E "import|FAILED|Error|zmq" "$MM_GPU_LOG_DIR/diag.log" | tail -12 | tee -a "$OUT/suite.log"
+fi
 [ -d "$MM_TINY_MODEL" ] || $PY -m mm_models.build_tiny --out "$MM_TINY_MODEL" 2>&1 | tail -2 | tee -a "$OUT/suite.log"
 
 BUDGET_S="${MM_SUITE_BUDGET_S:-570}"   # the whole command; the device kills it at 600 s
@@ -94,6 +130,29 @@ fi
 if has bench; then
     stage bench 300 bench.log $PY scripts/bench_transfer.py --out "$OUT" ${MM_BENCH_ARGS:---iters 20}
     tail -40 "$OUT/bench.log" | tee -a "$OUT/suite.log"
+fi
+if has scaleout; then
+    stage scaleout 240 scaleout.log "${PYTEST[@]}" tests/gpu/test_scaleout_gpu.py -v -s
+    grep -E "servers up|concurrent requests in|per language instance|per encoder instance|transports seen" \
+        "$OUT/scaleout.log" | tee -a "$OUT/suite.log"
+fi
+if has bench2b; then
+    left=$((BUDGET_S - (SECONDS - T0) - 30))
+    say "bench2b: waiting for the checkpoint build (at most ${left}s)"
+    while kill -0 "$SIZED_PID" 2>/dev/null && [ $((BUDGET_S - (SECONDS - T0))) -gt 60 ]; do sleep 2; done
+    tail -3 "$OUT/sized.log" | tee -a "$OUT/suite.log"
+    if grep -q "^rc=0" "$OUT/sized.log"; then
+        # 32 requests per load point (24 images of the log-normal mix, real Qwen2-VL geometry: 28x28 pixels per
+        # token), concurrency 1..16, one Poisson rate (0.5x the pipeline's best); each point bounded
+        stage bench2b 420 bench2b.log $PY scripts/bench_pipeline.py --checkpoint "$SIZED_DIR" \
+            ${MM_BENCH2B_ARGS:---gpu mm_encoder=0 --gpu mm_language=1 --gpu mm_monolithic=0 --concurrency 1,2,4,8,16 --requests 32 --request-rates auto1 --rate-seconds 8 --point-timeout 90} \
+            --name pipeline-gpu-2b --out-dir "$OUT" --work-dir /tmp/bench2b --markdown
+        [ -f "$OUT/pipeline-gpu-2b.json" ] || cp /tmp/bench2b/pipeline-gpu-2b.partial.json "$OUT/" 2>/dev/null
+        tail -30 "$OUT/bench2b.log" | tee -a "$OUT/suite.log"
+        cp /tmp/bench2b/*server.log "$MM_GPU_LOG_DIR"/ 2>/dev/null
+    else
+        say "bench2b: SKIPPED (checkpoint build failed or unfinished)"
+    fi
 fi
 if has unit; then
     stage unit 90 unit.log "${PYTEST[@]}" -q tests/unit/test_transport_nccl_lib.py tests/unit/test_transport_channels.py \

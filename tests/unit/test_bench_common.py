@@ -185,3 +185,20 @@ def test_pool_sampler_and_metric_sum():
     assert res["mm_language"]["max_used"] == 8 and sampler.errors == 1
     m = {("x", (("model", "a"),)): 1.0, ("x", (("model", "b"),)): 2.0}
     assert metric_sum(m, "x") == 3.0 and metric_sum(m, "x", model="b") == 2.0 and metric_sum(m, "y") == 0.0
+
+
+def test_gpu_memory_sampler_with_a_fake_nvidia_smi(tmp_path, monkeypatch):
+    from mm_bench.sampling import GpuMemorySampler, gpu_memory_used_mib
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\necho "0, 1234"\necho "1, 5678"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ.get('PATH', '')}")
+    assert gpu_memory_used_mib() == {0: 1234.0, 1: 5678.0}
+    with GpuMemorySampler({0: 1000.0, 1: 600.0}, interval_s=0.05) as sampler:
+        pass
+    result = sampler.result()
+    assert result["peak_used_mib"] == {"0": 1234.0, "1": 5678.0}
+    assert result["peak_server_mib"] == {"0": 234.0, "1": 5078.0} and result["samples"] >= 2
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert gpu_memory_used_mib() is None

@@ -64,3 +64,25 @@ def test_instance_copy(tmp_path):
     config = (repo / "mm_monolithic" / "config.pbtxt").read_text()
     assert "count: 2" in config and "count: 1" not in config
     assert (repo / "mm_monolithic" / "1" / "model.py").is_file()
+
+
+def test_gpu_placement_options_and_repository(tmp_path):
+    args = bench_pipeline.parse_args(["--gpu", "mm_encoder=0", "--gpu", "mm_language=1", "--gpu", "mm_monolithic=0,1",
+                                      "--request-rates", "auto1", "--load-generator", "python"])
+    assert args.gpus == {"mm_encoder": [0], "mm_language": [1], "mm_monolithic": [0, 1]}
+    assert args.request_rates == "auto1" and args.load_generator == "python"
+    for bad in (["--gpu", "mm_encoder"], ["--gpu", "mm_encoder=x"], ["--gpu", "=0"], ["--gpu", "mm_encoder=0,0"],
+                ["--gpu", "mm_encoder=0", "--gpu", "mm_encoder=1"]):
+        with pytest.raises(SystemExit):
+            bench_pipeline.parse_args(bad)
+    repo = bench_pipeline.repository_variant(ROOT / "model_repository", tmp_path, counts={"mm_monolithic": 2},
+                                             gpus=args.gpus)
+    enc = (repo / "mm_encoder" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] } ]" in enc and "KIND_CPU" not in enc
+    mono = (repo / "mm_monolithic" / "config.pbtxt").read_text()
+    assert "{ count: 2, kind: KIND_GPU, gpus: [ 0 ] }, { count: 2, kind: KIND_GPU, gpus: [ 1 ] }" in mono
+    assert (repo / "mm_pipeline" / "config.pbtxt").read_text() == (ROOT / "model_repository" / "mm_pipeline" /
+                                                                  "config.pbtxt").read_text()
+    assert (repo / "mm_language" / "1" / "model.py").is_file() and (repo / "mm_pipeline" / "1").is_dir()
+    with pytest.raises(ValueError, match="no model mm_nothing"):
+        bench_pipeline.repository_variant(ROOT / "model_repository", tmp_path, gpus={"mm_nothing": [0]})
