@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "backends"))  # runnable without the editable inst
 
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.memory import DTYPE_BYTES, PoolGeometry, compare  # noqa: E402
-from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
+from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
 
 DESCRIPTION = """\
 For a log-normal embedding-length mix, how many embeddings fit concurrently in a pool of fixed bytes
@@ -32,16 +32,6 @@ examples:
   scripts/bench_memory.py --hidden 3584 --pool-mib 512,2048    Qwen2-VL-7B width
   scripts/bench_memory.py --mix 1500,0.9,64,16384 --slot-tokens 16384
 """
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

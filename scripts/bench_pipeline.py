@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with th
 
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
-from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
+from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
 from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, PoolSampler,  # noqa: E402
                                gpu_memory_used_mib, metric_sum, wait_for_quiet, wait_until)
 
@@ -72,16 +72,6 @@ environment: PERF_ANALYZER (binary; default: on PATH or in the venv's bin), TRIT
 
 
 # ------------------------------------------------------------------------------------------ options
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def concurrency_list(text: str) -> list[int]:
     return [] if text.strip() == "none" else int_list(text)
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
-from mm_bench.report import machine_info, machine_line, table, write_json  # noqa: E402
+from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
 from mm_bench.window import parse_policies, plan_policy, run_endpoints  # noqa: E402
 
 DESCRIPTION = """\
@@ -38,16 +38,6 @@ examples:
   scripts/bench_window.py --quick --out-dir /tmp/b
   scripts/bench_window.py --policies fixed,adaptive:95 --adaptive-max-tokens 4096 --threads 1
 """
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def policies(text: str):

@@ -1,6 +1,8 @@
 """Result files and tables: every result JSON says which machine and commit it came from."""
 from __future__ import annotations
 
+import argparse
+
 import datetime as _dt
 import json
 import os
@@ -143,3 +145,14 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str] |
     lines = [fmt_row(heads), fmt_row(["-" * w for w in widths])]
     lines += [fmt_row(row) for row in body]
     return "\n".join(lines)
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type for "1,2,8": positive integers, comma-separated."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
