@@ -8,6 +8,7 @@ Fixtures:
   triton_server       factory: ``triton_server(repo=None, env=None, args=(), **kw) -> TritonServer`` (started);
                       every server it started is stopped at the end of the test, pass or fail
   tiny_model_dir      the tiny Qwen2-VL checkpoint built by scripts/setup (MM_TINY_MODEL)
+  monolithic_tokens   the oracle: greedy tokens of the monolithic tiny model, cached per input
   mm_server           session-wide server of model_repository/ with the tiny model (MM_CHECKPOINT)
   mm_server_factory   factory like triton_server, defaulting to model_repository/ + tiny model, for tests
                       that need their own knobs (e.g. env={"MM_POOL_BLOCKS": "4"})
@@ -134,3 +135,22 @@ def mm_server(tiny_model_dir):
         server.log_file.unlink()
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def monolithic_tokens(tiny_model_dir):
+    """The correctness oracle: ``monolithic_tokens(image_bytes, prompt, max_tokens)`` is the
+    greedy token list of the monolithic tiny model in this process, computed once per input."""
+    from mm_models.images import decode_image
+    from mm_models.qwen2vl import MonolithicModel
+
+    model = MonolithicModel.from_pretrained(tiny_model_dir)
+    cache: dict = {}
+
+    def expected(image_bytes, prompt: str, max_tokens: int) -> list[int]:
+        key = (tuple(image_bytes), prompt, max_tokens)
+        if key not in cache:
+            cache[key] = model.generate([decode_image(b, 64_000_000) for b in image_bytes], prompt, max_tokens)
+        return cache[key]
+
+    return expected

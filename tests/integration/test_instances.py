@@ -44,18 +44,9 @@ def images(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def oracle(tiny_model_dir):
-    from mm_models.images import decode_image
-    from mm_models.qwen2vl import MonolithicModel
-
-    model = MonolithicModel.from_pretrained(tiny_model_dir)
-    cache: dict = {}
-
+def oracle(monolithic_tokens):
     def expected(image_bytes, prompt=PROMPT, max_tokens=MAX_TOKENS):
-        key = (tuple(image_bytes), prompt, max_tokens)
-        if key not in cache:
-            cache[key] = model.generate([decode_image(b, 64_000_000) for b in image_bytes], prompt, max_tokens)
-        return cache[key]
+        return monolithic_tokens(image_bytes, prompt, max_tokens)
 
     return expected
 

@@ -43,20 +43,11 @@ def image_tokens(images, tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def oracle(tiny_model_dir):
-    """Greedy tokens of the monolithic model in this process, cached per (images, prompt)."""
-    from mm_models.images import decode_image
-    from mm_models.qwen2vl import MonolithicModel
-
-    model = MonolithicModel.from_pretrained(tiny_model_dir)
-    cache: dict = {}
+def oracle(monolithic_tokens):
+    """Greedy tokens of the monolithic model in this process (tests/conftest.py), with this module's defaults."""
 
     def expected(image_bytes: list[bytes], prompt: str = PROMPT, max_tokens: int = MAX_TOKENS) -> list[int]:
-        key = (tuple(image_bytes), prompt, max_tokens)
-        if key not in cache:
-            pil = [decode_image(b, 64_000_000) for b in image_bytes]
-            cache[key] = model.generate(pil, prompt, max_tokens)
-        return cache[key]
+        return monolithic_tokens(image_bytes, prompt, max_tokens)
 
     return expected
 
