@@ -1,0 +1,1 @@
+"""Language serving engine: in-flight batching over a preallocated KV cache (see api.py for the contract)."""
