@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mm_engine.api import GenerationRequest, SamplingParams
+from mm_engine.stats import EngineObserver
 from mm_models.qwen2vl import LanguageModel
 from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, TransferConfig, TransferObserver
 
@@ -31,6 +32,7 @@ class LanguageService:
         device: str = "cpu",
         observer: TransferObserver | None = None,
         name: str = "mm_language",
+        engine_observer: EngineObserver | None = None,
     ) -> None:
         self.config = config
         self.name = name
@@ -41,7 +43,7 @@ class LanguageService:
             name=f"{name}-pool",
         )
         self.receiver = Receiver(self.pool, config, observer=observer, name=name)
-        self.engine = make_engine(self.lm, engine_params, device, name)
+        self.engine = make_engine(self.lm, engine_params, device, name, engine_observer)
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens", name, checkpoint, device,
                  config.pool_blocks, config.block_tokens, config.default_window_tokens)
 

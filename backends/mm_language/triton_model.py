@@ -23,14 +23,11 @@ log = logging.getLogger(__name__)
 class LanguageModelTriton(EngineModel):
     def setup(self) -> None:
         self.setup_engine_model()
-        self.service = LanguageService(self.checkpoint, self.transfer_config, self.params,
-                                       self.device, name=self.instance_name)
+        self.service = LanguageService(self.checkpoint, self.transfer_config, self.params, self.device,
+                                       name=self.instance_name, engine_observer=self.engine_metrics)
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool)
         self.service.receiver.observer = self.metrics
         self.engine = self.service.engine
-        stats = getattr(self.engine, "gauges", None)
-        if callable(stats):
-            self.engine_metrics.start_polling(stats)
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
         refs = bytes_list(self.pb_utils, request, "EMBED_REF")

@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 from PIL import Image
 
 from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
+from mm_engine.stats import EngineObserver
 from mm_language.engine_factory import make_engine
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
@@ -67,6 +68,7 @@ class MonolithicService:
         name: str = "mm_monolithic",
         max_embed_tokens: int = DEFAULT_MAX_EMBED_TOKENS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        engine_observer: EngineObserver | None = None,
     ) -> None:
         if max_embed_tokens < 1 or max_image_pixels < 1:
             raise ValueError("max_embed_tokens and max_image_pixels must be >= 1")
@@ -78,7 +80,7 @@ class MonolithicService:
         model = _loading.load_model(checkpoint, "full", device=device)
         self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint), model.device)
         self.lm = LanguageModel(model, _loading.load_tokenizer(checkpoint), model.device)
-        self.engine = make_engine(self.lm, engine_params, device, name)
+        self.engine = make_engine(self.lm, engine_params, device, name, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
     def check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:

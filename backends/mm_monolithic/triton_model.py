@@ -19,11 +19,9 @@ class MonolithicModelTriton(EngineModel):
             self.checkpoint, self.params, self.device, name=self.instance_name,
             max_embed_tokens=self.transfer_config.max_embed_tokens,
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            engine_observer=self.engine_metrics,
         )
         self.engine = self.service.engine
-        stats = getattr(self.engine, "gauges", None)
-        if callable(stats):
-            self.engine_metrics.start_polling(stats)
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
         images = bytes_list(self.pb_utils, request, "IMAGE")

@@ -52,8 +52,7 @@ class EngineModel(ModelBase):
         for request in requests:
             arrived = time.monotonic()
             request_id = request.request_id() or uuid.uuid4().hex[:12]
-            sink = sink_cls(self.pb_utils, request, request_id, self.engine_metrics,
-                            self.cancellation_check(request), arrived)
+            sink = sink_cls(self.pb_utils, request, request_id, self.cancellation_check(request))
             try:
                 generation = self.build_request(request, request_id, arrived)
                 generation.cancelled = sink.cancelled
@@ -67,7 +66,4 @@ class EngineModel(ModelBase):
         return None
 
     def finalize(self) -> None:
-        try:
-            self.engine.close()
-        finally:
-            self.engine_metrics.close()
+        self.engine.close()

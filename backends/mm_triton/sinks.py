@@ -9,14 +9,14 @@
   finish reason and the token counts, flagged FINAL. FINAL never travels on an empty response: Triton drops
   it unless the client enabled empty final responses.
 
-Both time the tokens for the TTFT / inter-token metrics, and both turn a failed send (the client went away)
-into a cancellation that the engine sees at its next step. Sinks never raise (the engine's contract).
+Both turn a failed send (the client went away) into a cancellation that the engine sees at its next step.
+Sinks never raise (the engine's contract). Token timings and counts are the engine's own (its observer,
+:mod:`mm_triton.engine_metrics`).
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -28,28 +28,12 @@ from .errors import triton_error
 log = logging.getLogger(__name__)
 
 
-class TokenObserver:
-    """What sinks report; :class:`mm_triton.engine_metrics.EngineMetrics` implements it."""
-
-    def first_token(self, seconds: float) -> None: ...
-
-    def inter_token(self, seconds: float, tokens: int) -> None: ...
-
-    def finished(self, output: GenerationOutput) -> None: ...
-
-    def failed(self, error: EngineError) -> None: ...
-
-
 class _SinkBase(ResponseSink):
-    def __init__(self, pb_utils: Any, request: Any, request_id: str, observer: TokenObserver,
-                 client_cancelled: Callable[[], bool], arrived: float | None = None) -> None:
+    def __init__(self, pb_utils: Any, request: Any, request_id: str, client_cancelled: Callable[[], bool]) -> None:
         self._pb = pb_utils
         self._sender = request.get_response_sender()
         self.request_id = request_id
-        self._observer = observer
         self._client_cancelled = client_cancelled
-        self._arrived = time.monotonic() if arrived is None else arrived
-        self._last_token_at: float | None = None
         self._gone = False  # a send failed: nobody listens any more
         self._done = False
         self._lock = threading.Lock()
@@ -57,14 +41,6 @@ class _SinkBase(ResponseSink):
     def cancelled(self) -> bool:
         """The probe the engine polls between steps: the client cancelled, or it is gone."""
         return self._gone or self._client_cancelled()
-
-    def _time_tokens(self, n: int) -> None:
-        now = time.monotonic()
-        if self._last_token_at is None:
-            self._observer.first_token(now - self._arrived)
-        else:
-            self._observer.inter_token(now - self._last_token_at, n)
-        self._last_token_at = now
 
     def _send(self, response: Any, final: bool) -> None:
         with self._lock:
@@ -96,7 +72,6 @@ class _SinkBase(ResponseSink):
 
     def on_error(self, error: EngineError) -> None:
         try:
-            self._observer.failed(error)
             log.info("request %s failed: %s (%s)", self.request_id, error, error.cause.value)
             self._send(self._pb.InferenceResponse(error=triton_error(self._pb, error)), final=True)
         except Exception:  # noqa: BLE001 - never raise into the engine
@@ -110,15 +85,8 @@ class _SinkBase(ResponseSink):
 class UnarySink(_SinkBase):
     """One FINAL response with the whole result."""
 
-    def on_tokens(self, token_ids: list[int], text_delta: str) -> None:
-        try:
-            self._time_tokens(len(token_ids))
-        except Exception:  # noqa: BLE001
-            log.exception("request %s: token metrics failed", self.request_id)
-
     def on_finish(self, output: GenerationOutput) -> None:
         try:
-            self._observer.finished(output)
             tensors = [self._text(output.text), self._ids(list(output.token_ids)), *self._summary(output)]
             self._send(self._pb.InferenceResponse(output_tensors=tensors), final=True)
         except Exception:  # noqa: BLE001 - never raise into the engine
@@ -135,7 +103,6 @@ class StreamSink(_SinkBase):
 
     def on_tokens(self, token_ids: list[int], text_delta: str) -> None:
         try:
-            self._time_tokens(len(token_ids))
             self._streamed_ids.extend(token_ids)
             self._streamed_text.append(text_delta)
             response = self._pb.InferenceResponse(output_tensors=[self._text(text_delta), self._ids(list(token_ids))])
@@ -145,7 +112,6 @@ class StreamSink(_SinkBase):
 
     def on_finish(self, output: GenerationOutput) -> None:
         try:
-            self._observer.finished(output)
             streamed = "".join(self._streamed_text)
             text_rest = output.text[len(streamed):] if output.text.startswith(streamed) else ""
             n = len(self._streamed_ids)

@@ -2,7 +2,6 @@
 one answer per token), engine error codes, and execute() answering refusals at once."""
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from mm_engine.api import EngineError, ErrorCause, FinishReason, GenerationOutput
 from mm_triton.errors import error_code_name, triton_error
 from mm_triton.generation_inputs import InputLimits, read_generation_inputs
-from mm_triton.sinks import StreamSink, TokenObserver, UnarySink
+from mm_triton.sinks import StreamSink, UnarySink
 from mmtransfer import TransferNotFound
 
 
@@ -68,23 +67,6 @@ pb = SimpleNamespace(Tensor=_Tensor, InferenceResponse=_Response, TritonError=_E
                      get_input_tensor_by_name=lambda request, name: request.inputs.get(name))
 
 
-class _Observer(TokenObserver):
-    def __init__(self):
-        self.events = []
-
-    def first_token(self, seconds):
-        self.events.append("first")
-
-    def inter_token(self, seconds, tokens):
-        self.events.append(("itl", tokens))
-
-    def finished(self, output):
-        self.events.append(("finished", output.finish_reason.value))
-
-    def failed(self, error):
-        self.events.append(("failed", error.cause.value))
-
-
 def _prompt(text=b"Describe"):
     return {"PROMPT": np.array([text], dtype=np.object_)}
 
@@ -134,8 +116,8 @@ def _output(ids=(5, 6, 7), text="abc", reason=FinishReason.LENGTH):
 
 
 def test_unary_sink_answers_once_with_everything():
-    request, obs = _Request(_prompt()), _Observer()
-    sink = UnarySink(pb, request, "rid", obs, lambda: False, arrived=time.monotonic())
+    request = _Request(_prompt())
+    sink = UnarySink(pb, request, "rid", lambda: False)
     sink.on_tokens([5], "a")
     sink.on_tokens([6, 7], "bc")
     assert request.sender.sent == []  # nothing before the end
@@ -148,12 +130,11 @@ def test_unary_sink_answers_once_with_everything():
     assert out["TEXT"][0] == b"abc" and out["TOKEN_IDS"].tolist() == [5, 6, 7]
     assert out["FINISH_REASON"][0] == b"length" and out["PROMPT_TOKENS"].tolist() == [40]
     assert out["COMPLETION_TOKENS"].dtype == np.int32 and out["COMPLETION_TOKENS"].tolist() == [3]
-    assert obs.events[:3] == ["first", ("itl", 2), ("finished", "length")]
 
 
 def test_stream_sink_sends_each_delta_and_final_on_the_last_data_response():
-    request, obs = _Request(_prompt()), _Observer()
-    sink = StreamSink(pb, request, "rid", obs, lambda: False)
+    request = _Request(_prompt())
+    sink = StreamSink(pb, request, "rid", lambda: False)
     sink.on_tokens([5], "a")
     sink.on_tokens([6], "")  # a character still pending in the detokenizer
     sink.on_finish(_output(ids=(5, 6, 7), text="ab!", reason=FinishReason.STOP))
@@ -167,19 +148,19 @@ def test_stream_sink_sends_each_delta_and_final_on_the_last_data_response():
 
 def test_stream_sink_error_is_final_and_a_failed_send_cancels():
     request = _Request(_prompt())
-    sink = StreamSink(pb, request, "rid", _Observer(), lambda: False)
+    sink = StreamSink(pb, request, "rid", lambda: False)
     sink.on_tokens([5], "a")
     sink.on_error(EngineError(ErrorCause.DEADLINE, "request rid passed its deadline"))
     response, flags = request.sender.sent[-1]
     assert flags == 1 and response.error.code == "UNAVAILABLE"
     assert response.error.message.startswith("unavailable (deadline)")
     gone = _Request(_prompt(), fail=True)
-    sink = StreamSink(pb, gone, "rid", _Observer(), lambda: False)
+    sink = StreamSink(pb, gone, "rid", lambda: False)
     assert not sink.cancelled()
     sink.on_tokens([5], "a")  # the client went away: never raises, and the engine sees a cancellation
     assert sink.cancelled()
     probe = {"v": False}
-    sink = UnarySink(pb, _Request(_prompt()), "rid", _Observer(), lambda: probe["v"])
+    sink = UnarySink(pb, _Request(_prompt()), "rid", lambda: probe["v"])
     probe["v"] = True
     assert sink.cancelled()
 
@@ -228,7 +209,6 @@ def test_execute_answers_a_refused_request_and_abandons_it():
 
     model = Model()
     model.decoupled, model.instance_name, model.engine = False, "m_0", Full()
-    model.engine_metrics = _Observer()
     full, bad = _Request(_prompt()), _Request({})
     assert model.execute([full, bad]) is None
     (r1, f1), (r2, f2) = full.sender.sent[0], bad.sender.sent[0]
@@ -236,3 +216,49 @@ def test_execute_answers_a_refused_request_and_abandons_it():
     assert r1.error.code == "UNAVAILABLE" and "queue_full" in r1.error.message
     assert r2.error.code == "INVALID_ARG" and "PROMPT is required" in r2.error.message
     assert len(abandoned) == 2
+
+
+def test_engine_metrics_follow_the_engines_hooks():
+    from mm_triton.engine_metrics import EngineMetrics
+
+    class Metric:
+        def __init__(self, labels, buckets=None):
+            self.labels, self.value, self.observed = labels, 0, []
+
+        def increment(self, n):
+            self.value += n
+
+        def set(self, v):
+            self.value = v
+
+        def observe(self, v):
+            self.observed.append(v)
+
+    class Family:
+        COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+        made: dict = {}
+
+        def __init__(self, name, description, kind):
+            self.name = name
+
+        def Metric(self, labels, buckets=None):  # noqa: N802 - pb_utils' spelling
+            m = Metric(labels, buckets)
+            Family.made[(self.name, labels.get("outcome"))] = m
+            return m
+
+    m = EngineMetrics(SimpleNamespace(MetricFamily=Family), "mm_language", "mm_language_0")
+    m.on_gauges(3, 2, 3, 16)
+    m.on_prompt_tokens(100)
+    m.on_generation_tokens(3)
+    m.on_time_to_first_token(0.05)
+    m.on_inter_token_latency(0.01)
+    m.on_finished("length")
+    m.on_finished("queue_full")
+    m.on_finished("no-such-outcome")  # logged, never raises
+    made = Family.made
+    assert made[("mm_engine_running_sequences", None)].value == 3
+    assert made[("mm_engine_kv_slots_total", None)].value == 16
+    assert made[("mm_engine_prompt_tokens_total", None)].value == 100
+    assert made[("mm_engine_ttft_seconds", None)].observed == [0.05]
+    assert made[("mm_engine_requests_total", "queue_full")].value == 1
+    assert made[("mm_engine_requests_total", "length")].value == 1
