@@ -142,6 +142,10 @@ class LLMEngine(Engine):
         if seq.state is not SeqState.LOADING:
             return  # ended while loading; the loader was aborted then
         if landed.error is not None:
+            cause = _probe_end(seq, time.monotonic())
+            if cause is not None:  # the loader gave up because the request was cancelled / timed out
+                self._end_error(seq, EngineError(cause, _END_MESSAGES[cause].format(id=seq.id, delay=0)))
+                return
             err = EngineError(ErrorCause.IMAGE_LOAD, f"request {seq.id}: loading its images failed: {landed.error}")
             err.__cause__ = landed.error
             self._end_error(seq, err)
