@@ -100,8 +100,10 @@ class SlotKVCache:
         v[rows, :, positions] = value_states[:, :, 0]
         return k[:batch, :, :kv_len], v[:batch, :, :kv_len]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # only consulted when positions are missing
-        raise RuntimeError("SlotKVCache: the engine always passes position ids")
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Older transformers read it to build ``cache_position``, which only feeds mask building
+        (bypassed: the runner passes its own masks) and ``update``'s kwargs (ignored here)."""
+        return 0
 
     # ------------------------------------------------------------------ row moves (see slots.Move)
     def move(self, src: int, dst: int, length: int) -> None:

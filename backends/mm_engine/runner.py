@@ -17,6 +17,7 @@ mask per layer type (a dict, which the HF model uses as is instead of building i
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,11 @@ class ModelRunner:
         self.device = self._embed.weight.device
         self.dtype = self._embed.weight.dtype
         self.cache = SlotKVCache(KVGeometry.from_text_config(text_cfg), slots, max_len, self.dtype, self.device)
+        # transformers renamed past_key_values -> cache (5.2x) and added mm_token_type_ids to get_rope_index;
+        # the GPU image may carry an older 5.x, so use whichever this version has
+        forward_params = inspect.signature(self._lm.forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+        self._rope_types = "mm_token_type_ids" in inspect.signature(self._mm.get_rope_index).parameters
 
     # ------------------------------------------------------------------ per-sequence preparation
     def prepare(self, prompt_ids: Sequence[int], images: Sequence[EncodedImage]) -> PreparedPrompt:
@@ -77,8 +83,8 @@ class ModelRunner:
         if n_pads != n_rows:
             raise ValueError(f"prompt has {n_pads} image pad tokens but the images have {n_rows} rows")
         grid = torch.tensor([list(im.grid_thw) for im in images], dtype=torch.long) if images else None
-        positions, deltas = self._mm.get_rope_index(
-            ids_cpu, mm_token_type_ids=image_mask_cpu.to(torch.int32), image_grid_thw=grid)
+        extra = {"mm_token_type_ids": image_mask_cpu.to(torch.int32)} if self._rope_types else {}
+        positions, deltas = self._mm.get_rope_index(ids_cpu, image_grid_thw=grid, **extra)
         with torch.inference_mode():
             ids = ids_cpu.to(self.device)
             embeds = self._embed(ids)[0]
@@ -134,7 +140,7 @@ class ModelRunner:
         with torch.inference_mode():
             out = self._lm(inputs_embeds=embeds, position_ids=positions,
                            attention_mask={t: mask for t in self._layer_types},
-                           cache=self.cache, use_cache=True)
+                           use_cache=True, **{self._cache_kw: self.cache})
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
