@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any
 
-from mm_engine.api import Engine, GenerationRequest
+from mm_engine.api import Engine, EngineError, ErrorCause, GenerationRequest
 
 from .engine_metrics import EngineMetrics
 from .generation_inputs import DEFAULT_MAX_PROMPT_BYTES, InputLimits
@@ -22,6 +22,13 @@ from .model_base import ModelBase
 from .sinks import StreamSink, UnarySink
 
 log = logging.getLogger(__name__)
+
+
+def refusal_label(exc: BaseException) -> str:
+    """The mm_engine_requests_total outcome of a request refused before or at submit."""
+    if isinstance(exc, EngineError):
+        return exc.cause.value
+    return ErrorCause.INVALID.value if isinstance(exc, ValueError) else ErrorCause.INTERNAL.value
 
 
 class EngineModel(ModelBase):
@@ -59,6 +66,7 @@ class EngineModel(ModelBase):
                 self.engine.submit(generation, sink)
             except Exception as exc:  # every request gets an answer; the instance keeps serving
                 log.warning("%s: request %s refused: %s", self.instance_name, request_id, exc)
+                self.engine_metrics.on_finished(refusal_label(exc))
                 try:
                     self.abandon(request, f"request refused: {type(exc).__name__}")
                 finally:

@@ -209,13 +209,15 @@ def test_execute_answers_a_refused_request_and_abandons_it():
 
     model = Model()
     model.decoupled, model.instance_name, model.engine = False, "m_0", Full()
+    counted = []
+    model.engine_metrics = SimpleNamespace(on_finished=counted.append)
     full, bad = _Request(_prompt()), _Request({})
     assert model.execute([full, bad]) is None
     (r1, f1), (r2, f2) = full.sender.sent[0], bad.sender.sent[0]
     assert f1 == f2 == 1
     assert r1.error.code == "UNAVAILABLE" and "queue_full" in r1.error.message
     assert r2.error.code == "INVALID_ARG" and "PROMPT is required" in r2.error.message
-    assert len(abandoned) == 2
+    assert len(abandoned) == 2 and counted == ["queue_full", "invalid"]
 
 
 def test_engine_metrics_follow_the_engines_hooks():
