@@ -44,7 +44,7 @@ class LanguageService:
             name=f"{name}-pool",
         )
         self.receiver = Receiver(self.pool, config, observer=observer, name=name)
-        self.engine = make_engine(self.lm._model, self.lm.tokenizer, self.engine_config, engine_observer)
+        self.engine = make_engine(self.lm.hf_model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens", name, checkpoint, device,
                  config.pool_blocks, config.block_tokens, config.default_window_tokens)
 
