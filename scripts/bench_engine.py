@@ -118,8 +118,9 @@ def make_images(checkpoint: Path) -> list[bytes]:
 
 
 # ---------------------------------------------------------------------------------------- in-process
-def inprocess_points(args, images: list[bytes], plan) -> list[dict]:
-    """The engine called directly: MonolithicService (vision tower on loader threads + LLMEngine)."""
+def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
+    """The engine called directly: MonolithicService (vision tower on loader threads + LLMEngine); appends to
+    ``rows`` as it goes (the plan's 'auto' rates read them)."""
     import mm_monolithic.service as mono
     from mm_engine.api import ResponseSink
 
@@ -144,7 +145,6 @@ def inprocess_points(args, images: list[bytes], plan) -> list[dict]:
 
     from mm_engine.api import SamplingParams
 
-    rows = []
     try:
         def warm(step, on_token, done):
             imgs, counts = decoded[step % len(decoded)]
@@ -170,7 +170,6 @@ def inprocess_points(args, images: list[bytes], plan) -> list[dict]:
         del service
         gc.collect()
         _empty_cuda()
-    return rows
 
 
 def model_parameters(config: Path) -> dict[str, str]:
@@ -281,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "inprocess" in args.targets:
         print(f"inprocess on {args.device}", flush=True)
-        rows += inprocess_points(args, images, plan)
+        inprocess_points(args, images, plan, rows)
     server_targets = [t for t in args.targets if TARGETS[t]]
     if server_targets:
         server = start_server(args)
