@@ -16,7 +16,10 @@
 # split-server / M x N instance oracle on GPUs, tests/gpu/test_scaleout_gpu.py; "bench2b" builds a random-weights
 # Qwen2-VL-2B-size checkpoint here (mm_models.sized, in the background from the start) and runs
 # scripts/bench_pipeline.py on it: mm_pipeline encoder GPU 0 / language GPU 1 vs mm_monolithic on GPU 0; its
-# arguments: MM_BENCH2B_ARGS). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
+# arguments: MM_BENCH2B_ARGS); "engine" runs scripts/bench_engine.py on the same checkpoint, everything on GPU 0
+# (in-process engine, mm_pipeline over CUDA IPC, mm_monolithic: requests/s, TTFT, inter-token latency at
+# concurrency 1..64 and one Poisson rate, MAX_TOKENS 16 and 128; arguments: MM_ENGINE_ARGS; files back:
+# engine.log, engine-gpu-2b.json, engine-gpu-2b.png). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
 # inside the device's 10-minute limit and what ran comes back. Files back: suite.log (summary), gpu.log,
 # bench.log, pipeline.log, unit.log, bench_transfer.json, bench_transfer.png, logs.tgz (server logs);
 # scaleout.log; bench2b.log, pipeline-gpu-2b.json, pipeline-gpu-2b.png (at most 8 files come back: pick stages).
@@ -98,7 +101,7 @@ PYEOF
 command -v perf_analyzer >/dev/null && { perf_analyzer --version 2>&1 | head -2 | tee -a "$OUT/suite.log"; }
 # the realistic-size checkpoint for bench2b is built in the background while the other stages run (CPU work)
 SIZED_DIR="${MM_SIZED_DIR:-/tmp/q2b}"
-if has bench2b; then
+if has bench2b || has engine; then
     ( OMP_NUM_THREADS=16 $PY -m mm_models.sized --preset qwen2-vl-2b --out "$SIZED_DIR" -v >"$OUT/sized.log" 2>&1; echo "rc=$?" >>"$OUT/sized.log" ) &
     SIZED_PID=$!
     say "building the qwen2-vl-2b-size checkpoint in $SIZED_DIR (pid $SIZED_PID)"
@@ -152,6 +155,19 @@ if has bench2b; then
         cp /tmp/bench2b/*server.log "$MM_GPU_LOG_DIR"/ 2>/dev/null
     else
         say "bench2b: SKIPPED (checkpoint build failed or unfinished)"
+    fi
+fi
+if has engine; then
+    while kill -0 "$SIZED_PID" 2>/dev/null && [ $((BUDGET_S - (SECONDS - T0))) -gt 60 ]; do sleep 2; done
+    if grep -q "^rc=0" "$OUT/sized.log"; then
+        # 64 slots of 4096 tokens per engine (7 GiB of bf16 KV each at the 2B size): c=64 all in the batch
+        stage engine 420 engine.log $PY scripts/bench_engine.py --checkpoint "$SIZED_DIR" \
+            ${MM_ENGINE_ARGS:---gpu mm_encoder=0 --gpu mm_language_stream=0 --gpu mm_monolithic_stream=0 --env MM_MAX_NUM_SEQS=64 --env MM_MAX_SEQ_LEN=4096 --point-timeout 120} \
+            --name engine-gpu-2b --out-dir "$OUT" --work-dir /tmp/engine --markdown
+        tail -40 "$OUT/engine.log" | tee -a "$OUT/suite.log"
+        cp /tmp/engine/*server.log "$MM_GPU_LOG_DIR"/ 2>/dev/null
+    else
+        say "engine: SKIPPED (checkpoint build failed or unfinished)"
     fi
 fi
 if has unit; then
