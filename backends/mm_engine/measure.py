@@ -45,9 +45,11 @@ def build_random_2b(tokenizer_dir: Path, device: str, dtype: torch.dtype, layers
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     overrides = {"text.num_hidden_layers": layers, "vision.depth": 1} if layers else {"vision.depth": 1}
     config = hf_config(preset_config("qwen2-vl-2b", overrides), ids, str(dtype).removeprefix("torch."))
-    config._attn_implementation = "sdpa"
-    config.text_config._attn_implementation = "sdpa"
-    config.vision_config._attn_implementation = "sdpa"
+    for c in (config, config.text_config, config.vision_config):
+        try:
+            c._attn_implementation = "sdpa"
+        except (AttributeError, ValueError):  # older configs: the model picks its default
+            pass
     previous = torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
@@ -237,12 +239,25 @@ def main(argv: list[str] | None = None) -> int:
                               "torch": torch.__version__, "load_s": round(time.monotonic() - t0, 1)}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    report["decode_step_ms"] = decode_step_ms(model, [int(b) for b in args.batches.split(",")],
-                                              args.prompt_len, args.steps)
-    report["prefill_stall"] = [prefill_stall(model, tok, args.device, args.stall_running, args.stall_join_len,
-                                             int(c)) for c in args.chunks.split(",")]
+    import transformers
+
+    report["transformers"] = transformers.__version__
+    sections = {
+        "decode_step_ms": lambda: decode_step_ms(model, [int(b) for b in args.batches.split(",")],
+                                                 args.prompt_len, args.steps),
+        "prefill_stall": lambda: [prefill_stall(model, tok, args.device, args.stall_running,
+                                                args.stall_join_len, int(c)) for c in args.chunks.split(",")],
+    }
     if args.exact:
-        report["exactness"] = exactness(model, tok, args.device, args.exact)
+        sections["exactness"] = lambda: exactness(model, tok, args.device, args.exact)
+    for name, run in sections.items():
+        try:  # one failing section must not lose the others' figures
+            report[name] = run()
+        except Exception as e:  # noqa: BLE001 - reported in the output
+            log.exception("%s failed", name)
+            report[name] = {"error": repr(e)}
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
