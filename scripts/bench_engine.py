@@ -20,7 +20,9 @@ from mm_bench.report import int_list, machine_info, machine_line, table, write_j
 
 TARGETS = {  # what the user calls -> the model that streams the same work (same engine, same parameters)
     "inprocess": None, "mm_pipeline": "mm_pipeline_stream", "mm_monolithic": "mm_monolithic_stream",
+    "mm_pipeline_unary": "mm_pipeline",  # optional: the unary ensemble itself (latency only: TTFT = latency)
 }
+DEFAULT_TARGETS = ("inprocess", "mm_pipeline", "mm_monolithic")
 IMAGE_TOKENS = (256, 640, 1200)  # the request mix: three images, the largest needs one continuation
 PROMPT = "Describe the image."
 
@@ -33,7 +35,8 @@ request) and end-to-end latency:
                  as mm_monolithic does; no Triton, no transfer): the upper bound;
   mm_pipeline    disaggregated, through tritonserver: measured on its streaming twin mm_pipeline_stream
                  (same encoder, same engine and parameters; one response per token gives TTFT and ITL);
-  mm_monolithic  colocated, through tritonserver: measured on mm_monolithic_stream.
+  mm_monolithic  colocated, through tritonserver: measured on mm_monolithic_stream;
+  mm_pipeline_unary  (not by default) the unary mm_pipeline: requests/s and latency, no token timings.
 Load: closed loop at each --concurrency, then open loop (Poisson) at each --request-rates, for each
 --max-tokens. Triton points are perf_analyzer --streaming runs of a fixed request count (per-response time
 stamps from --profile-export-file); in-process points use a Python load generator with the same shape.
@@ -67,7 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="scripts/bench_engine.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, of {', '.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="closed-loop concurrencies")
     p.add_argument("--max-tokens", type=int_list, default=[16, 128], help="MAX_TOKENS values")
     p.add_argument("--request-rates", type=rate_list, default="auto",
@@ -213,9 +217,12 @@ def warm_up(server, model: str, images: list[bytes]) -> None:
     """A few untimed requests: the first calls of a fresh model instance are slow (allocations, kernels)."""
     from mm_client import MMClient
 
-    with MMClient(server.grpc_url, protocol="grpc", timeout_s=300) as client:
+    with MMClient(server.grpc_url, protocol="grpc", timeout_s=300, model=model) as client:
         for img in images * 2:
-            list(client.stream([img], PROMPT, max_tokens=4, model=model))
+            if model.endswith("_stream"):
+                list(client.stream([img], PROMPT, max_tokens=4, model=model))
+            else:
+                client.generate([img], PROMPT, max_tokens=4)
 
 
 def triton_point(args, server, target: str, data: Path, max_tokens: int, kind: str, value) -> dict:
@@ -223,15 +230,22 @@ def triton_point(args, server, target: str, data: Path, max_tokens: int, kind: s
     export = args.work_dir / f"{args.name}-{label}-export.json"
     export.unlink(missing_ok=True)
     n = requests_for(args, value if kind == "concurrency" else None)
+    stream = TARGETS[target].endswith("_stream")
     cmd = perf.command(args.perf_analyzer, TARGETS[target], server.grpc_url, data, args.work_dir / f"{label}.csv",
                        concurrency=value if kind == "concurrency" else None,
                        request_rate=value if kind == "rate" else None, request_count=n,
                        max_threads=64 if kind == "rate" else None, profile_export=export,
-                       extra=["--streaming"])
+                       extra=["--streaming"] if stream else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout)
         ok = proc.returncode == 0 and export.exists()
-        summary = streaming.summarize(streaming.records_from_profile(perf.load_profile_export(export))) if ok else {}
+        summary = {}
+        if ok:
+            records = streaming.records_from_profile(perf.load_profile_export(export), summary_response=stream)
+            summary = streaming.summarize(records)
+            if not stream:  # one response per request: no token timings
+                for key in ("tokens_per_s", "tokens_per_request", "itl_p50_ms", "itl_p99_ms"):
+                    summary[key] = None
         if not ok:
             summary = {"completed": 0, "errors": n, "error": (proc.stdout + proc.stderr)[-500:]}
     except subprocess.TimeoutExpired:
