@@ -88,8 +88,8 @@ class EncoderService:
         come. ``cancelled`` (optional) is asked before the vision work and after publishing:
         a cancelled request publishes nothing (TransferCancelled).
         """
-        if not images:
-            raise ValueError("IMAGE: at least one image is required")
+        if not images:  # a text-only request: nothing to encode, no EMBED_REF
+            return []
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         for i, data in enumerate(images):  # cheap header checks of every image before decoding any

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from mm_models.chat import ChatMessages
 from mm_models.prompt import check_prompt
 from mm_models.qwen2vl import EncodedImage, LanguageModel
 from mmtransfer import (
@@ -56,16 +57,24 @@ class LanguageService:
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens", name, checkpoint, device,
                  config.pool_blocks, config.block_tokens, config.default_window_tokens)
 
-    def check_request(self, refs: Sequence[bytes | str], prompt: str, max_tokens: int | None) -> tuple[list[EmbedRef], int]:
-        """Validate everything before any transfer starts; ValueError names the bad input."""
-        if not prompt.strip():
+    def check_request(self, refs: Sequence[bytes | str], prompt: str | ChatMessages,
+                      max_tokens: int | None) -> tuple[list[EmbedRef], int]:
+        """Validate everything before any transfer starts; ValueError names the bad input. ``prompt``
+        is a plain PROMPT or a MESSAGES chat (already validated by mm_models.chat.parse_messages)."""
+        if isinstance(prompt, ChatMessages):
+            if prompt.text_bytes > self.max_prompt_bytes:
+                raise ValueError(f"MESSAGES: longer than max_prompt_bytes={self.max_prompt_bytes} bytes of text")
+            if prompt.num_images != len(refs):
+                raise ValueError(f"MESSAGES: {prompt.num_images} image part(s) but {len(refs)} image(s) given")
+        elif not prompt.strip():
             raise ValueError("PROMPT: must not be empty")
-        if len(prompt.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
+        elif len(prompt.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes:
             raise ValueError(f"PROMPT: longer than max_prompt_bytes={self.max_prompt_bytes} bytes")
-        try:
-            check_prompt(prompt)
-        except ValueError as exc:
-            raise ValueError(f"PROMPT: {exc}") from None
+        else:
+            try:
+                check_prompt(prompt)
+            except ValueError as exc:
+                raise ValueError(f"PROMPT: {exc}") from None
         if max_tokens is None:
             max_tokens = self.default_max_tokens
         if not 1 <= max_tokens <= self.max_tokens_limit:
@@ -81,7 +90,8 @@ class LanguageService:
         return parsed, max_tokens
 
     def generate(
-        self, refs: Sequence[bytes | str], prompt: str, max_tokens: int | None = None, request_id: str = "",
+        self, refs: Sequence[bytes | str], prompt: str | ChatMessages, max_tokens: int | None = None,
+        request_id: str = "",
         cancelled: Callable[[], bool] | None = None,
     ) -> GenerateOutput:
         """Pull each referenced embedding in prompt order, then greedy-generate.

@@ -1,4 +1,4 @@
-"""Triton model ``mm_language``: EMBED_REF, PROMPT, MAX_TOKENS? -> TEXT, TOKEN_IDS."""
+"""Triton model ``mm_language``: EMBED_REF, PROMPT or MESSAGES, MAX_TOKENS? -> TEXT, TOKEN_IDS."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,7 +7,8 @@ import numpy as np
 
 from mm_triton.metrics import TritonMetrics
 from mm_triton.model_base import ModelBase
-from mm_triton.tensors import bytes_list, one_string, optional_int
+from mm_triton.conversation import read_conversation
+from mm_triton.tensors import bytes_list, optional_int
 
 from .service import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS, LanguageService
 
@@ -27,7 +28,7 @@ class LanguageModelTriton(ModelBase):
         pb = self.pb_utils
         refs = bytes_list(pb, request, "EMBED_REF")
         try:
-            prompt = one_string(pb, request, "PROMPT")
+            prompt = read_conversation(pb, request, len(refs))
             max_tokens = optional_int(pb, request, "MAX_TOKENS")
         except ValueError:
             self.service.abort_all(refs, "request rejected")

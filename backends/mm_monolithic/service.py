@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mm_models.chat import ChatMessages
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import MonolithicModel
@@ -59,10 +60,9 @@ class MonolithicService:
         self.model = MonolithicModel.from_pretrained(checkpoint, device=device)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
-    def check_request(self, images: Sequence[bytes], prompt: str, max_tokens: int | None) -> tuple[list, list[int], int]:
+    def check_request(self, images: Sequence[bytes], prompt: str | ChatMessages,
+                      max_tokens: int | None) -> tuple[list, list[int], int]:
         """Decode and validate everything before any model work; ValueError names the bad input."""
-        if not images:
-            raise ValueError("IMAGE: at least one image is required")
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         decoded, counts = [], []
@@ -79,7 +79,10 @@ class MonolithicService:
                 )
             decoded.append(image)
             counts.append(tokens)
-        if not prompt.strip():
+        if isinstance(prompt, ChatMessages):
+            if prompt.num_images != len(images):
+                raise ValueError(f"MESSAGES: {prompt.num_images} image part(s) but {len(images)} image(s) given")
+        elif not prompt.strip():
             raise ValueError("PROMPT: must not be empty")
         if max_tokens is None:
             max_tokens = self.default_max_tokens
@@ -88,7 +91,7 @@ class MonolithicService:
         return decoded, counts, max_tokens
 
     def generate(
-        self, images: Sequence[bytes], prompt: str, max_tokens: int | None = None, request_id: str = ""
+        self, images: Sequence[bytes], prompt: str | ChatMessages, max_tokens: int | None = None, request_id: str = ""
     ) -> MonolithicOutput:
         decoded, counts, max_tokens = self.check_request(images, prompt, max_tokens)
         token_ids = self.model.generate(decoded, prompt, max_tokens)

@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 
 from mm_triton.model_base import ModelBase
-from mm_triton.tensors import bytes_list, one_string, optional_int
+from mm_triton.conversation import read_conversation
+from mm_triton.tensors import bytes_list, optional_int
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TOKENS, MonolithicService
 
@@ -24,7 +25,7 @@ class MonolithicModelTriton(ModelBase):
     def handle(self, request: Any, request_id: str) -> list[Any]:
         pb = self.pb_utils
         images = bytes_list(pb, request, "IMAGE")
-        prompt = one_string(pb, request, "PROMPT")
+        prompt = read_conversation(pb, request, len(images))
         max_tokens = optional_int(pb, request, "MAX_TOKENS")
         out = self.service.generate(images, prompt, max_tokens, request_id)
         return [
