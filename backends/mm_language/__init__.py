@@ -1,4 +1,5 @@
-"""Language side (receiver): EMBED_REFs -> pull -> language model -> text."""
-from .service import GenerateOutput, LanguageService
+"""Language side (receiver): EMBED_REFs -> pull (loader threads) -> the language engine -> text."""
+from .loader import PullLoader
+from .service import LanguageService
 
-__all__ = ["GenerateOutput", "LanguageService"]
+__all__ = ["LanguageService", "PullLoader"]

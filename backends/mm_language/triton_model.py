@@ -1,43 +1,48 @@
-"""Triton model ``mm_language``: EMBED_REF, PROMPT or MESSAGES, MAX_TOKENS? -> TEXT, TOKEN_IDS."""
+"""Triton models ``mm_language`` (one answer) and ``mm_language_stream`` (decoupled: one answer per token).
+
+Inputs: EMBED_REF, PROMPT and the generation inputs of :mod:`mm_triton.generation_inputs`.
+Outputs: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS (the stream: deltas, the last three
+on its FINAL response).
+"""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import numpy as np
-
+from mm_engine.api import GenerationRequest
+from mm_triton.engine_model import EngineModel
+from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.metrics import TritonMetrics
-from mm_triton.model_base import ModelBase
-from mm_triton.conversation import read_conversation
-from mm_triton.tensors import bytes_list, optional_int
+from mm_triton.tensors import bytes_list
 
-from .service import DEFAULT_MAX_PROMPT_BYTES, DEFAULT_MAX_TOKENS, LanguageService
+from .service import LanguageService
+
+log = logging.getLogger(__name__)
 
 
-class LanguageModelTriton(ModelBase):
+class LanguageModelTriton(EngineModel):
     def setup(self) -> None:
-        self.service = LanguageService(
-            self.checkpoint, self.transfer_config, self.device, name=self.instance_name,
-            max_tokens_limit=self.int_param("max_tokens_limit", 1024),
-            default_max_tokens=self.int_param("default_max_tokens", DEFAULT_MAX_TOKENS),
-            max_prompt_bytes=self.int_param("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES),
-        )
+        self.setup_engine_model()
+        self.service = LanguageService(self.checkpoint, self.transfer_config, self.params, self.device,
+                                       name=self.instance_name, engine_observer=self.engine_metrics)
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool)
         self.service.receiver.observer = self.metrics
+        self.engine = self.service.engine
 
-    def handle(self, request: Any, request_id: str) -> list[Any]:
-        pb = self.pb_utils
-        refs = bytes_list(pb, request, "EMBED_REF")
+    def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
+        refs = bytes_list(self.pb_utils, request, "EMBED_REF")
+        inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
+        return self.service.build_request(request_id, refs, inputs.prompt, inputs.sampling, inputs.deadline)
+
+    def abandon(self, request: Any, reason: str) -> None:
         try:
-            prompt = read_conversation(pb, request, len(refs))
-            max_tokens = optional_int(pb, request, "MAX_TOKENS")
+            refs = bytes_list(self.pb_utils, request, "EMBED_REF")
         except ValueError:
-            self.service.abort_all(refs, "request rejected")
-            raise
-        out = self.service.generate(refs, prompt, max_tokens, request_id, self.cancellation_check(request))
-        return [
-            pb.Tensor("TEXT", np.array([out.text.encode()], dtype=np.object_)),
-            pb.Tensor("TOKEN_IDS", np.array(out.token_ids, dtype=np.int64)),
-        ]
+            return
+        self.service.abort_all(refs, reason)
 
     def finalize(self) -> None:
-        self.service.close()
+        try:
+            super().finalize()
+        finally:
+            self.service.receiver.close()

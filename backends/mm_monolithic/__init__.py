@@ -1,4 +1,4 @@
-"""Colocated baseline: vision tower and language model in one model instance, no transfer."""
-from .service import MonolithicOutput, MonolithicService
+"""Colocated baseline: vision tower and language model in one model instance, no transfer, the same engine."""
+from .service import MonolithicService, VisionLoader
 
-__all__ = ["MonolithicOutput", "MonolithicService"]
+__all__ = ["MonolithicService", "VisionLoader"]

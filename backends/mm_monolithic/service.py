@@ -1,26 +1,33 @@
-"""The monolithic service: decode, validate, encode and generate in one process; no Triton inside.
+"""The monolithic service: decode, validate, encode and generate in one process, on the same engine as
+``mm_language``; no Triton inside.
 
-Same public contract and the same input checks (and error messages) as the disaggregated
-``mm_pipeline`` (``mm_encoder`` + ``mm_language``), so a client cannot tell them apart except by
-speed and memory: IMAGE (encoded bytes, one or more), PROMPT, optional MAX_TOKENS -> TEXT, TOKEN_IDS.
-The greedy tokens equal the pipeline's (both are checked against the same oracle,
-``mm_models.qwen2vl.MonolithicModel``, which this service runs).
+Same public contract and the same input checks (and error messages) as the disaggregated ``mm_pipeline``
+(``mm_encoder`` + ``mm_language``), so a client cannot tell them apart except by speed and memory. The
+checkpoint is loaded once; its vision tower runs in the request's :class:`VisionLoader` on an engine loader
+thread (while other sequences decode), its language model in the engine. The greedy tokens equal the
+pipeline's (both are checked against the same oracle, ``mm_models.qwen2vl.MonolithicModel``).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
+from PIL import Image
+
+from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
+from mm_engine.stats import EngineObserver
+from mm_language.engine_factory import make_engine
 from mm_models.chat import ChatMessages
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
-from mm_models.qwen2vl import MonolithicModel
+from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder
+from mm_models.qwen2vl import _loading
+from mmtransfer import TransferCancelled
 
 log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 16  # as mm_encoder / mm_language
-DEFAULT_MAX_TOKENS = 32
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 DEFAULT_MAX_EMBED_TOKENS = 8192
 
@@ -29,40 +36,56 @@ class RequestTooLarge(ValueError):
     """An image gives more embedding tokens than configured (INVALID_ARG, like the pipeline's)."""
 
 
-@dataclass(frozen=True)
-class MonolithicOutput:
-    text: str
-    token_ids: list[int]
-    image_tokens: list[int]
+class VisionLoader(ImageLoader):
+    """Runs the vision tower on a request's decoded images (engine loader thread)."""
+
+    def __init__(self, encoder: VisionEncoder, images: Sequence[Image.Image]) -> None:
+        self._encoder = encoder
+        self._images = list(images)
+        self._aborted = threading.Event()
+
+    def load(self, cancelled: Callable[[], bool]) -> list[EncodedImage]:
+        out = []
+        for image in self._images:
+            if cancelled() or self._aborted.is_set():
+                raise TransferCancelled("cancelled before its images were encoded")
+            out.append(self._encoder.encode(image))
+        self._images = []
+        return out
+
+    def abort(self, reason: str) -> None:
+        self._aborted.set()
+        self._images = []  # nothing else is held: drop the pixels now
 
 
 class MonolithicService:
-    """Owns one full Qwen2-VL (vision + language) and answers whole requests."""
+    """Owns one full Qwen2-VL (vision + language) and this instance's engine."""
 
     def __init__(
         self,
         checkpoint: str | Path,
+        engine_params: Mapping[str, str],
         device: str = "cpu",
         name: str = "mm_monolithic",
         max_embed_tokens: int = DEFAULT_MAX_EMBED_TOKENS,
-        max_tokens_limit: int = 1024,
-        default_max_tokens: int = DEFAULT_MAX_TOKENS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        engine_observer: EngineObserver | None = None,
     ) -> None:
-        if max_embed_tokens < 1 or max_tokens_limit < 1 or default_max_tokens < 1:
-            raise ValueError("max_embed_tokens, max_tokens_limit and default_max_tokens must be >= 1")
+        if max_embed_tokens < 1 or max_image_pixels < 1:
+            raise ValueError("max_embed_tokens and max_image_pixels must be >= 1")
         self.name = name
         self.max_embed_tokens = max_embed_tokens
-        self.max_tokens_limit = max_tokens_limit
-        self.default_max_tokens = min(default_max_tokens, max_tokens_limit)
         self.max_image_pixels = max_image_pixels
         self.geometry = ImageGeometry.from_model_dir(checkpoint)
-        self.model = MonolithicModel.from_pretrained(checkpoint, device=device)
+        # one copy of the weights serves both: the tower (VisionEncoder) and the text model (LanguageModel)
+        model = _loading.load_model(checkpoint, "full", device=device)
+        self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint), model.device)
+        self.lm = LanguageModel(model, _loading.load_tokenizer(checkpoint), model.device)
+        self.engine = make_engine(self.lm, engine_params, device, name, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
-    def check_request(self, images: Sequence[bytes], prompt: str | ChatMessages,
-                      max_tokens: int | None) -> tuple[list, list[int], int]:
-        """Decode and validate everything before any model work; ValueError names the bad input."""
+    def check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:
+        """Decode and validate every image before any model work; ValueError names the bad one."""
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         decoded, counts = [], []
@@ -79,25 +102,16 @@ class MonolithicService:
                 )
             decoded.append(image)
             counts.append(tokens)
-        if isinstance(prompt, ChatMessages):
-            if prompt.num_images != len(images):
-                raise ValueError(f"MESSAGES: {prompt.num_images} image part(s) but {len(images)} image(s) given")
-        elif not prompt.strip():
-            raise ValueError("PROMPT: must not be empty")
-        if max_tokens is None:
-            max_tokens = self.default_max_tokens
-        if not 1 <= max_tokens <= self.max_tokens_limit:
-            raise ValueError(f"MAX_TOKENS: must be in [1, {self.max_tokens_limit}], got {max_tokens}")
-        return decoded, counts, max_tokens
+        return decoded, counts
 
-    def generate(
-        self, images: Sequence[bytes], prompt: str | ChatMessages, max_tokens: int | None = None, request_id: str = ""
-    ) -> MonolithicOutput:
-        decoded, counts, max_tokens = self.check_request(images, prompt, max_tokens)
-        token_ids = self.model.generate(decoded, prompt, max_tokens)
-        log.debug("%s: request %s: %d image(s) %s tokens -> %d new tokens", self.name, request_id,
-                  len(decoded), counts, len(token_ids))
-        return MonolithicOutput(self.model.decode(token_ids), token_ids, counts)
+    def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int],
+                      prompt: str | ChatMessages, sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
+        """The engine's request for images already checked by :meth:`check_images`."""
+        counts = list(counts)
+        prompt_ids = self.lm.build_input_ids(prompt, counts)
+        return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, image_token_counts=counts,
+                                 images=VisionLoader(self.vision, decoded) if decoded else None,  # text-only: none
+                                 sampling=sampling, deadline=deadline)
 
     def close(self) -> None:
-        pass
+        self.engine.close()

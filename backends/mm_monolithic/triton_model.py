@@ -1,37 +1,31 @@
-"""Triton model ``mm_monolithic``: IMAGE, PROMPT, MAX_TOKENS? -> TEXT, TOKEN_IDS (no transfer)."""
+"""Triton model ``mm_monolithic``: IMAGE, PROMPT and the generation inputs -> TEXT, TOKEN_IDS, FINISH_REASON,
+PROMPT_TOKENS, COMPLETION_TOKENS (no transfer; the same engine as mm_language)."""
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+from mm_engine.api import GenerationRequest
+from mm_triton.engine_model import EngineModel
+from mm_triton.generation_inputs import read_generation_inputs
+from mm_triton.tensors import bytes_list
 
-from mm_triton.model_base import ModelBase
-from mm_triton.conversation import read_conversation
-from mm_triton.tensors import bytes_list, optional_int
-
-from .service import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_TOKENS, MonolithicService
+from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
 
 
-class MonolithicModelTriton(ModelBase):
+class MonolithicModelTriton(EngineModel):
     def setup(self) -> None:
+        self.setup_engine_model()
         self.service = MonolithicService(
-            self.checkpoint, self.device, name=self.instance_name,
+            self.checkpoint, self.params, self.device, name=self.instance_name,
             max_embed_tokens=self.transfer_config.max_embed_tokens,
-            max_tokens_limit=self.int_param("max_tokens_limit", 1024),
-            default_max_tokens=self.int_param("default_max_tokens", DEFAULT_MAX_TOKENS),
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+            engine_observer=self.engine_metrics,
         )
+        self.engine = self.service.engine
 
-    def handle(self, request: Any, request_id: str) -> list[Any]:
-        pb = self.pb_utils
-        images = bytes_list(pb, request, "IMAGE")
-        prompt = read_conversation(pb, request, len(images))
-        max_tokens = optional_int(pb, request, "MAX_TOKENS")
-        out = self.service.generate(images, prompt, max_tokens, request_id)
-        return [
-            pb.Tensor("TEXT", np.array([out.text.encode()], dtype=np.object_)),
-            pb.Tensor("TOKEN_IDS", np.array(out.token_ids, dtype=np.int64)),
-        ]
-
-    def finalize(self) -> None:
-        self.service.close()
+    def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
+        images = bytes_list(self.pb_utils, request, "IMAGE")
+        decoded, counts = self.service.check_images(images)  # image errors first, as the pipeline reports them
+        inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
+        return self.service.build_request(request_id, decoded, counts, inputs.prompt, inputs.sampling,
+                                          inputs.deadline)

@@ -36,3 +36,33 @@ def optional_int(pb_utils: Any, request: Any, name: str) -> int | None:
     if array.size != 1 or not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"input {name} must be one integer, got shape {array.shape} of {array.dtype}")
     return int(array[0])
+
+
+def _optional_scalar(pb_utils: Any, request: Any, name: str, kind: Any, what: str) -> Any:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy().reshape(-1)
+    if array.size != 1 or not np.issubdtype(array.dtype, kind):
+        raise ValueError(f"input {name} must be one {what}, got shape {array.shape} of {array.dtype}")
+    return array[0]
+
+
+def optional_float(pb_utils: Any, request: Any, name: str) -> float | None:
+    value = _optional_scalar(pb_utils, request, name, np.floating, "number")
+    if value is None:
+        return None
+    if not np.isfinite(value):
+        raise ValueError(f"input {name} must be a finite number, got {value}")
+    return float(value)
+
+
+def optional_strings(pb_utils: Any, request: Any, name: str) -> list[str]:
+    """A BYTES input of UTF-8 strings; [] when absent."""
+    out = []
+    for i, raw in enumerate(bytes_list(pb_utils, request, name, required=False)):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"input {name}[{i}] is not valid UTF-8") from None
+    return out

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from .client import DEFAULT_MODEL, DEFAULT_PORTS, MMClient
+from .client import DEFAULT_MODEL, DEFAULT_PORTS, DEFAULT_STREAM_MODEL, MMClient
 from .errors import ClientError, InvalidInput
 
 DEFAULT_PROMPT = "Describe the image."
@@ -20,14 +20,17 @@ examples:
   mm-client --url localhost:8000 --protocol http --max-tokens 16 --prompt "Describe" img1.png img2.jpg
   mm-client --protocol grpc --demo-image --json          # gRPC on localhost:{DEFAULT_PORTS['grpc']}, generated image
   mm-client --ready                                      # exit 0 if the server serves {DEFAULT_MODEL}
+  mm-client --stream --demo-image                        # gRPC streaming ({DEFAULT_STREAM_MODEL}): tokens as they come
 
 output:
-  the generated text on stdout; with --json one object {{"text", "token_ids", "latency_s", "images",
-  "url", "protocol"}}. Errors: one line on stderr, "mm-client: error: ...".
+  the generated text on stdout (--stream: printed as it is generated); with --json one object {{"text",
+  "token_ids", "latency_s", "finish_reason", "prompt_tokens", "completion_tokens", ("ttft_s" with --stream),
+  "images", "url", "protocol"}}. Errors: one line on stderr, "mm-client: error: ...".
 
 exit codes:
   0 success · 1 the server returned an error · 2 bad arguments or unreadable image file ·
-  3 no server answers at the URL (start one with ./scripts/serve) · 4 timeout
+  3 no server answers at the URL (start one with ./scripts/serve) · 4 timeout ·
+  5 the server is busy (UNAVAILABLE: queue full, deadline passed, ...): retry later
 """
 
 
@@ -74,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
                    help="request timeout in seconds (default: 120)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name to call (default: {DEFAULT_MODEL})")
+    p.add_argument("--stream", action="store_true",
+                   help=f"stream tokens as they are generated (gRPC streaming to {DEFAULT_STREAM_MODEL}; implies "
+                        "--protocol grpc, default port 8001)")
+    p.add_argument("--stream-model", default=DEFAULT_STREAM_MODEL,
+                   help=f"model name for --stream (default: {DEFAULT_STREAM_MODEL})")
     p.add_argument("--ready", action="store_true",
                    help="only check that the server is ready and serves the model; exit 0 (ready) or 3")
     return p
@@ -87,6 +95,8 @@ def _error(msg: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, 0 on --help
+    if args.stream:
+        args.protocol = "grpc"
     url = args.url or f"localhost:{DEFAULT_PORTS[args.protocol]}"
 
     try:
@@ -112,7 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _error("no image given: pass image file(s) or --demo-image (see --help)", EXIT_USAGE)
 
         try:
-            result = client.generate(images, args.prompt, max_tokens=args.max_tokens)
+            if args.stream:
+                printer = None if args.json else (lambda chunk: print(chunk.text, end="", flush=True))
+                result = client.generate_stream(images, args.prompt, max_tokens=args.max_tokens, on_chunk=printer,
+                                                model=args.stream_model)
+            else:
+                result = client.generate(images, args.prompt, max_tokens=args.max_tokens)
         except InvalidInput as e:
             return _error(e, EXIT_USAGE)
         except ClientError as e:
@@ -124,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = result.to_dict()
         out.update(images=len(images), url=client.display_url, protocol=args.protocol)
         print(json.dumps(out, ensure_ascii=False))
+    elif args.stream:
+        print()
     else:
         print(result.text)
     return EXIT_OK

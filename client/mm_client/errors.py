@@ -25,6 +25,17 @@ class ServerUnavailable(ClientError):
         super().__init__(msg)
 
 
+class ServerBusy(ClientError):
+    """The server answered UNAVAILABLE for this request (its queue is full, the request waited too long or
+    passed its deadline, a transfer pool is exhausted): the request was fine, retry later."""
+
+    exit_code = 5
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(f"server busy, retry later: {message}")
+
+
 class ClientTimeout(ClientError):
     """The server did not answer within timeout_s."""
 

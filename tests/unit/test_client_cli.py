@@ -17,8 +17,10 @@ from mm_client import (
     GenerateResult,
     InvalidInput,
     MMClient,
+    ServerBusy,
     ServerError,
     ServerUnavailable,
+    StreamChunk,
     cli,
     demo_image,
 )
@@ -66,7 +68,18 @@ class FakeClient:
                                      images=list(images), prompt=prompt, max_tokens=max_tokens))
         if FakeClient.raise_exc:
             raise FakeClient.raise_exc
-        return GenerateResult(text="a red house", token_ids=[5, 6, 7], latency_s=0.25)
+        return GenerateResult(text="a red house", token_ids=[5, 6, 7], latency_s=0.25, finish_reason="length",
+                              prompt_tokens=40, completion_tokens=3)
+
+    def generate_stream(self, images, prompt, max_tokens=None, on_chunk=None, model="mm_pipeline_stream"):
+        FakeClient.calls.append(dict(url=self.url, protocol=self.protocol, model=model, images=list(images),
+                                     prompt=prompt, max_tokens=max_tokens, stream=True))
+        chunks = [StreamChunk("a red", [5, 6], False), StreamChunk(" house", [7], True, "length", 40, 3)]
+        for chunk in chunks:
+            if on_chunk is not None:
+                on_chunk(chunk)
+        return GenerateResult(text="a red house", token_ids=[5, 6, 7], latency_s=0.25, finish_reason="length",
+                              prompt_tokens=40, completion_tokens=3, ttft_s=0.1)
 
 
 @pytest.fixture
@@ -117,7 +130,32 @@ def test_json_output(capsys, fake, png):
     assert code == 0
     obj = json.loads(out)
     assert obj == {"text": "a red house", "token_ids": [5, 6, 7], "latency_s": 0.25, "images": 1,
-                   "url": "localhost:9000", "protocol": "http"}
+                   "url": "localhost:9000", "protocol": "http", "finish_reason": "length", "prompt_tokens": 40,
+                   "completion_tokens": 3}
+
+
+def test_stream_prints_chunks_as_they_come_over_grpc(capsys, fake, png):
+    code, out, _ = run_cli(capsys, "--stream", "--max-tokens", "3", str(png))
+    assert code == 0 and out == "a red house\n"
+    call = fake.calls[-1]
+    assert call["stream"] and call["protocol"] == "grpc" and call["url"] == "localhost:8001"
+    assert call["model"] == "mm_pipeline_stream" and call["max_tokens"] == 3
+    code, out, _ = run_cli(capsys, "--stream", "--json", str(png))
+    obj = json.loads(out)
+    assert obj["ttft_s"] == 0.1 and obj["finish_reason"] == "length" and obj["token_ids"] == [5, 6, 7]
+
+
+def test_stream_needs_grpc_in_the_library():
+    with pytest.raises(InvalidInput, match="grpc"):
+        next(MMClient("h:1", protocol="http").stream([b"x"], "p"))
+
+
+def test_server_busy_is_not_no_server():
+    from tritonclient.utils import InferenceServerException
+
+    e = MMClient("h:1", protocol="grpc")._translate(InferenceServerException(
+        "unavailable (queue_full): 64 sequences are waiting", status="StatusCode.UNAVAILABLE"))
+    assert isinstance(e, ServerBusy) and e.exit_code == 5 and "queue_full" in str(e)
 
 
 @pytest.mark.parametrize("argv", [

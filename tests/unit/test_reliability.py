@@ -116,18 +116,27 @@ def test_receiver_gives_up_a_cancelled_transfer_between_continuations():
         assert torch.equal(receiver.pull(sender.register(data), "req-3", lambda: False).embedding, data)
 
 
-def test_language_service_checks_cancellation_before_generation_and_aborts_the_rest():
-    from mm_language.service import LanguageService
+def _wait_sender_idle(sender, timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sender.active_transfers and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_pull_loader_aborts_the_rest_on_cancellation_and_abort():
+    """mm_language's ImageLoader: a cancellation during the second pull aborts the third on its sender; abort()
+    before load releases every embedding at once; the receive window is freed on every path."""
+    from mm_language.loader import PullLoader
+    from mmtransfer import EmbedRef
 
     cfg = TransferConfig(block_tokens=4, default_window_tokens=8, pool_blocks=8, max_embed_tokens=256,
                          pull_timeout_s=2)
     with SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender:
-        svc = LanguageService.__new__(LanguageService)  # no model: generation must never be reached
-        svc.config, svc.max_prompt_bytes, svc.max_tokens_limit, svc.default_max_tokens = cfg, 1000, 64, 4
-        svc.receiver = Receiver(BlockPool(8, 4, HIDDEN, name="rx"), cfg)
-        svc.lm = SimpleNamespace(generate=lambda *a: pytest.fail("generated for a cancelled request"))
+        receiver = Receiver(BlockPool(8, 4, HIDDEN, name="rx"), cfg)
         try:
-            refs = [sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json() for _ in range(3)]
+            def refs(n):
+                return [EmbedRef.from_json(sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json())
+                        for _ in range(n)]
+
             state = {"n": 0}
 
             def cancelled():  # cancelled while the second image is being pulled
@@ -135,23 +144,28 @@ def test_language_service_checks_cancellation_before_generation_and_aborts_the_r
                 return state["n"] > 4
 
             with pytest.raises(TransferCancelled):
-                svc.generate(refs, "hi", 2, "r", cancelled)
-            deadline = time.monotonic() + 2
-            while sender.active_transfers and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert sender.active_transfers == 0 and svc.receiver.pool.used_blocks == 0
-            refs = [sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json()]
-            late = iter([False, False, True])  # not cancelled during the pull (2 chunks), then cancelled
-            with pytest.raises(TransferCancelled, match="before generation"):
-                svc.generate(refs, "hi", 2, "r", lambda: next(late))
-            for bad, message in (("x" * 1001, "max_prompt_bytes"), ("a <|image_pad|>", "reserved vision token")):
-                with pytest.raises(ValueError, match=message):
-                    svc.generate([sender.register(torch.randn(4, HIDDEN)).to_json()], bad, 2)
-            while sender.active_transfers and time.monotonic() < deadline + 2:
-                time.sleep(0.01)
-            assert sender.active_transfers == 0  # refused requests abort their embeddings at once
+                PullLoader(receiver, refs(3), "r1").load(cancelled)
+            _wait_sender_idle(sender)
+            assert sender.active_transfers == 0 and receiver.pool.used_blocks == 0
+            loader = PullLoader(receiver, refs(2), "r2")
+            loader.abort("the request ended before its images were pulled")
+            loader.abort("again")  # idempotent
+            with pytest.raises(TransferCancelled, match="aborted"):
+                loader.load(lambda: False)
+            _wait_sender_idle(sender)
+            assert sender.active_transfers == 0
+            data = torch.randn(10, HIDDEN)
+            ok = PullLoader(receiver, [EmbedRef.from_json(sender.register(data, {"grid_thw": [1, 2, 20]}).to_json())],
+                            "r3")
+            images = ok.load(lambda: False)
+            assert torch.equal(images[0].embeds, data) and images[0].grid_thw == (1, 2, 20)
+            lying = EmbedRef.from_json(sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json())
+            lying = EmbedRef(lying.transfer_id, lying.address, 12)
+            with pytest.raises(ProtocolError, match="10 tokens, its EMBED_REF said 12"):
+                PullLoader(receiver, [lying], "r4").load(lambda: False)
+            assert receiver.pool.used_blocks == 0
         finally:
-            svc.receiver.close()
+            receiver.close()
 
 
 # ---- the encoder's request-level capacity check ---------------------------------------------------------

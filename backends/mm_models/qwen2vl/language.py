@@ -79,6 +79,11 @@ class LanguageModel:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def hf_model(self) -> Any:
+        """The underlying HF model (what :class:`mm_engine.LLMEngine` runs)."""
+        return self._model
+
     def build_input_ids(self, prompt: str | ChatMessages, image_token_counts: list[int]) -> list[int]:
         """Token ids of the chat prompt (see :mod:`mm_models.prompt`) with, for each image in order,
         ``<|vision_start|>`` + ``<|image_pad|>`` * count + ``<|vision_end|>`` before the text.

@@ -47,6 +47,11 @@ class MonolithicModel:
     def tokenizer(self) -> Any:
         return self._tokenizer
 
+    @property
+    def hf_model(self) -> Any:
+        """The underlying HF model (what :class:`mm_engine.LLMEngine` runs)."""
+        return self._model
+
     def build_inputs(self, images: Sequence[Image.Image], prompt: str | ChatMessages) -> dict[str, torch.Tensor]:
         """Model inputs for one request (what ``Qwen2VLProcessor.__call__`` would return); ``prompt`` is a
         plain prompt or a chat (:mod:`mm_models.chat`), rendered with the checkpoint's chat template."""

@@ -1,0 +1,87 @@
+"""The language engine's Triton custom metrics (one set per model instance, labelled model + instance).
+
+    mm_engine_ttft_seconds             HISTOGRAM  submit (execute) -> the sequence's first token
+    mm_engine_inter_token_seconds      HISTOGRAM  gap between successive tokens of one sequence
+    mm_engine_running_sequences        GAUGE      sequences in the running batch
+    mm_engine_waiting_sequences        GAUGE      admitted sequences not running yet (loading images or queued)
+    mm_engine_kv_slots_used            GAUGE      KV cache slots held (back to 0 when idle)
+    mm_engine_kv_slots_total           GAUGE      KV cache slots preallocated
+    mm_engine_prompt_tokens_total      COUNTER    prompt tokens prefilled (image tokens included)
+    mm_engine_generated_tokens_total   COUNTER    tokens generated
+    mm_engine_requests_total           COUNTER    ended sequences by outcome: stop, length, or the error cause
+
+All of them come from the engine's own :class:`~mm_engine.stats.EngineObserver` hooks, called on its loop
+thread.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from mm_engine.api import ErrorCause, FinishReason
+from mm_engine.stats import EngineObserver
+
+log = logging.getLogger(__name__)
+TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+ITL_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+OUTCOMES = tuple(r.value for r in FinishReason) + tuple(c.value for c in ErrorCause)
+
+
+class EngineMetrics(EngineObserver):
+    """The engine's observer: every hook updates a Triton metric (under a lock: hooks may come from threads)."""
+
+    def __init__(self, pb_utils: Any, model: str, instance: str) -> None:
+        mf = pb_utils.MetricFamily
+        labels = {"model": model, "instance": instance}
+        self._lock = threading.Lock()
+        self._families: list[Any] = []  # families must outlive their metrics
+
+        def metric(name: str, help_: str, kind: Any, **kw: Any) -> Any:
+            self._families.append(mf(name=name, description=help_, kind=kind))
+            return self._families[-1].Metric(labels=labels, **kw)
+
+        self._ttft = metric("mm_engine_ttft_seconds", "Time from submit to a sequence's first token",
+                            mf.HISTOGRAM, buckets=TTFT_BUCKETS)
+        self._itl = metric("mm_engine_inter_token_seconds", "Time between successive tokens of a sequence",
+                           mf.HISTOGRAM, buckets=ITL_BUCKETS)
+        self._running = metric("mm_engine_running_sequences", "Sequences in the running batch", mf.GAUGE)
+        self._waiting = metric("mm_engine_waiting_sequences", "Admitted sequences not running yet", mf.GAUGE)
+        self._slots = metric("mm_engine_kv_slots_used", "KV cache slots held by sequences", mf.GAUGE)
+        self._slots_total = metric("mm_engine_kv_slots_total", "KV cache slots preallocated", mf.GAUGE)
+        self._prompt = metric("mm_engine_prompt_tokens_total", "Prompt tokens prefilled (image tokens included)", mf.COUNTER)
+        self._generated = metric("mm_engine_generated_tokens_total", "Tokens generated", mf.COUNTER)
+        requests = mf(name="mm_engine_requests_total", description="Ended sequences by outcome", kind=mf.COUNTER)
+        self._families.append(requests)
+        self._outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+
+    def on_gauges(self, running: int, waiting: int, slots_used: int, slots_total: int) -> None:
+        with self._lock:
+            self._running.set(running)
+            self._waiting.set(waiting)
+            self._slots.set(slots_used)
+            self._slots_total.set(slots_total)
+
+    def on_prompt_tokens(self, count: int) -> None:
+        with self._lock:
+            self._prompt.increment(count)
+
+    def on_generation_tokens(self, count: int) -> None:
+        with self._lock:
+            self._generated.increment(count)
+
+    def on_time_to_first_token(self, seconds: float) -> None:
+        with self._lock:
+            self._ttft.observe(seconds)
+
+    def on_inter_token_latency(self, seconds: float) -> None:
+        with self._lock:
+            self._itl.observe(seconds)
+
+    def on_finished(self, label: str) -> None:
+        counter = self._outcomes.get(label)
+        if counter is None:
+            log.warning("engine metrics: unknown outcome %r", label)
+            return
+        with self._lock:
+            counter.increment(1)

@@ -1,0 +1,69 @@
+"""Life cycle shared by the engine-backed Python models (``mm_language``, ``mm_language_stream``, ``mm_monolithic``).
+
+``execute()`` only validates and enqueues: per request it reads the inputs, builds a
+:class:`~mm_engine.api.GenerationRequest` (the subclass's ``build_request``), submits it to this instance's
+engine with a sink and returns None. The engine's threads answer through the request's response sender: one
+FINAL response (non-decoupled model) or one response per token (decoupled model, chosen by the config's
+``model_transaction_policy { decoupled: true }``). A request refused before or at ``submit`` (bad input,
+queue full, shutting down) is answered at once, with its embeddings freed by ``build_request``'s caller.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from mm_engine.api import Engine, GenerationRequest
+
+from .engine_metrics import EngineMetrics
+from .generation_inputs import DEFAULT_MAX_PROMPT_BYTES, InputLimits
+from .model_base import ModelBase
+from .sinks import StreamSink, UnarySink
+
+log = logging.getLogger(__name__)
+
+
+class EngineModel(ModelBase):
+    """Subclasses set ``self.engine`` in ``setup`` (after ``super().setup_engine_model()``) and implement
+    ``build_request`` and ``abandon``."""
+
+    engine: Engine
+
+    def setup_engine_model(self) -> None:
+        policy = self.model_config.get("model_transaction_policy") or {}
+        self.decoupled = bool(policy.get("decoupled", False))
+        self.limits = InputLimits(
+            max_tokens_limit=self.int_param("max_tokens_limit", 1024),
+            default_max_tokens=self.int_param("default_max_tokens", 32),
+            max_prompt_bytes=self.int_param("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES),
+        )
+        self.engine_metrics = EngineMetrics(self.pb_utils, self.model_name, self.instance_name)
+
+    def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
+        """Read and validate one Triton request; raise ValueError (INVALID_ARG) naming the bad input."""
+        raise NotImplementedError
+
+    def abandon(self, request: Any, reason: str) -> None:
+        """Free what a request holds outside the engine (e.g. abort its EMBED_REFs) when it never got in."""
+
+    def execute(self, requests: list[Any]) -> None:
+        sink_cls = StreamSink if self.decoupled else UnarySink
+        for request in requests:
+            arrived = time.monotonic()
+            request_id = request.request_id() or uuid.uuid4().hex[:12]
+            sink = sink_cls(self.pb_utils, request, request_id, self.cancellation_check(request))
+            try:
+                generation = self.build_request(request, request_id, arrived)
+                generation.cancelled = sink.cancelled
+                self.engine.submit(generation, sink)
+            except Exception as exc:  # every request gets an answer; the instance keeps serving
+                log.warning("%s: request %s refused: %s", self.instance_name, request_id, exc)
+                try:
+                    self.abandon(request, f"request refused: {type(exc).__name__}")
+                finally:
+                    sink.answer_error(exc)
+        return None
+
+    def finalize(self) -> None:
+        self.engine.close()

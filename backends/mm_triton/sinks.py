@@ -1,0 +1,122 @@
+"""Engine results -> Triton responses, sent from the engine's threads through the request's response sender.
+
+- :class:`UnarySink` (non-decoupled model, ``mm_language`` / ``mm_monolithic``): ONE response when the
+  sequence ends, flagged FINAL: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS. Triton 2.51
+  lets a non-decoupled Python model return None from ``execute`` and answer later this way (ENVIRONMENT.md),
+  which keeps HTTP, unary gRPC, perf_analyzer and ensembles working with many requests in flight.
+- :class:`StreamSink` (decoupled model, ``mm_language_stream``): one response per ``on_tokens`` (TEXT and
+  TOKEN_IDS deltas), then a last data response carrying whatever text the detokenizer still held back, the
+  finish reason and the token counts, flagged FINAL. FINAL never travels on an empty response: Triton drops
+  it unless the client enabled empty final responses.
+
+Both turn a failed send (the client went away) into a cancellation that the engine sees at its next step.
+Sinks never raise (the engine's contract). Token timings and counts are the engine's own (its observer,
+:mod:`mm_triton.engine_metrics`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+import numpy as np
+
+from mm_engine.api import EngineError, GenerationOutput, ResponseSink
+
+from .errors import triton_error
+
+log = logging.getLogger(__name__)
+
+
+class _SinkBase(ResponseSink):
+    def __init__(self, pb_utils: Any, request: Any, request_id: str, client_cancelled: Callable[[], bool]) -> None:
+        self._pb = pb_utils
+        self._sender = request.get_response_sender()
+        self.request_id = request_id
+        self._client_cancelled = client_cancelled
+        self._gone = False  # a send failed: nobody listens any more
+        self._done = False
+        self._lock = threading.Lock()
+
+    def cancelled(self) -> bool:
+        """The probe the engine polls between steps: the client cancelled, or it is gone."""
+        return self._gone or self._client_cancelled()
+
+    def _send(self, response: Any, final: bool) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = final
+            try:
+                flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+                self._sender.send(response, flags=flags)
+            except Exception as exc:  # noqa: BLE001 - the client went away; the engine drops the sequence
+                self._gone = True
+                log.info("request %s: response not delivered (%s); the sequence is dropped", self.request_id, exc)
+
+    def _tensor(self, name: str, array: np.ndarray) -> Any:
+        return self._pb.Tensor(name, array)
+
+    def _text(self, text: str) -> Any:
+        return self._tensor("TEXT", np.array([text.encode("utf-8")], dtype=np.object_))
+
+    def _ids(self, ids: list[int]) -> Any:
+        return self._tensor("TOKEN_IDS", np.array(ids, dtype=np.int64))
+
+    def _summary(self, output: GenerationOutput) -> list[Any]:
+        return [
+            self._tensor("FINISH_REASON", np.array([output.finish_reason.value.encode()], dtype=np.object_)),
+            self._tensor("PROMPT_TOKENS", np.array([output.prompt_tokens], dtype=np.int32)),
+            self._tensor("COMPLETION_TOKENS", np.array([output.completion_tokens], dtype=np.int32)),
+        ]
+
+    def on_error(self, error: EngineError) -> None:
+        try:
+            log.info("request %s failed: %s (%s)", self.request_id, error, error.cause.value)
+            self._send(self._pb.InferenceResponse(error=triton_error(self._pb, error)), final=True)
+        except Exception:  # noqa: BLE001 - never raise into the engine
+            log.exception("request %s: could not answer an error", self.request_id)
+
+    def answer_error(self, exc: BaseException) -> None:
+        """Refused before it reached the engine (bad input, queue full): answer at once."""
+        self._send(self._pb.InferenceResponse(error=triton_error(self._pb, exc)), final=True)
+
+
+class UnarySink(_SinkBase):
+    """One FINAL response with the whole result."""
+
+    def on_finish(self, output: GenerationOutput) -> None:
+        try:
+            tensors = [self._text(output.text), self._ids(list(output.token_ids)), *self._summary(output)]
+            self._send(self._pb.InferenceResponse(output_tensors=tensors), final=True)
+        except Exception:  # noqa: BLE001 - never raise into the engine
+            log.exception("request %s: could not answer", self.request_id)
+
+
+class StreamSink(_SinkBase):
+    """One response per new tokens; the finish reason and counts ride on the FINAL (last data) response."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._streamed_ids: list[int] = []
+        self._streamed_text: list[str] = []
+
+    def on_tokens(self, token_ids: list[int], text_delta: str) -> None:
+        try:
+            self._streamed_ids.extend(token_ids)
+            self._streamed_text.append(text_delta)
+            response = self._pb.InferenceResponse(output_tensors=[self._text(text_delta), self._ids(list(token_ids))])
+            self._send(response, final=False)
+        except Exception:  # noqa: BLE001 - never raise into the engine
+            log.exception("request %s: could not stream tokens", self.request_id)
+
+    def on_finish(self, output: GenerationOutput) -> None:
+        try:
+            streamed = "".join(self._streamed_text)
+            text_rest = output.text[len(streamed):] if output.text.startswith(streamed) else ""
+            n = len(self._streamed_ids)
+            ids_rest = list(output.token_ids[n:]) if list(output.token_ids[:n]) == self._streamed_ids else []
+            tensors = [self._text(text_rest), self._ids(ids_rest), *self._summary(output)]
+            self._send(self._pb.InferenceResponse(output_tensors=tensors), final=True)
+        except Exception:  # noqa: BLE001 - never raise into the engine
+            log.exception("request %s: could not finish the stream", self.request_id)
