@@ -15,7 +15,7 @@ from mm_models.chat import ChatMessages
 from mm_models.qwen2vl import LanguageModel
 from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, TransferConfig, TransferObserver
 
-from .engine_factory import make_engine
+from .engine_factory import engine_config, make_engine, model_dtype
 from .loader import PullLoader
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,15 @@ class LanguageService:
     ) -> None:
         self.config = config
         self.name = name
-        self.lm = LanguageModel.from_pretrained(checkpoint, device=device)
+        self.engine_config = engine_config(engine_params, device)
+        self.lm = LanguageModel.from_pretrained(checkpoint, device=device, dtype=model_dtype(self.engine_config))
         self.pool = BlockPool(
             config.pool_blocks, config.block_tokens, self.lm.hidden_size, self.lm.dtype, device,
             block_allocator=config.use_block_allocator, slot_blocks=min(config.window_blocks, config.pool_blocks),
             name=f"{name}-pool",
         )
         self.receiver = Receiver(self.pool, config, observer=observer, name=name)
-        self.engine = make_engine(self.lm, engine_params, device, name, engine_observer)
+        self.engine = make_engine(self.lm._model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens", name, checkpoint, device,
                  config.pool_blocks, config.block_tokens, config.default_window_tokens)
 

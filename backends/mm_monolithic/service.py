@@ -18,7 +18,7 @@ from PIL import Image
 
 from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
 from mm_engine.stats import EngineObserver
-from mm_language.engine_factory import make_engine
+from mm_language.engine_factory import engine_config, make_engine, model_dtype
 from mm_models.chat import ChatMessages
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
@@ -78,10 +78,11 @@ class MonolithicService:
         self.max_image_pixels = max_image_pixels
         self.geometry = ImageGeometry.from_model_dir(checkpoint)
         # one copy of the weights serves both: the tower (VisionEncoder) and the text model (LanguageModel)
-        model = _loading.load_model(checkpoint, "full", device=device)
+        self.engine_config = engine_config(engine_params, device)
+        model = _loading.load_model(checkpoint, "full", device=device, dtype=model_dtype(self.engine_config))
         self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint), model.device)
         self.lm = LanguageModel(model, _loading.load_tokenizer(checkpoint), model.device)
-        self.engine = make_engine(self.lm, engine_params, device, name, engine_observer)
+        self.engine = make_engine(model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
     def check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:
