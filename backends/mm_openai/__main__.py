@@ -15,7 +15,13 @@ HELP = {
     "port": "port to listen on",
     "served_model_name": "the model name clients send and GET /v1/models lists",
     "triton_model": "Triton model for unary requests",
-    "triton_stream_model": "Triton model for stream=true (if not ready, answered in one chunk by --triton-model)",
+    "triton_stream_model": "Triton ensemble for stream=true when --stream-via ensemble (or the direct models are "
+                           "not ready); if it is not ready either, streams get one chunk from --triton-model",
+    "triton_encoder_model": "direct stream route: the encoder model called first (EMBED_REF)",
+    "triton_language_stream_model": "direct stream route: the decoupled language model streamed from",
+    "stream_via": "direct: encoder, then the language model called directly, so a client that goes away cancels "
+                  "its sequence at once; ensemble: one call to --triton-stream-model (cancellation does not pass "
+                  "through a Triton 2.51 ensemble: the sequence runs to its end)",
     "max_body_bytes": "largest request body (413 above)",
     "max_image_bytes": "largest image, decoded data: URL or fetched (413 above)",
     "max_images": "most images per request",

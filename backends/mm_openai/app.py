@@ -28,7 +28,7 @@ from .images import FetchPolicy, ImageFetcher
 from .metrics import APIMetrics
 from .responses import SSE_DONE, CompletionIds, Usage, chunk, completion, sse, usage_chunk
 from .schema import ChatRequest, parse_body
-from .triton import Delta, TritonBackend, build_inputs
+from .triton import Delta, TritonBackend, TritonModels, build_inputs
 
 log = logging.getLogger("mm_openai")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -183,14 +183,15 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        backend = TritonBackend(config.triton_url, config.triton_model, config.triton_stream_model,
-                                config.request_timeout_s, config.triton_concurrency)
+        models = TritonModels(config.triton_model, config.triton_stream_model, config.triton_encoder_model,
+                              config.triton_language_stream_model, config.stream_via)
+        backend = TritonBackend(config.triton_url, models, config.request_timeout_s, config.triton_concurrency)
         fetcher = ImageFetcher(FetchPolicy(config.image_url_hosts, config.image_url_loopback,
                                            config.max_image_bytes, config.image_fetch_timeout_s))
         app.state.chat = ChatHandler(config, backend, fetcher, metrics)
         app.state.backend = backend
-        log.info("OpenAI API for model %r on Triton %s (%s, stream %s)", config.served_model_name,
-                 config.triton_url, config.triton_model, config.triton_stream_model)
+        log.info("OpenAI API for model %r on Triton %s (%s; streams via %s)", config.served_model_name,
+                 config.triton_url, config.triton_model, config.stream_via)
         try:
             yield
         finally:

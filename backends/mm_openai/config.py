@@ -21,7 +21,10 @@ class ServerConfig:
     port: int = 9000
     served_model_name: str = "mm-qwen2-vl"  # the `model` clients name; GET /v1/models lists it
     triton_model: str = "mm_pipeline"  # unary requests
-    triton_stream_model: str = "mm_pipeline_stream"  # stream requests (one chunk from triton_model if absent)
+    triton_stream_model: str = "mm_pipeline_stream"  # stream requests via the ensemble
+    triton_encoder_model: str = "mm_encoder"  # stream requests, direct route: encode first ...
+    triton_language_stream_model: str = "mm_language_stream"  # ... then stream from the language model
+    stream_via: str = "direct"  # direct (client disconnect cancels the sequence) or ensemble
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
     max_image_bytes: int = 20 * 1024 * 1024  # one image (decoded data: URL or fetched)
     max_images: int = 16
@@ -44,7 +47,10 @@ class ServerConfig:
         for name in ("request_timeout_s", "image_fetch_timeout_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("triton_url", "served_model_name", "triton_model", "triton_stream_model"):
+        if self.stream_via not in ("direct", "ensemble"):
+            problems.append(f"stream_via must be direct or ensemble, got {self.stream_via!r}")
+        for name in ("triton_url", "served_model_name", "triton_model", "triton_stream_model",
+                     "triton_encoder_model", "triton_language_stream_model"):
             if not getattr(self, name).strip():
                 problems.append(f"{name} must not be empty")
         for host in self.image_url_hosts:

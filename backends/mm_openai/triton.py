@@ -10,10 +10,12 @@ its ``default_max_tokens``), so a server without sampling inputs still answers g
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 import numpy as np
@@ -86,86 +88,141 @@ def _api_error(exc: InferenceServerException) -> APIError:
     return from_triton(exc.status(), exc.message() or str(exc))
 
 
+class StreamRoute(enum.Enum):
+    """How a stream request reaches the engine (chosen per request from what is ready, cached 5 s)."""
+
+    DIRECT = "direct"  # mm_encoder (unary), then mm_language_stream called directly: a client that goes
+    #                    away cancels the sequence (Triton 2.51 does not pass cancellation through ensembles)
+    ENSEMBLE = "ensemble"  # mm_pipeline_stream: one call; an abandoned sequence runs to its end
+    UNARY = "unary"  # no streaming model: the whole answer from mm_pipeline as one chunk
+
+
+@dataclass(frozen=True)
+class TritonModels:
+    pipeline: str = "mm_pipeline"
+    pipeline_stream: str = "mm_pipeline_stream"
+    encoder: str = "mm_encoder"
+    language_stream: str = "mm_language_stream"
+    stream_via: str = "direct"  # "direct" or "ensemble" (the preferred route; falls back when not ready)
+
+
 class TritonBackend:
     """Owns the gRPC channel (create inside the event loop that uses it, e.g. the app's lifespan)."""
 
-    def __init__(self, url: str, model: str, stream_model: str, timeout_s: float, concurrency: int) -> None:
-        self.url, self.model, self.stream_model, self.timeout_s = url, model, stream_model, timeout_s
+    def __init__(self, url: str, models: TritonModels, timeout_s: float, concurrency: int) -> None:
+        self.url, self.models, self.timeout_s = url, models, timeout_s
+        self.model = models.pipeline
         self._client = grpcclient.InferenceServerClient(url)
         self._slots = asyncio.Semaphore(concurrency)
-        self._stream_ready: tuple[float, bool] = (float("-inf"), False)
+        self._route: tuple[float, StreamRoute] = (float("-inf"), StreamRoute.UNARY)
 
     async def close(self) -> None:
         await self._client.close()
 
+    async def _ready(self, name: str) -> bool:
+        try:
+            return bool(await self._client.is_model_ready(name, client_timeout=3))
+        except InferenceServerException:
+            return False
+
     async def health(self) -> dict[str, bool]:
-        """Readiness of Triton and of each model this server calls (False when unreachable)."""
-        out = {"server": False, self.model: False, self.stream_model: False}
+        """Readiness of Triton and of each model this server may call (False when unreachable)."""
+        m = self.models
+        out = {"server": False}
         try:
             out["server"] = bool(await self._client.is_server_ready(client_timeout=3))
-            for name in (self.model, self.stream_model):
-                out[name] = bool(await self._client.is_model_ready(name, client_timeout=3))
         except InferenceServerException:
             pass
+        for name in (m.pipeline, m.pipeline_stream, m.encoder, m.language_stream):
+            out[name] = out["server"] and await self._ready(name)
         return out
 
-    async def streaming_available(self) -> bool:
-        """Is the streaming model ready? Cached for 5 s (asked once per stream request otherwise)."""
-        at, ready = self._stream_ready
-        if time.monotonic() - at > 5.0:
-            try:
-                ready = bool(await self._client.is_model_ready(self.stream_model, client_timeout=3))
-            except InferenceServerException:
-                ready = False
-            if not ready:
-                log.warning("streaming model %s is not ready: stream requests get one chunk from %s",
-                            self.stream_model, self.model)
-            self._stream_ready = (time.monotonic(), ready)
-        return ready
+    async def stream_route(self) -> StreamRoute:
+        """The route for stream requests: the preferred one when its models are ready, else the next."""
+        at, route = self._route
+        if time.monotonic() - at <= 5.0:
+            return route
+        m = self.models
+        if m.stream_via == "direct" and await self._ready(m.encoder) and await self._ready(m.language_stream):
+            route = StreamRoute.DIRECT
+        elif await self._ready(m.pipeline_stream):
+            route = StreamRoute.ENSEMBLE
+        else:
+            route = StreamRoute.UNARY
+        if route.value != m.stream_via:
+            log.warning("stream requests go %s (preferred: %s; its models are not ready)", route.value, m.stream_via)
+        self._route = (time.monotonic(), route)
+        return route
 
     async def complete(self, request_id: str, inputs: list[grpcclient.InferInput],
                        max_tokens: int | None = None) -> Delta:
         """The whole answer. A model without a FINISH_REASON output (older repositories) gets one
         inferred: "length" when it produced ``max_tokens`` tokens, else "stop"."""
         async with self._slots:
-            try:
-                result = await self._client.infer(self.model, inputs, request_id=request_id,
-                                                  client_timeout=self.timeout_s)
-            except InferenceServerException as exc:
-                raise _api_error(exc) from None
+            result = await self._infer(self.models.pipeline, inputs, request_id)
         delta = parse_result(result)
         if delta.finish_reason is None:
             full = max_tokens is not None and len(delta.token_ids) >= max_tokens
             delta = replace(delta, finish_reason="length" if full else "stop")
         return delta
 
+    async def _infer(self, model: str, inputs: list[grpcclient.InferInput], request_id: str) -> Any:
+        try:
+            return await self._client.infer(model, inputs, request_id=request_id, client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise _api_error(exc) from None
+
+    async def _direct_inputs(self, request_id: str, inputs: list[grpcclient.InferInput]) -> list:
+        """The pipeline's inputs with IMAGE replaced by the EMBED_REFs mm_encoder returns for it."""
+        image = next(t for t in inputs if t.name() == "IMAGE")
+        refs = np.zeros((0,), dtype=np.object_)
+        if image.shape()[0] > 0:
+            refs = (await self._infer(self.models.encoder, [image], request_id)).as_numpy("EMBED_REF")
+        ref_input = grpcclient.InferInput("EMBED_REF", list(refs.shape), "BYTES")
+        ref_input.set_data_from_numpy(refs)
+        return [ref_input] + [t for t in inputs if t.name() != "IMAGE"]
+
     async def stream(self, request_id: str, inputs: list[grpcclient.InferInput],
                      max_tokens: int | None = None) -> AsyncIterator[Delta]:
         """The pieces of one streamed answer; closing the iterator early cancels the gRPC call."""
-        if not await self.streaming_available():
+        route = await self.stream_route()
+        if route is StreamRoute.UNARY:
             yield await self.complete(request_id, inputs, max_tokens)
             return
+        async with self._slots:
+            model = self.models.pipeline_stream
+            if route is StreamRoute.DIRECT:
+                # the embeddings wait on the encoder until mm_language_stream pulls them; if the call below
+                # never starts (Triton gone), the encoder's ttl_s reclaims them
+                inputs, model = await self._direct_inputs(request_id, inputs), self.models.language_stream
+            call = self._stream_call(model, request_id, inputs)
+            try:
+                async for delta in call:
+                    yield delta
+            finally:
+                await call.aclose()  # at once, not when garbage-collected: it cancels the gRPC stream
+
+    async def _stream_call(self, model: str, request_id: str, inputs: list) -> AsyncIterator[Delta]:
         done = asyncio.Event()
 
         async def requests():
-            yield {"model_name": self.stream_model, "inputs": inputs, "request_id": request_id}
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
             await done.wait()  # keep our side of the stream open until the last response came
 
-        async with self._slots:
-            responses = self._client.stream_infer(requests(), stream_timeout=self.timeout_s)
-            try:
-                async for result, error in responses:
-                    if error is not None:
-                        raise _api_error(error)
-                    delta = parse_result(result)
-                    yield delta
-                    if delta.finish_reason:
-                        return
-                raise from_triton(None, "the stream ended without a final response")
-            except InferenceServerException as exc:
-                raise _api_error(exc) from None
-            except grpc.RpcError as exc:  # the stream itself failed (server gone, stream_timeout)
-                raise from_triton(str(exc.code()), exc.details() or str(exc)) from None
-            finally:
-                done.set()
-                responses.cancel()
+        responses = self._client.stream_infer(requests(), stream_timeout=self.timeout_s)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _api_error(error)
+                delta = parse_result(result)
+                yield delta
+                if delta.finish_reason:
+                    return
+            raise from_triton(None, "the stream ended without a final response")
+        except InferenceServerException as exc:
+            raise _api_error(exc) from None
+        except grpc.RpcError as exc:  # the stream itself failed (server gone, stream_timeout)
+            raise from_triton(str(exc.code()), exc.details() or str(exc)) from None
+        finally:
+            done.set()
+            responses.cancel()  # a no-op after the last response; cancels the sequence when we leave early

@@ -319,26 +319,40 @@ def test_triton_unavailable_is_503(tmp_path):
         assert httpx.get(f"{api.url}/health").status_code == 503
 
 
-def test_client_disconnect_mid_stream_frees_blocks_and_kv_slot(api, mm_server, pictures):
+@pytest.mark.parametrize("route", ["direct", "ensemble"])
+def test_client_disconnect_mid_stream_frees_blocks_and_kv_slot(api, mm_server, pictures, tmp_path, route):
+    """direct (the default): the disconnect cancels the sequence at once. ensemble: Triton 2.51 does not pass
+    the cancellation through mm_pipeline_stream, so the sequence runs to max_tokens, then frees everything."""
     body = {"model": MODEL, "stream": True, "max_tokens": 1000, "temperature": 0,
             "messages": [{"role": "user", "content": [image_part(data_url(pictures["b"])),
                                                       {"type": "text", "text": "Describe at length."}]}]}
-    before = mm_server.metrics()
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{api.url}/v1/chat/completions", json=body) as resp:
-            assert resp.status_code == 200
-            events = 0
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    events += 1
-                if events >= 3:
-                    break  # leave mid-stream: the connection is closed here
-    t0 = time.monotonic()
-    m = wait_idle(mm_server, timeout_s=120)
-    freed_after = time.monotonic() - t0
-    for name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_running_sequences"):
-        assert metric_value(m, name, 0.0) == 0, f"{name} still held {freed_after:.1f} s after the disconnect"
-    generated = (metric_value(m, "mm_engine_generated_tokens_total", 0.0)
-                 - metric_value(before, "mm_engine_generated_tokens_total", 0.0))
-    print(f"\nslot and blocks free {freed_after:.2f} s after the disconnect; {generated:.0f} tokens generated")
-    assert httpx.get(f"{api.url}/health").status_code == 200
+    server = api if route == "direct" else APIServerProcess(
+        ["--triton-url", mm_server.grpc_url, "--served-model-name", MODEL, "--stream-via", "ensemble"],
+        "127.0.0.1", free_port(), log_file=tmp_path / "api-ensemble.log").start()
+    try:
+        before = mm_server.metrics()
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{server.url}/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                events = 0
+                for line in resp.iter_lines():
+                    events += line.startswith("data: ")
+                    if events >= 3:
+                        break  # leave mid-stream: the connection is closed here
+        t0 = time.monotonic()
+        m = wait_idle(mm_server, timeout_s=120)
+        freed_after = time.monotonic() - t0
+        for name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_running_sequences"):
+            assert metric_value(m, name, 0.0) == 0, f"{name} still held {freed_after:.1f} s after the disconnect"
+        generated = (metric_value(m, "mm_engine_generated_tokens_total", 0.0)
+                     - metric_value(before, "mm_engine_generated_tokens_total", 0.0))
+        cancelled = (metric_value(m, "mm_engine_requests_total", 0.0, outcome="cancelled")
+                     - metric_value(before, "mm_engine_requests_total", 0.0, outcome="cancelled"))
+        print(f"\n{route}: slot and blocks free {freed_after:.2f} s after the disconnect; "
+              f"{generated:.0f} tokens generated; {cancelled:.0f} cancelled")
+        if route == "direct":
+            assert cancelled == 1 and generated < 1000
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        if server is not api:
+            server.stop()

@@ -119,6 +119,8 @@ def test_config_validation_and_env():
         ServerConfig(port=0)
     with pytest.raises(ValueError, match="image_url_hosts"):
         ServerConfig(image_url_hosts=("http://x.example/",))
+    with pytest.raises(ValueError, match="stream_via"):
+        ServerConfig(stream_via="carrier-pigeon")
     cfg = from_env(environ={"MM_OPENAI_PORT": "9100", "MM_OPENAI_IMAGE_URL_HOSTS": "a.example, *.cdn.example",
                             "MM_OPENAI_IMAGE_URL_LOOPBACK": "off", "MM_OPENAI_REQUEST_TIMEOUT_S": "5"})
     assert (cfg.port, cfg.image_url_hosts, cfg.image_url_loopback, cfg.request_timeout_s) == (
