@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from mm_models.data_url import unwrap_data_url
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
 from mmtransfer import (
@@ -92,6 +93,7 @@ class EncoderService:
             return []
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
+        images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
         for i, data in enumerate(images):  # cheap header checks of every image before decoding any
             self._check_header(i, data)
         decoded, sizes = [], []

@@ -20,6 +20,7 @@ from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
 from mm_engine.stats import EngineObserver
 from mm_language.engine_factory import engine_config, make_engine, model_dtype
 from mm_models.chat import ChatMessages
+from mm_models.data_url import unwrap_data_url
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder
@@ -91,6 +92,7 @@ class MonolithicService:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         decoded, counts = [], []
         for i, data in enumerate(images):
+            data = unwrap_data_url(data, i)  # KServe v2 JSON clients send images as data: URLs
             try:
                 image = decode_image(data, self.max_image_pixels)
             except ValueError as exc:

@@ -201,6 +201,22 @@ def test_kserve_messages_input_equals_oracle_tokens(mm_server, pictures, chat_or
     assert c.infer("mm_pipeline", [img, prompt]).as_numpy("TOKEN_IDS").tolist() == ids_text_only
 
 
+def test_kserve_v2_json_with_a_data_url_image(mm_server, pictures, chat_oracle):
+    """What the README's KServe curl does: plain JSON, the image as a data: URL, MESSAGES and sampling inputs."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe"}]}]
+    body = {"inputs": [
+        {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [data_url(pictures["a"])]},
+        {"name": "MESSAGES", "datatype": "BYTES", "shape": [1], "data": [json.dumps(messages)]},
+        {"name": "MAX_TOKENS", "datatype": "INT32", "shape": [1], "data": [8]},
+        {"name": "TEMPERATURE", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
+    resp = httpx.post(f"{mm_server.http_url}/v2/models/mm_pipeline/infer", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    outputs = {o["name"]: o["data"] for o in resp.json()["outputs"]}
+    ids, text = chat_oracle(messages, [pictures["a"]], 8)
+    assert outputs["TOKEN_IDS"] == ids and outputs["TEXT"] == [text]
+    assert outputs["FINISH_REASON"] == ["length" if len(ids) == 8 else "stop"]
+
+
 def test_local_url_image_equals_base64(client, pictures, image_server):
     def ask(url):
         return client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
