@@ -55,6 +55,8 @@ examples:
   scripts/serve --checkpoint /models/Qwen2-VL-2B-Instruct
   scripts/serve -- --log-verbose=1               arguments after -- go to tritonserver
   scripts/serve --encoder-instances 2 --language-instances 2          one server, 2 x 2 instances
+  scripts/serve --openai-port 9100               the OpenAI API on 9100 (default 9000; --no-openai: none)
+  scripts/serve --triton-url gpu-host:8001       only the OpenAI API, in front of a remote Triton
 
   split servers on one host (two shells):
   scripts/serve --role encoder                                         HTTP 8010, gRPC 8011, metrics 8012
@@ -67,6 +69,7 @@ examples:
 
 then, from another shell:
   scripts/client --url localhost:8000 --prompt "Describe the image." photo.jpg
+  curl -s localhost:9000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -s localhost:8002/metrics | grep mm_
 """
 
@@ -147,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated GPUs for mm_encoder instances, e.g. 0,1 (default: CPU)")
     s.add_argument("--language-gpus", default=None, metavar="LIST",
                    help="comma-separated GPUs for mm_language instances, e.g. 2,3 (default: CPU)")
+    from mm_openai.launch import add_arguments as add_openai_arguments  # stdlib only: fine for --help
+
+    add_openai_arguments(p)
     d = p.add_argument_group("demo")
     d.add_argument("--demo", action="store_true",
                    help="once ready, send a demo request (generated image + prompt) and print the answer")
@@ -317,6 +323,10 @@ def run_demo(server, args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.triton_url:  # the OpenAI API alone, in front of a Triton that runs elsewhere
+        from mm_openai.launch import run_alone
+
+        return run_alone(args)
     if args.exit and not args.demo:
         raise SystemExit("serve: error: --exit only makes sense with --demo")
     extra = list(args.triton_args)
@@ -346,6 +356,10 @@ def main(argv=None) -> int:
         if not port_is_free(p, check_host) or (args.address in ("0.0.0.0", "") and not port_is_free(p, "0.0.0.0")):
             raise SystemExit(f"serve: error: port {p} is already in use (another server running?); "
                              f"choose another with {opt}")
+    if not args.no_openai and args.role != "encoder" and (
+            args.openai_port in ports.values() or not port_is_free(args.openai_port, check_host)):
+        raise SystemExit(f"serve: error: port {args.openai_port} is already in use; choose another with --openai-port "
+                         "(or --no-openai)")
     repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
     if args.control_port:
         from mm_remote.repository import instance_count
@@ -390,6 +404,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     rc = 0
     watchdog = None
+    api = None
     try:
         try:
             server.start()
@@ -400,7 +415,13 @@ def main(argv=None) -> int:
             from mm_triton.watchdog import StubWatchdog
 
             watchdog = StubWatchdog(server.pid, server.http_address, watchdog_token).start()
+        if args.role != "encoder":
+            from mm_openai import launch
+
+            api = launch.start(args, server.grpc_url, log_file.parent)
         print(banner(server, args, time.monotonic() - t0, env, watchdog_token), flush=True)
+        if api is not None:
+            print(launch.banner(api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
         if watchdog is not None:
             print(f"  watchdog reloads a model whose stub process dies ({len(watchdog._known)} stubs watched; "
                   "--no-watchdog to disable)", flush=True)
@@ -423,6 +444,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if watchdog is not None:
             watchdog.stop()
+        if api is not None:
+            api.stop()
         code = server.stop()
         stop_follow.set()
         for repo in repos:  # a repository generated for this server goes with it

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
+from mm_models.data_url import unwrap_data_url
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
 from mmtransfer import (
@@ -88,10 +89,11 @@ class EncoderService:
         come. ``cancelled`` (optional) is asked before the vision work and after publishing:
         a cancelled request publishes nothing (TransferCancelled).
         """
-        if not images:
-            raise ValueError("IMAGE: at least one image is required")
+        if not images:  # a text-only request: nothing to encode, no EMBED_REF
+            return []
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
+        images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
         for i, data in enumerate(images):  # cheap header checks of every image before decoding any
             self._check_header(i, data)
         decoded, sizes = [], []

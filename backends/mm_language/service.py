@@ -11,6 +11,7 @@ from typing import Mapping, Sequence
 
 from mm_engine.api import GenerationRequest, SamplingParams
 from mm_engine.stats import EngineObserver
+from mm_models.chat import ChatMessages
 from mm_models.qwen2vl import LanguageModel
 from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, TransferConfig, TransferObserver
 
@@ -65,7 +66,7 @@ class LanguageService:
             refs.append(ref)
         return refs
 
-    def build_request(self, request_id: str, raw_refs: Sequence[bytes | str], prompt: str,
+    def build_request(self, request_id: str, raw_refs: Sequence[bytes | str], prompt: str | ChatMessages,
                       sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
         """The engine's request for validated inputs; the prompt's image pad runs take each ref's length."""
         refs = self.parse_refs(raw_refs)

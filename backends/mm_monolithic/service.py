@@ -19,6 +19,8 @@ from PIL import Image
 from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
 from mm_engine.stats import EngineObserver
 from mm_language.engine_factory import engine_config, make_engine, model_dtype
+from mm_models.chat import ChatMessages
+from mm_models.data_url import unwrap_data_url
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder
@@ -86,12 +88,11 @@ class MonolithicService:
 
     def check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:
         """Decode and validate every image before any model work; ValueError names the bad one."""
-        if not images:
-            raise ValueError("IMAGE: at least one image is required")
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         decoded, counts = [], []
         for i, data in enumerate(images):
+            data = unwrap_data_url(data, i)  # KServe v2 JSON clients send images as data: URLs
             try:
                 image = decode_image(data, self.max_image_pixels)
             except ValueError as exc:
@@ -106,13 +107,14 @@ class MonolithicService:
             counts.append(tokens)
         return decoded, counts
 
-    def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int], prompt: str,
-                      sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
+    def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int],
+                      prompt: str | ChatMessages, sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
         """The engine's request for images already checked by :meth:`check_images`."""
         counts = list(counts)
         prompt_ids = self.lm.build_input_ids(prompt, counts)
         return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, image_token_counts=counts,
-                                 images=VisionLoader(self.vision, decoded), sampling=sampling, deadline=deadline)
+                                 images=VisionLoader(self.vision, decoded) if decoded else None,  # text-only: none
+                                 sampling=sampling, deadline=deadline)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,6 +1,7 @@
 """The generation inputs every engine-backed model accepts, read and validated at the boundary.
 
-    PROMPT       BYTES [1]   UTF-8 text (required)
+    PROMPT       BYTES [1]   UTF-8 text (PROMPT or MESSAGES is required)
+    MESSAGES     BYTES [1]   a chat instead of PROMPT: JSON, OpenAI-shaped messages (mm_models.chat)
     MAX_TOKENS   INT32 [1]   optional, [1, max_tokens_limit], default default_max_tokens
     TEMPERATURE  FP32  [1]   optional, [0, 2]; 0 (default) = greedy
     TOP_P        FP32  [1]   optional, (0, 1]; default 1 (off)
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mm_engine.api import MAX_STOP_BYTES, MAX_STOP_STRINGS, SamplingParams
+from mm_models.chat import ChatMessages
 from mm_models.prompt import check_prompt
 
+from .conversation import read_messages
 from .tensors import one_string, optional_float, optional_int, optional_strings
 
 DEFAULT_MAX_PROMPT_BYTES = 128 * 1024
@@ -39,7 +42,7 @@ class InputLimits:
 
 @dataclass(frozen=True)
 class GenerationInputs:
-    prompt: str
+    prompt: str | ChatMessages
     sampling: SamplingParams
     deadline: float | None  # time.monotonic() value, or None
 
@@ -66,7 +69,9 @@ def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = F
 
 def read_generation_inputs(pb: Any, request: Any, limits: InputLimits, arrived: float | None = None) -> GenerationInputs:
     """All of the above from one Triton request; ValueError naming the first bad input."""
-    prompt = check_prompt_text(one_string(pb, request, "PROMPT"), limits.max_prompt_bytes)
+    prompt = read_messages(pb, request, limits.max_prompt_bytes)
+    if prompt is None:
+        prompt = check_prompt_text(one_string(pb, request, "PROMPT"), limits.max_prompt_bytes)
     max_tokens = optional_int(pb, request, "MAX_TOKENS")
     max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
     _in_range("MAX_TOKENS", max_tokens, 1, limits.max_tokens_limit)

@@ -71,7 +71,6 @@ def _infer(server, model, image_list, prompt=b"Describe", max_tokens=None):
     "case, message",
     [
         ("not_an_image", "IMAGE\\[0\\].*recognised image format"),
-        ("empty_list", "at least one image"),
         ("too_large", "more than the configured maximum max_embed_tokens"),
         ("empty_prompt", "PROMPT: must not be empty"),
         ("max_tokens_zero", "MAX_TOKENS: must be in \\[1, 1024\\]"),
@@ -82,7 +81,6 @@ def test_monolithic_bad_input_same_error_as_pipeline(mm_server, images, tiny_mod
     good = images["small"]
     args = {
         "not_an_image": dict(image_list=[b"this is not an image"]),
-        "empty_list": dict(image_list=[]),
         "too_large": dict(image_list=[make_test_image(tokens=9000, model_dir=tiny_model_dir)]),
         "empty_prompt": dict(image_list=[good], prompt=b"   "),
         "max_tokens_zero": dict(image_list=[good], max_tokens=0),

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from ..prompt import expand_image_pads, render_prompt
+from ..chat import ChatMessages, render_chat
+from ..prompt import expand_image_pads
 from . import _loading
 from .types import EncodedImage, tokens_from_grid
 
@@ -83,13 +84,13 @@ class LanguageModel:
         """The underlying HF model (what :class:`mm_engine.LLMEngine` runs)."""
         return self._model
 
-    def build_input_ids(self, prompt: str, image_token_counts: list[int]) -> list[int]:
+    def build_input_ids(self, prompt: str | ChatMessages, image_token_counts: list[int]) -> list[int]:
         """Token ids of the chat prompt (see :mod:`mm_models.prompt`) with, for each image in order,
         ``<|vision_start|>`` + ``<|image_pad|>`` * count + ``<|vision_end|>`` before the text.
         ValueError for a non-string prompt, a prompt holding vision tokens, or a count < 1."""
         if not isinstance(image_token_counts, (list, tuple)):
             raise ValueError(f"image_token_counts must be a list of ints, got {type(image_token_counts).__name__}")
-        text = render_prompt(prompt, len(image_token_counts))
+        text = render_chat(self._tokenizer, prompt, len(image_token_counts))
         ids = self._tokenizer(text)["input_ids"]
         return expand_image_pads(ids, self._image_token_id, list(image_token_counts))
 
@@ -114,7 +115,7 @@ class LanguageModel:
                              f"model's hidden size {self.hidden_size}")
         return image
 
-    def generate(self, prompt: str, images: Sequence[EncodedImage], max_new_tokens: int) -> list[int]:
+    def generate(self, prompt: str | ChatMessages, images: Sequence[EncodedImage], max_new_tokens: int) -> list[int]:
         """Greedy decoding; returns only the NEW token ids (ending with an EOS id if one was produced).
 
         The prompt's token embeddings get each image's rows scattered in at its ``<|image_pad|>``

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..prompt import IMAGE_PAD, render_prompt
+from ..chat import ChatMessages, render_chat
+from ..prompt import IMAGE_PAD
 from . import _loading
 from .language import check_max_new_tokens
 
@@ -51,9 +52,10 @@ class MonolithicModel:
         """The underlying HF model (what :class:`mm_engine.LLMEngine` runs)."""
         return self._model
 
-    def build_inputs(self, images: Sequence[Image.Image], prompt: str) -> dict[str, torch.Tensor]:
-        """Model inputs for one request (what ``Qwen2VLProcessor.__call__`` would return)."""
-        text = render_prompt(prompt, len(images))
+    def build_inputs(self, images: Sequence[Image.Image], prompt: str | ChatMessages) -> dict[str, torch.Tensor]:
+        """Model inputs for one request (what ``Qwen2VLProcessor.__call__`` would return); ``prompt`` is a
+        plain prompt or a chat (:mod:`mm_models.chat`), rendered with the checkpoint's chat template."""
+        text = render_chat(self._tokenizer, prompt, len(images))
         inputs: dict[str, torch.Tensor] = {}
         if images:
             for i, im in enumerate(images):
@@ -73,7 +75,7 @@ class MonolithicModel:
             inputs["mm_token_type_ids"] = (ids == self._image_token_id).to(torch.int32)
         return inputs
 
-    def generate(self, images: Sequence[Image.Image], prompt: str, max_new_tokens: int) -> list[int]:
+    def generate(self, images: Sequence[Image.Image], prompt: str | ChatMessages, max_new_tokens: int) -> list[int]:
         """Greedy ``generate(do_sample=False)``; returns only the new token ids."""
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         if not isinstance(images, (list, tuple)):
