@@ -182,7 +182,7 @@ def render_chat(tokenizer: Any, conversation: str | ChatMessages, num_images: in
     if isinstance(conversation, str):
         conversation = single_turn(conversation, num_images)
     elif not isinstance(conversation, ChatMessages):
-        raise ValueError(f"conversation must be a prompt string or ChatMessages, got {type(conversation).__name__}")
+        raise ValueError(f"prompt must be a string (or ChatMessages), got {type(conversation).__name__}")
     if conversation.num_images != num_images:
         raise ValueError(f"MESSAGES: {conversation.num_images} image part(s) but {num_images} image(s) given")
     text = tokenizer.apply_chat_template(

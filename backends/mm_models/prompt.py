@@ -1,10 +1,10 @@
 """The chat prompt used on both sides of the split, and the Qwen2-VL special tokens.
 
 Both the disaggregated path (:class:`mm_models.qwen2vl.LanguageModel`) and the oracle
-(:class:`mm_models.qwen2vl.MonolithicModel`) render a request with :func:`render_prompt`, so they see
-the same token ids. The layout is what Qwen2-VL's own chat template produces for one user turn whose
-content is the images (first) followed by the text, with the default system prompt and the generation
-prompt appended::
+(:class:`mm_models.qwen2vl.MonolithicModel`) render a request with the checkpoint's chat template
+(:func:`mm_models.chat.render_chat`), so they see the same token ids. For a plain prompt that gives
+exactly :func:`render_prompt` (tested): one user turn whose content is the images (first) followed by the
+text, with the default system prompt and the generation prompt appended::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
     <|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>...{prompt}<|im_end|>\\n

@@ -255,6 +255,10 @@ def test_models_health_and_metrics(api, client):
     text = httpx.get(f"{api.url}/metrics").text
     assert re.search(r'mm_openai_requests_total\{endpoint="/v1/chat/completions",status="200"\} [1-9]', text), text
     assert "mm_openai_request_duration_seconds_bucket" in text and "mm_openai_time_to_first_token_seconds" in text
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("GET", "/v1/models/other", 404)):
+        resp = httpx.request(method, f"{api.url}{path}")
+        assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def _raw(api, body: bytes | dict, headers: dict | None = None) -> httpx.Response:

@@ -104,3 +104,22 @@ def test_chat_template_fallback_when_tokenizer_has_none(tokenizer):
             return tokenizer.apply_chat_template(messages, **kw)
 
     assert render_chat(NoTemplate(), "hi", 1) == render_prompt("hi", 1)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
+    | st.sampled_from(["user", "assistant", "system", "text", "image", "role", "content", "type"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["role", "content", "type", "text", "x"]), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=_json)
+def test_property_any_json_is_accepted_or_refused_with_valueerror(raw):
+    """Hostile MESSAGES never crash the model: a ChatMessages or a ValueError, nothing else."""
+    try:
+        out = parse_messages(json.dumps(raw))
+    except ValueError:
+        return
+    assert isinstance(out, ChatMessages) and out.messages[-1]["role"] == "user"

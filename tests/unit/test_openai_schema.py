@@ -164,3 +164,24 @@ def test_inputs_send_only_what_the_client_set():
     assert inputs["IMAGE"].shape() == [2] and inputs["STOP"].shape() == [2]
     assert inputs["SEED"].datatype() == "INT64" and inputs["TEMPERATURE"].datatype() == "FP32"
     assert build_inputs([], "[]", greedy)[0].shape() == [0]  # text-only: IMAGE of shape [0]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=15)
+_fields = st.sampled_from(["model", "messages", "stream", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                           "stop", "n", "stream_options", "response_format", "tools"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(extra=st.dictionaries(_fields, _values, max_size=4), raw=st.binary(max_size=40))
+def test_property_any_body_gives_a_request_or_a_400(extra, raw):
+    for data in (body(**extra), raw):
+        try:
+            parse(data)
+        except APIError as err:
+            assert err.status == 400 and err.message
