@@ -211,6 +211,20 @@ class MMClient:
             self._mod = mod
         return self._client
 
+    def _summary_outputs(self, client, model: str) -> tuple[str, ...]:
+        """The summary outputs ``model`` declares: older or split-deployment pipelines (mm_remote) answer
+        TEXT and TOKEN_IDS only, and Triton refuses a request that asks for an output a model lacks."""
+        cache = self.__dict__.setdefault("_declared_outputs", {})
+        if model not in cache:
+            try:
+                meta = client.get_model_metadata(model)
+                declared = {o["name"] for o in meta["outputs"]} if isinstance(meta, dict) else {
+                    o.name for o in meta.outputs}
+            except Exception:  # noqa: BLE001 - metadata is an optimisation; infer reports real errors
+                return SUMMARY_OUTPUTS
+            cache[model] = tuple(n for n in SUMMARY_OUTPUTS if n in declared)
+        return cache[model]
+
     def close(self) -> None:
         if self._client is not None:
             try:
@@ -322,7 +336,7 @@ class MMClient:
         mod = self._mod
         http = self.protocol == "http"
         inputs = self._inputs(mod, arrays, binary=http)
-        names = ("TEXT", "TOKEN_IDS") + SUMMARY_OUTPUTS
+        names = ("TEXT", "TOKEN_IDS") + self._summary_outputs(c, self.model)
         outputs = [mod.InferRequestedOutput(n, binary_data=True) if http else mod.InferRequestedOutput(n)
                    for n in names]
         t0 = time.perf_counter()
