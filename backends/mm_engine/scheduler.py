@@ -84,8 +84,10 @@ class Intake:
         images: list[EncodedImage] | None = None
         error: BaseException | None = None
         try:
-            if not seq.cancelled_or_ended():
-                images = seq.request.images.load(seq.cancelled_or_ended)  # type: ignore[union-attr]
+            if seq.cancelled_or_ended():
+                # Skipped, not loaded: the loop then reports the cancel/deadline cause, never "returned None".
+                raise RuntimeError("the sequence ended before its images were loaded")
+            images = seq.request.images.load(seq.cancelled_or_ended)  # type: ignore[union-attr]
         except BaseException as e:  # noqa: BLE001 - reported as IMAGE_LOAD by the loop
             error = e
         with self._cond:
