@@ -11,18 +11,6 @@ from mm_engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
 from ._engine_util import Case, RecordingSink, build_request, random_image
 
 
-@pytest.fixture(scope="module")
-def mono(tiny_model_dir):
-    from mm_models.qwen2vl import MonolithicModel
-
-    return MonolithicModel.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_model_dir):
-    from mm_models.qwen2vl import VisionEncoder
-
-    return VisionEncoder.from_pretrained(tiny_model_dir)
 
 
 def mixed_cases(n: int = 20) -> list[Case]:

@@ -16,18 +16,6 @@ from mm_engine import EngineConfig, EngineError, EngineObserver, ErrorCause, LLM
 from ._engine_util import Case, EncodingLoader, RecordingSink, build_request, random_image, wait_until
 
 
-@pytest.fixture(scope="module")
-def mono(tiny_model_dir):
-    from mm_models.qwen2vl import MonolithicModel
-
-    return MonolithicModel.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def encoder(tiny_model_dir):
-    from mm_models.qwen2vl import VisionEncoder
-
-    return VisionEncoder.from_pretrained(tiny_model_dir)
 
 
 class BoundsObserver(EngineObserver):
