@@ -29,9 +29,11 @@ LOAD = {"mm_pipeline": ["mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
 
 DESCRIPTION = """\
 Drives perf_analyzer (tritonclient 2.51) against the disaggregated ensemble mm_pipeline and the colocated
-baseline mm_monolithic with the same requests: real encoded PNG images whose embedding lengths follow a
-log-normal mix (default median 800, sigma 0.75, [64, 8192] tokens: a few hundred to several thousand,
-~1/3 above the default 1024-token receive window), one prompt and MAX_TOKENS each.
+baseline mm_monolithic with the same requests: JPEG photos of ordinary sizes (640x480 ... 4032x3024 in both
+orientations, a panorama), which the server resizes to its per-image budget (Qwen2-VL-2B: ~390 to 16384
+tokens; the tiny model: 4096 each), one prompt and MAX_TOKENS each. --mix instead sends synthetic PNGs
+sized to a log-normal embedding-length mix (e.g. 800,0.75,64,8192: a few hundred to several thousand
+tokens, ~1/3 above the default 1024-token receive window; --quick uses it, capped at 2500).
 
 For every model: a closed-loop sweep over --concurrency, then an open-loop request-rate sweep
 (--request-rates, Poisson arrivals), each load point one perf_analyzer run of a fixed --request-count
@@ -140,8 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens")
     g = p.add_argument_group("requests")
     g.add_argument("--images", type=int, default=24, help="distinct images, one per data step (default 24)")
-    g.add_argument("--mix", type=LogNormalMix.parse, default=LogNormalMix(),
-                   help="embedding-length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)")
+    g.add_argument("--mix", type=LogNormalMix.parse, default=None,
+                   help="instead of photos: synthetic images sized to an embedding-length mix 'median,sigma[,min,max]' "
+                        "(e.g. 800,0.75,64,8192; --quick uses it, capped at 2500 tokens)")
     g.add_argument("--seed", type=int, default=0, help="seed of lengths and image content (default 0)")
     g.add_argument("--prompt", default="Describe the image.", help="prompt of every request")
     g.add_argument("--max-tokens", type=int, default=8, help="MAX_TOKENS of every request (default 8)")
@@ -186,7 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--models is empty")
     if args.quick:
         args.images = min(args.images, 6)
-        args.mix = LogNormalMix(args.mix.median, args.mix.sigma, args.mix.min_tokens, min(args.mix.max_tokens, 2500))
+        mix = args.mix or LogNormalMix()
+        args.mix = LogNormalMix(mix.median, mix.sigma, mix.min_tokens, min(mix.max_tokens, 2500))
         args.concurrency = [1, 4] if args.concurrency == DEFAULT_CONCURRENCY else args.concurrency
         if args.request_rates == "auto":
             args.request_rates = "auto1"
@@ -206,23 +210,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------ inputs
 def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list[int]]:
-    """Encoded images at the mix's quantiles (LogNormalMix.stratified) -> perf_analyzer JSON; returns
+    """Encoded photos (or images at the mix's quantiles, LogNormalMix.stratified) -> perf_analyzer JSON; returns
     (path, actual token counts: the image geometry rounds up a little)."""
+    from mm_client.demo import PHOTO_SIZES, demo_image
     from mm_models.testing import make_test_image, tokens_for_image_size
     from PIL import Image
     import io
 
-    wanted = args.mix.stratified(args.images, seed=args.seed)
+    wanted = args.mix.stratified(args.images, seed=args.seed) if args.mix is not None else []
     entries, tokens, steps = [], [], []
-    for i, n in enumerate(wanted):
-        data = make_test_image(tokens=int(n), seed=args.seed * 10_007 + i, model_dir=checkpoint)
-        w, h = Image.open(io.BytesIO(data)).size
+    for i in range(args.images):
+        if args.mix is None:  # ordinary photos, resized by the server to its per-image budget
+            w, h = PHOTO_SIZES[i % len(PHOTO_SIZES)]
+            data = demo_image(w, h, seed=args.seed * 10_007 + i + 1)
+        else:
+            data = make_test_image(tokens=int(wanted[i]), seed=args.seed * 10_007 + i, model_dir=checkpoint)
+            w, h = Image.open(io.BytesIO(data)).size
         tokens.append(tokens_for_image_size(checkpoint, w, h))
         entries.append(perf.request_entry([data], args.prompt, args.max_tokens))
         steps.append([data])
     path = perf.write_input_data(args.work_dir / f"{args.name}-input.json", entries)
     args.steps = steps  # the same requests for the Python load generator
     return path, tokens
+
+
+def mix_description(args: argparse.Namespace) -> str:
+    from mm_client.demo import PHOTO_SIZES
+
+    if args.mix is not None:
+        return args.mix.describe()
+    return f"{args.images} JPEG photos of {len(PHOTO_SIZES)} ordinary sizes (640x480 ... 4032x3024, a panorama)"
+
+
+def photo_sizes_used(args: argparse.Namespace) -> list[tuple[int, int]]:
+    from mm_client.demo import PHOTO_SIZES
+
+    return [PHOTO_SIZES[i % len(PHOTO_SIZES)] for i in range(args.images)]
 
 
 def expected_continuations(tokens: list[int], window: int = 1024) -> float:
@@ -600,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "checkpoint": str(checkpoint),
         "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)), "protocol": args.protocol,
         "load_generator": args.load_generator, "gpus": args.gpus,
-        "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": token_summary,
+        "mix": args.mix.to_dict() if args.mix else {"photos": [list(s) for s in photo_sizes_used(args)]},
+        "image_tokens": tokens, "image_token_summary": token_summary,
         "expected_continuations_per_transfer": expected_continuations(tokens),
         "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
         "embedding_cache": "as configured" if args.embedding_cache else "off (MM_CACHE_BLOCKS=0)",
@@ -724,7 +748,7 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
             ax.legend(fontsize=7)
     if any(r["model"] == "mm_pipeline" for r in ok):
         axes[0, 1].set_yscale("log")
-    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {args.mix.describe()}; "
+    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {mix_description(args)}; "
                  f"MAX_TOKENS {args.max_tokens}", fontsize=10)
     fig.tight_layout()
     return save(fig, args.out_dir / f"{args.name}.png", footer=machine_line(info))

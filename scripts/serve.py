@@ -38,6 +38,9 @@ model knobs (passed to the models as environment overrides of config.pbtxt param
   --pool-blocks N         -> MM_POOL_BLOCKS           (blocks per instance pool)
   --no-block-allocator    -> MM_USE_BLOCK_ALLOCATOR=0 (index-based fixed slots, the baseline)
   --encode-threads N      -> MM_ENCODE_THREADS        (threads encoding one request's images; 0 = auto)
+  --mm-processor-kwargs J -> MM_MAX_PIXELS, MM_MIN_PIXELS (per-image pixel budget, as vLLM's flag; larger
+                             images are resized to it, never refused; 0 / absent = the checkpoint's)
+  --max-embed-tokens N    -> MM_MAX_EMBED_TOKENS      (per-image token budget; 0 = what the processor allows)
   --control-host ADDR     -> MM_CONTROL_HOST          (interface the encoder's control endpoints bind)
   --advertise-host ADDR   -> MM_ADVERTISE_HOST        (address language servers use to reach them)
   --control-port PORT     -> MM_CONTROL_PORT          (encoder instance i binds PORT + i; 0 = any free port)
@@ -126,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use index-based fixed slots instead of the block allocator")
     m.add_argument("--encode-threads", type=int, default=None, metavar="N",
                    help="threads encoding the images of one request (default 0 = auto: 1 on CPU, 4 on GPU)")
+    m.add_argument("--mm-processor-kwargs", type=processor_kwargs, default=None, metavar="JSON",
+                   help='image processor budget, e.g. \'{"max_pixels": 1003520, "min_pixels": 3136}\': images '
+                        "above max_pixels are resized to it (aspect ratio kept), as vLLM's --mm-processor-kwargs")
+    m.add_argument("--max-embed-tokens", type=int, default=None, metavar="N",
+                   help="per-image embedding-token budget (0 = the processor's maximum); images are resized to it")
     s = p.add_argument_group("split deployment and instances")
     s.add_argument("--encoder-url", action="append", default=None, metavar="HOST:PORT",
                    help="role language: gRPC address of an encoder server; repeat (or comma-separate) for "
@@ -165,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROCESSOR_KWARGS = ("max_pixels", "min_pixels")
+
+
+def processor_kwargs(text: str) -> dict[str, int]:
+    """``--mm-processor-kwargs`` JSON -> {name: pixels}; argparse reports the ValueError's message."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object such as {"max_pixels": 1003520}')
+    for key, pixels in value.items():
+        if key not in PROCESSOR_KWARGS:
+            raise argparse.ArgumentTypeError(f"unknown key {key!r}: supported are {', '.join(PROCESSOR_KWARGS)}")
+        if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 0:
+            raise argparse.ArgumentTypeError(f"{key} must be an integer >= 0 (pixels), got {pixels!r}")
+    return value
+
+
 def model_env(args) -> dict[str, str]:
     env: dict[str, str] = {}
     if args.checkpoint is not None:
@@ -188,6 +217,12 @@ def model_env(args) -> dict[str, str]:
         env["MM_USE_BLOCK_ALLOCATOR"] = "0"
     if args.encode_threads is not None:
         env["MM_ENCODE_THREADS"] = str(args.encode_threads)
+    for key, value in (args.mm_processor_kwargs or {}).items():
+        env["MM_" + key.upper()] = str(value)
+    if args.max_embed_tokens is not None:
+        if args.max_embed_tokens < 0:
+            raise SystemExit("serve: error: --max-embed-tokens must be >= 0 (0 = the processor's maximum)")
+        env["MM_MAX_EMBED_TOKENS"] = str(args.max_embed_tokens)
     if args.control_host is not None:
         env["MM_CONTROL_HOST"] = args.control_host
     if args.advertise_host is not None:
@@ -308,7 +343,7 @@ def run_demo(server, args) -> int:
     from mm_client import ClientError, MMClient, demo_image
     from mm_client.demo import DEMO_SIZE
 
-    print(f"\n--- demo: {args.demo_prompt!r} + a generated {DEMO_SIZE[0]}x{DEMO_SIZE[1]} image "
+    print(f"\n--- demo: {args.demo_prompt!r} + a generated {DEMO_SIZE[0]}x{DEMO_SIZE[1]} JPEG photo "
           f"(max {args.demo_max_tokens} tokens)")
     try:
         with MMClient(server.http_address, protocol="http", timeout_s=300) as client:
@@ -316,7 +351,8 @@ def run_demo(server, args) -> int:
     except ClientError as e:
         print(f"--- demo FAILED: {e}\n{server.failure_report()}", file=sys.stderr)
         return 1
-    print(f"--- answer ({len(result.token_ids)} tokens, {result.latency_s * 1000:.0f} ms): {result.text}")
+    image_tokens = f", the image as {result.image_tokens[0]} embedding tokens" if result.image_tokens else ""
+    print(f"--- answer ({len(result.token_ids)} tokens{image_tokens}, {result.latency_s * 1000:.0f} ms): {result.text}")
     print(f"--- token ids: {result.token_ids}\n")
     return 0
 

@@ -113,14 +113,20 @@ def classify(text: str) -> str:
 
 
 class Corpus:
-    """Deterministic test images: a hot set (repeated, for the cache) and a larger cold set."""
+    """Deterministic images, photos among them: a hot set (repeated, for the cache) and a larger cold set."""
 
     def __init__(self, rnd: random.Random) -> None:
+        from mm_client.demo import PHOTO_SIZES, demo_image
         from mm_models.testing import make_test_image
 
+        # ordinary photos (resized by the server to its budget) and small synthetic images (many requests
+        # per second, and embeddings of every length below the window and across it)
+        photos = [size for size in PHOTO_SIZES if size[0] * size[1] <= 2_000_000]
         sizes = [64, 256, 600, 1200]
-        self.hot = [make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
-        self.cold = [make_test_image(tokens=rnd.choice(sizes), seed=2000 + i) for i in range(24)]
+        self.hot = [demo_image(*photos[i % len(photos)], seed=1000 + i) if i % 2 == 0 else
+                    make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
+        self.cold = [demo_image(*rnd.choice(photos), seed=2000 + i) if i % 3 == 0 else
+                     make_test_image(tokens=rnd.choice(sizes), seed=2000 + i) for i in range(24)]
         # normal requests repeat these 40 inputs (1-3 images, some shared), so every answer can be compared
         # with the first answer to the same input: a block reused under a reader would show as a difference
         self.templates = [(tuple(self.pick(rnd)), rnd.choice(PROMPTS), rnd.choice([2, 4])) for _ in range(40)]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from mm_models.data_url import unwrap_data_url
+from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
 from mmtransfer import (
@@ -47,11 +48,17 @@ class EncoderService:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         encode_threads: int = 0,
         cache_blocks: int = 0,
+        geometry: ImageGeometry | None = None,
+        on_downscaled: Callable[[int], None] | None = None,
     ) -> None:
+        """``geometry``: the serving budget (:func:`mm_triton.image_budget.resolve_image_geometry`); None
+        applies ``config.max_embed_tokens`` to the checkpoint's processor bounds. ``on_downscaled(n)``: told
+        how many images of a request were shrunk to fit the budget (a metric)."""
         if config.max_embed_blocks > config.pool_blocks:
             raise ConfigError(
                 f"{name}: pool_blocks={config.pool_blocks} x block_tokens={config.block_tokens} cannot hold one "
-                f"embedding of max_embed_tokens={config.max_embed_tokens}; raise pool_blocks"
+                f"embedding of max_embed_tokens={config.max_embed_tokens} (the largest image after resizing to "
+                "the budget); raise pool_blocks, or lower max_pixels / max_embed_tokens"
             )
         if not 0 <= encode_threads <= MAX_ENCODE_THREADS:
             raise ConfigError(f"{name}: encode_threads must be in [0, {MAX_ENCODE_THREADS}] (0 = automatic), "
@@ -62,7 +69,10 @@ class EncoderService:
         self._device = torch.device(device)
         self._executor = (ThreadPoolExecutor(self.encode_threads, thread_name_prefix=f"{name}-encode")
                           if self.encode_threads > 1 else None)
-        self.vision = VisionEncoder.from_pretrained(checkpoint, device=device)
+        # without an explicit budget, images are resized to what the pool config accepts
+        self.geometry = geometry or ImageGeometry.from_model_dir(checkpoint).with_budget(config.max_embed_tokens)
+        self._on_downscaled = on_downscaled
+        self.vision = VisionEncoder.from_pretrained(checkpoint, device=device, geometry=self.geometry)
         self.pool = BlockPool(
             config.pool_blocks, config.block_tokens, self.vision.hidden_size, self.vision.dtype, device,
             block_allocator=config.use_block_allocator, slot_blocks=config.max_embed_blocks, name=f"{name}-pool",
@@ -100,9 +110,9 @@ class EncoderService:
         for i, data in enumerate(images):
             try:
                 image = decode_image(data, self.max_image_pixels)
-                tokens = self.vision.count_tokens(image)
             except ValueError as exc:
                 raise ValueError(f"IMAGE[{i}]: {exc}") from None
+            tokens = self._count_tokens(i, image)
             if tokens > self.config.max_embed_tokens:
                 raise RequestTooLarge(
                     f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
@@ -111,6 +121,9 @@ class EncoderService:
             decoded.append((image, image_key(data) if self.cache.enabled else ""))
             sizes.append((tokens, decoded[-1][1] or str(i)))
         self._check_fits(sizes)
+        downscaled = sum(self.geometry.downscales(image.width, image.height) for image, _ in decoded)
+        if downscaled and self._on_downscaled is not None:
+            self._on_downscaled(downscaled)
         if cancelled is not None and cancelled():
             raise TransferCancelled(f"request {request_id or '-'} was cancelled before encoding")
         if self._executor is None or len(decoded) == 1:
@@ -137,6 +150,13 @@ class EncoderService:
             raise TransferCancelled(f"request {request_id or '-'} was cancelled; its {len(refs)} embedding(s) dropped")
         log.debug("request %s: %d image(s) -> %s tokens", request_id, len(refs), [r.num_tokens for r in refs])
         return refs
+
+    def _count_tokens(self, index: int, image: Image.Image) -> int:
+        """Tokens the processor makes of a decoded image; ValueError naming the image when it refuses it."""
+        try:
+            return self.vision.count_tokens(image)
+        except ValueError as exc:
+            raise ValueError(f"IMAGE[{index}]: {image.width}x{image.height} cannot be preprocessed: {exc}") from None
 
     def _check_header(self, index: int, data: bytes) -> None:
         """Refuse an image whose header alone shows it gives too many tokens, before its pixels are

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from mm_triton.image_budget import ResizedImagesCounter
 from mm_triton.metrics import TritonMetrics
 from mmtransfer import RequestTooLarge, TransferError
 from mm_triton.model_base import ModelBase
@@ -16,6 +17,7 @@ from .service import DEFAULT_MAX_IMAGE_PIXELS, EncoderService
 
 class EncoderModel(ModelBase):
     def setup(self) -> None:
+        self._resized = ResizedImagesCounter(self.pb_utils, self.model_name, self.instance_name)
         config = self.transfer_config
         if config.control_port:
             # A fixed control port is the first instance's; instance i binds control_port + i, so the
@@ -30,6 +32,7 @@ class EncoderModel(ModelBase):
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
             encode_threads=self.int_param("encode_threads", 0),
             cache_blocks=self.int_param("cache_blocks", 0),
+            geometry=self.image_geometry, on_downscaled=self._resized,
         )
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool,
                                      cache=self.service.cache)

@@ -140,7 +140,8 @@ class GenerationRequest:
 @dataclass(frozen=True)
 class GenerationOutput:
     """A finished sequence: all new token ids (EOS included if produced), the text (stop string and
-    special tokens removed), why it ended, and the token counts OpenAI's ``usage`` reports."""
+    special tokens removed), why it ended, the token counts OpenAI's ``usage`` reports, and how many
+    embedding tokens each image became (after resizing to the budget)."""
 
     request_id: str
     token_ids: list[int]
@@ -148,6 +149,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    image_tokens: tuple[int, ...] = ()  # embedding tokens per image, in prompt order (part of prompt_tokens)
 
 
 class ResponseSink(ABC):

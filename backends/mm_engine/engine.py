@@ -276,7 +276,8 @@ class LLMEngine(Engine):
     def _end_ok(self, seq: Sequence, reason: FinishReason) -> None:
         out = GenerationOutput(request_id=seq.id, token_ids=list(seq.output), text=seq.detok.text,
                                finish_reason=reason, prompt_tokens=seq.prompt_len,
-                               completion_tokens=len(seq.output))
+                               completion_tokens=len(seq.output),
+                               image_tokens=tuple(int(n) for n in seq.request.image_token_counts))
         self._release(seq)
         self._counters.finished(reason.value, self._observer)
         log.debug("request %s finished (%s): %d tokens", seq.id, reason.value, len(seq.output))

@@ -12,6 +12,7 @@ checkpoint's image processor, so this module is a cheap helper for clients and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -88,6 +89,43 @@ class ImageGeometry:
             min_pixels=int(min_pixels),
             max_pixels=int(max_pixels),
         )
+
+    def with_budget(self, max_tokens: int = 0, max_pixels: int = 0, min_pixels: int = 0) -> ImageGeometry:
+        """This geometry under a serving budget: images are resized (never refused) to at most
+        ``max_tokens`` embedding tokens and ``max_pixels`` pixels, whichever is smaller, and never above
+        the checkpoint's own ``max_pixels``; ``min_pixels`` replaces the checkpoint's lower bound.
+        0 leaves a bound as the checkpoint has it. The result's ``max_pixels`` is what the image processor
+        is given (:meth:`processor_kwargs`), so the processor's own rounding keeps every image within
+        ``max_tokens`` (except aspect ratios so extreme that one row of tokens is already over it).
+        ValueError for negative values or a budget below ``min_pixels``.
+        """
+        for name, value in (("max_tokens", max_tokens), ("max_pixels", max_pixels), ("min_pixels", min_pixels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int (0 = the checkpoint's), got {value!r}")
+        budget = self.max_pixels
+        if max_pixels:
+            budget = min(budget, max_pixels)
+        if max_tokens:
+            budget = min(budget, max_tokens * self.factor * self.factor)
+        floor = min_pixels or self.min_pixels
+        if budget < floor or budget < self.factor * self.factor:
+            raise ValueError(
+                f"image budget of {budget} pixels ({budget // (self.factor * self.factor)} tokens) is below "
+                f"min_pixels={floor} (one token is {self.factor}x{self.factor} pixels): raise max_pixels / "
+                "max_embed_tokens or lower min_pixels")
+        return dataclasses.replace(self, min_pixels=floor, max_pixels=budget)
+
+    def processor_kwargs(self) -> dict[str, int]:
+        """The image processor arguments that apply this geometry's pixel bounds (transformers'
+        ``Qwen2VLImageProcessor*.from_pretrained(..., **kwargs)``; also vLLM's ``--mm-processor-kwargs``)."""
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
+
+    def downscales(self, width: int, height: int) -> bool:
+        """Whether an image of ``width x height`` is shrunk to fit ``max_pixels`` (not only rounded to
+        whole tokens)."""
+        h = round(height / self.factor) * self.factor
+        w = round(width / self.factor) * self.factor
+        return h * w > self.max_pixels
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after smart resize."""

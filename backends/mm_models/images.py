@@ -6,6 +6,7 @@ import io
 import logging
 import struct
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         (``Image.MAX_IMAGE_PIXELS``) is left untouched and also applies;
       * the whole image is decoded eagerly, so truncated or corrupt data is refused here, not later;
       * the EXIF orientation is applied (as ``transformers.image_utils.load_image`` does) and the result
-        is converted to RGB (alpha dropped); only the first frame of animated images is used.
+        is converted to RGB (alpha dropped; 16-bit grey scaled to 8 bits, where Pillow's own conversion
+        would clip it to white); only the first frame of animated images is used.
 
     Raises ValueError with a message meant for the API user on any of these failures.
     """
@@ -55,10 +57,23 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             )
         try:
             img.load()
-            rgb = ImageOps.exif_transpose(img).convert("RGB")
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
         except Image.DecompressionBombError as e:
             raise ValueError(f"image is too large to decode safely: {e}") from e
         except _DECODE_ERRORS as e:
             raise ValueError(f"image data is truncated or corrupt ({fmt} {width}x{height}): {e}") from e
     logger.debug("decoded %s image %dx%d", fmt, rgb.width, rgb.height)
     return rgb
+
+
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB of any Pillow mode. 16-bit greyscale (PNG, TIFF) is scaled to 8 bits: Pillow's ``convert``
+    clips values above 255, which would turn almost every 16-bit picture white."""
+    if img.mode in _WIDE_GREY_MODES:
+        wide = np.asarray(img.convert("I"), dtype=np.int64)
+        grey = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")  # uint8 2-D: mode L
+    return img.convert("RGB")

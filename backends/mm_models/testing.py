@@ -7,8 +7,7 @@ token, see :mod:`mm_models.tiny`)::
     asked tokens -> width x height (actual tokens), from image_size_for_tokens
           64 ->  32 x  32 (64)        1025 -> 128 x 132 (1056)
          256 ->  64 x  64 (256)       2049 -> 180 x 184 (2070)
-        1024 -> 128 x 128 (1024)      5121 -> 288 x 288 (5184)
-       16384 -> 512 x 512 (16384, the maximum; larger images are downscaled to it)
+        1024 -> 128 x 128 (1024)      4096 -> 256 x 256 (4096, the maximum; larger images are downscaled)
 """
 
 from __future__ import annotations

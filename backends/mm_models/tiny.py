@@ -9,7 +9,7 @@ preprocessor_config.json) that :mod:`mm_models.qwen2vl` and ``from_pretrained`` 
   ``data/tokenizer_corpus.txt`` plus Qwen2-VL's special tokens; nothing is downloaded;
 - image processor: Qwen2-VL's (PIL backend) with ``patch_size=2`` so that small images already give
   many tokens (16 pixels per token): 32x32 -> 64 tokens, 128x128 -> 1024, 184x184 -> 2116,
-  296x296 -> 5476, 512x512 -> 16384 (the maximum; larger images are downscaled to it).
+  256x256 -> 4096 (the maximum; larger images, i.e. every ordinary photo, are downscaled to it).
 
 The build is deterministic for a given seed, takes about a second after imports, and is idempotent:
 a directory holding a complete checkpoint of the current recipe (marker file written last, holding a
@@ -45,8 +45,12 @@ PATCH_SIZE = 2
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 MIN_PIXELS = 8 * 8  # 4 tokens
-MAX_TOKENS = 16384
-MAX_PIXELS = MAX_TOKENS * (PATCH_SIZE * MERGE_SIZE) ** 2  # 512 x 512
+#: Released Qwen2-VL checkpoints cap an image at 16384 tokens; the tiny model at 4096, because its vision
+#: tower attends over all patches of an image at once (4 per token): a 16384-token image costs ~10 s of
+#: CPU on two cores, a 4096-token one ~0.6 s. Every ordinary photo is larger than 256x256 and is resized to
+#: this cap by the processor, so tests and CPU demos with real photos stay fast and still need continuations.
+MAX_TOKENS = 4096
+MAX_PIXELS = MAX_TOKENS * (PATCH_SIZE * MERGE_SIZE) ** 2  # 256 x 256
 
 #: Language model: 2 layers, hidden 64, 4 query / 2 KV heads (head_dim 16, M-RoPE sections 2+3+3).
 TEXT_CONFIG: dict[str, Any] = {

@@ -30,7 +30,6 @@ from mmtransfer import TransferCancelled
 log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 16  # as mm_encoder / mm_language
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-DEFAULT_MAX_EMBED_TOKENS = 8192
 
 
 class RequestTooLarge(ValueError):
@@ -68,20 +67,24 @@ class MonolithicService:
         engine_params: Mapping[str, str],
         device: str = "cpu",
         name: str = "mm_monolithic",
-        max_embed_tokens: int = DEFAULT_MAX_EMBED_TOKENS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         engine_observer: EngineObserver | None = None,
+        geometry: ImageGeometry | None = None,
+        on_downscaled: Callable[[int], None] | None = None,
     ) -> None:
-        if max_embed_tokens < 1 or max_image_pixels < 1:
-            raise ValueError("max_embed_tokens and max_image_pixels must be >= 1")
+        """``geometry``: the serving budget, as the pipeline's encoder applies it (None: the checkpoint's
+        processor bounds); ``on_downscaled(n)``: told how many of a request's images were shrunk to it."""
+        if max_image_pixels < 1:
+            raise ValueError("max_image_pixels must be >= 1")
         self.name = name
-        self.max_embed_tokens = max_embed_tokens
         self.max_image_pixels = max_image_pixels
-        self.geometry = ImageGeometry.from_model_dir(checkpoint)
+        self.geometry = geometry or ImageGeometry.from_model_dir(checkpoint)
+        self.max_embed_tokens = self.geometry.max_tokens
+        self._on_downscaled = on_downscaled
         # one copy of the weights serves both: the tower (VisionEncoder) and the text model (LanguageModel)
         self.engine_config = engine_config(engine_params, device)
         model = _loading.load_model(checkpoint, "full", device=device, dtype=model_dtype(self.engine_config))
-        self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint), model.device)
+        self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint, self.geometry), model.device)
         self.lm = LanguageModel(model, _loading.load_tokenizer(checkpoint), model.device)
         self.engine = make_engine(model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
@@ -97,7 +100,10 @@ class MonolithicService:
                 image = decode_image(data, self.max_image_pixels)
             except ValueError as exc:
                 raise ValueError(f"IMAGE[{i}]: {exc}") from None
-            tokens = self.geometry.tokens_for(image.width, image.height)
+            try:
+                tokens = self.geometry.tokens_for(image.width, image.height)
+            except ValueError as exc:
+                raise ValueError(f"IMAGE[{i}]: {image.width}x{image.height} cannot be preprocessed: {exc}") from None
             if tokens > self.max_embed_tokens:
                 raise RequestTooLarge(
                     f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
@@ -105,6 +111,9 @@ class MonolithicService:
                 )
             decoded.append(image)
             counts.append(tokens)
+        downscaled = sum(self.geometry.downscales(image.width, image.height) for image in decoded)
+        if downscaled and self._on_downscaled is not None:
+            self._on_downscaled(downscaled)
         return decoded, counts
 
     def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int],

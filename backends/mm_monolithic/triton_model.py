@@ -7,6 +7,7 @@ from typing import Any
 from mm_engine.api import GenerationRequest
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
+from mm_triton.image_budget import ResizedImagesCounter
 from mm_triton.tensors import bytes_list
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
@@ -17,9 +18,9 @@ class MonolithicModelTriton(EngineModel):
         self.setup_engine_model()
         self.service = MonolithicService(
             self.checkpoint, self.params, self.device, name=self.instance_name,
-            max_embed_tokens=self.transfer_config.max_embed_tokens,
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
-            engine_observer=self.engine_metrics,
+            engine_observer=self.engine_metrics, geometry=self.image_geometry,
+            on_downscaled=ResizedImagesCounter(self.pb_utils, self.model_name, self.instance_name),
         )
         self.engine = self.service.engine
 

@@ -16,6 +16,7 @@ from typing import Any
 from mmtransfer import TransferConfig
 
 from .errors import triton_error
+from .image_budget import resolve_image_geometry
 from .params import instance_device, model_parameters, resolve_checkpoint
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,14 @@ class ModelBase:
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.params = model_parameters(self.model_config)
-        self.transfer_config = TransferConfig.from_mapping(self.params)
         self.device = instance_device(args)
         model_dir = Path(args["model_repository"])
         self.checkpoint = resolve_checkpoint(self.params, model_dir)
+        # max_embed_tokens 0 means "what the budget allows": resolved here, before the transfer config sees it
+        self.image_geometry = resolve_image_geometry(self.checkpoint, self.params)
+        params = {**self.params, "max_embed_tokens": str(self.image_geometry.max_tokens)}
+        env = {k: v for k, v in os.environ.items() if k != "MM_MAX_EMBED_TOKENS"}
+        self.transfer_config = TransferConfig.from_mapping(params, env)
         self.setup()
 
     def setup(self) -> None:

@@ -1,12 +1,12 @@
 """Engine results -> Triton responses, sent from the engine's threads through the request's response sender.
 
 - :class:`UnarySink` (non-decoupled model, ``mm_language`` / ``mm_monolithic``): ONE response when the
-  sequence ends, flagged FINAL: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS. Triton 2.51
-  lets a non-decoupled Python model return None from ``execute`` and answer later this way (ENVIRONMENT.md),
+  sequence ends, flagged FINAL: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS,
+  IMAGE_TOKENS. Triton 2.51 lets a non-decoupled Python model return None from ``execute`` and answer later this way (ENVIRONMENT.md),
   which keeps HTTP, unary gRPC, perf_analyzer and ensembles working with many requests in flight.
 - :class:`StreamSink` (decoupled model, ``mm_language_stream``): one response per ``on_tokens`` (TEXT and
   TOKEN_IDS deltas), then a last data response carrying whatever text the detokenizer still held back, the
-  finish reason and the token counts, flagged FINAL. FINAL never travels on an empty response: Triton drops
+  finish reason and the token counts (IMAGE_TOKENS too), flagged FINAL. FINAL never travels on an empty response: Triton drops
   it unless the client enabled empty final responses.
 
 Both turn a failed send (the client went away) into a cancellation that the engine sees at its next step.
@@ -68,6 +68,7 @@ class _SinkBase(ResponseSink):
             self._tensor("FINISH_REASON", np.array([output.finish_reason.value.encode()], dtype=np.object_)),
             self._tensor("PROMPT_TOKENS", np.array([output.prompt_tokens], dtype=np.int32)),
             self._tensor("COMPLETION_TOKENS", np.array([output.completion_tokens], dtype=np.int32)),
+            self._tensor("IMAGE_TOKENS", np.array(output.image_tokens, dtype=np.int32)),
         ]
 
     def on_error(self, error: EngineError) -> None:

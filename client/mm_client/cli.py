@@ -24,7 +24,8 @@ examples:
 
 output:
   the generated text on stdout (--stream: printed as it is generated); with --json one object {{"text",
-  "token_ids", "latency_s", "finish_reason", "prompt_tokens", "completion_tokens", ("ttft_s" with --stream),
+  "token_ids", "latency_s", "finish_reason", "prompt_tokens", "completion_tokens", "image_tokens" (per image,
+  after the server resized it to its budget), ("ttft_s" with --stream),
   "images", "url", "protocol"}}. Errors: one line on stderr, "mm-client: error: ...".
 
 exit codes:

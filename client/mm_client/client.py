@@ -9,6 +9,7 @@ Request/response contract of the ensemble:
     TOKEN_IDS   INT64  [-1]  generated token ids
     FINISH_REASON BYTES [1]  "stop" (EOS or a stop string) or "length" (max tokens)
     PROMPT_TOKENS, COMPLETION_TOKENS  INT32 [1]
+    IMAGE_TOKENS INT32 [n]   embedding tokens each image became (images are resized to the server's budget)
 
 ``stream()`` calls the decoupled ensemble ``mm_pipeline_stream`` over gRPC streaming: one response per token
 (TEXT and TOKEN_IDS deltas); the last one also carries FINISH_REASON and the counts.
@@ -39,7 +40,7 @@ from .errors import (
 
 DEFAULT_MODEL = "mm_pipeline"
 DEFAULT_STREAM_MODEL = "mm_pipeline_stream"
-SUMMARY_OUTPUTS = ("FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS")
+SUMMARY_OUTPUTS = ("FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS", "IMAGE_TOKENS")
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 PROTOCOLS = ("http", "grpc")
 
@@ -54,12 +55,13 @@ class GenerateResult:
     finish_reason: str = ""  # "stop" | "length" ("" from a server without the output)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    image_tokens: list[int] = field(default_factory=list)  # per image, after the server's resizing
     ttft_s: float | None = None  # streaming only: time to the first token
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": list(self.token_ids), "latency_s": self.latency_s,
                "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
-               "completion_tokens": self.completion_tokens}
+               "completion_tokens": self.completion_tokens, "image_tokens": list(self.image_tokens)}
         if self.ttft_s is not None:
             out["ttft_s"] = self.ttft_s
         return out
@@ -75,6 +77,7 @@ class StreamChunk:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    image_tokens: list[int] = field(default_factory=list)
 
 
 def _sampling_arrays(temperature, top_p, top_k, seed, stop, timeout_ms) -> list[tuple[str, np.ndarray, str]]:
@@ -106,8 +109,10 @@ def _first(response, name: str):
 def _summary(response) -> dict:
     reason = _first(response, "FINISH_REASON")
     prompt_tokens, completion_tokens = _first(response, "PROMPT_TOKENS"), _first(response, "COMPLETION_TOKENS")
+    image_tokens = response.as_numpy("IMAGE_TOKENS")
     return {"finish_reason": reason.decode() if isinstance(reason, bytes) else str(reason or ""),
-            "prompt_tokens": int(prompt_tokens or 0), "completion_tokens": int(completion_tokens or 0)}
+            "prompt_tokens": int(prompt_tokens or 0), "completion_tokens": int(completion_tokens or 0),
+            "image_tokens": [int(n) for n in image_tokens.reshape(-1)] if image_tokens is not None else []}
 
 
 def _text_of(response) -> str:
@@ -363,9 +368,9 @@ class MMClient:
         import tritonclient.grpc as mod
 
         inputs = self._inputs(mod, arrays, binary=False)
-        outputs = [mod.InferRequestedOutput(n) for n in ("TEXT", "TOKEN_IDS") + SUMMARY_OUTPUTS]
         answers: queue.Queue = queue.Queue()
         client = mod.InferenceServerClient(self.url, ssl=self._ssl)
+        outputs = [mod.InferRequestedOutput(n) for n in ("TEXT", "TOKEN_IDS") + self._summary_outputs(client, model)]
         finished = False
         try:
             client.start_stream(callback=lambda result, error: answers.put((result, error)),

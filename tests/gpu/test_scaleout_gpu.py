@@ -41,8 +41,8 @@ for _k, _v in NCCL_ENV.items():
 PROMPT = "Describe the image."
 MAX_TOKENS = 6
 WINDOW = 1024
-IMAGES = {"small": (96, 41), "one_cont": (1500, 42), "two_cont": (2500, 43), "five_cont": (5500, 44)}
-MIX = ["small", "five_cont", "one_cont", "small", "two_cont", "one_cont", "small", "two_cont", "five_cont", "small",
+IMAGES = {"small": (96, 41), "one_cont": (1500, 42), "two_cont": (2500, 43), "three_cont": (4000, 44)}
+MIX = ["small", "three_cont", "one_cont", "small", "two_cont", "one_cont", "small", "two_cont", "three_cont", "small",
        "one_cont", "small"] * 2  # 24 concurrent requests
 
 

@@ -115,7 +115,7 @@ IMAGE_CASES = {
     # name: (bytes, expected message)
     "bomb_header_30000x30000": (lambda: _png_header_only(30000, 30000), "too large to decode safely|more than the allowed"),
     "bomb_header_66000x1": (lambda: _png_header_only(66000, 1000), "too large|more than the allowed"),
-    "bomb_real_8000x8000_png": (lambda: _png(8000, 8000), "8000x8000 gives 16384 embedding tokens.*max_embed_tokens"),
+    "bomb_real_8001x8000_png": (lambda: _png(8001, 8000), "more than the allowed 64000000"),
     "empty_bytes": (lambda: b"", "empty \\(0 bytes\\)"),
     "random_20MiB": (lambda: _junk(20 << 20, 1), "not in a recognised image format"),
     "png_magic_then_junk": (lambda: b"\x89PNG\r\n\x1a\n" + _junk(5000, 2), "corrupt|truncated|recognised|too large"),
@@ -150,8 +150,8 @@ def test_odd_but_valid_images_are_served(rs, good):
 
 def test_too_many_images_and_too_many_tokens_together(rs, good):
     _refused(_http, rs, "mm_pipeline", pipeline_inputs([good] * 17), match="at most 16 images")
-    big = make_test_image(tokens=5000, seed=9)  # 40 blocks each; 4 distinct ones need 160 > 128 blocks
-    bigs = [big] + [make_test_image(tokens=5000, seed=s) for s in (10, 11, 12)]
+    # 4096 tokens (the tiny model's cap) = 32 blocks each; 5 distinct ones need 160 > 128 blocks
+    bigs = [make_test_image(tokens=4096, seed=s) for s in (9, 10, 11, 12, 13)]
     _refused(_http, rs, "mm_pipeline", pipeline_inputs(bigs), match="need 160 blocks.*whole pool")
     _still_fine(rs, good)
 

@@ -48,6 +48,15 @@ def test_inputs_follow_the_mix(tmp_path, tiny_model_dir):
     assert bench_pipeline.expected_continuations([100, 1024, 1025, 3000]) == pytest.approx((0 + 0 + 1 + 2) / 4)
 
 
+def test_default_inputs_are_ordinary_photos(tmp_path, tiny_model_dir):
+    args = bench_pipeline.parse_args(["--images", "3", "--work-dir", str(tmp_path), "--max-tokens", "3"])
+    path, tokens = bench_pipeline.build_inputs(args, tiny_model_dir)
+    data = json.loads(path.read_text())["data"]
+    raw = base64.b64decode(data[2]["IMAGE"]["b64"])
+    assert raw[4:6] == b"\xff\xd8"  # JPEG photos, 640x480 ... 1024x768, each resized to the tiny cap
+    assert tokens == [4096, 4096, 4096]
+
+
 def test_token_agreement():
     rows = [{"model": "a", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}},
             {"model": "a", "token_ids": {"k1": [[1, 2]]}},

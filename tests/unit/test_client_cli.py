@@ -122,7 +122,7 @@ def test_demo_image_goes_first(capsys, fake, png):
     code, _, _ = run_cli(capsys, "--demo-image", "--url", "h:9", str(png))
     assert code == 0
     images = fake.calls[-1]["images"]
-    assert isinstance(images[0], bytes) and images[0].startswith(b"\x89PNG") and images[1] == str(png)
+    assert isinstance(images[0], bytes) and images[0].startswith(b"\xff\xd8") and images[1] == str(png)  # a JPEG photo
 
 
 def test_json_output(capsys, fake, png):
@@ -131,7 +131,7 @@ def test_json_output(capsys, fake, png):
     obj = json.loads(out)
     assert obj == {"text": "a red house", "token_ids": [5, 6, 7], "latency_s": 0.25, "images": 1,
                    "url": "localhost:9000", "protocol": "http", "finish_reason": "length", "prompt_tokens": 40,
-                   "completion_tokens": 3}
+                   "completion_tokens": 3, "image_tokens": []}
 
 
 def test_stream_prints_chunks_as_they_come_over_grpc(capsys, fake, png):

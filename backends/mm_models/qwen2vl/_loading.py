@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _hf
+from ..geometry import ImageGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +129,15 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(_hf.model_dir(path), local_files_only=True)
 
 
-def load_image_processor(path: str | Path) -> Any:
+def load_image_processor(path: str | Path, geometry: ImageGeometry | None = None) -> Any:
     """The checkpoint's Qwen2-VL image processor, always the PIL backend.
 
     The PIL backend needs no torchvision and gives the same pixels on every machine; both sides of the
-    split and the oracle use it, so their inputs are identical.
+    split and the oracle use it, so their inputs are identical. ``geometry`` (a serving budget from
+    :meth:`ImageGeometry.with_budget`) overrides the processor's min/max pixels, so larger images are
+    resized to the budget by the processor itself; None keeps the checkpoint's own bounds.
     """
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil.from_pretrained(_hf.model_dir(path), local_files_only=True)
+    kwargs = geometry.processor_kwargs() if geometry is not None else {}
+    return Qwen2VLImageProcessorPil.from_pretrained(_hf.model_dir(path), local_files_only=True, **kwargs)

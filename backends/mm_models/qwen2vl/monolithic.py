@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..chat import ChatMessages, render_chat
+from ..geometry import ImageGeometry
 from ..prompt import IMAGE_PAD
 from . import _loading
 from .language import check_max_new_tokens
@@ -38,10 +39,13 @@ class MonolithicModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> MonolithicModel:
-        """Load the whole checkpoint from a local directory (never the hub)."""
+                        dtype: torch.dtype | str | None = None,
+                        geometry: ImageGeometry | None = None) -> MonolithicModel:
+        """Load the whole checkpoint from a local directory (never the hub); ``geometry`` (a serving
+        budget) sets the processor's pixel bounds, as the served models apply it."""
         model = _loading.load_model(path, "full", device=device, dtype=dtype)
-        return cls(model, _loading.load_tokenizer(path), _loading.load_image_processor(path), torch.device(device))
+        processor = _loading.load_image_processor(path, geometry)
+        return cls(model, _loading.load_tokenizer(path), processor, torch.device(device))
 
     @property
     def tokenizer(self) -> Any:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..geometry import ImageGeometry
 from . import _loading
 from .types import EncodedImage
 
@@ -41,11 +42,13 @@ class VisionEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> VisionEncoder:
+                        dtype: torch.dtype | str | None = None,
+                        geometry: ImageGeometry | None = None) -> VisionEncoder:
         """Load from a local checkpoint directory (never the hub). ``dtype`` None keeps the
-        checkpoint's dtype. Raises ValueError for a missing or unsupported checkpoint."""
+        checkpoint's dtype; ``geometry`` (a serving budget) sets the processor's pixel bounds.
+        Raises ValueError for a missing or unsupported checkpoint."""
         model = _loading.load_model(path, "vision", device=device, dtype=dtype)
-        processor = _loading.load_image_processor(path)
+        processor = _loading.load_image_processor(path, geometry)
         if int(processor.merge_size) != int(model.config.vision_config.spatial_merge_size):
             raise ValueError("image processor merge_size does not match the vision config spatial_merge_size")
         if int(processor.patch_size) != int(model.config.vision_config.patch_size):
