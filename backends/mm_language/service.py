@@ -15,7 +15,7 @@ from mm_models.chat import ChatMessages
 from mm_models.qwen2vl import LanguageModel
 from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, TransferConfig, TransferObserver
 
-from .engine_factory import engine_config, make_engine, model_dtype
+from .engine_factory import engine_config, make_engine, model_dtype, warn_if_an_image_cannot_fit
 from .loader import PullLoader
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class LanguageService:
         self.config = config
         self.name = name
         self.engine_config = engine_config(engine_params, device)
+        warn_if_an_image_cannot_fit(self.engine_config, config.max_embed_tokens, name)
         self.lm = LanguageModel.from_pretrained(checkpoint, device=device, dtype=model_dtype(self.engine_config))
         self.pool = BlockPool(
             config.pool_blocks, config.block_tokens, self.lm.hidden_size, self.lm.dtype, device,

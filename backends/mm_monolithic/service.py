@@ -18,7 +18,7 @@ from PIL import Image
 
 from mm_engine.api import GenerationRequest, ImageLoader, SamplingParams
 from mm_engine.stats import EngineObserver
-from mm_language.engine_factory import engine_config, make_engine, model_dtype
+from mm_language.engine_factory import engine_config, make_engine, model_dtype, warn_if_an_image_cannot_fit
 from mm_models.chat import ChatMessages
 from mm_models.data_url import unwrap_data_url
 from mm_models.geometry import ImageGeometry
@@ -83,6 +83,7 @@ class MonolithicService:
         self._on_downscaled = on_downscaled
         # one copy of the weights serves both: the tower (VisionEncoder) and the text model (LanguageModel)
         self.engine_config = engine_config(engine_params, device)
+        warn_if_an_image_cannot_fit(self.engine_config, self.max_embed_tokens, name)
         model = _loading.load_model(checkpoint, "full", device=device, dtype=model_dtype(self.engine_config))
         self.vision = VisionEncoder(model, _loading.load_image_processor(checkpoint, self.geometry), model.device)
         self.lm = LanguageModel(model, _loading.load_tokenizer(checkpoint), model.device)
