@@ -103,27 +103,7 @@ class EncoderService:
             return []
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
-        images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
-        for i, data in enumerate(images):  # cheap header checks of every image before decoding any
-            self._check_header(i, data)
-        decoded, sizes = [], []
-        for i, data in enumerate(images):
-            try:
-                image = decode_image(data, self.max_image_pixels)
-            except ValueError as exc:
-                raise ValueError(f"IMAGE[{i}]: {exc}") from None
-            tokens = self._count_tokens(i, image)
-            if tokens > self.config.max_embed_tokens:
-                raise RequestTooLarge(
-                    f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
-                    f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
-                )
-            decoded.append((image, image_key(data) if self.cache.enabled else ""))
-            sizes.append((tokens, decoded[-1][1] or str(i)))
-        self._check_fits(sizes)
-        downscaled = sum(self.geometry.downscales(image.width, image.height) for image, _ in decoded)
-        if downscaled and self._on_downscaled is not None:
-            self._on_downscaled(downscaled)
+        decoded = self._decode_all(images)
         if cancelled is not None and cancelled():
             raise TransferCancelled(f"request {request_id or '-'} was cancelled before encoding")
         if self._executor is None or len(decoded) == 1:
@@ -150,6 +130,32 @@ class EncoderService:
             raise TransferCancelled(f"request {request_id or '-'} was cancelled; its {len(refs)} embedding(s) dropped")
         log.debug("request %s: %d image(s) -> %s tokens", request_id, len(refs), [r.num_tokens for r in refs])
         return refs
+
+    def _decode_all(self, images: Sequence[bytes]) -> list[tuple[Image.Image, str]]:
+        """Header checks of every image, then decoding and token counts, then the pool-fit check: a bad
+        image or an impossible request fails before any vision work. Returns (image, cache key) pairs."""
+        images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
+        for i, data in enumerate(images):  # cheap header checks of every image before decoding any
+            self._check_header(i, data)
+        decoded, sizes = [], []
+        for i, data in enumerate(images):
+            try:
+                image = decode_image(data, self.max_image_pixels)
+            except ValueError as exc:
+                raise ValueError(f"IMAGE[{i}]: {exc}") from None
+            tokens = self._count_tokens(i, image)
+            if tokens > self.config.max_embed_tokens:
+                raise RequestTooLarge(
+                    f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
+                    f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
+                )
+            decoded.append((image, image_key(data) if self.cache.enabled else ""))
+            sizes.append((tokens, decoded[-1][1] or str(i)))
+        self._check_fits(sizes)
+        downscaled = sum(self.geometry.downscales(image.width, image.height) for image, _ in decoded)
+        if downscaled and self._on_downscaled is not None:
+            self._on_downscaled(downscaled)
+        return decoded
 
     def _count_tokens(self, index: int, image: Image.Image) -> int:
         """Tokens the processor makes of a decoded image; ValueError naming the image when it refuses it."""
