@@ -90,3 +90,26 @@ def test_parameters_resolve_with_environment_overrides(tiny_model_dir):
         budget_parameter({"min_pixels": "-5"}, "min_pixels", env={})
     with pytest.raises(ValueError, match="below min_pixels"):
         resolve_image_geometry(tiny_model_dir, {"max_pixels": "32"}, env={})
+
+
+# ---- scripts/serve: the budget flags (no server) ------------------------------------------------------
+def _serve_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_script_budget", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_flags_set_the_budget_like_vllm():
+    serve = _serve_module()
+    args = serve.build_parser().parse_args(
+        ["--mm-processor-kwargs", '{"max_pixels": 1003520, "min_pixels": 3136}', "--max-embed-tokens", "900"])
+    env = serve.model_env(args)
+    assert env["MM_MAX_PIXELS"] == "1003520" and env["MM_MIN_PIXELS"] == "3136" and env["MM_MAX_EMBED_TOKENS"] == "900"
+    for bad in ('{"max_pixel": 5}', '{"max_pixels": -1}', '{"max_pixels": 1.5}', "[1]", "not json"):
+        with pytest.raises(SystemExit):
+            serve.build_parser().parse_args(["--mm-processor-kwargs", bad])
