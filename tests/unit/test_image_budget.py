@@ -108,6 +108,7 @@ def test_serve_flags_set_the_budget_like_vllm():
     serve = _serve_module()
     args = serve.build_parser().parse_args(
         ["--mm-processor-kwargs", '{"max_pixels": 1003520, "min_pixels": 3136}', "--max-embed-tokens", "900"])
+    serve.check_role_options(args)
     env = serve.model_env(args)
     assert env["MM_MAX_PIXELS"] == "1003520" and env["MM_MIN_PIXELS"] == "3136" and env["MM_MAX_EMBED_TOKENS"] == "900"
     for bad in ('{"max_pixel": 5}', '{"max_pixels": -1}', '{"max_pixels": 1.5}', "[1]", "not json"):
