@@ -17,14 +17,14 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
     ("used",) -> used blocks (waits up to 10 s for deferred frees); ("stop",) -> used blocks."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from mmtransfer import BlockPool, SenderEndpoint, dtype_from_name
-    from mmtransfer.transport_nccl import NcclSenderChannel
+    from mmtransfer.transports.nccl import NcclSenderLink
 
     dtype = dtype_from_name(dtype_name)
     torch.cuda.set_device(torch.device(device))
     pool = BlockPool(blocks, config.block_tokens, hidden, dtype, device, name=f"fault-sender-{device}")
     sender = SenderEndpoint(pool, config, name=f"fault-sender-{device}")
     drops = {"left": 0}
-    real_send = NcclSenderChannel.send
+    real_send = NcclSenderLink.send
 
     def send(self, pieces):
         if drops["left"] > 0:
@@ -33,7 +33,7 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
             return
         real_send(self, pieces)
 
-    NcclSenderChannel.send = send
+    NcclSenderLink.send = send
     replies.put(("ready", sender.address))
     while True:
         try:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, dtype_from_name
-from mmtransfer.channels import ChannelError
+from mmtransfer import ChannelError
 
 from ._fault_procs import fault_sender_main
 from ._procs import embedding_for

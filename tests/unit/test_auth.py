@@ -14,7 +14,7 @@ import zmq
 from mmtransfer import (
     AuthenticationError, BlockPool, ConfigError, Receiver, SenderEndpoint, TransferConfig, TransferNotFound,
 )
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 HIDDEN = 16
@@ -165,8 +165,8 @@ def test_mismatched_secrets_fail_clearly_and_ttl_reclaims(sender_secret, receive
 
 def test_gpu_channel_bootstrap_is_authenticated_too(monkeypatch):
     """BOOTSTRAP carries the NCCL unique id / CUDA IPC handle: with a secret it is authenticated like any frame."""
-    import mmtransfer.cuda as mcuda
-    from mmtransfer.cuda import DeviceInfo
+    import mmtransfer.device as mcuda
+    from mmtransfer.device import DeviceInfo
 
     host = mcuda.host_id()
     sender, receiver = _pair(SECRET, SECRET)

@@ -27,7 +27,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, SenderEndpoint, TransferConfig
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 HIDDEN = 16

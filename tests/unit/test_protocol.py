@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mmtransfer import EmbedRef, ProtocolError
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 TID = new_transfer_id()

@@ -14,7 +14,7 @@ from mmtransfer import (
     BlockPool, EmbedRef, PoolExhausted, Receiver, RequestTooLarge, SenderEndpoint, TransferConfig,
     TransferNotFound, TransferObserver, TransferState, TransferTimeout,
 )
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 from ._sender_proc import embedding_for, sender_main

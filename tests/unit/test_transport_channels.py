@@ -18,14 +18,15 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import mmtransfer.cuda as mcuda
+import mmtransfer.device as mcuda
 from mmtransfer import (
     BlockPool, ProtocolError, Receiver, RemoteError, SenderEndpoint, TransferConfig, TransferError,
 )
 from mmtransfer import nccl_lib
-from mmtransfer import protocol as wire
-from mmtransfer.cuda import DeviceInfo, TransportUnavailable
-from mmtransfer.transport import natural_transport, negotiate
+from mmtransfer import wire
+from mmtransfer import TransportUnavailable
+from mmtransfer.device import DeviceInfo
+from mmtransfer.transports.negotiate import natural_transport, negotiate
 
 HIDDEN = 24
 HOST = mcuda.host_id()
@@ -561,7 +562,7 @@ def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreate
     communicator on its side (ncclCommAbort), tells the sender (CLOSE: it aborts its side) and ABORTs the
     transfer (the sender frees the blocks); the next pull bootstraps a new communicator and works."""
     import mmtransfer.receiver as receiver_mod
-    from mmtransfer.channels import ChannelError
+    from mmtransfer import ChannelError
 
     data = _data(90, 21)
     assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
