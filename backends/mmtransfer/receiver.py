@@ -35,14 +35,23 @@ class Receiver:
     def __init__(self, pool: BlockPool, config: TransferConfig, *, observer: TransferObserver | None = None,
                  name: str = "receiver") -> None:
         self.pool = pool
-        self.config = config
+        self._config = config
         self.observer = observer or TransferObserver()
         self.name = name
         self.window_policy = make_window_policy(config)
         self._ctx = zmq.Context()
         self.sockets = SocketPool(self._ctx)
         self.links = LinkTable(pool, config, self.sockets, name)
-        self._pulls = PullContext(pool, config, self.sockets, self.links, self.observer, self.window_policy, name)
+
+    @property
+    def config(self) -> TransferConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: TransferConfig) -> None:
+        """Applies from the next pull on (the window policy stays as it is)."""
+        self._config = config
+        self.links.config = config
 
     @property
     def uses_channels(self) -> bool:
@@ -82,7 +91,9 @@ class Receiver:
     def _run(self, ref: EmbedRef, request_id: str, link: ReceiverLink, cancelled: Callable[[], bool] | None,
              retry: bool) -> Received:
         with use_device(self.pool.device):
-            return PullRun(self._pulls, ref, request_id, link, cancelled).run(retry)
+            ctx = PullContext(self.pool, self.config, self.sockets, self.links, self.observer, self.window_policy,
+                              self.name)
+            return PullRun(ctx, ref, request_id, link, cancelled).run(retry)
 
     def abort(self, ref: EmbedRef, reason: str) -> None:
         """Tell a sender to drop an embedding this receiver will never pull (best effort)."""

@@ -37,16 +37,36 @@ class SenderEndpoint:
     def __init__(self, pool: BlockPool, config: TransferConfig, *, observer: TransferObserver | None = None,
                  name: str = "sender") -> None:
         self.pool = pool
-        self.config = config
-        self.observer = observer or TransferObserver()
+        self._config = config
+        self._observer = observer or TransferObserver()
         self.name = name
-        self.table = TransferTable(pool, config.ttl_s, self.observer, name)
+        self.table = TransferTable(pool, config.ttl_s, self._observer, name)
         self.channels = ChannelTable(pool, self.table.link_busy, name)
         self.loop = ServerLoop(config, name, pool.device)
         self.server = PullServer(pool, config, self.table, self.channels, self.loop.outbox, name)
         self.loop.start(self.server.dispatch, self.server.tick)
         log.info("%s: serving pulls at %s%s", name, self.address,
                  " (control frames authenticated with the shared secret)" if config.auth_key else "")
+
+    @property
+    def config(self) -> TransferConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: TransferConfig) -> None:
+        """Timeouts and limits apply from the next message on (the socket and secret stay as they are)."""
+        self._config = config
+        self.table.ttl_s = config.ttl_s
+        self.server.config = config
+
+    @property
+    def observer(self) -> TransferObserver:
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: TransferObserver) -> None:
+        self._observer = observer
+        self.table.observer = observer
 
     @property
     def port(self) -> int:

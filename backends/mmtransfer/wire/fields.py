@@ -47,13 +47,13 @@ def optional_id(name: str, v: Any) -> str:
     return "" if v == "" else transfer_id(name, v)
 
 
-def member(enum: type[Enum], exclude: tuple[Enum, ...] = ()) -> Check:
+def member(enum: type[Enum], label: str, exclude: tuple[Enum, ...] = ()) -> Check:
     """A name of ``enum`` (a str enum), decoded to the member."""
     allowed = [m.value for m in enum if m not in exclude]
 
     def check(name: str, v: Any) -> Enum:
         if v not in allowed:
-            raise ProtocolError(f"field {name}: unknown {enum.__name__} {v!r}; expected one of {allowed}")
+            raise ProtocolError(f"field {name}: unknown {label} {v!r}; expected one of {allowed}")
         return enum(v)
 
     return check

@@ -97,7 +97,7 @@ class Pull:
     TYPE: ClassVar[MsgType] = MsgType.PULL
     SCHEMA: ClassVar[dict] = {
         "transfer_id": f.transfer_id, "seq": f.SEQ, "sent_tokens": f.TOKENS, "capacity_tokens": f.POSITIVE_TOKENS,
-        "transport": f.member(Transport, exclude=(Transport.AUTO,)), "request_id": f.text(128),
+        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)), "request_id": f.text(128),
         "channel": f.optional_id, "count": f.integer(0, f.MAX_CHUNKS_PER_PULL), "runs": f.runs,
         "op_seq": f.integer(0, 1 << 62),
     }
@@ -163,7 +163,7 @@ class Abort:
 @dataclass(frozen=True)
 class Error:
     TYPE: ClassVar[MsgType] = MsgType.ERROR
-    SCHEMA: ClassVar[dict] = {"transfer_id": f.optional_id, "seq": f.SEQ, "code": f.member(ErrorCode),
+    SCHEMA: ClassVar[dict] = {"transfer_id": f.optional_id, "seq": f.SEQ, "code": f.member(ErrorCode, "error code"),
                               "message": f.text(512)}
     transfer_id: str
     seq: int
@@ -181,7 +181,7 @@ class Bootstrap:
     TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP
     SCHEMA: ClassVar[dict] = {
         "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": f.transfer_id,
-        "transport": f.member(Transport), "device_kind": _DEVICE_KIND, "device_uuid": f.text(64),
+        "transport": f.member(Transport, "transport"), "device_kind": _DEVICE_KIND, "device_uuid": f.text(64),
         "host": f.text(128), "pid": f.integer(0, 1 << 31),
     }
     channel: str
@@ -200,7 +200,7 @@ class BootstrapAck:
     TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP_ACK
     SCHEMA: ClassVar[dict] = {
         "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": f.transfer_id,
-        "transport": f.member(Transport, exclude=(Transport.AUTO,)), "device_kind": _DEVICE_KIND,
+        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)), "device_kind": _DEVICE_KIND,
         "device_uuid": f.text(64), "host": f.text(128), "nccl_id": f.hex_string(256, exact=256), "ipc": f.ipc,
     }
     channel: str
