@@ -12,7 +12,7 @@ import torch
 import zmq
 
 from mmtransfer import (
-    AuthenticationError, BlockPool, ConfigError, Receiver, SenderEndpoint, TransferConfig, TransferNotFound,
+    AuthenticationError, BlockPool, ConfigError, ProtocolError, Receiver, SenderEndpoint, TransferConfig, TransferNotFound,
 )
 from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
@@ -83,10 +83,10 @@ def test_every_mismatch_is_an_authentication_error(msg):
     for i in range(len(signed)):  # any single flipped bit, header, body or MAC
         tampered = bytearray(signed)
         tampered[i] ^= 0x01
-        with pytest.raises(wire.ProtocolError):
+        with pytest.raises(ProtocolError):
             wire.decode(bytes(tampered), KEY)
     for cut in range(len(signed)):
-        with pytest.raises(wire.ProtocolError):
+        with pytest.raises(ProtocolError):
             wire.decode(signed[:cut], KEY)
 
 
@@ -170,7 +170,7 @@ def test_gpu_channel_bootstrap_is_authenticated_too(monkeypatch):
 
     host = mcuda.host_id()
     sender, receiver = _pair(SECRET, SECRET)
-    sender._device_info = DeviceInfo("cpu", "", host)
+    sender.server.device_info = DeviceInfo("cpu", "", host)
     monkeypatch.setattr(mcuda, "device_info", lambda device: DeviceInfo("cuda", "GPU-r", host))
     monkeypatch.setattr(Receiver, "uses_channels", property(lambda self: True))
     ctx = zmq.Context()
