@@ -2,7 +2,7 @@
 
 Two ways, same policies (``mmtransfer.window.make_window_policy``, learning online with ``observe``):
 
-* ``plan_policy``: the policies + ``mmtransfer.protocol.chunk_plan`` arithmetic, for large samples;
+* ``plan_policy``: the policies + ``mmtransfer.wire.chunk_plan`` arithmetic, for large samples;
 * ``run_endpoints``: real ``SenderEndpoint`` / ``Receiver`` in this process (host transport over
   loopback ZeroMQ, CPU tensors of a small hidden size), recording each ``TransferRecord``.
 

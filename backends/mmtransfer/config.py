@@ -141,14 +141,14 @@ class TransferConfig:
         params = dict(params or {})
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = params.get(field.name)
-            env_raw = env.get(ENV_PREFIX + field.name.upper())
+        for fd in fields(cls):
+            raw = params.get(fd.name)
+            env_raw = env.get(ENV_PREFIX + fd.name.upper())
             if env_raw not in (None, ""):
                 raw = env_raw
             if raw is None or raw == "":
                 continue
-            values[field.name] = _parse(field.name, field.type, str(raw).strip())
+            values[fd.name] = _parse(fd.name, fd.type, str(raw).strip())
         return cls(**values)
 
 

@@ -70,9 +70,9 @@ class RemoteError(TransferError):
 
     cause = FailureCause.REMOTE
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.value}: {message}")
-        self.code = code
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        self.code = ErrorCode(code)
+        super().__init__(f"{self.code.value}: {message}")
 
 
 class TransferAborted(TransferError):

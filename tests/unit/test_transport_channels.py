@@ -442,7 +442,7 @@ def test_sender_without_gpu_gives_host(monkeypatch):
         data = _data(50, 2)
         got = pair.receiver.pull(pair.sender.register(data))
         assert torch.equal(got.embedding, data) and got.record.transport == "host"
-        assert pair.receiver.link_for(pair.sender.address) is pair.receiver.links.host_link  # remembered: no second bootstrap
+        assert pair.receiver.link_for(pair.sender.address) is pair.receiver.links.host_link  # remembered: once
     finally:
         pair.close()
 

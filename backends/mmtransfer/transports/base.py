@@ -54,6 +54,7 @@ class SenderLink(ABC):
 
     def wait_ready(self, timeout_s: float) -> None:
         """Return once the link is formed; raise a TransferError if it could not be (within ``timeout_s``)."""
+        return None
 
     @abstractmethod
     def send(self, pieces: Pieces) -> list[memoryview]:
@@ -67,6 +68,7 @@ class SenderLink(ABC):
 
     def close(self) -> None:
         """Give the link up (abort a communicator, drop a mapping). Idempotent."""
+        return None
 
 
 class ReceiverLink(ABC):
@@ -123,3 +125,4 @@ class ReceiverLink(ABC):
 
     def close(self) -> None:
         """Give the link up on this side. Idempotent."""
+        return None

@@ -129,7 +129,7 @@ class IpcReceiverLink(ReceiverLink):
                 raise ChannelError(f"cuda_ipc: piece rows [{row}, {row + n}) outside the sender's pool "
                                    f"of {self.source_rows} rows")
         with use_stream(self.stream):
-            for (row, n), dst in zip(pieces, dests):
+            for (row, n), dst in zip(pieces, dests, strict=True):
                 dst.copy_(src[row : row + n], non_blocking=True)
         self.ops += 1
 

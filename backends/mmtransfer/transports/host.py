@@ -7,7 +7,7 @@ asks for one chunk (the window bounds the bytes in flight) which lands in the wi
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import torch
 

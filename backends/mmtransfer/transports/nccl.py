@@ -27,7 +27,9 @@ from ..errors import ChannelError, TransferTimeout
 from ..pool import BlockPool
 from . import nccl_lib
 from .base import Pieces, ReceiverLink, SenderLink
-from .streams import current_stream, new_stream, record_event, run_with_timeout, set_thread_device, use_device, wait_event
+from .streams import (
+    current_stream, new_stream, record_event, run_with_timeout, set_thread_device, use_device, wait_event,
+)
 
 log = logging.getLogger(__name__)
 SENDER_RANK, RECEIVER_RANK = 0, 1
