@@ -30,8 +30,8 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
         if drops["left"] > 0:
             drops["left"] -= 1
             self.ops += 1  # counted as sent: the pairing the receiver expects, with no bytes behind it
-            return
-        real_send(self, pieces)
+            return []
+        return real_send(self, pieces)
 
     NcclSenderLink.send = send
     replies.put(("ready", sender.address))
@@ -51,7 +51,7 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
                 sender.config = sender.config.replace(**cmd[1])
                 replies.put(("ok", None))
             elif cmd[0] == "channels":
-                replies.put(("ok", len(sender._channels)))
+                replies.put(("ok", len(sender.channels.links)))
             elif cmd[0] == "used":
                 deadline = time.monotonic() + 10
                 while pool.used_blocks and time.monotonic() < deadline:
