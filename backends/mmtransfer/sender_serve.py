@@ -55,7 +55,7 @@ class PullServer:
         self.channels = channels
         self.outbox = outbox
         self.name = name
-        self.host_link = HostSenderLink("", pool)
+        self.host_link = HostSenderLink("", pool, 0.0)  # no channel: never formed, never closed
         self.device_info: DeviceInfo = device_info(pool.device)
         self._pending: list[PendingPull] = []
 

@@ -13,7 +13,6 @@ import torch
 
 from ..enums import Landing, Transport
 from ..errors import ProtocolError
-from ..pool import BlockPool
 from .base import Pieces, ReceiverLink, SenderLink
 from .streams import current_stream
 
@@ -21,9 +20,6 @@ from .streams import current_stream
 class HostSenderLink(SenderLink):
     kind = Transport.HOST
     names_pieces = False
-
-    def __init__(self, link_id: str = "", pool: BlockPool | None = None, timeout_s: float = 0.0) -> None:
-        super().__init__(link_id, pool, timeout_s)
 
     def send(self, pieces: Pieces) -> list[memoryview]:
         rows = self.pool.flat_rows
