@@ -740,3 +740,21 @@ def test_receiver_close_tells_the_sender_and_idle_channels_are_reaped(monkeypatc
             other.close()
     finally:
         pair.close()
+
+
+# ---- one link interface ------------------------------------------------------------------------------
+def test_the_registry_covers_every_transport_and_the_base_imports_no_implementation():
+    import ast
+    from pathlib import Path
+
+    from mmtransfer import Transport
+    from mmtransfer.transports import RECEIVER_LINKS, SENDER_LINKS, base
+
+    kinds = set(Transport) - {Transport.AUTO}
+    assert set(SENDER_LINKS) == kinds == set(RECEIVER_LINKS)
+    for kind in kinds:
+        assert SENDER_LINKS[kind].kind is kind and RECEIVER_LINKS[kind].kind is kind
+        assert issubclass(SENDER_LINKS[kind], base.SenderLink) and issubclass(RECEIVER_LINKS[kind], base.ReceiverLink)
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"host", "nccl", "cuda_ipc", "nccl_lib"}, imported
