@@ -61,10 +61,6 @@ class Receiver:
         return (self.pool.device.type == "cuda" and transport is not Transport.HOST) or \
             transport in (Transport.NCCL, Transport.CUDA_IPC)
 
-    def window_blocks_for(self, ref: EmbedRef) -> int:
-        """Blocks to ask for: the policy's window, or less when the hint says it is enough."""
-        return self.window_policy.window_blocks(ref.num_tokens)
-
     def link_for(self, address: str) -> ReceiverLink:
         """The link pulls from ``address`` use: the host link, or a channel bootstrapped on first use."""
         if not self.uses_channels:
