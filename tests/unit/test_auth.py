@@ -12,7 +12,8 @@ import torch
 import zmq
 
 from mmtransfer import (
-    AuthenticationError, BlockPool, ConfigError, ProtocolError, Receiver, SenderEndpoint, TransferConfig, TransferNotFound,
+    AuthenticationError, BlockPool, ConfigError, ProtocolError, Receiver, SenderEndpoint, TransferConfig,
+    TransferNotFound,
 )
 from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
