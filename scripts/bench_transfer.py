@@ -64,7 +64,7 @@ def worker_main(role: str, device: str, commands, replies) -> None:
     import torch
 
     from mmtransfer import BlockPool, EmbedRef, Receiver, SenderEndpoint, nccl_lib
-    from mmtransfer.channels import wait_event
+    from mmtransfer.transports.streams import wait_event
 
     torch.cuda.set_device(torch.device(device))
     senders, receivers, raw = {}, {}, {}

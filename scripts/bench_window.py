@@ -24,7 +24,7 @@ Receiver does). Two methods:
              ZeroMQ, float32 CPU tensors of --hidden width, content verified), --transfers per run,
              for each --threads value (several threads share one receive pool of --pool-blocks, so
              windows shrink under pressure as in production);
-  chunk_plan the same policies + mmtransfer.protocol.chunk_plan arithmetic on --plan-samples lengths
+  chunk_plan the same policies + mmtransfer.wire.chunk_plan arithmetic on --plan-samples lengths
              (no pool pressure; equals the 1-thread endpoint run on the same lengths).
 
 Both with the length hint (EMBED_REF carries N: the normal path) and without (pull before N is known).

@@ -2,7 +2,7 @@
 
 Two ways, same policies (``mmtransfer.window.make_window_policy``, learning online with ``observe``):
 
-* ``plan_policy``: the policies + ``mmtransfer.protocol.chunk_plan`` arithmetic, for large samples;
+* ``plan_policy``: the policies + ``mmtransfer.wire.chunk_plan`` arithmetic, for large samples;
 * ``run_endpoints``: real ``SenderEndpoint`` / ``Receiver`` in this process (host transport over
   loopback ZeroMQ, CPU tensors of a small hidden size), recording each ``TransferRecord``.
 
@@ -69,7 +69,7 @@ def _summary(chunks: np.ndarray, blocks: np.ndarray, block_tokens: int, lengths:
 def plan_policy(base_config, spec: PolicySpec, lengths: Sequence[int], hint: bool) -> dict:
     """Arithmetic only: the window the receiver would offer for each length (online learning), the
     chunks ``chunk_plan`` gives for it, capped by the pool like ``BlockPool.alloc_wait``."""
-    from mmtransfer.protocol import chunk_plan
+    from mmtransfer.wire import chunk_plan
     from mmtransfer.window import make_window_policy
 
     config = spec.config(base_config)

@@ -19,11 +19,12 @@ from typing import Any
 from mm_engine.api import EngineError, ErrorCause
 
 from mmtransfer import (
-    AuthenticationError, PoolExhausted, TransferCancelled, TransferError, TransferNotFound, TransferTimeout,
+    AuthenticationError, FailureCause, PoolExhausted, TransferCancelled, TransferError, TransferNotFound,
+    TransferTimeout,
 )
 
 _RETRYABLE = (PoolExhausted, TransferTimeout, TransferNotFound, AuthenticationError)
-_RETRYABLE_CAUSES = ("channel",)
+_RETRYABLE_CAUSES = (FailureCause.CHANNEL,)
 
 
 _ENGINE_UNAVAILABLE = ("queue_full", "queue_timeout", "deadline", "shutdown")
@@ -54,11 +55,11 @@ def error_code_name(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, PoolExhausted):
         return "UNAVAILABLE", "unavailable (pool_exhausted)"
     if isinstance(exc, _RETRYABLE) or (isinstance(exc, TransferError) and exc.cause in _RETRYABLE_CAUSES):
-        return "UNAVAILABLE", f"unavailable ({getattr(exc, 'cause', 'timeout')})"
+        return "UNAVAILABLE", f"unavailable ({FailureCause.of(getattr(exc, 'cause', 'timeout')).value})"
     if isinstance(exc, (ValueError, FileNotFoundError)):
         return "INVALID_ARG", "invalid input"
     if isinstance(exc, TransferError):
-        return "INTERNAL", f"transfer failed ({exc.cause})"
+        return "INTERNAL", f"transfer failed ({FailureCause.of(exc.cause).value})"
     return "INTERNAL", f"internal error ({type(exc).__name__})"
 
 

@@ -9,12 +9,12 @@ import logging
 import threading
 from typing import Any
 
-from mmtransfer import BlockPool, TransferObserver, TransferRecord
+from mmtransfer import BlockPool, FailureCause, TransferObserver, TransferRecord
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-FAILURE_CAUSES = ("pool_exhausted", "timeout", "not_found", "expired", "protocol", "too_large", "aborted",
-                  "cancelled", "auth", "channel", "remote", "ttl", "internal")
+# the cause labels of mm_transfer_failures_total: every FailureCause, exported from the start
+FAILURE_CAUSES = FailureCause.names()
 
 
 class TritonMetrics(TransferObserver):
@@ -79,9 +79,9 @@ class TritonMetrics(TransferObserver):
             self._latency.observe(record.latency_s)
         self.update_pool()
 
-    def transfer_failed(self, cause: str) -> None:
+    def transfer_failed(self, cause: FailureCause | str) -> None:
         with self._lock:
-            self._failures.get(cause, self._failures["internal"]).increment(1)
+            self._failures[FailureCause.of(cause).value].increment(1)
         self.update_pool()
 
     def pool_changed(self) -> None:

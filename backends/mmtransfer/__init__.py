@@ -1,35 +1,36 @@
 """mmtransfer: move variable-length embeddings between model instances.
 
-Reading order:
-  config.py     TransferConfig, every knob and its default
-  allocator.py  BlockAllocator (free list) and FixedSlotAllocator (the baseline)
-  pool.py       BlockPool: the preallocated buffer, bounded waits, scatter/gather
-  protocol.py   wire messages (PULL, CHUNK, DONE, ACK, ABORT, ERROR), TransferState
-  ref.py        EmbedRef, the small handle that travels through Triton
-  transport.py  Transport interface, the HostTransport, and the choice of transport (negotiate)
-  channels.py, transport_nccl.py, transport_cuda_ipc.py, nccl_lib.py, cuda.py
-                GPU channels: NCCL point-to-point, same-GPU CUDA IPC, the libnccl binding
-  sender.py     SenderEndpoint (encoder side): owns embeddings, serves pulls
-  receiver.py   Receiver (language side): window, pull, continuations, assembly
-See README.md beside this file for the message sequence.
+Reading order (README.md beside this file has the message sequence and each role's primitives):
+  enums.py, errors.py    every closed set of names (transports, error codes, failure causes), the errors
+  config.py              TransferConfig, every knob and its default
+  allocator.py, pool.py  BlockAllocator / FixedSlotAllocator; BlockPool: the preallocated buffer
+  ref.py, window.py      EmbedRef (the handle that travels through Triton); the receiver's window policy
+  wire/                  messages, validators, codec + MAC, chunk arithmetic
+  transports/            the link interface (base.py), its registry, host / nccl / cuda_ipc links
+  sender*.py             SenderEndpoint and its transfer table, channel table, serve path, server loop
+  receiver*.py           Receiver and its links, sockets and the one pull loop
 """
 from .config import TransferConfig
+from .enums import ErrorCode, FailureCause, Landing, TransferState, Transport, WindowPolicyKind
 from .errors import (
-    AuthenticationError, ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge, TransferAborted,
-    TransferCancelled, TransferError, TransferExpired, TransferNotFound, TransferTimeout,
+    AuthenticationError, ChannelError, ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge,
+    TransferAborted, TransferCancelled, TransferError, TransferExpired, TransferNotFound, TransferTimeout,
+    TransportUnavailable, VersionMismatch,
 )
 from .observer import TransferObserver, TransferRecord
 from .pool import BlockPool, dtype_from_name
-from .protocol import Aux, TransferState
 from .receiver import Received, Receiver
-from .ref import EmbedRef
+from .ref import EmbedRef, new_transfer_id
 from .sender import SenderEndpoint
-from .transport import HostTransport, Transport, negotiate
+from .transports import nccl_lib
+from .transports.negotiate import negotiate
+from .wire import Aux
 
 __all__ = [
-    "AuthenticationError", "TransferCancelled", "TransferExpired",
-    "Aux", "BlockPool", "ConfigError", "EmbedRef", "HostTransport", "PoolExhausted", "ProtocolError",
-    "Received", "Receiver", "RemoteError", "RequestTooLarge", "SenderEndpoint", "TransferAborted",
-    "TransferConfig", "TransferError", "TransferNotFound", "TransferObserver", "TransferRecord",
-    "TransferState", "TransferTimeout", "Transport", "dtype_from_name", "negotiate",
+    "AuthenticationError", "Aux", "BlockPool", "ChannelError", "ConfigError", "EmbedRef", "ErrorCode",
+    "FailureCause", "Landing", "PoolExhausted", "ProtocolError", "Received", "Receiver", "RemoteError",
+    "RequestTooLarge", "SenderEndpoint", "TransferAborted", "TransferCancelled", "TransferConfig", "TransferError",
+    "TransferExpired", "TransferNotFound", "TransferObserver", "TransferRecord", "TransferState",
+    "TransferTimeout", "Transport", "TransportUnavailable", "VersionMismatch", "WindowPolicyKind",
+    "dtype_from_name", "nccl_lib", "negotiate", "new_transfer_id",
 ]

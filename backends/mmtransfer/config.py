@@ -13,12 +13,12 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .enums import Landing, Transport, WindowPolicyKind
 from .errors import ConfigError
 
 ENV_PREFIX = "MM_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-TRANSPORTS = ("auto", "host", "nccl", "cuda_ipc")
 MIN_SECRET_CHARS = 16
 
 
@@ -65,7 +65,7 @@ class TransferConfig:
     pool_blocks: int = 64
     max_embed_tokens: int = 8192
     use_size_hint: bool = True
-    window_policy: str = "fixed"
+    window_policy: WindowPolicyKind = WindowPolicyKind.FIXED
     adaptive_percentile: float = 90.0
     adaptive_max_window_tokens: int = 8192
     adaptive_history: int = 512
@@ -77,8 +77,8 @@ class TransferConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0
     advertise_host: str = ""
-    transport: str = "auto"
-    gpu_landing: str = "direct"
+    transport: Transport = Transport.AUTO
+    gpu_landing: Landing = Landing.DIRECT
     bootstrap_timeout_s: float = 120.0
     shared_secret: str = field(default="", repr=False)
 
@@ -91,14 +91,11 @@ class TransferConfig:
         _check_range("adaptive_max_window_tokens", self.adaptive_max_window_tokens, 1, 1 << 24)
         _check_range("adaptive_history", self.adaptive_history, 1, 1 << 20)
         _check_range("adaptive_min_samples", self.adaptive_min_samples, 1, 1 << 20)
-        if self.window_policy not in ("fixed", "adaptive"):
-            raise ConfigError(f"window_policy must be 'fixed' or 'adaptive', got {self.window_policy!r}")
+        _coerce(self, "window_policy", WindowPolicyKind)
         if not 0 < self.adaptive_percentile <= 100:
             raise ConfigError(f"adaptive_percentile must be in (0, 100], got {self.adaptive_percentile!r}")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"transport must be one of {list(TRANSPORTS)}, got {self.transport!r}")
-        if self.gpu_landing not in ("direct", "window"):
-            raise ConfigError(f"gpu_landing must be 'direct' or 'window', got {self.gpu_landing!r}")
+        _coerce(self, "transport", Transport)
+        _coerce(self, "gpu_landing", Landing)
         for name in ("alloc_timeout_s", "pull_timeout_s", "pull_wait_s", "ttl_s", "bootstrap_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 86400):
@@ -144,14 +141,14 @@ class TransferConfig:
         params = dict(params or {})
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = params.get(field.name)
-            env_raw = env.get(ENV_PREFIX + field.name.upper())
+        for fd in fields(cls):
+            raw = params.get(fd.name)
+            env_raw = env.get(ENV_PREFIX + fd.name.upper())
             if env_raw not in (None, ""):
                 raw = env_raw
             if raw is None or raw == "":
                 continue
-            values[field.name] = _parse(field.name, field.type, str(raw).strip())
+            values[fd.name] = _parse(fd.name, fd.type, str(raw).strip())
         return cls(**values)
 
 
@@ -172,6 +169,15 @@ def _parse(name: str, type_name: Any, raw: str) -> Any:
         return raw
     except ValueError:
         raise ConfigError(f"parameter {name}: cannot parse {raw!r} as {kind}") from None
+
+
+def _coerce(config: TransferConfig, name: str, enum: type) -> None:
+    """Store the enum member for a name given as a string (config.pbtxt, env, keyword)."""
+    value = getattr(config, name)
+    try:
+        object.__setattr__(config, name, enum(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be one of {list(enum.names())}, got {value!r}") from None
 
 
 def _check_range(name: str, value: Any, low: int, high: int) -> None:

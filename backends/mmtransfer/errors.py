@@ -1,16 +1,17 @@
 """Errors raised by the transfer library.
 
-Every error carries a short ``cause`` that is safe to use as a metrics label
-("pool_exhausted", "timeout", ...), so failures can be counted by cause without
-parsing messages.
+Every ``TransferError`` carries a ``cause`` (``enums.FailureCause``), safe to use as a metrics
+label, so failures are counted by cause without parsing messages.
 """
 from __future__ import annotations
+
+from .enums import ErrorCode, FailureCause
 
 
 class TransferError(RuntimeError):
     """Base class: a transfer could not complete. ``cause`` labels it for metrics."""
 
-    cause = "internal"
+    cause: FailureCause = FailureCause.INTERNAL
 
 
 class ConfigError(ValueError):
@@ -20,63 +21,79 @@ class ConfigError(ValueError):
 class RequestTooLarge(TransferError, ValueError):
     """The request can never be satisfied (more tokens or blocks than the pool or limit allows)."""
 
-    cause = "too_large"
+    cause = FailureCause.TOO_LARGE
 
 
 class PoolExhausted(TransferError):
     """No blocks became free within the allocation timeout (backpressure gave up)."""
 
-    cause = "pool_exhausted"
+    cause = FailureCause.POOL_EXHAUSTED
 
 
 class TransferTimeout(TransferError):
     """A peer did not answer within the configured timeout."""
 
-    cause = "timeout"
+    cause = FailureCause.TIMEOUT
 
 
 class TransferNotFound(TransferError):
     """The sender does not know the transfer id (never registered, already done, or expired)."""
 
-    cause = "not_found"
+    cause = FailureCause.NOT_FOUND
 
 
 class TransferExpired(TransferNotFound):
     """The sender reclaimed the embedding: it was not pulled within its ``ttl_s``."""
 
-    cause = "expired"
+    cause = FailureCause.EXPIRED
 
 
 class ProtocolError(TransferError, ValueError):
     """A message could not be decoded or violates the protocol."""
 
-    cause = "protocol"
+    cause = FailureCause.PROTOCOL
+
+
+class VersionMismatch(ProtocolError):
+    """A frame or EMBED_REF of another protocol version (an endpoint of another release)."""
 
 
 class AuthenticationError(ProtocolError):
     """A control frame without a valid MAC where a shared secret is configured (or one with a MAC
     where none is): the peer does not hold the same ``shared_secret``."""
 
-    cause = "auth"
+    cause = FailureCause.AUTH
 
 
 class RemoteError(TransferError):
-    """The peer answered with an error; ``code`` is the wire error code."""
+    """The peer answered with an ERROR frame; ``code`` is its wire error code."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.cause = {"not_found": "not_found", "expired": "expired", "timeout": "timeout",
-                      "unauthenticated": "auth"}.get(code, "remote")
+    cause = FailureCause.REMOTE
+
+    def __init__(self, code: ErrorCode | str, message: str) -> None:
+        self.code = ErrorCode(code)
+        super().__init__(f"{self.code.value}: {message}")
 
 
 class TransferAborted(TransferError):
     """The transfer was aborted (by the peer, a cancel or shutdown)."""
 
-    cause = "aborted"
+    cause = FailureCause.ABORTED
 
 
 class TransferCancelled(TransferAborted):
     """The request that needed the transfer was cancelled (client cancel or disconnect)."""
 
-    cause = "cancelled"
+    cause = FailureCause.CANCELLED
+
+
+class TransportUnavailable(TransferError):
+    """The configured transport cannot connect these two endpoints (the message says why)."""
+
+    cause = FailureCause.TRANSPORT
+
+
+class ChannelError(TransferError):
+    """A GPU channel failed; it is given up and the next pull opens a new one."""
+
+    cause = FailureCause.CHANNEL

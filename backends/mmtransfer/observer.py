@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .enums import FailureCause
+
 
 @dataclass(frozen=True)
 class TransferRecord:
@@ -29,8 +31,8 @@ class TransferObserver:
     def transfer_completed(self, record: TransferRecord) -> None:
         pass
 
-    def transfer_failed(self, cause: str) -> None:
-        pass
+    def transfer_failed(self, cause: FailureCause) -> None:
+        """A transfer failed; ``cause`` is the error's ``FailureCause``."""
 
     def pool_changed(self) -> None:
         """Blocks were allocated or freed (e.g. to refresh a usage gauge)."""

@@ -1,8 +1,8 @@
 """The block pool: one preallocated buffer per instance, lent out block by block.
 
 ``storage`` is ``[num_blocks, block_tokens, hidden]`` on the instance's device (a
-CUDA tensor works unchanged); ``aux`` is a small host-side byte area, one row per
-block, where the aux record of an embedding lives in the row of its first block.
+CUDA tensor works unchanged). An embedding's aux record (length, layout, extras) is not
+stored here: the sender keeps it with the transfer and sends it with the first chunk.
 
 An allocation is a list of block ids; token ``t`` of an allocation lives in block
 ``ids[t // block_tokens]`` at row ``t % block_tokens``. Blocks need not be
@@ -31,7 +31,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-AUX_BYTES = 4096
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -73,7 +72,6 @@ class BlockPool:
         self.hidden = hidden
         self.dtype = dtype
         self.storage = torch.empty((num_blocks, block_tokens, hidden), dtype=dtype, device=device)
-        self.aux = torch.zeros((num_blocks, AUX_BYTES), dtype=torch.uint8)
         self._rows = self.storage.view(num_blocks * block_tokens, hidden)
         self.allocator: Allocator = (
             BlockAllocator(num_blocks)
@@ -225,17 +223,6 @@ class BlockPool:
             start = seg.token - token_offset
             out[start : start + seg.length].copy_(self.rows(seg), non_blocking=True)
         return out
-
-    def write_aux(self, block_id: int, data: bytes) -> None:
-        if len(data) > AUX_BYTES - 4:
-            raise RequestTooLarge(f"aux record of {len(data)} bytes exceeds {AUX_BYTES - 4}")
-        record = len(data).to_bytes(4, "little") + data
-        self.aux[block_id, : len(record)] = torch.frombuffer(bytearray(record), dtype=torch.uint8)
-
-    def read_aux(self, block_id: int) -> bytes:
-        row = self.aux[block_id].numpy()
-        size = int.from_bytes(row[:4].tobytes(), "little")
-        return row[4 : 4 + size].tobytes()
 
     def _check_rows(self, data: torch.Tensor, num_tokens: int | None = None) -> None:
         if data.dim() != 2 or data.shape[1] != self.hidden:

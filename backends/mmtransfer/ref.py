@@ -6,8 +6,8 @@ import re
 import secrets
 from dataclasses import asdict, dataclass
 
-from .errors import ProtocolError
-from .protocol import MAX_TOKENS_ON_WIRE, PROTOCOL_VERSION
+from .errors import ProtocolError, VersionMismatch
+from .wire import MAX_TOKENS_ON_WIRE, PROTOCOL_VERSION
 
 _ADDRESS = re.compile(r"tcp://[A-Za-z0-9.\-\[\]:]{1,255}:\d{1,5}")
 _TID = re.compile(r"[0-9a-f]{32}")
@@ -54,7 +54,8 @@ class EmbedRef:
         if not isinstance(obj, dict) or set(obj) != {"transfer_id", "address", "num_tokens", "version"}:
             raise ProtocolError("EMBED_REF: expected fields transfer_id, address, num_tokens, version")
         if obj["version"] != PROTOCOL_VERSION:
-            raise ProtocolError(f"EMBED_REF: version {obj['version']!r}, expected {PROTOCOL_VERSION}")
+            raise VersionMismatch(f"EMBED_REF: version {obj['version']!r}, expected {PROTOCOL_VERSION} (encoder and "
+                                  "language model of different releases?)")
         if not isinstance(obj["transfer_id"], str) or not _TID.fullmatch(obj["transfer_id"]):
             raise ProtocolError("EMBED_REF: transfer_id must be 32 lowercase hex digits")
         if not isinstance(obj["address"], str) or not _ADDRESS.fullmatch(obj["address"]):

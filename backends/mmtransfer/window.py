@@ -12,6 +12,7 @@ import threading
 from collections import deque
 
 from .config import TransferConfig
+from .enums import WindowPolicyKind
 
 
 class WindowPolicy:
@@ -66,4 +67,4 @@ class AdaptiveWindow(WindowPolicy):
 
 
 def make_window_policy(config: TransferConfig) -> WindowPolicy:
-    return AdaptiveWindow(config) if config.window_policy == "adaptive" else WindowPolicy(config)
+    return AdaptiveWindow(config) if config.window_policy is WindowPolicyKind.ADAPTIVE else WindowPolicy(config)

@@ -17,23 +17,23 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
     ("used",) -> used blocks (waits up to 10 s for deferred frees); ("stop",) -> used blocks."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     from mmtransfer import BlockPool, SenderEndpoint, dtype_from_name
-    from mmtransfer.transport_nccl import NcclSenderChannel
+    from mmtransfer.transports.nccl import NcclSenderLink
 
     dtype = dtype_from_name(dtype_name)
     torch.cuda.set_device(torch.device(device))
     pool = BlockPool(blocks, config.block_tokens, hidden, dtype, device, name=f"fault-sender-{device}")
     sender = SenderEndpoint(pool, config, name=f"fault-sender-{device}")
     drops = {"left": 0}
-    real_send = NcclSenderChannel.send
+    real_send = NcclSenderLink.send
 
     def send(self, pieces):
         if drops["left"] > 0:
             drops["left"] -= 1
             self.ops += 1  # counted as sent: the pairing the receiver expects, with no bytes behind it
-            return
-        real_send(self, pieces)
+            return []
+        return real_send(self, pieces)
 
-    NcclSenderChannel.send = send
+    NcclSenderLink.send = send
     replies.put(("ready", sender.address))
     while True:
         try:
@@ -51,7 +51,7 @@ def fault_sender_main(commands, replies, config, blocks: int, hidden: int, dtype
                 sender.config = sender.config.replace(**cmd[1])
                 replies.put(("ok", None))
             elif cmd[0] == "channels":
-                replies.put(("ok", len(sender._channels)))
+                replies.put(("ok", len(sender.channels.links)))
             elif cmd[0] == "used":
                 deadline = time.monotonic() + 10
                 while pool.used_blocks and time.monotonic() < deadline:

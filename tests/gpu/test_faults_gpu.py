@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, dtype_from_name
-from mmtransfer.channels import ChannelError
+from mmtransfer import ChannelError
+from mmtransfer.receiver_pull import PullRun
 
 from ._fault_procs import fault_sender_main
 from ._procs import embedding_for
@@ -91,7 +92,7 @@ def _pull_ok(sender, rx, seed: int, tokens: int = 2500) -> None:
 
 def test_lost_sends_abort_the_communicator_and_the_pair_recovers(sender, receiver):
     _pull_ok(sender, receiver, 1)
-    old = receiver.channel_for(sender.address)
+    old = receiver.link_for(sender.address)
     sender.call("drop_sends", 3)  # all three chunks of the next pull: no bytes behind any CHUNK
     ref = EmbedRef.from_json(sender.call("register", 2, 2500))
     start = time.monotonic()
@@ -107,7 +108,7 @@ def test_lost_sends_abort_the_communicator_and_the_pair_recovers(sender, receive
     assert sender.call("channels") == 0
     for seed in (3, 4, 5):  # a new communicator, bootstrapped and warmed up by the next pull
         _pull_ok(sender, receiver, seed)
-    new = receiver.channel_for(sender.address)
+    new = receiver.link_for(sender.address)
     assert new is not old and not new.broken and sender.call("channels") == 1
 
 
@@ -121,15 +122,15 @@ def test_a_receiver_that_vanishes_mid_transfer_leaves_nothing_behind(sender, mon
         pool = BlockPool(64, 128, HIDDEN, dtype_from_name(DTYPE), "cuda:1", name="rx-vanish")
         rx = Receiver(pool, _config(transport="nccl"), name="rx-vanish")
         _pull_ok(sender, rx, 6)
-        channel = rx.channel_for(sender.address)
+        channel = rx.link_for(sender.address)
 
-        def vanish(pieces, dests):  # at its first CHUNK: the process "dies", its communicator with it
+        def vanish(pieces, dests, frames):  # at its first CHUNK: the process "dies", its communicator with it
             channel.close()
             raise RuntimeError("receiver process died")
 
         monkeypatch.setattr(channel, "post", vanish)
-        monkeypatch.setattr(rx, "_drop_channel", lambda *a, **k: None)  # a dead process sends nothing more
-        monkeypatch.setattr(rx, "_abort", lambda *a, **k: None)
+        monkeypatch.setattr(rx.links, "drop", lambda *a, **k: None)  # a dead process sends nothing more
+        monkeypatch.setattr(PullRun, "_abort", lambda *a, **k: None)
         with pytest.raises(RuntimeError, match="died"):
             rx.pull(EmbedRef.from_json(sender.call("register", 7, 6000)))
         monkeypatch.undo()
@@ -137,7 +138,7 @@ def test_a_receiver_that_vanishes_mid_transfer_leaves_nothing_behind(sender, mon
         while sender.call("used") and time.monotonic() - start < 5.0 + TIMEOUT_S + 15:  # each call waits <= 10 s
             pass
         assert sender.call("used") == 0, "the sender kept the blocks of a receiver that died"  # TTL [+ abort]
-        rx._channels.clear()
+        rx.links._links.clear()  # dead: no CLOSE at close()
         rx.close()
         assert pool.used_blocks == 0
         fresh = Receiver(BlockPool(64, 128, HIDDEN, dtype_from_name(DTYPE), "cuda:1", name="rx-new"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, dtype_from_name
-from mmtransfer.cuda import TransportUnavailable
+from mmtransfer import TransportUnavailable
 
 from ._procs import SenderProcess, embedding_for
 

@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 from harness import free_port
 from mm_models.testing import make_test_image
 from mmtransfer.ref import new_transfer_id
+from mmtransfer.wire import PROTOCOL_VERSION
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
@@ -244,19 +245,21 @@ def _lang(refs: list[bytes], prompt: bytes = b"Describe") -> dict[str, np.ndarra
 
 
 def _ref(address: str, tid: str | None = None, **extra) -> bytes:
-    obj = {"transfer_id": tid or new_transfer_id(), "address": address, "num_tokens": 96, "version": 1, **extra}
+    obj = {"transfer_id": tid or new_transfer_id(), "address": address, "num_tokens": 96,
+           "version": PROTOCOL_VERSION, **extra}
     return json.dumps(obj).encode()
 
 
 @pytest.mark.parametrize("ref, message", [
     (b"{not json", "EMBED_REF\\[0\\].*not valid JSON"),
     (b"", "EMBED_REF\\[0\\]"),
-    (_ref("tcp://127.0.0.1:1", version=2), "EMBED_REF\\[0\\]"),
+    (_ref("tcp://127.0.0.1:1", version=PROTOCOL_VERSION + 1), "EMBED_REF\\[0\\]"),
     (json.dumps({"transfer_id": new_transfer_id(), "address": "tcp://127.0.0.1:1", "num_tokens": 1,
-                 "version": 2}).encode(), "version 2"),
+                 "version": PROTOCOL_VERSION - 1}).encode(), f"version {PROTOCOL_VERSION - 1}"),
     (_ref("ipc:///tmp/evil"), "address must look like tcp://host:port"),
     (_ref("tcp://127.0.0.1:1", tid="../../etc/passwd"), "transfer_id"),
-    (json.dumps({"transfer_id": new_transfer_id(), "address": "tcp://a:1", "num_tokens": -1, "version": 1}).encode(),
+    (json.dumps({"transfer_id": new_transfer_id(), "address": "tcp://a:1", "num_tokens": -1,
+                "version": PROTOCOL_VERSION}).encode(),
      "num_tokens"),
     (b"x" * 4096, "longer than 1 KiB"),
     (b"\xff" * 10, "not UTF-8|EMBED_REF"),

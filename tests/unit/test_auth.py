@@ -12,9 +12,10 @@ import torch
 import zmq
 
 from mmtransfer import (
-    AuthenticationError, BlockPool, ConfigError, Receiver, SenderEndpoint, TransferConfig, TransferNotFound,
+    AuthenticationError, BlockPool, ConfigError, ProtocolError, Receiver, SenderEndpoint, TransferConfig,
+    TransferNotFound,
 )
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 HIDDEN = 16
@@ -83,10 +84,10 @@ def test_every_mismatch_is_an_authentication_error(msg):
     for i in range(len(signed)):  # any single flipped bit, header, body or MAC
         tampered = bytearray(signed)
         tampered[i] ^= 0x01
-        with pytest.raises(wire.ProtocolError):
+        with pytest.raises(ProtocolError):
             wire.decode(bytes(tampered), KEY)
     for cut in range(len(signed)):
-        with pytest.raises(wire.ProtocolError):
+        with pytest.raises(ProtocolError):
             wire.decode(signed[:cut], KEY)
 
 
@@ -165,12 +166,12 @@ def test_mismatched_secrets_fail_clearly_and_ttl_reclaims(sender_secret, receive
 
 def test_gpu_channel_bootstrap_is_authenticated_too(monkeypatch):
     """BOOTSTRAP carries the NCCL unique id / CUDA IPC handle: with a secret it is authenticated like any frame."""
-    import mmtransfer.cuda as mcuda
-    from mmtransfer.cuda import DeviceInfo
+    import mmtransfer.device as mcuda
+    from mmtransfer.device import DeviceInfo
 
     host = mcuda.host_id()
     sender, receiver = _pair(SECRET, SECRET)
-    sender._device_info = DeviceInfo("cpu", "", host)
+    sender.server.device_info = DeviceInfo("cpu", "", host)
     monkeypatch.setattr(mcuda, "device_info", lambda device: DeviceInfo("cuda", "GPU-r", host))
     monkeypatch.setattr(Receiver, "uses_channels", property(lambda self: True))
     ctx = zmq.Context()

@@ -64,16 +64,6 @@ def test_shape_and_dtype_mismatch_rejected():
     pool.free(ids)
 
 
-def test_aux_roundtrip_per_first_block():
-    pool = make_pool()
-    pool.write_aux(5, b'{"total_tokens":7}')
-    pool.write_aux(6, b"")
-    assert pool.read_aux(5) == b'{"total_tokens":7}'
-    assert pool.read_aux(6) == b""
-    with pytest.raises(RequestTooLarge):
-        pool.write_aux(0, b"x" * 5000)
-
-
 def test_alloc_wait_times_out_with_clear_error():
     pool = make_pool(blocks=2)
     held = pool.alloc(2)

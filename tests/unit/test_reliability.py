@@ -19,7 +19,7 @@ from mmtransfer import (
     SenderEndpoint, TransferCancelled, TransferConfig, TransferExpired, TransferNotFound,
     TransferTimeout,
 )
-from mmtransfer.channels import ChannelError
+from mmtransfer import ChannelError
 
 
 # ---- error codes ---------------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import torch
 import zmq
 
 from mmtransfer import (
-    BlockPool, EmbedRef, PoolExhausted, Receiver, RequestTooLarge, SenderEndpoint, TransferConfig,
+    BlockPool, EmbedRef, PoolExhausted, ProtocolError, Receiver, RequestTooLarge, SenderEndpoint, TransferConfig,
     TransferNotFound, TransferObserver, TransferState, TransferTimeout,
 )
-from mmtransfer import protocol as wire
+from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 from ._sender_proc import embedding_for, sender_main
@@ -189,6 +189,14 @@ def test_too_large_embedding_is_refused_by_both_sides(pair, cfg):
     assert sender.active_transfers == 0  # the receiver's ABORT freed the sender's blocks
 
 
+def test_aux_the_receiver_would_refuse_is_refused_at_fill_and_frees(pair):
+    sender, _ = pair
+    too_many = {f"k{i}": [i] for i in range(wire.Aux.MAX_EXTRAS + 1)}
+    with pytest.raises(ProtocolError, match="extras"):
+        sender.register(torch.randn(9, HIDDEN), extras=too_many)
+    assert sender.pool.used_blocks == 0 and sender.active_transfers == 0
+
+
 def test_ttl_reclaims_never_pulled_embeddings(pair, cfg):
     sender, receiver = pair
     obs = Counting()
@@ -284,7 +292,9 @@ def _raw_exchange(address: str, frames: list[bytes], expect_reply: bool = True):
 def test_endpoint_answers_garbage_with_error_and_keeps_serving(pair, frame):
     sender, receiver = pair
     reply = _raw_exchange(sender.address, [frame])
-    assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.BAD_REQUEST
+    # a frame of protocol version 1 (the previous release) is told so, not just "bad request"
+    expected = wire.ErrorCode.VERSION if frame.startswith(b"MMTX\x01") else wire.ErrorCode.BAD_REQUEST
+    assert isinstance(reply, wire.Error) and reply.code == expected
     data = torch.randn(9, HIDDEN)
     assert torch.equal(receiver.pull(sender.register(data)).embedding, data)
 

@@ -18,14 +18,16 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import mmtransfer.cuda as mcuda
+import mmtransfer.device as mcuda
 from mmtransfer import (
     BlockPool, ProtocolError, Receiver, RemoteError, SenderEndpoint, TransferConfig, TransferError,
 )
 from mmtransfer import nccl_lib
-from mmtransfer import protocol as wire
-from mmtransfer.cuda import DeviceInfo, TransportUnavailable
-from mmtransfer.transport import natural_transport, negotiate
+from mmtransfer import wire
+from mmtransfer import TransportUnavailable
+from mmtransfer.device import DeviceInfo
+from mmtransfer.sender_table import InFlight
+from mmtransfer.transports.negotiate import natural_transport, negotiate
 
 HIDDEN = 24
 HOST = mcuda.host_id()
@@ -267,7 +269,7 @@ class _Pair:
         self.sender_pool = BlockPool(512, cfg.block_tokens, HIDDEN, dtype, name="s")
         self.receiver_pool = BlockPool(cfg.pool_blocks, cfg.block_tokens, HIDDEN, dtype, name="r")
         self.sender = SenderEndpoint(self.sender_pool, cfg.replace(transport="auto"), name="s")
-        self.sender._device_info = sender_dev
+        self.sender.server.device_info = sender_dev
         monkeypatch.setattr(mcuda, "device_info", lambda device: receiver_dev)
         # the pools are on the CPU here; let the receiver negotiate as if its pool were on a GPU
         monkeypatch.setattr(Receiver, "uses_channels", property(lambda self: True))
@@ -341,13 +343,13 @@ def test_nccl_channel_bit_exact_with_continuations(nccl_pair, fake_nccl, tokens)
 
 def test_nccl_continuations_ride_on_one_pull(nccl_pair, monkeypatch):
     seen: list[wire.Pull] = []
-    real = nccl_pair.sender._send_on_channel
+    real = nccl_pair.sender.server.serve
 
-    def spy(identity, pull, entry, aux):
+    def spy(identity, pull, entry):
         seen.append(pull)
-        return real(identity, pull, entry, aux)
+        return real(identity, pull, entry)
 
-    monkeypatch.setattr(nccl_pair.sender, "_send_on_channel", spy)
+    monkeypatch.setattr(nccl_pair.sender.server, "serve", spy)
     data = _data(32 * 5 + 3, 1)
     got = nccl_pair.receiver.pull(nccl_pair.sender.register(data))
     assert torch.equal(got.embedding, data) and got.record.continuations == 5
@@ -361,7 +363,7 @@ def test_nccl_channel_is_formed_once_and_warmed_up(nccl_pair, fake_nccl):
         data = _data(40, i)
         assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
     assert len(fake_nccl.worlds) == 1
-    assert len(nccl_pair.sender._channels) == 1
+    assert len(nccl_pair.sender.channels.links) == 1
 
 
 def test_nccl_concurrent_receivers_keep_the_pairing_order(nccl_pair, fake_nccl):
@@ -389,7 +391,7 @@ def test_nccl_concurrent_receivers_keep_the_pairing_order(nccl_pair, fake_nccl):
 def test_nccl_out_of_order_pull_is_refused_then_channel_reopens(nccl_pair, fake_nccl):
     data = _data(70, 3)
     assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
-    channel = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    channel = nccl_pair.receiver.link_for(nccl_pair.sender.address)
     channel.ops += 1  # as if a receive had been posted that the sender never matched
     ref = nccl_pair.sender.register(data)
     with pytest.raises(RemoteError, match="out of order"):
@@ -403,14 +405,14 @@ def test_nccl_out_of_order_pull_is_refused_then_channel_reopens(nccl_pair, fake_
 def test_nccl_unknown_transfer_keeps_the_channel(nccl_pair):
     data = _data(10, 4)
     nccl_pair.receiver.pull(nccl_pair.sender.register(data))
-    channel = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    channel = nccl_pair.receiver.link_for(nccl_pair.sender.address)
     bogus = nccl_pair.sender.register(data)
     nccl_pair.sender.discard(bogus.transfer_id)
     with pytest.raises(TransferError, match="unknown transfer id"):
         nccl_pair.receiver.pull(bogus)
     assert not channel.broken
     assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
-    assert nccl_pair.receiver.channel_for(nccl_pair.sender.address) is channel
+    assert nccl_pair.receiver.link_for(nccl_pair.sender.address) is channel
 
 
 def test_ipc_channel_bit_exact_and_frees(ipc_pair):
@@ -440,7 +442,7 @@ def test_sender_without_gpu_gives_host(monkeypatch):
         data = _data(50, 2)
         got = pair.receiver.pull(pair.sender.register(data))
         assert torch.equal(got.embedding, data) and got.record.transport == "host"
-        assert pair.receiver.channel_for(pair.sender.address) is None  # remembered: no second bootstrap
+        assert pair.receiver.link_for(pair.sender.address) is pair.receiver.links.host_link  # remembered: once
     finally:
         pair.close()
 
@@ -469,7 +471,7 @@ def test_cpu_receiver_never_bootstraps(monkeypatch):
     sender = SenderEndpoint(BlockPool(64, 8, HIDDEN, name="s"), cfg, name="s")
     receiver = Receiver(BlockPool(16, 8, HIDDEN, name="r"), cfg, name="r")
     called = []
-    monkeypatch.setattr(sender, "_on_bootstrap", lambda *a: called.append(a))
+    monkeypatch.setattr(sender.server, "on_bootstrap", lambda *a: called.append(a))
     try:
         data = torch.randn(70, HIDDEN)
         got = receiver.pull(sender.register(data))
@@ -497,7 +499,7 @@ def test_blocks_are_freed_only_after_inflight_sends_complete():
         used = pool.used_blocks
         assert used == 5
         event = _Event()
-        sender._entries[ref.transfer_id].in_flight = event
+        sender.table.entries[ref.transfer_id].in_flight = InFlight(event, "")
         sender.discard(ref.transfer_id, "test")
         time.sleep(0.2)
         assert pool.used_blocks == used  # deferred: the send may still read them
@@ -512,14 +514,14 @@ def test_blocks_are_freed_only_after_inflight_sends_complete():
 
 def test_channel_unknown_to_the_sender_is_reopened_once(nccl_pair, fake_nccl):
     """A sender that lost the channel (restart, or it gave it up) answers the first PULL with
-    'unknown channel' and posts nothing: the receiver opens a new channel and the pull succeeds."""
+    ERROR(unknown_channel) and posts nothing: the receiver opens a new channel and the pull succeeds."""
     data = _data(90, 8)
     assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
-    old = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
-    nccl_pair.sender._close_channel(old.channel_id, "test: forget it")
+    old = nccl_pair.receiver.link_for(nccl_pair.sender.address)
+    nccl_pair.sender.channels.close(old.link_id, "test: forget it")
     got = nccl_pair.receiver.pull(nccl_pair.sender.register(data))
     assert torch.equal(got.embedding, data) and got.record.transport == "nccl"
-    assert old.broken and nccl_pair.receiver.channel_for(nccl_pair.sender.address) is not old
+    assert old.broken and nccl_pair.receiver.link_for(nccl_pair.sender.address) is not old
     assert len(fake_nccl.worlds) == 2
 
 
@@ -529,11 +531,11 @@ def test_sender_serves_explicit_counts_too(nccl_pair):
 
     data = _data(32 * 4, 12)
     ref = nccl_pair.sender.register(data)
-    channel = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    channel = nccl_pair.receiver.link_for(nccl_pair.sender.address)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(nccl_pair.sender.address)
     try:
-        pull = wire.Pull(ref.transfer_id, 0, 32, 32, "nccl", "", channel=channel.channel_id, count=9,
+        pull = wire.Pull(ref.transfer_id, 0, 32, 32, "nccl", "", channel=channel.link_id, count=9,
                          op_seq=channel.ops)
         sock.send(wire.encode(pull))
         assert sock.poll(2000)
@@ -544,13 +546,30 @@ def test_sender_serves_explicit_counts_too(nccl_pair):
         nccl_pair.sender.discard(ref.transfer_id)
 
 
+def test_a_pull_on_an_unknown_channel_is_answered_with_its_own_code(nccl_pair):
+    """The receiver reopens a channel on ERROR(unknown_channel), a typed code, never on message text."""
+    import zmq
+
+    ref = nccl_pair.sender.register(_data(8, 14))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(nccl_pair.sender.address)
+    try:
+        sock.send(wire.encode(wire.Pull(ref.transfer_id, 0, 0, 32, "nccl", "", channel=TID, count=0)))
+        assert sock.poll(2000)
+        reply = wire.decode(sock.recv_multipart()[0])
+        assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.UNKNOWN_CHANNEL
+    finally:
+        sock.close(linger=0)
+        nccl_pair.sender.discard(ref.transfer_id)
+
+
 def test_sockets_are_reused_between_pulls(nccl_pair):
     data = _data(40, 13)
     nccl_pair.receiver.pull(nccl_pair.sender.register(data))
-    idle = list(nccl_pair.receiver._idle_sockets[nccl_pair.sender.address])
+    idle = list(nccl_pair.receiver.sockets.idle[nccl_pair.sender.address])
     assert len(idle) == 1
     nccl_pair.receiver.pull(nccl_pair.sender.register(data))
-    assert nccl_pair.receiver._idle_sockets[nccl_pair.sender.address] == idle
+    assert nccl_pair.receiver.sockets.idle[nccl_pair.sender.address] == idle
 
 
 # ---- an NCCL communicator that times out is aborted and recreated ---------------------------------
@@ -560,13 +579,13 @@ def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreate
     never completes. The receiver waits for it at most pull_timeout_s, drains (bounded), aborts the
     communicator on its side (ncclCommAbort), tells the sender (CLOSE: it aborts its side) and ABORTs the
     transfer (the sender frees the blocks); the next pull bootstraps a new communicator and works."""
-    import mmtransfer.receiver as receiver_mod
-    from mmtransfer.channels import ChannelError
+    import mmtransfer.receiver_pull as receiver_mod
+    from mmtransfer import ChannelError
 
     data = _data(90, 21)
     assert torch.equal(nccl_pair.receiver.pull(nccl_pair.sender.register(data)).embedding, data)
-    old = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
-    old_sender = nccl_pair.sender._channels[old.channel_id]
+    old = nccl_pair.receiver.link_for(nccl_pair.sender.address)
+    old_sender = nccl_pair.sender.channels.links[old.link_id]
     old_comms = (old.comm, old_sender.comm)
     waits: list[float] = []
 
@@ -590,7 +609,7 @@ def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreate
     monkeypatch.setattr(Receiver, "uses_channels", property(lambda self: True))
     got = nccl_pair.receiver.pull(nccl_pair.sender.register(data))
     assert torch.equal(got.embedding, data) and got.record.transport == "nccl"
-    new = nccl_pair.receiver.channel_for(nccl_pair.sender.address)
+    new = nccl_pair.receiver.link_for(nccl_pair.sender.address)
     assert new is not old and not new.broken and len(fake_nccl.worlds) == 2  # a fresh communicator
 
 
@@ -601,18 +620,17 @@ def test_sender_aborts_a_channel_whose_sends_never_complete(monkeypatch, fake_nc
     try:
         data = _data(40, 22)
         assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
-        channel_id = next(iter(pair.sender._channels))
-        sender_channel = pair.sender._channels[channel_id]
+        channel_id = next(iter(pair.sender.channels.links))
+        sender_channel = pair.sender.channels.links[channel_id]
         ref = pair.sender.register(data)
         used = pair.sender_pool.used_blocks
         stuck = _Event()  # an event that never completes
-        entry = pair.sender._entries[ref.transfer_id]
-        entry.in_flight, entry.in_flight_channel = stuck, channel_id
+        pair.sender.table.entries[ref.transfer_id].in_flight = InFlight(stuck, channel_id)
         pair.sender.discard(ref.transfer_id, "receiver vanished")
         time.sleep(0.2)
         assert pair.sender_pool.used_blocks == used  # still deferred: the sends may read the blocks
         assert _eventually(lambda: pair.sender_pool.used_blocks == 0, 3.0)
-        assert sender_channel.comm is None and channel_id not in pair.sender._channels  # aborted, forgotten
+        assert sender_channel.comm is None and channel_id not in pair.sender.channels.links  # aborted, forgotten
         # the receiver's next pull finds the channel unknown, reopens it once, and works
         got = pair.receiver.pull(pair.sender.register(data))
         assert torch.equal(got.embedding, data) and len(fake_nccl.worlds) == 2
@@ -623,10 +641,10 @@ def test_sender_aborts_a_channel_whose_sends_never_complete(monkeypatch, fake_nc
 # ---- the control endpoint restarted at the same address ----------------------------------------------
 def _restart_sender(pair: "_Pair") -> SenderEndpoint:
     port = pair.sender.port
-    device = pair.sender._device_info
+    device = pair.sender.server.device_info
     pair.sender.close()
     fresh = SenderEndpoint(pair.sender_pool, pair.cfg.replace(transport="auto", control_port=port), name="s2")
-    fresh._device_info = device
+    fresh.server.device_info = device
     pair.sender = fresh
     return fresh
 
@@ -694,31 +712,49 @@ def test_receiver_close_tells_the_sender_and_idle_channels_are_reaped(monkeypatc
     """A receiver that closes sends CLOSE (the sender aborts its side now); one that vanished without a word
     (killed) leaves a channel that the sender closes after CHANNEL_IDLE_S without use, and when MAX_CHANNELS
     are open the least recently used idle one makes room. A receiver whose channel was reaped reopens it."""
-    import mmtransfer.sender as sender_mod
+    import mmtransfer.sender_channels as sender_mod
 
     pair = _Pair(monkeypatch, "auto", GPU_A, GPU_B)
     try:
         data = _data(40, 31)
         assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
-        assert len(pair.sender._channels) == 1
+        assert len(pair.sender.channels.links) == 1
         pair.receiver.close()
-        assert _eventually(lambda: not pair.sender._channels)  # CLOSE on close
+        assert _eventually(lambda: not pair.sender.channels.links)  # CLOSE on close
         pair.receiver = Receiver(pair.receiver_pool, pair.cfg, name="r2")
         assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
-        (channel,) = pair.sender._channels.values()
+        (channel,) = pair.sender.channels.links.values()
         monkeypatch.setattr(sender_mod, "CHANNEL_IDLE_S", 0.2)
-        assert _eventually(lambda: not pair.sender._channels, 5.0)  # reaped: nobody used it
+        assert _eventually(lambda: not pair.sender.channels.links, 5.0)  # reaped: nobody used it
         assert channel.comm is None
         assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)  # reopened once
         monkeypatch.setattr(sender_mod, "CHANNEL_IDLE_S", 900.0)
         monkeypatch.setattr(sender_mod, "MAX_CHANNELS", 1)
-        first = next(iter(pair.sender._channels))
+        first = next(iter(pair.sender.channels.links))
         other = Receiver(BlockPool(16, 8, HIDDEN, torch.bfloat16, name="r3"), pair.cfg, name="r3")
         try:
             assert torch.equal(other.pull(pair.sender.register(data)).embedding, data)  # evicts the LRU one
-            assert first not in pair.sender._channels and len(pair.sender._channels) == 1
+            assert first not in pair.sender.channels.links and len(pair.sender.channels.links) == 1
             assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)  # and back
         finally:
             other.close()
     finally:
         pair.close()
+
+
+# ---- one link interface ------------------------------------------------------------------------------
+def test_the_registry_covers_every_transport_and_the_base_imports_no_implementation():
+    import ast
+    from pathlib import Path
+
+    from mmtransfer import Transport
+    from mmtransfer.transports import RECEIVER_LINKS, SENDER_LINKS, base
+
+    kinds = set(Transport) - {Transport.AUTO}
+    assert set(SENDER_LINKS) == kinds == set(RECEIVER_LINKS)
+    for kind in kinds:
+        assert SENDER_LINKS[kind].kind is kind and RECEIVER_LINKS[kind].kind is kind
+        assert issubclass(SENDER_LINKS[kind], base.SenderLink) and issubclass(RECEIVER_LINKS[kind], base.ReceiverLink)
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"host", "nccl", "cuda_ipc", "nccl_lib"}, imported

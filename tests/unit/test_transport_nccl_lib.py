@@ -8,7 +8,7 @@ import ctypes
 import pytest
 
 from mmtransfer import nccl_lib
-from mmtransfer.nccl_lib import FUNCTIONS, NCCLLibrary, NcclError, NcclUnavailable
+from mmtransfer.transports.nccl_lib import FUNCTIONS, NCCLLibrary, NcclError, NcclUnavailable
 
 NEEDED = {"ncclGetUniqueId", "ncclCommInitRank", "ncclSend", "ncclRecv", "ncclGroupStart", "ncclGroupEnd",
           "ncclCommDestroy", "ncclCommAbort", "ncclCommGetAsyncError", "ncclGetErrorString", "ncclGetVersion"}

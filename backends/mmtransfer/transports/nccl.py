@@ -1,4 +1,4 @@
-"""NCCL point-to-point transport: one 2-rank communicator per channel (sender rank 0, receiver rank 1).
+"""NCCL point-to-point link: one 2-rank communicator per channel (sender rank 0, receiver rank 1).
 
 Forming (lazily, at the first pull from a receiver to a sender endpoint):
   receiver -> BOOTSTRAP -> sender: ncclGetUniqueId, reply BOOTSTRAP_ACK(nccl_id), then
@@ -7,37 +7,49 @@ Forming (lazily, at the first pull from a receiver to a sender endpoint):
   receiver, so NCCL's lazy connection set-up never happens inside a request.
 
 Moving a chunk: the sender posts ``ncclSend`` per piece in one ncclGroupStart/End on the
-channel's stream and records an event (its blocks are not freed before it completes); the
-receiver posts ``ncclRecv`` per piece, also in one group, on its channel stream. The CHUNK
-header reaches the receiver before it posts, so a receive is never posted for bytes that
-are not coming.
+link's stream and records an event (its blocks are not freed before it completes); the
+receiver posts ``ncclRecv`` per piece, also in one group, on its stream. The CHUNK header
+reaches the receiver before it posts, so a receive is never posted for bytes that are not coming.
+NCCL pairs sends and receives by order, so the link is ``ordered``: every chunk counts as one
+operation (``ops``), the PULL carries the receiver's count and the sender refuses a PULL whose
+count differs from its own instead of pairing the wrong bytes.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+from ..enums import Transport
+from ..errors import ChannelError, TransferTimeout
+from ..pool import BlockPool
 from . import nccl_lib
-from .channels import (
-    ChannelError, ReceiverChannel, SenderChannel, current_stream, new_stream, record_event, run_with_timeout,
-    set_thread_device, use_device, wait_event,
+from .base import Pieces, ReceiverLink, SenderLink
+from .streams import (
+    current_stream, new_stream, record_event, run_with_timeout, set_thread_device, use_device, wait_event,
 )
-from .errors import TransferTimeout
-from .pool import BlockPool
 
 log = logging.getLogger(__name__)
 SENDER_RANK, RECEIVER_RANK = 0, 1
 WARMUP_BYTES = 16
 
 
-class NcclSenderChannel(SenderChannel):
-    transport = "nccl"
+def _abort(lib: Any, comm: Any, link_id: str) -> None:
+    if comm is not None:
+        try:
+            lib.comm_abort(comm)
+        except nccl_lib.NcclError as exc:
+            log.warning("nccl channel %s: abort failed: %s", link_id[:8], exc)
 
-    def __init__(self, channel_id: str, pool: BlockPool, timeout_s: float) -> None:
-        super().__init__(channel_id, pool)
+
+class NcclSenderLink(SenderLink):
+    kind = Transport.NCCL
+    ordered = True
+
+    def __init__(self, link_id: str, pool: BlockPool, timeout_s: float) -> None:
+        super().__init__(link_id, pool, timeout_s)
         self.lib = nccl_lib.load()
         self.device = pool.device
         with use_device(self.device):
@@ -49,10 +61,10 @@ class NcclSenderChannel(SenderChannel):
         self._timeout_s = timeout_s
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._form, name=f"nccl-init-{channel_id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._form, name=f"nccl-init-{link_id[:8]}", daemon=True)
         self._thread.start()
 
-    def ack_fields(self) -> dict:
+    def ack_fields(self) -> dict[str, Any]:
         return {"nccl_id": nccl_lib.unique_id_to_hex(self.uid)}
 
     def _form(self) -> None:
@@ -64,21 +76,21 @@ class NcclSenderChannel(SenderChannel):
             self.lib.send(warm.data_ptr(), WARMUP_BYTES, RECEIVER_RANK, self.comm, self._sptr)
             if not wait_event(record_event(self.stream, self.device), self._timeout_s):
                 raise TransferTimeout(f"NCCL warm-up send not received within {self._timeout_s:.0f}s")
-            log.info("nccl channel %s formed (sender rank 0 on %s, NCCL %s)", self.channel_id[:8], self.device,
+            log.info("nccl channel %s formed (sender rank 0 on %s, NCCL %s)", self.link_id[:8], self.device,
                      self.lib.version_string())
         except BaseException as exc:  # reported to the first PULL on the channel
             self._error = exc
-            log.warning("nccl channel %s could not be formed: %s", self.channel_id[:8], exc)
+            log.warning("nccl channel %s could not be formed: %s", self.link_id[:8], exc)
         finally:
             self._ready.set()
 
     def wait_ready(self, timeout_s: float) -> None:
         if not self._ready.wait(timeout_s):
-            raise TransferTimeout(f"nccl channel {self.channel_id[:8]} not formed within {timeout_s:.0f}s")
+            raise TransferTimeout(f"nccl channel {self.link_id[:8]} not formed within {timeout_s:.0f}s")
         if self._error is not None:
-            raise ChannelError(f"nccl channel {self.channel_id[:8]} could not be formed: {self._error}")
+            raise ChannelError(f"nccl channel {self.link_id[:8]} could not be formed: {self._error}")
 
-    def send(self, pieces: Sequence[tuple[int, int]]) -> None:
+    def send(self, pieces: Pieces) -> list[memoryview]:
         lib, comm, sptr, bpt, pool = self.lib, self.comm, self._sptr, self._bpt, self.pool
         lib.group_start()
         try:
@@ -87,24 +99,22 @@ class NcclSenderChannel(SenderChannel):
         finally:
             lib.group_end()
         self.ops += 1
+        return []
 
-    def record(self):
+    def record(self) -> Any:
         return record_event(self.stream, self.device)
 
     def close(self) -> None:
         comm, self.comm = self.comm, None
-        if comm is not None:
-            try:
-                self.lib.comm_abort(comm)
-            except nccl_lib.NcclError as exc:
-                log.warning("nccl channel %s: abort failed: %s", self.channel_id[:8], exc)
+        _abort(self.lib, comm, self.link_id)
 
 
-class NcclReceiverChannel(ReceiverChannel):
-    transport = "nccl"
+class NcclReceiverLink(ReceiverLink):
+    kind = Transport.NCCL
 
-    def __init__(self, channel_id: str, pool: BlockPool, address: str, nccl_id_hex: str, timeout_s: float) -> None:
-        super().__init__(channel_id, pool, address)
+    def __init__(self, link_id: str, pool: BlockPool, address: str, nccl_id_hex: str = "",
+                 timeout_s: float = 0.0) -> None:
+        super().__init__(link_id, pool, address)
         self.lib = nccl_lib.load()
         uid = nccl_lib.unique_id_from_hex(nccl_id_hex)
         device = pool.device
@@ -117,20 +127,28 @@ class NcclReceiverChannel(ReceiverChannel):
 
         self.comm = run_with_timeout(form, timeout_s, "ncclCommInitRank")
         try:
-            warm = torch.empty(WARMUP_BYTES, dtype=torch.uint8, device=device)
-            self.stream.wait_stream(current_stream(device))
-            self.lib.recv(warm.data_ptr(), WARMUP_BYTES, SENDER_RANK, self.comm, self._sptr)
-            if not self.drain(timeout_s):
-                raise TransferTimeout(f"NCCL warm-up receive not completed within {timeout_s:.0f}s")
-            if not torch.equal(warm.cpu(), torch.arange(WARMUP_BYTES, dtype=torch.uint8)):
-                raise ChannelError("NCCL warm-up bytes arrived wrong")
+            self._warm_up(timeout_s)
         except BaseException:
             self.close()
             raise
-        log.info("nccl channel %s formed with %s (receiver rank 1 on %s, NCCL %s)", channel_id[:8], address,
+        log.info("nccl channel %s formed with %s (receiver rank 1 on %s, NCCL %s)", link_id[:8], address,
                  device, self.lib.version_string())
 
-    def post(self, pieces: Sequence[tuple[int, int]], dests: Sequence[torch.Tensor]) -> None:
+    @classmethod
+    def connect(cls, link_id, pool, address, ack, timeout_s) -> "NcclReceiverLink":
+        return cls(link_id, pool, address, ack.nccl_id, timeout_s)
+
+    def _warm_up(self, timeout_s: float) -> None:
+        device = self.pool.device
+        warm = torch.empty(WARMUP_BYTES, dtype=torch.uint8, device=device)
+        self.stream.wait_stream(current_stream(device))
+        self.lib.recv(warm.data_ptr(), WARMUP_BYTES, SENDER_RANK, self.comm, self._sptr)
+        if not self.drain(timeout_s):
+            raise TransferTimeout(f"NCCL warm-up receive not completed within {timeout_s:.0f}s")
+        if not torch.equal(warm.cpu(), torch.arange(WARMUP_BYTES, dtype=torch.uint8)):
+            raise ChannelError("NCCL warm-up bytes arrived wrong")
+
+    def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
         lib, comm, sptr, elt = self.lib, self.comm, self._sptr, self._elt
         lib.group_start()
         try:
@@ -142,8 +160,4 @@ class NcclReceiverChannel(ReceiverChannel):
 
     def close(self) -> None:
         comm, self.comm = self.comm, None
-        if comm is not None:
-            try:
-                self.lib.comm_abort(comm)
-            except nccl_lib.NcclError as exc:
-                log.warning("nccl channel %s: abort failed: %s", self.channel_id[:8], exc)
+        _abort(self.lib, comm, self.link_id)

@@ -1,0 +1,123 @@
+"""The receiver's links, one per sender endpoint address: opened on first use by BOOTSTRAP (the
+sender negotiates the transport), kept while they work, given up (and the sender told with
+CLOSE) when they break; the next pull then bootstraps a new one. A pair that negotiated the host
+transport keeps the shared host link, so it is not asked again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import zmq
+
+from . import device as devices
+from . import wire
+from .config import TransferConfig
+from .enums import ErrorCode, Transport
+from .errors import ProtocolError, TransferTimeout, TransportUnavailable
+from .pool import BlockPool
+from .receiver_errors import remote_error
+from .receiver_sockets import SocketPool
+from .ref import new_transfer_id
+from .transports import ReceiverLink, connect_receiver_link
+from .transports.host import HostReceiverLink
+
+log = logging.getLogger(__name__)
+
+
+class LinkTable:
+    def __init__(self, pool: BlockPool, config: TransferConfig, sockets: SocketPool, name: str) -> None:
+        self.pool = pool
+        self.config = config
+        self.sockets = sockets
+        self.name = name
+        self.host_link = HostReceiverLink("", pool, "")
+        self._links: dict[str, ReceiverLink] = {}
+        self._lock = threading.Lock()
+        self._address_locks: dict[str, threading.Lock] = {}
+
+    def _usable(self, address: str) -> ReceiverLink | None:
+        with self._lock:
+            link = self._links.get(address)
+        return link if link is not None and not link.broken else None
+
+    def link_for(self, address: str) -> ReceiverLink:
+        """The link to the sender endpoint at ``address``, bootstrapped on first use (one bootstrap
+        at a time per address: concurrent first pulls share its result)."""
+        link = self._usable(address)
+        if link is not None:
+            return link
+        with self._lock:
+            lock = self._address_locks.setdefault(address, threading.Lock())
+        with lock:
+            link = self._usable(address)
+            if link is None:
+                link = self._bootstrap(address)
+                with self._lock:
+                    self._links[address] = link
+            return link
+
+    def drop(self, link: ReceiverLink, reason: str, sock: zmq.Socket | None = None) -> None:
+        """Give a broken link up; with ``sock``, tell the sender (CLOSE) so it aborts its half now."""
+        link.broken = True
+        with self._lock:
+            if self._links.get(link.address) is link:
+                del self._links[link.address]
+        log.warning("%s: %s channel %s to %s given up: %s", self.name, link.kind.value, link.link_id[:8],
+                    link.address, reason)
+        link.close()
+        if sock is not None:
+            self._send_close(sock, link, reason)
+
+    def close(self) -> None:
+        """Close every channel, telling each sender (best effort) so it frees its side now."""
+        with self._lock:
+            links, self._links = [x for x in self._links.values() if x.has_channel], {}
+        for link in links:
+            link.close()
+            sock = self.sockets.connect(link.address)
+            try:
+                self._send_close(sock, link, "receiver closed")
+            finally:
+                sock.close()
+
+    def _send_close(self, sock: zmq.Socket, link: ReceiverLink, reason: str) -> None:
+        try:
+            sock.send(wire.encode(wire.Close(link.link_id, wire.printable(reason, 256)), self.config.auth_key),
+                      zmq.NOBLOCK)
+        except (zmq.ZMQError, ProtocolError):
+            pass
+
+    def _ask(self, address: str, channel_id: str) -> wire.Message:
+        mine = devices.device_info(self.pool.device)
+        cfg = self.config
+        sock = self.sockets.connect(address, linger_ms=0)
+        try:
+            sock.send(wire.encode(wire.Bootstrap(channel_id, cfg.transport, mine.kind, mine.uuid[:64], mine.host[:128],
+                                                 os.getpid() & 0x7FFFFFFF), cfg.auth_key))
+            if not sock.poll(int(cfg.bootstrap_timeout_s * 1000)):
+                raise TransferTimeout(f"no BOOTSTRAP answer from {address} within {cfg.bootstrap_timeout_s:.0f}s")
+            return wire.decode(sock.recv_multipart(copy=True)[0], cfg.auth_key)
+        finally:
+            sock.close()
+
+    def _bootstrap(self, address: str) -> ReceiverLink:
+        channel_id = new_transfer_id()
+        msg = self._ask(address, channel_id)
+        if isinstance(msg, wire.Error):
+            if msg.code is ErrorCode.UNAVAILABLE:
+                raise TransportUnavailable(f"sender at {address}: {msg.message}")
+            raise remote_error(msg)
+        if not isinstance(msg, wire.BootstrapAck) or msg.channel != channel_id:
+            raise ProtocolError(f"expected BOOTSTRAP_ACK for channel {channel_id[:8]}, got {type(msg).__name__}")
+        if self.config.transport not in (Transport.AUTO, msg.transport):
+            raise TransportUnavailable(f"asked for {self.config.transport.value!r}, sender chose "
+                                       f"{msg.transport.value!r}")
+        if msg.transport is Transport.HOST:
+            log.info("%s: sender at %s (%s) uses the host transport", self.name, address, msg.device_kind)
+            return self.host_link
+        link = connect_receiver_link(msg.transport, channel_id, self.pool, address, msg,
+                                     self.config.bootstrap_timeout_s)
+        log.info("%s: %s channel %s to %s open", self.name, msg.transport.value, channel_id[:8], address)
+        return link

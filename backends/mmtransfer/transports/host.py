@@ -1,0 +1,73 @@
+"""The host link: chunk bytes travel inline on the control connection (ZeroMQ over TCP), as one
+payload frame after the CHUNK header. Works between any two processes and hosts, no GPU needed.
+
+There is no channel: a receiver whose pool is on the CPU never bootstraps, and every host PULL
+asks for one chunk (the window bounds the bytes in flight) which lands in the window's blocks.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Sequence
+
+import torch
+
+from ..enums import Landing, Transport
+from ..errors import ProtocolError
+from .base import Pieces, ReceiverLink, SenderLink
+from .streams import current_stream
+
+
+class HostSenderLink(SenderLink):
+    kind = Transport.HOST
+    names_pieces = False
+
+    def send(self, pieces: Pieces) -> list[memoryview]:
+        rows = self.pool.flat_rows
+        # a copy, never a view of the pool: ZeroMQ sends it later, and the blocks may be freed by then
+        data = torch.cat([rows[row : row + n] for row, n in pieces])
+        if data.device.type != "cpu":
+            data = data.cpu()
+        # uint8 view: numpy has no bfloat16, and the receiver reinterprets by its own dtype.
+        return [memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B")]
+
+
+class HostReceiverLink(ReceiverLink):
+    kind = Transport.HOST
+    pipelined = False
+    names_pieces = False
+    has_channel = False
+
+    @property
+    def stream(self) -> Any:
+        """The calling thread's stream: host pulls share the link but not their work."""
+        return current_stream(self.pool.device)
+
+    @classmethod
+    def connect(cls, link_id, pool, address, ack, timeout_s) -> "HostReceiverLink":
+        return cls("", pool, address)
+
+    def landing(self, configured: Landing) -> Landing:
+        return Landing.WINDOW
+
+    def payload_bytes(self, capacity_tokens: int) -> int:
+        return capacity_tokens * self.pool.bytes_per_token
+
+    def exclusive(self) -> AbstractContextManager:
+        return nullcontext()  # nothing pairs by order: host pulls run concurrently
+
+    def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
+        pool = self.pool
+        tokens = sum(int(d.shape[0]) for d in dests)
+        expected = tokens * pool.bytes_per_token
+        if len(frames) != 1 or len(frames[0]) != expected:
+            raise ProtocolError(f"host link: expected one payload frame of {expected} bytes, got "
+                                f"{[len(f) for f in frames]}")
+        data = torch.frombuffer(bytearray(frames[0]), dtype=pool.dtype).view(tokens, pool.hidden).to(pool.device)
+        token = 0
+        for dst in dests:
+            n = int(dst.shape[0])
+            dst.copy_(data[token : token + n], non_blocking=True)
+            token += n
+
+    def drain(self, timeout_s: float) -> bool:
+        return True  # nothing is enqueued out of band
