@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
-sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with the test harness
+sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from mm_bench import perf, streaming  # noqa: E402
@@ -116,7 +116,7 @@ def requests_for(args: argparse.Namespace, concurrency: int | None) -> int:
 
 
 def make_images(checkpoint: Path) -> list[bytes]:
-    from mm_models.testing import make_test_image
+    from mm_bench.images import make_test_image
 
     return [make_test_image(tokens=t, seed=100 + i, model_dir=checkpoint) for i, t in enumerate(IMAGE_TOKENS)]
 
@@ -197,7 +197,8 @@ def _empty_cuda() -> None:
 # ---------------------------------------------------------------------------------------- triton
 def start_server(args):
     from bench_pipeline import repository_variant
-    from harness import DEFAULT_MODEL_REPOSITORY, TritonServer
+    from mm_triton.launcher import TritonServer
+    from mm_triton.server_env import DEFAULT_MODEL_REPOSITORY
 
     repo = DEFAULT_MODEL_REPOSITORY
     if args.gpus:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))  # runnable without the editable install too
+sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
 
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.memory import DTYPE_BYTES, PoolGeometry, compare  # noqa: E402

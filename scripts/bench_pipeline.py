@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
-sys.path.insert(0, str(ROOT / "tests"))  # the server launcher is shared with the test harness
+sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
 
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
@@ -208,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list[int]]:
     """Encoded images at the mix's quantiles (LogNormalMix.stratified) -> perf_analyzer JSON; returns
     (path, actual token counts: the image geometry rounds up a little)."""
-    from mm_models.testing import make_test_image, tokens_for_image_size
+    from mm_bench.images import make_test_image, tokens_for_image_size
     from PIL import Image
     import io
 
@@ -241,7 +241,7 @@ class Target:
         self.gpu_baseline = gpu_baseline
 
     def metrics(self) -> dict:
-        from harness import parse_metrics
+        from mm_triton.prometheus import parse_metrics
 
         with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
             return parse_metrics(r.read().decode())
@@ -296,7 +296,7 @@ def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Targ
     if args.url:
         return Target(args.url, args.metrics_url, args.server_pid,
                       http_address=args.url if args.protocol == "http" else "")
-    from harness import TritonServer
+    from mm_triton.launcher import TritonServer
 
     env = {"MM_CHECKPOINT": str(checkpoint), **({} if args.embedding_cache else {"MM_CACHE_BLOCKS": "0"}),
            **dict(args.env)}
@@ -411,7 +411,7 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
 def python_load(args, target: Target, model: str, *, concurrency: int | None, rate: float | None,
                 requests: int) -> dict:
     """One load point by mm_bench.loadgen over HTTP (no perf_analyzer): the same data steps, round-robin."""
-    from gpu._http import infer  # tests/gpu/_http.py: dependency-free KServe v2 HTTP client
+    from mm_bench.kserve_http import infer  # dependency-free KServe v2 HTTP client
     from mm_bench import loadgen
 
     if not target.http_address:
@@ -513,7 +513,7 @@ def requests_for(args, concurrency: int) -> int:
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness import server_env
+    from mm_triton.server_env import server_env
 
     pa_env = server_env()  # nvidia_pytriton.libs + cuda_runtime on LD_LIBRARY_PATH, venv bin on PATH
     args.perf_analyzer = perf.find_perf_analyzer()

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for p in (ROOT / "backends", ROOT / "tests"):
+for p in (ROOT / "backends", ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 for var, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
@@ -262,116 +262,17 @@ def measure_copy(worker: Worker, nbytes: int, iters: int, warmup: int) -> dict:
 
 
 # ---- (d) Triton's own way ---------------------------------------------------------------------------
-PRODUCER_CONFIG = """
-name: "bench_producer"
-backend: "python"
-max_batch_size: 0
-input [ { name: "TOKENS", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "HIDDEN", data_type: TYPE_INT32, dims: [ 1 ] } ]
-output [ { name: "EMB", data_type: TYPE_INT16, dims: [ -1, -1 ] } ]
-instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] } ]
-"""
-PRODUCER_MODEL = '''
-import torch
-import triton_python_backend_utils as pb_utils
-from torch.utils.dlpack import to_dlpack
-
-
-class TritonPythonModel:
-    """The encoder's stand-in: returns the first TOKENS rows of a ready bf16 [32768, HIDDEN] embedding on its
-    GPU as a GPU output tensor (int16 view: the same bytes, a dtype every Triton path knows)."""
-
-    def initialize(self, args):
-        self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        self.emb = {}
-
-    def execute(self, requests):
-        out = []
-        for request in requests:
-            n = int(pb_utils.get_input_tensor_by_name(request, "TOKENS").as_numpy()[0])
-            h = int(pb_utils.get_input_tensor_by_name(request, "HIDDEN").as_numpy()[0])
-            if h not in self.emb:
-                g = torch.Generator(device=self.device).manual_seed(h)
-                self.emb[h] = torch.randn(32768, h, device=self.device, generator=g).to(torch.bfloat16)
-                torch.cuda.synchronize(self.device)
-            view = self.emb[h][:n].view(torch.int16)
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor.from_dlpack("EMB", to_dlpack(view))]))
-        return out
-'''
-CONSUMER_CONFIG = """
-name: "bench_consumer"
-backend: "python"
-max_batch_size: 0
-input [ { name: "TOKENS", data_type: TYPE_INT32, dims: [ 1 ] }, { name: "HIDDEN", data_type: TYPE_INT32, dims: [ 1 ] },
-        { name: "ITERS", data_type: TYPE_INT32, dims: [ 1 ] } ]
-output [ { name: "TIMES", data_type: TYPE_FP64, dims: [ -1 ] }, { name: "WHERE", data_type: TYPE_STRING, dims: [ 1 ] } ]
-instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 1 ] } ]
-"""
-CONSUMER_MODEL = '''
-import time
-
-import numpy as np
-import torch
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """The language model's stand-in: ITERS times, a BLS call to bench_producer, then the embedding made
-    usable on this instance's GPU; returns each time (pull issued -> usable here) and where it arrived."""
-
-    def initialize(self, args):
-        self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-
-    def execute(self, requests):
-        out = []
-        for request in requests:
-            n = pb_utils.get_input_tensor_by_name(request, "TOKENS").as_numpy().astype(np.int32)
-            h = pb_utils.get_input_tensor_by_name(request, "HIDDEN").as_numpy().astype(np.int32)
-            iters = int(pb_utils.get_input_tensor_by_name(request, "ITERS").as_numpy()[0])
-            times, where = [], ""
-            kwargs = {}
-            if hasattr(pb_utils, "PreferredMemory"):
-                kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
-                                                                      self.device.index)
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                resp = pb_utils.InferenceRequest(
-                    model_name="bench_producer", requested_output_names=["EMB"],
-                    inputs=[pb_utils.Tensor("TOKENS", n), pb_utils.Tensor("HIDDEN", h)], **kwargs).exec()
-                if resp.has_error():
-                    raise pb_utils.TritonModelException(resp.error().message())
-                t = pb_utils.get_output_tensor_by_name(resp, "EMB")
-                where = "gpu" if not t.is_cpu() else "cpu"
-                emb = torch.from_dlpack(t.to_dlpack())
-                emb = emb.to(self.device, non_blocking=True).view(torch.bfloat16)
-                torch.cuda.current_stream(self.device).synchronize()
-                times.append(time.perf_counter() - t0)
-                where += f"->{emb.device}"
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("TIMES", np.array(times, dtype=np.float64)),
-                pb_utils.Tensor("WHERE", np.array([where.encode()], dtype=np.object_))]))
-        return out
-'''
-
-
-def triton_repository(dest: Path) -> Path:
-    for name, cfg, model in (("bench_producer", PRODUCER_CONFIG, PRODUCER_MODEL),
-                             ("bench_consumer", CONSUMER_CONFIG, CONSUMER_MODEL)):
-        (dest / name / "1").mkdir(parents=True, exist_ok=True)
-        (dest / name / "config.pbtxt").write_text(cfg.strip() + "\n")
-        (dest / name / "1" / "model.py").write_text(model.lstrip())
-    return dest
+#: bench_producer (the encoder's stand-in) and bench_consumer (the language model's, BLS-calling it): a real
+#: model repository, served as it is.
+TRITON_REPOSITORY = ROOT / "benchmarks" / "models" / "transfer"
 
 
 def measure_triton(configs, iters: int, warmup: int, out_dir: Path) -> dict:
-    import tempfile
-
-    from harness import TritonServer
-
-    sys.path.insert(0, str(ROOT / "tests" / "gpu"))
-    from _http import infer  # noqa: E402  (tests/gpu/_http.py: no tritonclient needed)
+    from mm_bench.kserve_http import infer  # no tritonclient needed
+    from mm_triton.launcher import TritonServer
 
     results = {}
-    repo = triton_repository(Path(tempfile.mkdtemp(prefix="bench-triton-")))
+    repo = TRITON_REPOSITORY
     pool = 2 * 1024**3
     args = [f"--cuda-memory-pool-byte-size=0:{pool}", f"--cuda-memory-pool-byte-size=1:{pool}"]
     env = {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
 
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the launcher is shared with the test harness
-sys.path.insert(1, str(ROOT / "backends"))  # mm_remote (repository generation), also without the venv's .pth
+sys.path.insert(0, str(ROOT / "backends"))  # mm_remote, mm_triton.launcher (repository generation), also without the venv's .pth
 ROLES = ("all", "encoder", "language")  # as mm_remote.repository.ROLES (imported lazily: --help needs no numpy)
 
 DESCRIPTION = """\
@@ -341,7 +340,8 @@ def main(argv=None) -> int:
         watchdog_token = secrets.token_hex(16)
         extra += server_args(watchdog_token)
 
-    from harness import TritonServer, TritonStartError, port_is_free
+    from mm_triton.launcher import TritonServer, TritonStartError
+    from mm_triton.ports import port_is_free
 
     check_role_options(args)
     env = model_env(args)

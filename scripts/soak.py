@@ -4,7 +4,7 @@
     scripts/soak.py                                  # 3000 requests or 15 minutes, faults on, kills every 60 s
     scripts/soak.py --requests 400 --duration 90 --kill-every 40 --json soak.json     # what CI runs (shorter)
 
-It starts its own server (tests/harness.py TritonServer + the stub watchdog, see backends/mm_triton/watchdog.py)
+It starts its own server (mm_triton.launcher.TritonServer + the stub watchdog, see backends/mm_triton/watchdog.py)
 on 127.0.0.1 only, with small pools, short timeouts and the shared secret on, and sends requests from
 ``--concurrency`` threads over gRPC and HTTP:
 
@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for sub in ("backends", "tests", "client"):
+for sub in ("backends", "benchmarks", "client"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
@@ -116,7 +116,7 @@ class Corpus:
     """Deterministic test images: a hot set (repeated, for the cache) and a larger cold set."""
 
     def __init__(self, rnd: random.Random) -> None:
-        from mm_models.testing import make_test_image
+        from mm_bench.images import make_test_image
 
         sizes = [64, 256, 600, 1200]
         self.hot = [make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
@@ -202,7 +202,7 @@ class Soak:
         import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
-        from reliability import error_text, tensors
+        from mm_bench.reliable import error_text, tensors
 
         rnd = random.Random(self.opts.seed * 1000 + index)
         grpc = grpcclient.InferenceServerClient(rs.grpc_url)
@@ -308,7 +308,7 @@ class Soak:
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from reliability import ReliableServer
+        from mm_bench.reliable import ReliableServer
 
         env = {**SERVER_ENV, "MM_SHARED_SECRET": secrets.token_hex(16)}
         corpus = Corpus(self.rnd)
@@ -318,7 +318,7 @@ class Soak:
             import numpy as np
             import tritonclient.grpc as grpcclient
 
-            from reliability import tensors
+            from mm_bench.reliable import tensors
 
             ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(
                 "mm_encoder", tensors(grpcclient, {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)}))
@@ -351,7 +351,7 @@ class Soak:
         return self._report(run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts)
 
     def _report(self, run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts) -> dict:
-        from harness import metric_value
+        from mm_triton.prometheus import metric_value
 
         windows = [(k["at_s"], k["at_s"] + k.get("back_after_s", 60) + 5) for k in self.kills if "pid" in k]
         for o in self.outcomes:

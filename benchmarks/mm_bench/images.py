@@ -1,4 +1,5 @@
-"""Helpers for tests: deterministic images sized by pixels or by embedding-token count.
+"""Synthetic test images for the tests and the benchmarks: deterministic images sized by pixels or by
+embedding-token count (not product code: this folder is not installed).
 
 Token arithmetic comes from the checkpoint's ``preprocessor_config.json`` through
 :class:`mm_models.geometry.ImageGeometry` (no torch import). With the tiny checkpoint (4x4 pixels per
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .geometry import ImageGeometry
-from .tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from mm_models.geometry import ImageGeometry
+from mm_models.tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
 #: Where the set-up scripts and tests keep the tiny checkpoint (``MM_TINY_MODEL`` overrides it).
 DEFAULT_TINY_DIR = Path(__file__).resolve().parents[2] / ".cache" / "models" / "tiny-qwen2-vl"
