@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
 sys.path.insert(0, str(ROOT / "scripts"))
+from mm_params import tiny_model_dir  # noqa: E402
 
 from mm_bench import perf, streaming  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
@@ -102,7 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.request_rates = "none" if args.request_rates == "auto" else args.request_rates
     args.gpus = dict(args.gpus)
     args.work_dir = args.work_dir or args.out_dir / "work"
-    args.checkpoint = args.checkpoint or Path(os.environ.get("MM_TINY_MODEL", ROOT / ".cache/models/tiny-qwen2-vl"))
+    args.checkpoint = args.checkpoint or tiny_model_dir()
     if not args.device:
         gpu = args.gpus.get("mm_monolithic_stream") or args.gpus.get("mm_language_stream")
         args.device = f"cuda:{gpu[0]}" if gpu else "cpu"

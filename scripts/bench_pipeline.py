@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
+from mm_params import tiny_model_dir  # noqa: E402
 
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         args.load_generator = "perf_analyzer"
     print(f"load generator: {args.load_generator}"
           + (f" ({args.perf_analyzer})" if args.load_generator == "perf_analyzer" else ""), flush=True)
-    checkpoint = Path(args.checkpoint or os.environ.get("MM_TINY_MODEL", ROOT / ".cache/models/tiny-qwen2-vl"))
+    checkpoint = Path(args.checkpoint or tiny_model_dir())
     if not (checkpoint / "config.json").is_file():
         print(f"error: no checkpoint at {checkpoint} (run scripts/setup, or give --checkpoint)", file=sys.stderr)
         return 2

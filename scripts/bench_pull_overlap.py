@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
+from mm_params import tiny_model_dir  # noqa: E402
 
 DESCRIPTION = """\
 The language engine pulls embeddings on its loader threads while its loop decodes. This measures what that
@@ -76,8 +77,7 @@ def decode_phase(engine, lm, args, pulling: threading.Event | None = None) -> li
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench_pull_overlap.py", description=DESCRIPTION)
-    p.add_argument("--checkpoint", type=Path, default=Path(os.environ.get("MM_TINY_MODEL",
-                                                                          ROOT / ".cache/models/tiny-qwen2-vl")))
+    p.add_argument("--checkpoint", type=Path, default=tiny_model_dir())
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=4, help="decoding sequences")
     p.add_argument("--decode-tokens", type=int, default=400)

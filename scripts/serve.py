@@ -172,7 +172,9 @@ def model_env(args) -> dict[str, str]:
             raise SystemExit(f"serve: error: --checkpoint {args.checkpoint}: not a directory")
         env["MM_CHECKPOINT"] = str(ckpt)
     elif "MM_CHECKPOINT" not in os.environ:
-        tiny = Path(os.environ.get("MM_TINY_MODEL", ROOT / ".cache" / "models" / "tiny-qwen2-vl"))
+        from mm_params import tiny_model_dir
+
+        tiny = tiny_model_dir()
         if not tiny.is_dir():
             print(f"serve: warning: the tiny model {tiny} does not exist (scripts/setup builds it once "
                   "mm_models.build_tiny exists); the models may fail to load", file=sys.stderr)

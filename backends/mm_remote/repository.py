@@ -30,7 +30,9 @@ MAX_INSTANCES = 64
 
 
 def default_checkpoint() -> Path:
-    return Path(os.environ.get("MM_TINY_MODEL") or ROOT / ".cache" / "models" / "tiny-qwen2-vl")
+    from mm_params import tiny_model_dir
+
+    return tiny_model_dir()
 
 
 def source_repository(role: str) -> Path:

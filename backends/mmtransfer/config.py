@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from mm_params import ParamError, Params, resolve_fields
 
 from .errors import ConfigError
 
-ENV_PREFIX = "MM_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 TRANSPORTS = ("auto", "host", "nccl", "cuda_ipc")
 MIN_SECRET_CHARS = 16
 
@@ -136,42 +134,16 @@ class TransferConfig:
     def from_mapping(
         cls, params: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
     ) -> "TransferConfig":
-        """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env.
+        """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env
+        (resolved by :mod:`mm_params`, the resolver every model uses).
 
         Unknown parameter names are ignored here (models carry other parameters too);
         a known name with a malformed value raises ConfigError naming it.
         """
-        params = dict(params or {})
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            raw = params.get(field.name)
-            env_raw = env.get(ENV_PREFIX + field.name.upper())
-            if env_raw not in (None, ""):
-                raw = env_raw
-            if raw is None or raw == "":
-                continue
-            values[field.name] = _parse(field.name, field.type, str(raw).strip())
-        return cls(**values)
-
-
-def _parse(name: str, type_name: Any, raw: str) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
-    try:
-        if kind == "bool":
-            low = raw.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return raw
-    except ValueError:
-        raise ConfigError(f"parameter {name}: cannot parse {raw!r} as {kind}") from None
+        try:
+            return cls(**resolve_fields(cls, Params(params, env)))
+        except ParamError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _check_range(name: str, value: Any, low: int, high: int) -> None:

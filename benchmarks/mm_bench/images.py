@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from mm_models.geometry import ImageGeometry
+from mm_params import tiny_model_dir
 from mm_models.tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
-#: Where the set-up scripts and tests keep the tiny checkpoint (``MM_TINY_MODEL`` overrides it).
-DEFAULT_TINY_DIR = Path(__file__).resolve().parents[2] / ".cache" / "models" / "tiny-qwen2-vl"
-
-
-def default_tiny_dir() -> Path:
-    """``$MM_TINY_MODEL`` if set, else :data:`DEFAULT_TINY_DIR`."""
-    env = os.environ.get("MM_TINY_MODEL")
-    return Path(env) if env else DEFAULT_TINY_DIR
+default_tiny_dir = tiny_model_dir  # ``$MM_TINY_MODEL``, else the tree's .cache/models/tiny-qwen2-vl
 
 TINY_GEOMETRY = ImageGeometry(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
                               min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)

@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -20,10 +19,11 @@ import numpy as np
 from mm_triton import procfs
 from mm_triton.launcher import TritonServer
 from mm_triton.prometheus import metric_value, parse_metrics
-from mm_triton.server_env import DEFAULT_MODEL_REPOSITORY, REPO_ROOT
+from mm_params import tiny_model_dir
+from mm_triton.server_env import DEFAULT_MODEL_REPOSITORY
 
 PIPELINE_MODELS = ("mm_encoder", "mm_language", "mm_pipeline")
-TINY_MODEL = Path(os.environ.get("MM_TINY_MODEL", REPO_ROOT / ".cache" / "models" / "tiny-qwen2-vl"))
+TINY_MODEL = tiny_model_dir()
 _DTYPES = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.uint8: "UINT8"}
 
 
