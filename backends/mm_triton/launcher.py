@@ -53,7 +53,7 @@ _HARMLESS = (  # errors Triton logs on a machine without a GPU, whatever the mod
     "unable to create stream for",
 )
 
-_LIVE: set["TritonServer"] = set()
+_LIVE: set[TritonServer] = set()
 _LIVE_LOCK = threading.Lock()
 
 
@@ -159,7 +159,7 @@ class TritonServer:
         return f"<TritonServer {self.http_address} {state} repo={[str(r) for r in self.model_repositories]}>"
 
     # ------------------------------------------------------------------------------------ life
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         return self
 
@@ -182,7 +182,7 @@ class TritonServer:
         ]
         return cmd + self.extra_args
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.is_running():
             return self
         for repo in self.model_repositories:

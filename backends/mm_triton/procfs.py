@@ -23,6 +23,8 @@ class ProcStat:
     state: str  # R, S, D, Z (zombie), X (dead), ...
     ppid: int
     pgrp: int
+    utime: int  # field 14, clock ticks of CPU time in user mode
+    stime: int  # field 15, in kernel mode
     start_time: int  # field 22, clock ticks after boot: tells a reused pid from the original process
 
     @property
@@ -39,7 +41,7 @@ def proc_stat(pid: int) -> ProcStat | None:
     fields = text[text.rfind(")") + 2 :].split()  # from 'state' on: comm may hold spaces and parens
     if len(fields) < 20:
         return None
-    return ProcStat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+    return ProcStat(pid, fields[0], int(fields[1]), int(fields[2]), int(fields[11]), int(fields[12]), int(fields[19]))
 
 
 def all_processes() -> list[ProcStat]:

@@ -243,12 +243,8 @@ def _busy_jiffies() -> int:
 
 
 def _tree_jiffies(root: int) -> int:
-    total = 0
-    for pid in descendants(root):
-        fields = _stat_fields(pid)
-        if fields and len(fields) > 14:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total
+    stats = (procfs.proc_stat(pid) for pid in descendants(root))
+    return sum(s.utime + s.stime for s in stats if s is not None)
 
 
 class CpuAccount:

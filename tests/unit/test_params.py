@@ -67,8 +67,13 @@ class _Probe(ModelBase):
 
 def _args(params: dict[str, str]) -> dict[str, str]:
     config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    return {"model_config": json.dumps(config), "model_name": "probe", "model_instance_name": "probe_0",
-            "model_repository": "/nonexistent/probe", "model_instance_kind": "CPU"}
+    return {
+        "model_config": json.dumps(config),
+        "model_name": "probe",
+        "model_instance_name": "probe_0",
+        "model_repository": "/nonexistent/probe",
+        "model_instance_kind": "CPU",
+    }
 
 
 def test_model_base_resolves_through_the_one_resolver(monkeypatch, tmp_path):

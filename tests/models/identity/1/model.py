@@ -1,5 +1,5 @@
 import os
-import ssl  # a stdlib C extension: fails when the stub's libpython and the stdlib are different builds
+import ssl  # noqa: F401 - a stdlib C extension: fails when the stub's libpython and the stdlib are different builds
 import sys
 
 import numpy as np
@@ -21,11 +21,19 @@ class TritonPythonModel:
             x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
             t = pb_utils.get_input_tensor_by_name(request, "TEXT_IN")
             text = t.as_numpy() if t is not None else np.array([], dtype=np.object_)
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("OUTPUT0", x.astype(np.float32)),
-                pb_utils.Tensor("ENV", np.array([self.env.encode()], dtype=np.object_)),
-                pb_utils.Tensor("TEXT_OUT", text.astype(np.object_)),
-                pb_utils.Tensor("PYINFO", np.array([sys.version.encode(), sys.prefix.encode(),
-                                                    np.__file__.encode()], dtype=np.object_)),
-            ]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("OUTPUT0", x.astype(np.float32)),
+                        pb_utils.Tensor("ENV", np.array([self.env.encode()], dtype=np.object_)),
+                        pb_utils.Tensor("TEXT_OUT", text.astype(np.object_)),
+                        pb_utils.Tensor(
+                            "PYINFO",
+                            np.array(
+                                [sys.version.encode(), sys.prefix.encode(), np.__file__.encode()], dtype=np.object_
+                            ),
+                        ),
+                    ]
+                )
+            )
         return responses

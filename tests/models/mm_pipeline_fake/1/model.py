@@ -17,8 +17,11 @@ class TritonPythonModel:
             mt = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
             max_tokens = int(mt.as_numpy().reshape(-1)[0]) if mt is not None else None
             if prompt.startswith("FAIL"):
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("bad prompt: " + prompt, pb_utils.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError("bad prompt: " + prompt, pb_utils.TritonError.INVALID_ARG)
+                    )
+                )
                 continue
             if prompt.startswith("CRASH"):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("internal: " + prompt)))
@@ -26,8 +29,12 @@ class TritonPythonModel:
             sizes = ",".join(str(len(b)) for b in images)
             text = f"images={len(images)} bytes={sizes} prompt={prompt} max_tokens={max_tokens}"
             ids = np.arange(max_tokens if max_tokens is not None else 4, dtype=np.int64)
-            responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("TEXT", np.array([text.encode()], dtype=np.object_)),
-                pb_utils.Tensor("TOKEN_IDS", ids),
-            ]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("TEXT", np.array([text.encode()], dtype=np.object_)),
+                        pb_utils.Tensor("TOKEN_IDS", ids),
+                    ]
+                )
+            )
         return responses

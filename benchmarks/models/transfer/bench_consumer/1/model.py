@@ -21,13 +21,17 @@ class TritonPythonModel:
             times, where = [], ""
             kwargs = {}
             if hasattr(pb_utils, "PreferredMemory"):
-                kwargs["preferred_memory"] = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU,
-                                                                      self.device.index)
+                kwargs["preferred_memory"] = pb_utils.PreferredMemory(
+                    pb_utils.TRITONSERVER_MEMORY_GPU, self.device.index
+                )
             for _ in range(iters):
                 t0 = time.perf_counter()
                 resp = pb_utils.InferenceRequest(
-                    model_name="bench_producer", requested_output_names=["EMB"],
-                    inputs=[pb_utils.Tensor("TOKENS", n), pb_utils.Tensor("HIDDEN", h)], **kwargs).exec()
+                    model_name="bench_producer",
+                    requested_output_names=["EMB"],
+                    inputs=[pb_utils.Tensor("TOKENS", n), pb_utils.Tensor("HIDDEN", h)],
+                    **kwargs,
+                ).exec()
                 if resp.has_error():
                     raise pb_utils.TritonModelException(resp.error().message())
                 t = pb_utils.get_output_tensor_by_name(resp, "EMB")
@@ -37,7 +41,12 @@ class TritonPythonModel:
                 torch.cuda.current_stream(self.device).synchronize()
                 times.append(time.perf_counter() - t0)
                 where += f"->{emb.device}"
-            out.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("TIMES", np.array(times, dtype=np.float64)),
-                pb_utils.Tensor("WHERE", np.array([where.encode()], dtype=np.object_))]))
+            out.append(
+                pb_utils.InferenceResponse(
+                    [
+                        pb_utils.Tensor("TIMES", np.array(times, dtype=np.float64)),
+                        pb_utils.Tensor("WHERE", np.array([where.encode()], dtype=np.object_)),
+                    ]
+                )
+            )
         return out
