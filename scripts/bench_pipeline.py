@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -107,10 +106,17 @@ def env_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench_pipeline.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("load")
+    add_load_options(p.add_argument_group("load"))
+    add_requests_options(p.add_argument_group("requests"))
+    add_server_options(p.add_argument_group("server"))
+    add_output_options(p.add_argument_group("output"))
+    return p
+
+
+def add_load_options(g) -> None:
     g.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated models to benchmark (default {','.join(MODELS)})")
     g.add_argument("--concurrency", type=concurrency_list, default=DEFAULT_CONCURRENCY,
@@ -139,14 +145,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cores used by other processes that make a point noisy (default 0.25)")
     g.add_argument("--quick", action="store_true",
                    help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens")
-    g = p.add_argument_group("requests")
+
+
+def add_requests_options(g) -> None:
     g.add_argument("--images", type=int, default=24, help="distinct images, one per data step (default 24)")
     g.add_argument("--mix", type=LogNormalMix.parse, default=LogNormalMix(),
                    help="embedding-length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)")
     g.add_argument("--seed", type=int, default=0, help="seed of lengths and image content (default 0)")
     g.add_argument("--prompt", default="Describe the image.", help="prompt of every request")
     g.add_argument("--max-tokens", type=int, default=8, help="MAX_TOKENS of every request (default 8)")
-    g = p.add_argument_group("server")
+
+
+def add_server_options(g) -> None:
     g.add_argument("--url", default="", help="use a running server at HOST:PORT (for --protocol) instead of starting one")
     g.add_argument("--metrics-url", default="", help="with --url: its metrics URL, e.g. http://localhost:8002/metrics")
     g.add_argument("--server-pid", type=int, default=0, help="with --url: tritonserver's pid, for memory sampling")
@@ -168,7 +178,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "MM_CACHE_BLOCKS=0, because the benchmark repeats its images and mm_monolithic has no cache")
     g.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the started server, e.g. MM_POOL_BLOCKS=512 (repeatable)")
-    g = p.add_argument_group("output")
+
+
+def add_output_options(g) -> None:
     g.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
                    help="where <name>.json and <name>.png go (default docs/benchmarks)")
     g.add_argument("--name", default="pipeline-cpu", help="file name stem of the outputs (default pipeline-cpu)")
@@ -181,6 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "are kept (re-measure a few disturbed points without redoing the sweep)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models:
@@ -342,20 +358,9 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     for sampler in (mem, pools, gpu_mem):
         if sampler:
             sampler.__enter__()
-    generated = None
     try:
-        if args.load_generator == "python":
-            cmd = ["mm_bench.loadgen", "closed_loop" if concurrency else "open_loop", f"c={concurrency}",
-                   f"rate={rate}", f"requests={requests}", f"http://{target.http_address}"]
-            generated = python_load(args, target, model, concurrency=concurrency, rate=rate, requests=requests)
-            rc = 0 if generated["completed"] and not generated["errors"] and not generated["timed_out"] else 1
-            out, err = json.dumps({k: v for k, v in generated.items() if k != "token_ids"}), ""
-        else:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
-            rc, out, err = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc, out, err = 124, exc.stdout or "", f"timed out after {args.point_timeout:g}s"
-        out = out.decode() if isinstance(out, bytes) else out
+        cmd, rc, out, err, generated = send_load(args, target, model, cmd, concurrency=concurrency, rate=rate,
+                                                 requests=requests, pa_env=pa_env)
     finally:
         for sampler in (pools, mem, gpu_mem):
             if sampler:
@@ -372,30 +377,10 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     if gpu_mem:
         row["gpu_memory"] = gpu_mem.result()
         row["gpu_mem"] = " ".join(f"{g}:{v:.0f}" for g, v in row["gpu_memory"]["peak_server_mib"].items())
-    if generated is not None:
-        row.update(generated)
-        if rc != 0:
-            row["error"] = generated.get("first_error") or ("timed out" if generated.get("timed_out") else "no response")
-            print(f"[{model}] {label}: load failed: {row['error']}", file=sys.stderr, flush=True)
-    elif rc == 0 and csv_path.exists() and export_path.exists():
-        row.update({f"pa_{k}": v for k, v in perf.parse_csv(csv_path.read_text()).items()})
-        row.update(perf.summarize_profile(perf.load_profile_export(export_path)))
-        if not args.keep_exports:
-            export_path.unlink()
-    else:
-        tail = (out + "\n" + err).strip().splitlines()[-6:]
-        row["error"] = " | ".join(tail)
-        print(f"[{model}] {label}: perf_analyzer failed (rc {rc}): {row['error']}", file=sys.stderr, flush=True)
+    load_result(row, args, f"[{model}] {label}", rc, out, err, generated, csv_path, export_path)
     after = _wait_quiet(target) if target.metrics_url else None
     if before is not None and after is not None:
-        transfers = metric_sum(after, "mm_transfers_total", model="mm_language") - metric_sum(
-            before, "mm_transfers_total", model="mm_language")
-        conts = metric_sum(after, "mm_transfer_continuations_total", model="mm_language") - metric_sum(
-            before, "mm_transfer_continuations_total", model="mm_language")
-        failures = metric_sum(after, "mm_transfer_failures_total") - metric_sum(before, "mm_transfer_failures_total")
-        hits = metric_sum(after, "mm_embedding_cache_hits_total") - metric_sum(before, "mm_embedding_cache_hits_total")
-        row.update({"transfers": transfers, "continuations": conts, "embedding_cache_hits": hits,
-                    "continuation_ratio": conts / transfers if transfers else None, "transfer_failures": failures})
+        row.update(transfer_deltas(before, after))
     if pools:
         row["pools"] = pools.result()
         for m, short in (("mm_encoder", "enc"), ("mm_language", "lang")):
@@ -407,6 +392,55 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
         row["peak_rss_mib"] = row["memory"]["peak_rss_mib"]
         row["peak_pss_mib"] = row["memory"]["peak_pss_mib"]
     return row
+
+
+def send_load(args, target: Target, model: str, cmd: list[str], *, concurrency: int | None, rate: float | None,
+              requests: int, pa_env: dict) -> tuple[list[str], int, str, str, dict | None]:
+    """One load point by perf_analyzer (``cmd``) or the Python generator: (command, rc, stdout, stderr,
+    the Python generator's result or None)."""
+    try:
+        if args.load_generator == "python":
+            cmd = ["mm_bench.loadgen", "closed_loop" if concurrency else "open_loop", f"c={concurrency}",
+                   f"rate={rate}", f"requests={requests}", f"http://{target.http_address}"]
+            generated = python_load(args, target, model, concurrency=concurrency, rate=rate, requests=requests)
+            rc = 0 if generated["completed"] and not generated["errors"] and not generated["timed_out"] else 1
+            return cmd, rc, json.dumps({k: v for k, v in generated.items() if k != "token_ids"}), "", generated
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+        return cmd, proc.returncode, proc.stdout, proc.stderr, None
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        return cmd, 124, out.decode() if isinstance(out, bytes) else out, f"timed out after {args.point_timeout:g}s", None
+
+
+def load_result(row: dict, args, where: str, rc: int, out: str, err: str, generated: dict | None,
+                csv_path: Path, export_path: Path) -> None:
+    """The load generator's figures into ``row``, or its error."""
+    if generated is not None:
+        row.update(generated)
+        if rc != 0:
+            row["error"] = generated.get("first_error") or ("timed out" if generated.get("timed_out") else "no response")
+            print(f"{where}: load failed: {row['error']}", file=sys.stderr, flush=True)
+    elif rc == 0 and csv_path.exists() and export_path.exists():
+        row.update({f"pa_{k}": v for k, v in perf.parse_csv(csv_path.read_text()).items()})
+        row.update(perf.summarize_profile(perf.load_profile_export(export_path)))
+        if not args.keep_exports:
+            export_path.unlink()
+    else:
+        tail = (out + "\n" + err).strip().splitlines()[-6:]
+        row["error"] = " | ".join(tail)
+        print(f"{where}: perf_analyzer failed (rc {rc}): {row['error']}", file=sys.stderr, flush=True)
+
+
+def transfer_deltas(before, after) -> dict:
+    """What the transfer metrics counted during a point."""
+    def delta(name: str, **labels: str) -> float:
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    transfers = delta("mm_transfers_total", model="mm_language")
+    conts = delta("mm_transfer_continuations_total", model="mm_language")
+    return {"transfers": transfers, "continuations": conts, "embedding_cache_hits": delta("mm_embedding_cache_hits_total"),
+            "continuation_ratio": conts / transfers if transfers else None,
+            "transfer_failures": delta("mm_transfer_failures_total")}
 
 
 def python_load(args, target: Target, model: str, *, concurrency: int | None, rate: float | None,
@@ -512,11 +546,9 @@ def requests_for(args, concurrency: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from mm_triton.server_env import server_env
-
-    pa_env = server_env()  # nvidia_pytriton.libs + cuda_runtime on LD_LIBRARY_PATH, venv bin on PATH
+def choose_load_generator(args, pa_env: dict) -> bool:
+    """Settle ``args.load_generator`` (perf_analyzer when it starts here, unless told); False when the one
+    asked for cannot run."""
     args.perf_analyzer = perf.find_perf_analyzer()
     problem = None
     if args.load_generator != "python":
@@ -533,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                 problem = f"perf_analyzer cannot start: {exc}"
     if problem and args.load_generator == "perf_analyzer":
         print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return False
     if problem or args.load_generator == "python":
         if problem:
             print(f"note: {problem}; using the Python load generator (mm_bench.loadgen, HTTP) instead", flush=True)
@@ -543,50 +575,43 @@ def main(argv: list[str] | None = None) -> int:
         args.load_generator = "perf_analyzer"
     print(f"load generator: {args.load_generator}"
           + (f" ({args.perf_analyzer})" if args.load_generator == "perf_analyzer" else ""), flush=True)
-    checkpoint = Path(args.checkpoint or tiny_model_dir())
-    if not (checkpoint / "config.json").is_file():
-        print(f"error: no checkpoint at {checkpoint} (run scripts/setup, or give --checkpoint)", file=sys.stderr)
-        return 2
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    input_path, tokens = build_inputs(args, checkpoint)
-    token_summary = summarize(tokens)
-    print(f"{len(tokens)} images, embedding tokens: p50 {token_summary['p50']:.0f}, p90 {token_summary['p90']:.0f}, "
-          f"max {token_summary['max']}, {token_summary['share_above_1024']:.0%} above the 1024 window "
-          f"(expected continuations/transfer {expected_continuations(tokens):.2f}); input {input_path}", flush=True)
+    return True
 
-    rows: list[dict] = []
-    rates: list[float] = [] if args.request_rates in ("none",) else (
-        list(args.request_rates) if isinstance(args.request_rates, list) else [])
-    for model in args.models:
-        target = start_target(args, model, checkpoint)
-        try:
-            if args.load_generator == "python":
-                python_load(args, target, model, concurrency=1, rate=None, requests=min(len(tokens), 8))
-            else:
-                warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
-                                    protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
-                subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
-            for c in args.concurrency:
-                row = run_point_retrying(args, target, model, input_path, concurrency=c, requests=requests_for(args, c),
-                                label=f"c{c}", pa_env=pa_env)
-                rows.append(row)
-                _print_progress(row)
-                _write_partial(args, rows, tokens)
-            if isinstance(args.request_rates, str) and args.request_rates.startswith("auto") and not rates:
-                best = max((r.get("throughput", 0.0) for r in rows if r["model"] == model), default=0.0)
-                factors = (0.5,) if args.request_rates == "auto1" else (0.5, 0.9)
-                rates = [round(best * f, 1) for f in factors if best * f >= 0.1]
-            for rate in rates:
-                n = max(8, int(round(rate * args.rate_seconds)))
-                row = run_point_retrying(args, target, model, input_path, rate=rate, requests=n, label=f"r{rate:g}",
-                                pa_env=pa_env)
-                rows.append(row)
-                _print_progress(row)
-                _write_partial(args, rows, tokens)
-        finally:
-            target.close()
 
+def sweep_model(args, target: Target, model: str, input_path: Path, tokens: list[int], rows: list[dict],
+                rates: list[float], pa_env: dict) -> list[float]:
+    """Warm-up, the concurrency points, then the request-rate points of one model (appended to ``rows``);
+    returns the rates (the first model's sweep fixes 'auto' ones for the others)."""
+    if args.load_generator == "python":
+        python_load(args, target, model, concurrency=1, rate=None, requests=min(len(tokens), 8))
+    else:
+        warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
+                            protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
+        subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
+    point = dict(args=args, target=target, model=model, input_path=input_path, tokens=tokens, rows=rows,
+                 pa_env=pa_env)
+    for c in args.concurrency:
+        measure(**point, label=f"c{c}", requests=requests_for(args, c), concurrency=c)
+    if isinstance(args.request_rates, str) and args.request_rates.startswith("auto") and not rates:
+        best = max((r.get("throughput", 0.0) for r in rows if r["model"] == model), default=0.0)
+        factors = (0.5,) if args.request_rates == "auto1" else (0.5, 0.9)
+        rates = [round(best * f, 1) for f in factors if best * f >= 0.1]
+    for rate in rates:
+        measure(**point, label=f"r{rate:g}", requests=max(8, int(round(rate * args.rate_seconds))), rate=rate)
+    return rates
+
+
+def measure(args, target: Target, model: str, input_path: Path, tokens: list[int], rows: list[dict], pa_env: dict,
+            **point) -> None:
+    """One load point (retried while noisy), appended to ``rows``, printed and saved to the partial JSON."""
+    row = run_point_retrying(args, target, model, input_path, pa_env=pa_env, **point)
+    rows.append(row)
+    _print_progress(row)
+    _write_partial(args, rows, tokens)
+
+
+def report(args, argv, rows: list[dict], tokens: list[int], checkpoint: Path, t_start: float) -> int:
+    """The table, the JSON (merged with --merge's rows) and the figure; 0 when every point succeeded."""
     info = machine_info()
     agreement = token_agreement(rows)
     merged_from = None
@@ -601,17 +626,47 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "checkpoint": str(checkpoint),
         "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)), "protocol": args.protocol,
         "load_generator": args.load_generator, "gpus": args.gpus,
-        "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": token_summary,
+        "mix": args.mix.to_dict(), "image_tokens": tokens, "image_token_summary": summarize(tokens),
         "expected_continuations_per_transfer": expected_continuations(tokens),
         "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
         "embedding_cache": "as configured" if args.embedding_cache else "off (MM_CACHE_BLOCKS=0)",
         "token_agreement": agreement, "merged_from": merged_from,
-        "token_agreement_runs": ((merged_from or {}).get("token_agreement_runs") or []) + [agreement], "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
+        "token_agreement_runs": ((merged_from or {}).get("token_agreement_runs") or []) + [agreement],
+        "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
     }
     print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
     if not args.no_plot:
         print(f"wrote {plot(rows, args, info, expected_continuations(tokens))}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from mm_triton.server_env import server_env
+
+    pa_env = server_env()  # nvidia_pytriton.libs + cuda_runtime on LD_LIBRARY_PATH, venv bin on PATH
+    if not choose_load_generator(args, pa_env):
+        return 2
+    checkpoint = Path(args.checkpoint or tiny_model_dir())
+    if not (checkpoint / "config.json").is_file():
+        print(f"error: no checkpoint at {checkpoint} (run scripts/setup, or give --checkpoint)", file=sys.stderr)
+        return 2
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    input_path, tokens = build_inputs(args, checkpoint)
+    token_summary = summarize(tokens)
+    print(f"{len(tokens)} images, embedding tokens: p50 {token_summary['p50']:.0f}, p90 {token_summary['p90']:.0f}, "
+          f"max {token_summary['max']}, {token_summary['share_above_1024']:.0%} above the 1024 window "
+          f"(expected continuations/transfer {expected_continuations(tokens):.2f}); input {input_path}", flush=True)
+    rows: list[dict] = []
+    rates: list[float] = list(args.request_rates) if isinstance(args.request_rates, list) else []
+    for model in args.models:
+        target = start_target(args, model, checkpoint)
+        try:
+            rates = sweep_model(args, target, model, input_path, tokens, rows, rates, pa_env)
+        finally:
+            target.close()
+    return report(args, argv, rows, tokens, checkpoint, t_start)
 
 
 TABLE_COLUMNS = [
@@ -652,6 +707,17 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ok = [r for r in rows if r["rc"] == 0]
     models = list(dict.fromkeys(r["model"] for r in rows))
+    plot_curves(axes, ok, models, exp)
+    mem_title = plot_memory(axes[1, 2], ok, models)
+    style_axes(axes, ok, mem_title)
+    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {args.mix.describe()}; "
+                 f"MAX_TOKENS {args.max_tokens}", fontsize=10)
+    fig.tight_layout()
+    return save(fig, args.out_dir / f"{args.name}.png", footer=machine_line(info))
+
+
+def plot_curves(axes, ok: list[dict], models: list[str], exp: float | None) -> None:
+    """Throughput, latencies, pool utilisation and continuations against load, one colour per model."""
     for i, model in enumerate(models):
         conc = sorted((r for r in ok if r["model"] == model and r["mode"] == "concurrency"), key=lambda r: r["concurrency"])
         rate = sorted((r for r in ok if r["model"] == model and r["mode"] == "request_rate"), key=lambda r: r["request_rate"])
@@ -676,7 +742,11 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
         axes[1, 1].axhline(exp, color="0.5", ls="--", label="expected from the image mix")
     axes[1, 1].set_ylim(bottom=0)
     axes[1, 0].set_ylim(bottom=0)
-    # memory: peak GPU memory per GPU (when sampled), else peak RSS per process, at the highest load point
+
+
+def plot_memory(ax, ok: list[dict], models: list[str]) -> str:
+    """Peak GPU memory per GPU (when sampled), else peak RSS per process, at each model's highest load point,
+    as stacked bars; returns the panel's title."""
     labels = []
     gpu_rows = [r for r in ok if r.get("gpu_memory")]
     key = "gpu" if gpu_rows else "rss"
@@ -697,11 +767,15 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
         top = max(conc, key=lambda r: sum(parts(r).values()))
         bottom = 0.0
         for proc, mib in sorted(parts(top).items()):
-            axes[1, 2].bar(len(labels), mib, bottom=bottom, color=colors[proc])
-            axes[1, 2].annotate(f"{proc} {mib:.0f}", (len(labels), bottom + mib / 2), ha="center", va="center", fontsize=7)
+            ax.bar(len(labels), mib, bottom=bottom, color=colors[proc])
+            ax.annotate(f"{proc} {mib:.0f}", (len(labels), bottom + mib / 2), ha="center", va="center", fontsize=7)
             bottom += mib
         labels.append(model)
-    axes[1, 2].set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), labels)
+    return mem_title
+
+
+def style_axes(axes, ok: list[dict], mem_title: str) -> None:
     for ax, title, xl, yl, logx in (
         (axes[0, 0], "Throughput (closed loop)", "concurrency", "infer/s", True),
         (axes[0, 1], "Client latency (closed loop)", "concurrency", "ms", True),
@@ -725,10 +799,6 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
             ax.legend(fontsize=7)
     if any(r["model"] == "mm_pipeline" for r in ok):
         axes[0, 1].set_yscale("log")
-    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {args.mix.describe()}; "
-                 f"MAX_TOKENS {args.max_tokens}", fontsize=10)
-    fig.tight_layout()
-    return save(fig, args.out_dir / f"{args.name}.png", footer=machine_line(info))
 
 
 if __name__ == "__main__":
