@@ -197,70 +197,24 @@ class Soak:
         return rnd.choices(kinds, weights)[0]
 
     def _worker(self, index: int, rs, corpus: Corpus, bad: list) -> None:
-        import numpy as np
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
-        from mm_bench.reliable import error_text, tensors
+        from mm_bench.reliable import error_text
 
         rnd = random.Random(self.opts.seed * 1000 + index)
         grpc = grpcclient.InferenceServerClient(rs.grpc_url)
         http = httpclient.InferenceServerClient(rs.http_address, network_timeout=120, connection_timeout=30)
+        send = {"normal": self._send_normal, "cancel": self._send_cancel, "timeout": self._send_timeout,
+                "bad_input": self._send_bad_input, "abandon": self._send_abandon}
         while not self.stop.is_set():
             kind = self._next_kind(rnd)
             if kind is None:
                 break
             start = time.monotonic()
-            cause, detail = "ok", ""
             try:
-                if kind == "normal":
-                    images, prompt, mt = rnd.choice(corpus.templates)
-                    inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
-                              "MAX_TOKENS": np.array([mt], dtype=np.int32)}
-                    if rnd.random() < 0.5:
-                        out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
-                    else:
-                        out = http.infer("mm_pipeline", tensors(httpclient, inputs))
-                    tokens = out.as_numpy("TOKEN_IDS").tolist()
-                    key = (images, prompt, mt)
-                    with self.lock:
-                        first = self.answers.setdefault(key, tokens)
-                    if tokens != first:
-                        cause, detail = "wrong_output", f"{tokens} != {first}"
-                elif kind == "cancel":
-                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                              "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
-                    done = threading.Event()
-                    box: list = []
-                    ctx = grpc.async_infer("mm_pipeline", tensors(grpcclient, inputs),
-                                           callback=lambda result, error: (box.append(error), done.set()))
-                    time.sleep(rnd.uniform(0, 0.3))
-                    ctx.cancel()
-                    done.wait(0.5)  # tritonclient does not always call back after a cancel
-                    error = box[0] if box else None
-                    cause = "ok" if box and error is None else "cancelled"
-                    if error is not None and "ancel" not in str(error):
-                        cause, detail = classify(str(error)), str(error)[:300]
-                elif kind == "timeout":
-                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                              "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
-                    grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
-                elif kind == "bad_input":
-                    model, inputs = rnd.choice(bad)
-                    if model == FORGED_REF:  # a well-formed EMBED_REF with a guessed transfer id
-                        from mmtransfer import EmbedRef
-                        from mmtransfer.ref import new_transfer_id
-
-                        ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
-                        model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
-                                                        "PROMPT": np.array([b"x"], dtype=np.object_)}
-                    grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
-                    cause, detail = "accepted_bad_input", model  # a hostile input must never succeed
-                elif kind == "abandon":
-                    out = grpc.infer("mm_encoder", tensors(grpcclient, {"IMAGE": np.array(corpus.pick(rnd)[:1],
-                                                                                               dtype=np.object_)}))
-                    self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
+                cause, detail = send[kind](grpc, http, rnd, corpus, bad)
             except InferenceServerException as exc:
                 detail = error_text(exc)[:300]
                 cause = classify(detail)
@@ -270,6 +224,89 @@ class Soak:
             self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
         grpc.close()
         http.close()
+
+    # Each sender makes one request of its kind and returns (cause, detail); a server error raises.
+    def _send_normal(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        from mm_bench.reliable import tensors
+
+        images, prompt, mt = rnd.choice(corpus.templates)
+        inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
+                  "MAX_TOKENS": np.array([mt], dtype=np.int32)}
+        if rnd.random() < 0.5:
+            out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
+        else:
+            out = http.infer("mm_pipeline", tensors(httpclient, inputs))
+        tokens = out.as_numpy("TOKEN_IDS").tolist()
+        with self.lock:
+            first = self.answers.setdefault((images, prompt, mt), tokens)
+        return ("wrong_output", f"{tokens} != {first}") if tokens != first else ("ok", "")
+
+    def _send_cancel(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                  "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
+        done = threading.Event()
+        box: list = []
+
+        def on_done(result, error) -> None:
+            box.append(error)
+            done.set()
+
+        ctx = grpc.async_infer("mm_pipeline", tensors(grpcclient, inputs), callback=on_done)
+        time.sleep(rnd.uniform(0, 0.3))
+        ctx.cancel()
+        done.wait(0.5)  # tritonclient does not always call back after a cancel
+        error = box[0] if box else None
+        if error is not None and "ancel" not in str(error):
+            return classify(str(error)), str(error)[:300]
+        return ("ok" if box and error is None else "cancelled"), ""
+
+    def _send_timeout(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                  "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
+        grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
+        return "ok", ""
+
+    def _send_bad_input(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        model, inputs = rnd.choice(bad)
+        if model == FORGED_REF:  # a well-formed EMBED_REF with a guessed transfer id
+            from mmtransfer import EmbedRef
+            from mmtransfer.ref import new_transfer_id
+
+            ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
+            model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
+                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+        grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
+        return "accepted_bad_input", model  # a hostile input must never succeed
+
+    def _send_abandon(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        image = {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
+        out = grpc.infer("mm_encoder", tensors(grpcclient, image))
+        self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
+        return "ok", ""
 
     def _record(self, outcome: Outcome) -> None:
         with self.lock:
