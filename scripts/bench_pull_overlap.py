@@ -74,7 +74,7 @@ def decode_phase(engine, lm, args, pulling: threading.Event | None = None) -> li
     return [(b - a) * 1000 for s in sinks for a, b in zip(s.stamps[5:], s.stamps[6:])]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench_pull_overlap.py", description=DESCRIPTION)
     p.add_argument("--checkpoint", type=Path, default=tiny_model_dir())
     p.add_argument("--device", default="cpu")
@@ -84,17 +84,67 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--embed-tokens", type=int, default=4096)
     p.add_argument("--pull-rate", type=float, default=0.0,
                    help="pulls per second over all threads (0: back to back, the worst case)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def decode_with_pulls(engine, lm, args, receiver, refs) -> tuple[list[float], float, tuple[int, int]]:
+    """A decode phase while --pull-threads threads pull embeddings: (inter-token gaps in ms, seconds,
+    (pulls, bytes) during it)."""
+    from mm_language.loader import PullLoader
+    from mmtransfer import EmbedRef
+
+    pulled, nbytes, running = [0], [0], threading.Event()
+    running.set()
+    gap = args.pull_threads / args.pull_rate if args.pull_rate > 0 else 0.0
+
+    def puller() -> None:
+        while running.is_set():
+            if gap:
+                time.sleep(gap)
+            try:
+                ref = EmbedRef.from_json(refs.get(timeout=0.5))
+            except queue.Empty:
+                continue
+            images = PullLoader(receiver, [ref], "overlap").load(lambda: False)
+            pulled[0] += 1
+            nbytes[0] += images[0].embeds.numel() * images[0].embeds.element_size()
+
+    threads = [threading.Thread(target=puller, daemon=True) for _ in range(args.pull_threads)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # pulls in full swing
+    t0, before = time.perf_counter(), (pulled[0], nbytes[0])
+    busy = decode_phase(engine, lm, args)
+    span = time.perf_counter() - t0
+    during = (pulled[0] - before[0], nbytes[0] - before[1])
+    running.clear()
+    for t in threads:
+        t.join(5)
+    return busy, span, during
+
+
+def report(args, lm, alone: list[float], busy: list[float], span: float, during: tuple[int, int]) -> None:
     import numpy as np
 
+    def stats(v):
+        a = np.asarray(v)
+        return f"p50 {np.percentile(a, 50):.2f} ms, p99 {np.percentile(a, 99):.2f} ms, mean {a.mean():.2f} ms"
+
+    rate = f"{args.pull_rate:g} pulls/s" if args.pull_rate > 0 else "back to back"
+    print(f"device {args.device}, {args.batch} decoding sequences, {args.pull_threads} pull threads ({rate}), "
+          f"{args.embed_tokens}-token embeddings (hidden {lm.hidden_size}, {lm.dtype})")
+    print(f"  inter-token latency alone:       {stats(alone)}")
+    print(f"  inter-token latency with pulls:  {stats(busy)}")
+    print(f"  pulls during the decode: {during[0]} in {span:.2f} s ({during[1] / span / 1e9:.2f} GB/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from mm_engine.config import EngineConfig
     from mm_engine.engine import LLMEngine
     from mm_models.qwen2vl import LanguageModel
-    from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig
+    from mmtransfer import BlockPool, Receiver, TransferConfig
     from mmtransfer.pool import DTYPE_NAMES
-
-    from mm_language.loader import PullLoader
 
     lm = LanguageModel.from_pretrained(args.checkpoint, device=args.device)
     engine = LLMEngine(lm.hf_model, lm.tokenizer, EngineConfig(max_batch_size=max(8, args.batch), max_seq_len=2048,
@@ -110,50 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         decode_phase(engine, lm, args)  # warm
         alone = decode_phase(engine, lm, args)
-        pulled, nbytes, running = [0], [0], threading.Event()
-        running.set()
-
-        gap = args.pull_threads / args.pull_rate if args.pull_rate > 0 else 0.0
-
-        def puller() -> None:
-            while running.is_set():
-                if gap:
-                    time.sleep(gap)
-                try:
-                    ref = EmbedRef.from_json(refs.get(timeout=0.5))
-                except queue.Empty:
-                    continue
-                images = PullLoader(receiver, [ref], "overlap").load(lambda: False)
-                pulled[0] += 1
-                nbytes[0] += images[0].embeds.numel() * images[0].embeds.element_size()
-
-        threads = [threading.Thread(target=puller, daemon=True) for _ in range(args.pull_threads)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)  # pulls in full swing
-        t0, before = time.perf_counter(), (pulled[0], nbytes[0])
-        busy = decode_phase(engine, lm, args)
-        span = time.perf_counter() - t0
-        during = (pulled[0] - before[0], nbytes[0] - before[1])
-        running.clear()
-        for t in threads:
-            t.join(5)
+        busy, span, during = decode_with_pulls(engine, lm, args, receiver, refs)
     finally:
         stop.set()
         engine.close()
         receiver.close()
         sender.join(10)
-
-    def stats(v):
-        a = np.asarray(v)
-        return f"p50 {np.percentile(a, 50):.2f} ms, p99 {np.percentile(a, 99):.2f} ms, mean {a.mean():.2f} ms"
-
-    rate = f"{args.pull_rate:g} pulls/s" if args.pull_rate > 0 else "back to back"
-    print(f"device {args.device}, {args.batch} decoding sequences, {args.pull_threads} pull threads ({rate}), "
-          f"{args.embed_tokens}-token embeddings (hidden {lm.hidden_size}, {lm.dtype})")
-    print(f"  inter-token latency alone:       {stats(alone)}")
-    print(f"  inter-token latency with pulls:  {stats(busy)}")
-    print(f"  pulls during the decode: {during[0]} in {span:.2f} s ({during[1] / span / 1e9:.2f} GB/s)")
+    report(args, lm, alone, busy, span, during)
     return 0
 
 
