@@ -60,16 +60,12 @@ def _checksum(t) -> int:
 
 def worker_main(role: str, device: str, commands, replies) -> None:
     """role "sender": a SenderEndpoint per hidden size; role "receiver": Receivers per (hidden, window mode).
-    Both also run the raw references: NCCL send/recv on a communicator of their own, D2D copy."""
+    Both also run the raw references: NCCL send/recv on a communicator of their own, D2D copy. Commands are
+    tuples (op, *args) answered with ("ok", value) or ("error", text); ("stop",) ends the loop."""
     import torch
 
-    from mmtransfer import BlockPool, EmbedRef, Receiver, SenderEndpoint, nccl_lib
-    from mmtransfer.channels import wait_event
-
     torch.cuda.set_device(torch.device(device))
-    senders, receivers, raw = {}, {}, {}
-    lib = None
-    stream = torch.cuda.Stream(device)
+    ops = WorkerOps(role, device)
     replies.put(("ready", device))
     while True:
         try:
@@ -77,104 +73,156 @@ def worker_main(role: str, device: str, commands, replies) -> None:
         except queue_mod.Empty:
             break
         op, args = cmd[0], cmd[1:]
+        if op == "stop":
+            break
+        handler = getattr(ops, f"op_{op}", None)
         try:
-            if op == "stop":
-                break
-            elif op == "sender":  # hidden -> address
-                hidden, transport = args
-                pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, device, name=f"s{hidden}")
-                senders[hidden] = SenderEndpoint(pool, _config(transport=transport), name=f"s{hidden}")
-                replies.put(("ok", senders[hidden].address))
-            elif op == "register":  # hidden, tokens -> (ref json, checksum)
-                hidden, tokens = args
-                data = torch.randn(tokens, hidden, device=device, dtype=torch.float32).to(torch.bfloat16)
-                ref = senders[hidden].register(data)
-                replies.put(("ok", (ref.to_json(), _checksum(data))))
-            elif op == "receiver":  # hidden, mode, window_tokens, landing
-                hidden, mode, window, landing, transport = args
-                pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, device,
-                                 name=f"r{hidden}{mode}")
-                cfg = _config(default_window_tokens=window, gpu_landing=landing, transport=transport,
-                              use_size_hint=True)
-                receivers[(hidden, mode)] = Receiver(pool, cfg, name=f"r{hidden}{mode}")
-                replies.put(("ok", None))
-            elif op == "pull":  # hidden, mode, ref json, checksum -> record
-                hidden, mode, ref_json, checksum = args
-                got = receivers[(hidden, mode)].pull(EmbedRef.from_json(ref_json))
-                ok = _checksum(got.embedding) == checksum
-                r = got.record
-                replies.put(("ok", {"ready_s": r.ready_s, "latency_s": r.latency_s, "chunks": r.chunks,
-                                    "transport": r.transport, "ok": ok, "timings": got.timings or {}}))
-            elif op == "nccl_uid":
-                lib = nccl_lib.load()
-                uid = lib.get_unique_id()
-                raw["uid"] = uid
-                replies.put(("ok", nccl_lib.unique_id_to_hex(uid)))
-            elif op == "nccl_init":  # rank, uid hex
-                rank, uid_hex = args
-                lib = nccl_lib.load()
-                uid = raw.get("uid") or nccl_lib.unique_id_from_hex(uid_hex)
-                raw["comm"] = lib.comm_init_rank(2, uid, rank)
-                raw["rank"] = rank
-                buf = torch.zeros(16, dtype=torch.uint8, device=device)  # warm the pair up
-                (lib.send if rank == 0 else lib.recv)(buf.data_ptr(), 16, 1 - rank, raw["comm"], stream.cuda_stream)
-                stream.synchronize()
-                replies.put(("ok", lib.version_string()))
-            elif op == "raw_buf":  # nbytes: one buffer reused by raw sends/recvs/copies
-                raw["buf"] = torch.empty(args[0], dtype=torch.uint8, device=device)
-                raw["buf2"] = torch.empty(args[0], dtype=torch.uint8, device=device) if role == "copy" else None
-                replies.put(("ok", None))
-            elif op == "raw_send":  # post, answer at once (the kernel waits for the receive)
-                nbytes = args[0]
-                lib.send(raw["buf"].data_ptr(), nbytes, 1, raw["comm"], stream.cuda_stream)
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                raw["send_event"] = ev
-                replies.put(("ok", None))
-            elif op == "raw_wait":
-                replies.put(("ok", wait_event(raw["send_event"], 60)))
-            elif op == "raw_recv":  # time from posting the receive to the bytes having landed
-                nbytes = args[0]
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0 = time.perf_counter()
-                start.record(stream)
-                lib.recv(raw["buf"].data_ptr(), nbytes, 0, raw["comm"], stream.cuda_stream)
-                end.record(stream)
-                wait_event(end, 60)
-                t1 = time.perf_counter()
-                replies.put(("ok", {"host_s": t1 - t0, "gpu_s": start.elapsed_time(end) / 1e3}))
-            elif op == "raw_copy":  # same-GPU reference: one device-to-device copy of nbytes
-                nbytes = args[0]
-                src = raw.setdefault("csrc", torch.empty(nbytes, dtype=torch.uint8, device=device))
-                dst = raw.setdefault("cdst", torch.empty(nbytes, dtype=torch.uint8, device=device))
-                if src.numel() < nbytes:
-                    src = raw["csrc"] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                    dst = raw["cdst"] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0 = time.perf_counter()
-                with torch.cuda.stream(stream):
-                    start.record(stream)
-                    dst[:nbytes].copy_(src[:nbytes], non_blocking=True)
-                    end.record(stream)
-                wait_event(end, 60)
-                t1 = time.perf_counter()
-                replies.put(("ok", {"host_s": t1 - t0, "gpu_s": start.elapsed_time(end) / 1e3}))
-            elif op == "free_raw":
-                for k in ("buf", "buf2", "csrc", "cdst"):
-                    raw.pop(k, None)
-                torch.cuda.empty_cache()
-                replies.put(("ok", None))
-            else:
+            if handler is None:
                 replies.put(("error", f"unknown op {op}"))
+            else:
+                replies.put(("ok", handler(*args)))
         except Exception as exc:
             import traceback
 
             replies.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"))
-    for s in senders.values():
-        s.close()
-    for r in receivers.values():
-        r.close()
+    ops.close()
     replies.put(("stopped", None))
+
+
+class WorkerOps:
+    """What a worker process holds (endpoints, the raw NCCL communicator, buffers) and the ops on it."""
+
+    def __init__(self, role: str, device: str) -> None:
+        import torch
+
+        self.role, self.device = role, device
+        self.senders, self.receivers, self.raw = {}, {}, {}
+        self.lib = None
+        self.stream = torch.cuda.Stream(device)
+
+    def close(self) -> None:
+        for s in self.senders.values():
+            s.close()
+        for r in self.receivers.values():
+            r.close()
+
+    # ---- the project's transfers
+    def op_sender(self, hidden: int, transport: str):  # -> address
+        import torch
+
+        from mmtransfer import BlockPool, SenderEndpoint
+
+        pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, self.device, name=f"s{hidden}")
+        self.senders[hidden] = SenderEndpoint(pool, _config(transport=transport), name=f"s{hidden}")
+        return self.senders[hidden].address
+
+    def op_register(self, hidden: int, tokens: int):  # -> (ref json, checksum)
+        import torch
+
+        data = torch.randn(tokens, hidden, device=self.device, dtype=torch.float32).to(torch.bfloat16)
+        ref = self.senders[hidden].register(data)
+        return ref.to_json(), _checksum(data)
+
+    def op_receiver(self, hidden: int, mode: str, window: int, landing: str, transport: str) -> None:
+        import torch
+
+        from mmtransfer import BlockPool, Receiver
+
+        pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, self.device,
+                         name=f"r{hidden}{mode}")
+        cfg = _config(default_window_tokens=window, gpu_landing=landing, transport=transport, use_size_hint=True)
+        self.receivers[(hidden, mode)] = Receiver(pool, cfg, name=f"r{hidden}{mode}")
+
+    def op_pull(self, hidden: int, mode: str, ref_json: str, checksum: int) -> dict:
+        from mmtransfer import EmbedRef
+
+        got = self.receivers[(hidden, mode)].pull(EmbedRef.from_json(ref_json))
+        ok = _checksum(got.embedding) == checksum
+        r = got.record
+        return {"ready_s": r.ready_s, "latency_s": r.latency_s, "chunks": r.chunks, "transport": r.transport,
+                "ok": ok, "timings": got.timings or {}}
+
+    # ---- raw NCCL and copy references
+    def op_nccl_uid(self) -> str:
+        from mmtransfer import nccl_lib
+
+        self.lib = nccl_lib.load()
+        uid = self.lib.get_unique_id()
+        self.raw["uid"] = uid
+        return nccl_lib.unique_id_to_hex(uid)
+
+    def op_nccl_init(self, rank: int, uid_hex: str) -> str:
+        import torch
+
+        from mmtransfer import nccl_lib
+
+        lib = self.lib = nccl_lib.load()
+        uid = self.raw.get("uid") or nccl_lib.unique_id_from_hex(uid_hex)
+        self.raw["comm"] = lib.comm_init_rank(2, uid, rank)
+        self.raw["rank"] = rank
+        buf = torch.zeros(16, dtype=torch.uint8, device=self.device)  # warm the pair up
+        (lib.send if rank == 0 else lib.recv)(buf.data_ptr(), 16, 1 - rank, self.raw["comm"], self.stream.cuda_stream)
+        self.stream.synchronize()
+        return lib.version_string()
+
+    def op_raw_buf(self, nbytes: int) -> None:  # one buffer reused by raw sends/recvs/copies
+        import torch
+
+        self.raw["buf"] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.raw["buf2"] = torch.empty(nbytes, dtype=torch.uint8, device=self.device) if self.role == "copy" else None
+
+    def op_raw_send(self, nbytes: int) -> None:  # post, answer at once (the kernel waits for the receive)
+        import torch
+
+        self.lib.send(self.raw["buf"].data_ptr(), nbytes, 1, self.raw["comm"], self.stream.cuda_stream)
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        self.raw["send_event"] = ev
+
+    def op_raw_wait(self):
+        from mmtransfer.channels import wait_event
+
+        return wait_event(self.raw["send_event"], 60)
+
+    def op_raw_recv(self, nbytes: int) -> dict:  # time from posting the receive to the bytes having landed
+        def recv() -> None:
+            self.lib.recv(self.raw["buf"].data_ptr(), nbytes, 0, self.raw["comm"], self.stream.cuda_stream)
+
+        return self._timed(recv)
+
+    def op_raw_copy(self, nbytes: int) -> dict:  # same-GPU reference: one device-to-device copy of nbytes
+        import torch
+
+        raw = self.raw
+        src = raw.setdefault("csrc", torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        dst = raw.setdefault("cdst", torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        if src.numel() < nbytes:
+            src = raw["csrc"] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            dst = raw["cdst"] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._timed(lambda: dst[:nbytes].copy_(src[:nbytes], non_blocking=True))
+
+    def _timed(self, work) -> dict:
+        """Host and GPU time of ``work`` enqueued on this worker's stream, waited for."""
+        import torch
+
+        from mmtransfer.channels import wait_event
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            work()
+            end.record(self.stream)
+        wait_event(end, 60)
+        t1 = time.perf_counter()
+        return {"host_s": t1 - t0, "gpu_s": start.elapsed_time(end) / 1e3}
+
+    def op_free_raw(self) -> None:
+        import torch
+
+        for k in ("buf", "buf2", "csrc", "cdst"):
+            self.raw.pop(k, None)
+        torch.cuda.empty_cache()
 
 
 class Worker:
@@ -312,7 +360,7 @@ def machine() -> dict:
     return info
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "transfer")
     ap.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=TOKENS)
@@ -327,15 +375,34 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.iters, args.warmup = [256, 4096, 32768], 5, 2
-    args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
-    import torch
 
-    if torch.cuda.device_count() < 2:
-        print("bench_transfer: needs 2 GPUs", file=sys.stderr)
-        return 2
-    info = machine()
-    print("machine:", json.dumps(info), flush=True)
+def measure_size(args, s0, r1, r0, hidden: int, tokens: int, other: str) -> dict:
+    """Every measurement of one (hidden, tokens) size: (a), (b), (a-alt), (c) and the same-GPU ones."""
+    nbytes = tokens * hidden * 2
+    row = {"hidden": hidden, "tokens": tokens, "bytes": nbytes}
+    row["a"] = measure_project(s0, r1, hidden, tokens, "a", args.iters, args.warmup)
+    row["b"] = measure_project(s0, r1, hidden, tokens, "b", args.iters, args.warmup)
+    row["a_alt"] = measure_project(s0, r1, hidden, tokens, "a_alt", args.iters, args.warmup)
+    row["a_alt"]["landing"] = other
+    row["c"] = measure_raw_nccl(s0, r1, nbytes, args.iters, args.warmup)
+    if r0:
+        row["ipc_a"] = measure_project(s0, r0, hidden, tokens, "ipc_a", args.iters, args.warmup)
+        row["ipc_b"] = measure_project(s0, r0, hidden, tokens, "ipc_b", args.iters, args.warmup)
+        row["copy"] = measure_copy(r0, nbytes, args.iters, args.warmup)
+    print(f"hidden {hidden:5d} tokens {tokens:6d} {nbytes/2**20:8.1f} MiB: "
+          f"a {row['a']['s']*1e3:7.3f} ms ({row['a']['chunks']} ch, {row['a']['transport']}) "
+          f"b {row['b']['s']*1e3:7.3f} c {row['c']['s']*1e3:7.3f} (gpu {row['c']['gpu_s']*1e3:.3f})"
+          + (f" | same-GPU a {row['ipc_a']['s']*1e3:7.3f} b {row['ipc_b']['s']*1e3:7.3f} "
+             f"copy {row['copy']['gpu_s']*1e3:.3f} [{row['ipc_b']['transport']}]" if r0 else "")
+          + ("" if all(row[k]["ok"] for k in ("a", "b", "a_alt")) else "  CHECKSUM MISMATCH"),
+          flush=True)
+    return row
+
+
+def sweep(args, info: dict) -> list[dict]:
+    """Workers on cuda:0 (sender, same-GPU receiver) and cuda:1 (receiver); every size; a partial JSON after each."""
     other = "window" if args.landing == "direct" else "direct"
     rows = []
     s0, r1 = Worker("sender", "cuda:0"), Worker("receiver", "cuda:1")
@@ -355,31 +422,28 @@ def main(argv=None) -> int:
                 r0.call("receiver", hidden, "ipc_a", WINDOW, "direct", "auto")
                 r0.call("receiver", hidden, "ipc_b", MAX_TOKENS, "direct", "auto")
             for tokens in args.tokens:
-                nbytes = tokens * hidden * 2
-                row = {"hidden": hidden, "tokens": tokens, "bytes": nbytes}
-                row["a"] = measure_project(s0, r1, hidden, tokens, "a", args.iters, args.warmup)
-                row["b"] = measure_project(s0, r1, hidden, tokens, "b", args.iters, args.warmup)
-                row["a_alt"] = measure_project(s0, r1, hidden, tokens, "a_alt", args.iters, args.warmup)
-                row["a_alt"]["landing"] = other
-                row["c"] = measure_raw_nccl(s0, r1, nbytes, args.iters, args.warmup)
-                if r0:
-                    row["ipc_a"] = measure_project(s0, r0, hidden, tokens, "ipc_a", args.iters, args.warmup)
-                    row["ipc_b"] = measure_project(s0, r0, hidden, tokens, "ipc_b", args.iters, args.warmup)
-                    row["copy"] = measure_copy(r0, nbytes, args.iters, args.warmup)
-                rows.append(row)
-                print(f"hidden {hidden:5d} tokens {tokens:6d} {nbytes/2**20:8.1f} MiB: "
-                      f"a {row['a']['s']*1e3:7.3f} ms ({row['a']['chunks']} ch, {row['a']['transport']}) "
-                      f"b {row['b']['s']*1e3:7.3f} c {row['c']['s']*1e3:7.3f} (gpu {row['c']['gpu_s']*1e3:.3f})"
-                      + (f" | same-GPU a {row['ipc_a']['s']*1e3:7.3f} b {row['ipc_b']['s']*1e3:7.3f} "
-                         f"copy {row['copy']['gpu_s']*1e3:.3f} [{row['ipc_b']['transport']}]" if r0 else "")
-                      + ("" if all(row[k]["ok"] for k in ("a", "b", "a_alt")) else "  CHECKSUM MISMATCH"),
-                      flush=True)
+                rows.append(measure_size(args, s0, r1, r0, hidden, tokens, other))
                 (args.out / "bench_transfer.json").write_text(json.dumps({"machine": info, "rows": rows,
                                                                          "partial": True}, indent=1))
     finally:
         for w in (s0, r1, r0):
             if w:
                 w.stop()
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        print("bench_transfer: needs 2 GPUs", file=sys.stderr)
+        return 2
+    info = machine()
+    print("machine:", json.dumps(info), flush=True)
+    rows = sweep(args, info)
     if not args.skip_triton:
         try:
             d = measure_triton([(r["hidden"], r["tokens"]) for r in rows], args.iters, args.warmup, args.out)
