@@ -13,7 +13,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
-sys.path.insert(0, str(ROOT / "scripts"))
 from mm_params import tiny_model_dir  # noqa: E402
 
 from mm_bench import perf, streaming  # noqa: E402
