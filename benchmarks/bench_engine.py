@@ -171,7 +171,7 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
             rows.append(_row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs)))
     finally:
         service.close()
-        del service
+        service = None  # the last reference: its tensors go before the CUDA cache is emptied
         gc.collect()
         _empty_cuda()
 

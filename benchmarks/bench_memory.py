@@ -28,7 +28,7 @@ Targets (issue 5): >= 2x more concurrent embeddings than fixed slots at equal me
 
 EPILOG = """\
 examples:
-  scripts/bench_memory.py                       full run (~1 minute on 2 cores), writes docs/benchmarks/memory.{json,png}
+  scripts/bench_memory.py                       full run (~1 minute on 2 cores): docs/benchmarks/memory.{json,png}
   scripts/bench_memory.py --quick --out-dir /tmp/b
   scripts/bench_memory.py --hidden 3584 --pool-mib 512,2048    Qwen2-VL-7B width
   scripts/bench_memory.py --mix 1500,0.9,64,16384 --slot-tokens 16384

@@ -696,7 +696,8 @@ def _point(row: dict) -> str:
 def _print_progress(row: dict) -> None:
     row["point"] = _point(row)
     if row["rc"] == 0:
-        print(f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, p50 {row.get('p50_ms', 0):.0f} ms, "
+        print(f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, "
+              f"p50 {row.get('p50_ms', 0):.0f} ms, "
               f"p99 {row.get('p99_ms', 0):.0f} ms ({row['elapsed_s']:.0f}s)", flush=True)
 
 

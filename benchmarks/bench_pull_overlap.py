@@ -19,8 +19,8 @@ The language engine pulls embeddings on its loader threads while its loop decode
 costs the running sequences: --batch sequences decode --decode-tokens tokens each (no images) in a
 LLMEngine, once alone and once while --pull-threads threads of this process pull --embed-tokens-token
 embeddings (host transport, or CUDA IPC on one GPU) from a sender endpoint in ANOTHER process (as the encoder
-is), back to back (or at --pull-rate), for the whole decode. The receive side is exactly mm_language's (Receiver + PullLoader
-into a BlockPool on --device). Reported: inter-token latency p50 / p99 / mean of the decoding sequences in both
+is), back to back (or at --pull-rate), for the whole decode. The receive side is exactly mm_language's
+(Receiver + PullLoader into a BlockPool on --device). Reported: inter-token latency p50 / p99 / mean of the decoding sequences in both
 phases, and the pulls and GB/s that ran during the second."""
 
 

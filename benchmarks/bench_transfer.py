@@ -503,7 +503,8 @@ def report(rows, info, args) -> dict:
                                           "ipc_b_ms": ipc_b * 1e3, "ipc_b_gpu_ms": ipc_gpu * 1e3}
         print(f"{r['hidden']:>6} {r['tokens']:>6} {r['bytes']/2**20:>6.1f} | {a*1e3:>7.3f} {r['a']['chunks']:>3} "
               f"{b*1e3:>7.3f} {c*1e3:>7.3f} {d*1e3:>7.3f} | {c/a:>5.2f} {c/b:>5.2f} {per_cont:>7.1f} "
-              f"{_gbps(r['bytes'], a_gpu):>10.1f} | {r['a_alt']['s']*1e3:>7.3f} | {ipc_a*1e3:>6.3f} {ipc_b*1e3:>6.3f} "
+              f"{_gbps(r['bytes'], a_gpu):>10.1f} | {r['a_alt']['s']*1e3:>7.3f} | "
+              f"{ipc_a*1e3:>6.3f} {ipc_b*1e3:>6.3f} "
               f"{_gbps(r['bytes'], ipc_gpu)/1e3:>12.2f} {_gbps(r['bytes'], copy)/1e3:>9.2f}")
     print(f"(a) {args.landing} landing, default {WINDOW}-token window; (b) exact window; (c) raw NCCL, receive posted "
           "-> landed; (d) Triton BLS; c/a = share of raw NCCL bandwidth (a) reaches; cont us = receiver time per "

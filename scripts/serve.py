@@ -68,7 +68,8 @@ examples:
 
 then, from another shell:
   scripts/client --url localhost:8000 --prompt "Describe the image." photo.jpg
-  curl -s localhost:9000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": "Hello"}]}'
+  curl -s localhost:9000/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -s localhost:8002/metrics | grep mm_
 """
 
@@ -117,7 +118,8 @@ def add_server_options(g) -> None:
     g.add_argument("--address", default="0.0.0.0",
                    help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)")
     g.add_argument("--model-repository", type=Path, action="append", default=None, metavar="DIR",
-                   help="model repository served as it is (default: the role's: model_repository/, model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
+                   help="model repository served as it is (default: the role's: model_repository/, "
+                        "model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
     g.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for all models to be ready (default: 600)")
     g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
@@ -567,7 +569,8 @@ serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}
         text += f"\n  encoders {', '.join(args.encoder_urls)}"
     return text + f"""
   try:     scripts/client --url {host}:{server.http_port} --demo-image --prompt "Describe the image."
-           scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" photo.jpg"""
+           scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" \\
+               photo.jpg"""
 
 
 if __name__ == "__main__":

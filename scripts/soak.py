@@ -469,7 +469,8 @@ def format_table(r: dict) -> str:
         f"(growth {r['rss_mib']['growth']} MiB, max {r['rss_mib']['max']} MiB)",
         f"latency of ok normal  p50 {r['latency_ok_s']['p50']}s  p95 {r['latency_ok_s']['p95']}s",
         f"server counted        {int(r['server_metrics']['transfers'])} transfers, "
-        f"{int(r['server_metrics']['continuations'])} continuations, {int(r['server_metrics']['cache_hits'])} cache hits",
+        f"{int(r['server_metrics']['continuations'])} continuations, "
+        f"{int(r['server_metrics']['cache_hits'])} cache hits",
         f"result                {'PASS' if r['passed'] else 'FAIL'}",
     ]
     return "\n".join(lines)

@@ -136,7 +136,7 @@ def test_server_stopped_when_test_body_raises(identity_repo, tmp_path):
     with pytest.raises(ZeroDivisionError):
         with server:
             pid = server.pid
-            1 / 0
+            raise ZeroDivisionError("an error inside the with block")
     assert not _pid_alive(pid)
     assert port_is_free(server.http_port)
 
