@@ -42,7 +42,6 @@ class ModelBase:
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.device = instance_device(args)
-        self.model_dir = Path(args["model_repository"])
         self.setup()
 
     @cached_property
