@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the launcher is shared with the test harness
-sys.path.insert(1, str(ROOT / "backends"))  # mm_remote (repository generation), also without the venv's .pth
+sys.path.insert(0, str(ROOT / "backends"))  # mm_remote, mm_triton.launcher (repository generation), also without the venv's .pth
 ROLES = ("all", "encoder", "language")  # as mm_remote.repository.ROLES (imported lazily: --help needs no numpy)
 
 DESCRIPTION = """\
@@ -72,7 +71,8 @@ examples:
 
 then, from another shell:
   scripts/client --url localhost:8000 --prompt "Describe the image." photo.jpg
-  curl -s localhost:9000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": "Hello"}]}'
+  curl -s localhost:9000/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -s localhost:8002/metrics | grep mm_
 """
 
@@ -94,7 +94,19 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/serve", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("server")
+    add_server_options(p.add_argument_group("server"))
+    add_model_options(p.add_argument_group("model"))
+    add_deployment_options(p.add_argument_group("split deployment and instances"))
+    from mm_openai.launch import add_arguments as add_openai_arguments  # stdlib only: fine for --help
+
+    add_openai_arguments(p)
+    add_demo_options(p.add_argument_group("demo"))
+    p.add_argument("triton_args", nargs=argparse.REMAINDER,
+                   help="after --: extra arguments for tritonserver")
+    return p
+
+
+def add_server_options(g) -> None:
     g.add_argument("--role", choices=ROLES, default="all",
                    help="all (default): one server; encoder: mm_encoder only; language: mm_language + mm_pipeline "
                         "calling --encoder-url")
@@ -109,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--address", default="0.0.0.0",
                    help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)")
     g.add_argument("--model-repository", type=Path, action="append", default=None, metavar="DIR",
-                   help="model repository served as it is (default: the role's: model_repository/, model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
+                   help="model repository served as it is (default: the role's: model_repository/, "
+                        "model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
     g.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for all models to be ready (default: 600)")
     g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
@@ -118,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-watchdog", action="store_true",
                    help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
                         "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
-    m = p.add_argument_group("model")
+
+
+def add_model_options(m) -> None:
     m.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
                    help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default")
     m.add_argument("--block-tokens", type=positive_int, default=None, metavar="N", help="tokens per pool block")
@@ -134,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "above max_pixels are resized to it (aspect ratio kept), as vLLM's --mm-processor-kwargs")
     m.add_argument("--max-embed-tokens", type=int, default=None, metavar="N",
                    help="per-image embedding-token budget (0 = the processor's maximum); images are resized to it")
-    s = p.add_argument_group("split deployment and instances")
+
+
+def add_deployment_options(s) -> None:
     s.add_argument("--encoder-url", action="append", default=None, metavar="HOST:PORT",
                    help="role language: gRPC address of an encoder server; repeat (or comma-separate) for "
                         "several, used round-robin")
@@ -158,26 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated GPUs for mm_encoder instances, e.g. 0,1 (default: CPU)")
     s.add_argument("--language-gpus", default=None, metavar="LIST",
                    help="comma-separated GPUs for mm_language instances, e.g. 2,3 (default: CPU)")
-    from mm_openai.launch import add_arguments as add_openai_arguments  # stdlib only: fine for --help
 
-    add_openai_arguments(p)
-    d = p.add_argument_group("demo")
+
+def add_demo_options(d) -> None:
     d.add_argument("--demo", action="store_true",
                    help="once ready, send a demo request (generated image + prompt) and print the answer")
     d.add_argument("--exit", action="store_true",
                    help="with --demo: stop the server after the demo; exit code is the demo's")
     d.add_argument("--demo-prompt", default="Describe the image.", metavar="TEXT", help="the demo's prompt")
-    d.add_argument("--demo-max-tokens", type=positive_int, default=16, metavar="N", help="the demo's max tokens (default: 16)")
-    p.add_argument("triton_args", nargs=argparse.REMAINDER,
-                   help="after --: extra arguments for tritonserver")
-    return p
+    d.add_argument("--demo-max-tokens", type=positive_int, default=16, metavar="N",
+                   help="the demo's max tokens (default: 16)")
 
 
 PROCESSOR_KWARGS = ("max_pixels", "min_pixels")
 
 
 def processor_kwargs(text: str) -> dict[str, int]:
-    """``--mm-processor-kwargs`` JSON -> {name: pixels}; argparse reports the ValueError's message."""
+    """``--mm-processor-kwargs`` JSON -> {name: pixels}; argparse reports the error's message."""
     import json
 
     try:
@@ -202,7 +216,9 @@ def model_env(args) -> dict[str, str]:
             raise SystemExit(f"serve: error: --checkpoint {args.checkpoint}: not a directory")
         env["MM_CHECKPOINT"] = str(ckpt)
     elif "MM_CHECKPOINT" not in os.environ:
-        tiny = Path(os.environ.get("MM_TINY_MODEL", ROOT / ".cache" / "models" / "tiny-qwen2-vl"))
+        from mm_params import tiny_model_dir
+
+        tiny = tiny_model_dir()
         if not tiny.is_dir():
             print(f"serve: warning: the tiny model {tiny} does not exist (scripts/setup builds it once "
                   "mm_models.build_tiny exists); the models may fail to load", file=sys.stderr)
@@ -357,33 +373,36 @@ def run_demo(server, args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked: role options filled and validated, ``triton_args`` without the ``--``."""
     args = build_parser().parse_args(argv)
-    if args.triton_url:  # the OpenAI API alone, in front of a Triton that runs elsewhere
-        from mm_openai.launch import run_alone
-
-        return run_alone(args)
+    if args.triton_url:  # the OpenAI API alone: nothing else to check
+        return args
     if args.exit and not args.demo:
         raise SystemExit("serve: error: --exit only makes sense with --demo")
-    extra = list(args.triton_args)
-    if extra and extra[0] == "--":
-        extra = extra[1:]
-    watchdog_token = None
-    if not args.no_watchdog and not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra):
-        import secrets
-
-        from mm_triton.watchdog import server_args
-
-        watchdog_token = secrets.token_hex(16)
-        extra += server_args(watchdog_token)
-
-    from harness import TritonServer, TritonStartError, port_is_free
-
+    args.triton_args = list(args.triton_args)
+    if args.triton_args and args.triton_args[0] == "--":
+        args.triton_args = args.triton_args[1:]
     check_role_options(args)
-    env = model_env(args)
     for r in args.model_repository or []:
         if not r.is_dir():
             raise SystemExit(f"serve: error: model repository not found: {r}")
+    return args
+
+
+def watchdog_token(args) -> str | None:
+    """A fresh token when the stub watchdog runs (it needs explicit model control, which it then sets)."""
+    if args.no_watchdog or any(a.startswith(("--model-control-mode", "--load-model")) for a in args.triton_args):
+        return None
+    import secrets
+
+    return secrets.token_hex(16)
+
+
+def check_ports(args) -> dict[str, int]:
+    """The three server ports ({option: port}); SystemExit when they clash or are taken."""
+    from mm_triton.ports import port_is_free
+
     ports = {"--http-port": args.http_port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port}
     if len(set(ports.values())) != 3:
         raise SystemExit("serve: error: --http-port, --grpc-port and --metrics-port must differ")
@@ -396,29 +415,34 @@ def main(argv=None) -> int:
             args.openai_port in ports.values() or not port_is_free(args.openai_port, check_host)):
         raise SystemExit(f"serve: error: port {args.openai_port} is already in use; choose another with --openai-port "
                          "(or --no-openai)")
-    repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
-    if args.control_port:
-        from mm_remote.repository import instance_count
+    return ports
 
-        control_host = "127.0.0.1" if args.control_host in (None, "0.0.0.0", "::", "*") else args.control_host
-        n = sum(instance_count(r, "mm_encoder") for r in repos if (Path(r) / "mm_encoder" / "config.pbtxt").is_file())
-        for p in range(args.control_port, args.control_port + n):
-            if p > 65535 or p in ports.values() or not port_is_free(p, control_host):
-                raise SystemExit(f"serve: error: control port {p} (--control-port {args.control_port} + instance) "
-                                 "is in use or not a port; choose another --control-port")
-    for warning in check_encoders(args.encoder_urls) if args.encoder_urls else []:
-        print(f"serve: warning: {warning}; requests get UNAVAILABLE until it is up", file=sys.stderr)
 
-    log_file = args.log_file or Path(os.environ.get("MM_CACHE", ROOT / ".cache")) / "logs" / f"tritonserver-{args.http_port}.log"
+def check_control_ports(args, repos: list[Path], ports: dict[str, int]) -> None:
+    """With a fixed --control-port, every encoder instance's port (PORT + i) must be free."""
+    if not args.control_port:
+        return
+    from mm_remote.repository import instance_count
+    from mm_triton.ports import port_is_free
+
+    control_host = "127.0.0.1" if args.control_host in (None, "0.0.0.0", "::", "*") else args.control_host
+    n = sum(instance_count(r, "mm_encoder") for r in repos if (Path(r) / "mm_encoder" / "config.pbtxt").is_file())
+    for p in range(args.control_port, args.control_port + n):
+        if p > 65535 or p in ports.values() or not port_is_free(p, control_host):
+            raise SystemExit(f"serve: error: control port {p} (--control-port {args.control_port} + instance) "
+                             "is in use or not a port; choose another --control-port")
+
+
+def fresh_log_file(args) -> Path:
+    default = Path(os.environ.get("MM_CACHE", ROOT / ".cache")) / "logs" / f"tritonserver-{args.http_port}.log"
+    log_file = args.log_file or default
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.unlink(missing_ok=True)
+    return log_file
 
-    server = TritonServer(
-        repos, env=env, args=extra, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, host=args.address, log_file=log_file,
-        startup_timeout_s=args.startup_timeout, stop_timeout_s=30, exit_timeout_s=10,
-    )
 
+def stop_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP end the run loop (once) through KeyboardInterrupt."""
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -427,40 +451,71 @@ def main(argv=None) -> int:
         stopping.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
 
-    stop_follow = threading.Event()
-    if args.verbose:
-        threading.Thread(target=follow, args=(log_file, stop_follow), daemon=True).start()
 
-    knobs = " ".join(f"{k}={v}" for k, v in env.items())
-    print(f"serve: starting tritonserver ({', '.join(str(r) for r in repos)}; {knobs}); log: {log_file}", flush=True)
-    t0 = time.monotonic()
-    rc = 0
-    watchdog = None
-    api = None
-    try:
-        try:
-            server.start()
-        except TritonStartError as e:
-            print(f"serve: error: {e}", file=sys.stderr)
-            return 1
-        if watchdog_token:
+class Deployment:
+    """tritonserver, its stub watchdog and the OpenAI API server: started in order, stopped in reverse."""
+
+    def __init__(self, server, args, env: dict[str, str], repos: list[Path], token: str | None) -> None:
+        self.server, self.args, self.env, self.repos, self.token = server, args, env, repos, token
+        self.watchdog = None
+        self.api = None
+        self.stop_follow = threading.Event()
+
+    def start(self) -> None:
+        """Raises TritonStartError when the server does not come up."""
+        args, server = self.args, self.server
+        if args.verbose:
+            threading.Thread(target=follow, args=(server.log_file, self.stop_follow), daemon=True).start()
+        knobs = " ".join(f"{k}={v}" for k, v in self.env.items())
+        print(f"serve: starting tritonserver ({', '.join(str(r) for r in self.repos)}; {knobs}); "
+              f"log: {server.log_file}", flush=True)
+        t0 = time.monotonic()
+        server.start()
+        if self.token:
             from mm_triton.watchdog import StubWatchdog
 
-            watchdog = StubWatchdog(server.pid, server.http_address, watchdog_token).start()
+            self.watchdog = StubWatchdog(server.pid, server.http_address, self.token).start()
         if args.role != "encoder":
             from mm_openai import launch
 
-            api = launch.start(args, server.grpc_url, log_file.parent)
-        print(banner(server, args, time.monotonic() - t0, env, watchdog_token), flush=True)
-        if api is not None:
-            print(launch.banner(api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
-        if watchdog is not None:
-            print(f"  watchdog reloads a model whose stub process dies ({len(watchdog._known)} stubs watched; "
+            self.api = launch.start(args, server.grpc_url, server.log_file.parent)
+        print(banner(server, args, time.monotonic() - t0, self.env, self.token), flush=True)
+        if self.api is not None:
+            print(launch.banner(self.api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
+        if self.watchdog is not None:
+            print(f"  watchdog reloads a model whose stub process dies ({len(self.watchdog._known)} stubs watched; "
                   "--no-watchdog to disable)", flush=True)
+
+    def stop(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        if self.api is not None:
+            self.api.stop()
+        code = self.server.stop()
+        self.stop_follow.set()
+        for repo in self.repos:  # a repository generated for this server goes with it
+            if (Path(repo) / ".mm-generated").is_file():
+                shutil.rmtree(repo, ignore_errors=True)
+        if code is not None and self.server.proc is not None:
+            print(f"serve: tritonserver stopped (exit code {code})", flush=True)
+
+
+def run(deployment: Deployment, args) -> int:
+    """Start, demo if asked, then serve until a signal or the server's death; returns the exit code."""
+    from mm_triton.launcher import TritonStartError
+
+    server, rc = deployment.server, 0
+    try:
+        try:
+            deployment.start()
+        except TritonStartError as e:
+            print(f"serve: error: {e}", file=sys.stderr)
+            return 1
         if args.demo:
             rc = run_demo(server, args)
             if args.exit:
@@ -476,19 +531,36 @@ def main(argv=None) -> int:
         print("\nserve: stopping tritonserver...", flush=True)
         return rc if args.demo and args.exit else 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if watchdog is not None:
-            watchdog.stop()
-        if api is not None:
-            api.stop()
-        code = server.stop()
-        stop_follow.set()
-        for repo in repos:  # a repository generated for this server goes with it
-            if (Path(repo) / ".mm-generated").is_file():
-                shutil.rmtree(repo, ignore_errors=True)
-        if code is not None and server.proc is not None:
-            print(f"serve: tritonserver stopped (exit code {code})", flush=True)
+        deployment.stop()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.triton_url:  # the OpenAI API alone, in front of a Triton that runs elsewhere
+        from mm_openai.launch import run_alone
+
+        return run_alone(args)
+    token = watchdog_token(args)
+    extra = list(args.triton_args)
+    if token:
+        from mm_triton.watchdog import server_args
+
+        extra += server_args(token)
+    env = model_env(args)
+    ports = check_ports(args)
+    repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
+    check_control_ports(args, repos, ports)
+    for warning in check_encoders(args.encoder_urls) if args.encoder_urls else []:
+        print(f"serve: warning: {warning}; requests get UNAVAILABLE until it is up", file=sys.stderr)
+    from mm_triton.launcher import TritonServer
+
+    server = TritonServer(
+        repos, env=env, args=extra, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, host=args.address, log_file=fresh_log_file(args),
+        startup_timeout_s=args.startup_timeout, stop_timeout_s=30, exit_timeout_s=10,
+    )
+    stop_on_signals()
+    return run(Deployment(server, args, env, repos, token), args)
 
 
 def control_endpoints(server) -> list[str]:
@@ -533,7 +605,8 @@ serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}
         text += f"\n  encoders {', '.join(args.encoder_urls)}"
     return text + f"""
   try:     scripts/client --url {host}:{server.http_port} --demo-image --prompt "Describe the image."
-           scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" photo.jpg"""
+           scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" \\
+               photo.jpg"""
 
 
 if __name__ == "__main__":

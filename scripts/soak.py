@@ -4,12 +4,13 @@
     scripts/soak.py                                  # 3000 requests or 15 minutes, faults on, kills every 60 s
     scripts/soak.py --requests 400 --duration 90 --kill-every 40 --json soak.json     # what CI runs (shorter)
 
-It starts its own server (tests/harness.py TritonServer + the stub watchdog, see backends/mm_triton/watchdog.py)
+It starts its own server (mm_triton.launcher.TritonServer + the stub watchdog, see backends/mm_triton/watchdog.py)
 on 127.0.0.1 only, with small pools, short timeouts and the shared secret on, and sends requests from
 ``--concurrency`` threads over gRPC and HTTP:
 
-  normal      1-3 images of 64-1200 tokens (some repeated, for the embedding cache), a few prompts and
-              MAX_TOKENS values; every answer must equal the first answer seen for the same input
+  normal      1-3 images: ordinary JPEG photos and synthetic ones of 64-1200 tokens (some repeated, for the
+              embedding cache), a few prompts and MAX_TOKENS values; every answer must equal the first
+              answer seen for the same input
   cancel      gRPC request cancelled by the client after 0-300 ms
   timeout     gRPC request with a 50-300 ms deadline
   bad_input   a hostile input (corrupt/bomb/non-image bytes, bad MAX_TOKENS, reserved tokens, missing or
@@ -42,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for sub in ("backends", "tests", "client"):
+for sub in ("backends", "benchmarks", "client"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
@@ -116,11 +117,11 @@ class Corpus:
     """Deterministic images, photos among them: a hot set (repeated, for the cache) and a larger cold set."""
 
     def __init__(self, rnd: random.Random) -> None:
+        from mm_bench.images import make_test_image
         from mm_client.demo import PHOTO_SIZES, demo_image
-        from mm_models.testing import make_test_image
 
-        # ordinary photos (resized by the server to its budget) and small synthetic images (many requests
-        # per second, and embeddings of every length below the window and across it)
+        # ordinary photos (resized by the server to its budget: 4096 tokens each on the tiny model) and small
+        # synthetic images (many requests per second, embeddings of every length below the window and across it)
         photos = [size for size in PHOTO_SIZES if size[0] * size[1] <= 2_000_000]
         sizes = [64, 256, 600, 1200]
         self.hot = [demo_image(*photos[0], seed=1000)] + [make_test_image(tokens=sizes[i], seed=1000 + i)
@@ -203,70 +204,24 @@ class Soak:
         return rnd.choices(kinds, weights)[0]
 
     def _worker(self, index: int, rs, corpus: Corpus, bad: list) -> None:
-        import numpy as np
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
         from tritonclient.utils import InferenceServerException
 
-        from reliability import error_text, tensors
+        from mm_bench.reliable import error_text
 
         rnd = random.Random(self.opts.seed * 1000 + index)
         grpc = grpcclient.InferenceServerClient(rs.grpc_url)
         http = httpclient.InferenceServerClient(rs.http_address, network_timeout=120, connection_timeout=30)
+        send = {"normal": self._send_normal, "cancel": self._send_cancel, "timeout": self._send_timeout,
+                "bad_input": self._send_bad_input, "abandon": self._send_abandon}
         while not self.stop.is_set():
             kind = self._next_kind(rnd)
             if kind is None:
                 break
             start = time.monotonic()
-            cause, detail = "ok", ""
             try:
-                if kind == "normal":
-                    images, prompt, mt = rnd.choice(corpus.templates)
-                    inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
-                              "MAX_TOKENS": np.array([mt], dtype=np.int32)}
-                    if rnd.random() < 0.5:
-                        out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
-                    else:
-                        out = http.infer("mm_pipeline", tensors(httpclient, inputs))
-                    tokens = out.as_numpy("TOKEN_IDS").tolist()
-                    key = (images, prompt, mt)
-                    with self.lock:
-                        first = self.answers.setdefault(key, tokens)
-                    if tokens != first:
-                        cause, detail = "wrong_output", f"{tokens} != {first}"
-                elif kind == "cancel":
-                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                              "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
-                    done = threading.Event()
-                    box: list = []
-                    ctx = grpc.async_infer("mm_pipeline", tensors(grpcclient, inputs),
-                                           callback=lambda result, error: (box.append(error), done.set()))
-                    time.sleep(rnd.uniform(0, 0.3))
-                    ctx.cancel()
-                    done.wait(0.5)  # tritonclient does not always call back after a cancel
-                    error = box[0] if box else None
-                    cause = "ok" if box and error is None else "cancelled"
-                    if error is not None and "ancel" not in str(error):
-                        cause, detail = classify(str(error)), str(error)[:300]
-                elif kind == "timeout":
-                    inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                              "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
-                    grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
-                elif kind == "bad_input":
-                    model, inputs = rnd.choice(bad)
-                    if model == FORGED_REF:  # a well-formed EMBED_REF with a guessed transfer id
-                        from mmtransfer import EmbedRef
-                        from mmtransfer.ref import new_transfer_id
-
-                        ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
-                        model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
-                                                        "PROMPT": np.array([b"x"], dtype=np.object_)}
-                    grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
-                    cause, detail = "accepted_bad_input", model  # a hostile input must never succeed
-                elif kind == "abandon":
-                    out = grpc.infer("mm_encoder", tensors(grpcclient, {"IMAGE": np.array(corpus.pick(rnd)[:1],
-                                                                                               dtype=np.object_)}))
-                    self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
+                cause, detail = send[kind](grpc, http, rnd, corpus, bad)
             except InferenceServerException as exc:
                 detail = error_text(exc)[:300]
                 cause = classify(detail)
@@ -276,6 +231,89 @@ class Soak:
             self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
         grpc.close()
         http.close()
+
+    # Each sender makes one request of its kind and returns (cause, detail); a server error raises.
+    def _send_normal(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+
+        from mm_bench.reliable import tensors
+
+        images, prompt, mt = rnd.choice(corpus.templates)
+        inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
+                  "MAX_TOKENS": np.array([mt], dtype=np.int32)}
+        if rnd.random() < 0.5:
+            out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
+        else:
+            out = http.infer("mm_pipeline", tensors(httpclient, inputs))
+        tokens = out.as_numpy("TOKEN_IDS").tolist()
+        with self.lock:
+            first = self.answers.setdefault((images, prompt, mt), tokens)
+        return ("wrong_output", f"{tokens} != {first}") if tokens != first else ("ok", "")
+
+    def _send_cancel(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                  "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
+        done = threading.Event()
+        box: list = []
+
+        def on_done(result, error) -> None:
+            box.append(error)
+            done.set()
+
+        ctx = grpc.async_infer("mm_pipeline", tensors(grpcclient, inputs), callback=on_done)
+        time.sleep(rnd.uniform(0, 0.3))
+        ctx.cancel()
+        done.wait(0.5)  # tritonclient does not always call back after a cancel
+        error = box[0] if box else None
+        if error is not None and "ancel" not in str(error):
+            return classify(str(error)), str(error)[:300]
+        return ("ok" if box and error is None else "cancelled"), ""
+
+    def _send_timeout(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+                  "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
+        grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
+        return "ok", ""
+
+    def _send_bad_input(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        model, inputs = rnd.choice(bad)
+        if model == FORGED_REF:  # a well-formed EMBED_REF with a guessed transfer id
+            from mmtransfer import EmbedRef
+            from mmtransfer.ref import new_transfer_id
+
+            ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
+            model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
+                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+        grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
+        return "accepted_bad_input", model  # a hostile input must never succeed
+
+    def _send_abandon(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from mm_bench.reliable import tensors
+
+        image = {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
+        out = grpc.infer("mm_encoder", tensors(grpcclient, image))
+        self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
+        return "ok", ""
 
     def _record(self, outcome: Outcome) -> None:
         with self.lock:
@@ -314,7 +352,7 @@ class Soak:
 
     # ---- the run -------------------------------------------------------------------------------------
     def run(self) -> dict:
-        from reliability import ReliableServer
+        from mm_bench.reliable import ReliableServer
 
         env = {**SERVER_ENV, "MM_SHARED_SECRET": secrets.token_hex(16)}
         corpus = Corpus(self.rnd)
@@ -324,7 +362,7 @@ class Soak:
             import numpy as np
             import tritonclient.grpc as grpcclient
 
-            from reliability import tensors
+            from mm_bench.reliable import tensors
 
             ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(
                 "mm_encoder", tensors(grpcclient, {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)}))
@@ -357,7 +395,7 @@ class Soak:
         return self._report(run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts)
 
     def _report(self, run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts) -> dict:
-        from harness import metric_value
+        from mm_triton.prometheus import metric_value
 
         windows = [(k["at_s"], k["at_s"] + k.get("back_after_s", 60) + 5) for k in self.kills if "pid" in k]
         for o in self.outcomes:
@@ -438,7 +476,8 @@ def format_table(r: dict) -> str:
         f"(growth {r['rss_mib']['growth']} MiB, max {r['rss_mib']['max']} MiB)",
         f"latency of ok normal  p50 {r['latency_ok_s']['p50']}s  p95 {r['latency_ok_s']['p95']}s",
         f"server counted        {int(r['server_metrics']['transfers'])} transfers, "
-        f"{int(r['server_metrics']['continuations'])} continuations, {int(r['server_metrics']['cache_hits'])} cache hits",
+        f"{int(r['server_metrics']['continuations'])} continuations, "
+        f"{int(r['server_metrics']['cache_hits'])} cache hits",
         f"result                {'PASS' if r['passed'] else 'FAIL'}",
     ]
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Shared pytest set-up.
 
 - Tests marked ``gpu`` are skipped when CUDA is not available (torch is imported only if such tests exist).
-- ``tests/`` is importable: ``from harness import TritonServer, parse_metrics, metric_value``.
+- ``tests/`` is importable: ``from harness import TritonServer, parse_metrics, metric_value``; so is
+  ``benchmarks/`` (``mm_bench``: synthetic images, samplers, the reliable server), which is not installed.
 
 Fixtures:
   repo_root           the repository root (Path)
@@ -24,8 +25,9 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+for _path in (TESTS_DIR, TESTS_DIR.parent / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from harness import DEFAULT_MODEL_REPOSITORY, REPO_ROOT, TritonServer  # noqa: E402
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from mm_params import ParamError, Params, resolve_fields
 
 #: config.pbtxt parameter name (and ``MM_`` + upper-cased env name) of each EngineConfig field.
 PARAM_NAMES = {
@@ -73,24 +75,18 @@ class EngineConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, str], device: str = "cpu",
                     env: Mapping[str, str] = os.environ) -> EngineConfig:
-        """Build from config.pbtxt ``parameters`` (string values) with ``MM_<NAME>`` env overrides.
+        """Build from config.pbtxt ``parameters`` (string values) with ``MM_<NAME>`` env overrides (resolved by
+        :mod:`mm_params`, the resolver every model uses).
 
         ``kv_cache_tokens`` may replace ``max_seq_len`` (divided by ``max_num_seqs``); giving both is an
         error unless they agree. ValueError names the offending parameter."""
-        def raw(name: str) -> str | None:
-            value = env.get("MM_" + name.upper()) or params.get(name)
-            return value if value not in (None, "") else None
-
-        kwargs: dict[str, object] = {"device": device}
-        types = {f.name: f.type for f in fields(cls)}
-        for field_name, param in PARAM_NAMES.items():
-            value = raw(param)
-            if value is None:
-                continue
-            kwargs[field_name] = _convert(param, value, types[field_name])
-        kv_tokens = raw(KV_CACHE_TOKENS_PARAM)
-        if kv_tokens is not None:
-            total = _convert(KV_CACHE_TOKENS_PARAM, kv_tokens, "int")
+        source = Params(params, env)
+        try:
+            kwargs: dict[str, object] = {"device": device, **resolve_fields(cls, source, PARAM_NAMES)}
+            total = source.get(KV_CACHE_TOKENS_PARAM, "int", None)
+        except ParamError as exc:
+            raise ValueError(f"engine config: {exc}") from None
+        if total is not None:
             slots = kwargs.get("max_batch_size", cls.max_batch_size)
             per_slot = total // slots if isinstance(slots, int) and slots > 0 else 0
             if "max_seq_len" in kwargs and kwargs["max_seq_len"] != per_slot:
@@ -98,15 +94,3 @@ class EngineConfig:
                                  f"disagrees with max_seq_len {kwargs['max_seq_len']}; give one of them")
             kwargs["max_seq_len"] = per_slot
         return cls(**kwargs)  # type: ignore[arg-type]
-
-
-def _convert(param: str, value: str, kind: object) -> object:
-    kind = str(kind)
-    try:
-        if "int" in kind:
-            return int(value)
-        if "float" in kind:
-            return float(value)
-    except ValueError:
-        raise ValueError(f"engine config: parameter {param}: {value!r} is not a number") from None
-    return value.strip()

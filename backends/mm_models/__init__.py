@@ -12,7 +12,6 @@ submodules:
 - :mod:`mm_models.qwen2vl`  -- ``VisionEncoder`` (encoder side), ``LanguageModel`` (language side),
   ``MonolithicModel`` / ``monolithic_generate`` (the correctness oracle).
 - :mod:`mm_models.tiny`     -- builds the tiny seeded Qwen2-VL checkpoint used by tests and defaults.
-- :mod:`mm_models.testing`  -- deterministic test images sized by embedding-token count.
 """
 
 __all__ = ["__version__"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
@@ -36,7 +35,9 @@ def api_args(args: argparse.Namespace, triton_url: str) -> list[str]:
 
 
 def model_name(args: argparse.Namespace) -> str:
-    ckpt = args.checkpoint or os.environ.get("MM_CHECKPOINT") or os.environ.get("MM_TINY_MODEL") or "tiny-qwen2-vl"
+    from mm_params import Params, tiny_model_dir
+
+    ckpt = args.checkpoint or Params().raw("checkpoint") or tiny_model_dir()
     return Path(str(ckpt)).resolve().name or "mm-qwen2-vl"
 
 

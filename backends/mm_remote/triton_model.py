@@ -17,13 +17,11 @@ so it is cheap to run several (each one carries one request at a time).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import uuid
 from typing import Any
 
-from mm_triton.params import instance_index, model_parameters
+from mm_triton.model_base import ModelBase
+from mm_triton.params import instance_index
 
 from .encoders import DEFAULT_ENCODER_MODEL, DEFAULT_TIMEOUT_S, EncoderCallError, RemoteEncoders
 
@@ -37,30 +35,18 @@ class _StepError(Exception):
         self.code = code
 
 
-class RemotePipelineModel:
-    pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
+class RemotePipelineModel(ModelBase):
+    """No checkpoint, no transfer pool: only the parameters, the remote encoders and the BLS call."""
 
-    def initialize(self, args: dict[str, str]) -> None:
-        logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        model_config = json.loads(args["model_config"])
-        self.model_name = args["model_name"]
-        self.instance_name = args.get("model_instance_name", self.model_name)
-        params = model_parameters(model_config)
-
-        def param(name: str, default: str) -> str:
-            return os.environ.get("MM_" + name.upper()) or params.get(name) or default
-
-        self.language_model = param("language_model", "mm_language")
-        try:
-            timeout_s = float(param("encoder_timeout_s", str(DEFAULT_TIMEOUT_S)))
-        except ValueError:
-            raise ValueError(f"parameter encoder_timeout_s: {param('encoder_timeout_s', '')!r} is not a number") from None
+    def setup(self) -> None:
+        knobs = self.resolver
+        self.language_model = knobs.str("language_model", "mm_language")
+        timeout_s = knobs.float("encoder_timeout_s", DEFAULT_TIMEOUT_S, low=0.0)
         self._families: list[Any] = []
         self._counters: dict[tuple[str, str], Any] = {}
-        index = instance_index(model_config, self.instance_name)
+        index = instance_index(self.model_config, self.instance_name)
         self.encoders = RemoteEncoders(
-            param("encoder_urls", ""), param("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
+            knobs.str("encoder_urls", ""), knobs.str("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
             observer=self._count,
         )
         self._setup_metrics()
@@ -86,23 +72,14 @@ class RemotePipelineModel:
         if counter is not None:
             counter.increment(1)
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        pb = self.pb_utils
-        responses = []
-        for request in requests:
-            request_id = request.request_id() or uuid.uuid4().hex[:12]
-            try:
-                responses.append(pb.InferenceResponse(output_tensors=self.handle(request, request_id)))
-            except (EncoderCallError, _StepError) as exc:
-                log.warning("%s: request %s failed: %s", self.instance_name, request_id, exc)
-                responses.append(pb.InferenceResponse(error=self._error(exc.code, str(exc))))
-            except ValueError as exc:
-                responses.append(pb.InferenceResponse(error=self._error("INVALID_ARG", f"invalid input: {exc}")))
-            except Exception as exc:  # every request gets an answer; the instance keeps serving
-                log.exception("%s: request %s failed", self.instance_name, request_id)
-                responses.append(pb.InferenceResponse(
-                    error=self._error("INTERNAL", f"internal error ({type(exc).__name__}): {exc}")))
-        return responses
+    def error_for(self, exc: BaseException) -> Any:
+        """mm_language's own code for its errors (forwarded), INVALID_ARG for bad input, else INTERNAL."""
+        if isinstance(exc, (EncoderCallError, _StepError)):
+            return self._error(exc.code, str(exc))
+        if isinstance(exc, ValueError):
+            return self._error("INVALID_ARG", f"invalid input: {exc}")
+        log.error("%s: internal error", self.instance_name, exc_info=exc)
+        return self._error("INTERNAL", f"internal error ({type(exc).__name__}): {exc}")
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
         pb = self.pb_utils

@@ -13,20 +13,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from mm_models.geometry import ImageGeometry
+from mm_params import Params
 
 BUDGET_PARAMETERS = ("max_embed_tokens", "max_pixels", "min_pixels")
 
 
 def budget_parameter(params: Mapping[str, str], name: str, env: Mapping[str, str] = os.environ) -> int:
-    """One budget knob as an int >= 0; ValueError naming it when malformed."""
-    raw = (env.get("MM_" + name.upper()) or params.get(name) or "0").strip()
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"parameter {name}: {raw!r} is not an integer (0 = the checkpoint's)") from None
-    if value < 0:
-        raise ValueError(f"parameter {name} must be >= 0 (0 = the checkpoint's), got {value}")
-    return value
+    """One budget knob as an int >= 0 (0 = the checkpoint's); ParamError naming it when malformed."""
+    return Params(params, env).int(name, 0, low=0)
 
 
 def resolve_image_geometry(checkpoint: str | Path, params: Mapping[str, str],

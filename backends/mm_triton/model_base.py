@@ -1,23 +1,30 @@
-"""Common life cycle of the Python models: config, logging, metrics, error conversion.
+"""Common life cycle of the Python models: config, parameters, logging, error conversion.
 
 A model's ``model.py`` subclasses one of the concrete models and sets ``pb_utils``;
 everything else lives here, importable and readable without Triton.
+
+Every parameter goes through one resolver, ``self.resolver`` (:class:`mm_params.Params`: config.pbtxt
+``parameters``, ``MM_<NAME>`` environment overrides, parsing and validation). The transfer knobs and the
+checkpoint are resolved the first time a model asks for them, so a model that needs neither (the language
+server's BLS ``mm_pipeline``) never imports torch or the transfer library.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmtransfer import TransferConfig
+from mm_params import Params
 
-from .errors import triton_error
-from .image_budget import resolve_image_geometry
 from .params import instance_device, model_parameters, resolve_checkpoint
+
+if TYPE_CHECKING:
+    from mm_models.geometry import ImageGeometry
+    from mmtransfer import TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +35,37 @@ class ModelBase:
     pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
 
     def initialize(self, args: dict[str, str]) -> None:
-        logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_config = json.loads(args["model_config"])
+        self.params = model_parameters(self.model_config)
+        self.resolver = Params(self.params)
+        logging.basicConfig(level=self.resolver.str("log_level", "INFO").upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
-        self.params = model_parameters(self.model_config)
         self.device = instance_device(args)
-        model_dir = Path(args["model_repository"])
-        self.checkpoint = resolve_checkpoint(self.params, model_dir)
-        # max_embed_tokens 0 means "what the budget allows": resolved here, before the transfer config sees it
-        self.image_geometry = resolve_image_geometry(self.checkpoint, self.params)
-        params = {**self.params, "max_embed_tokens": str(self.image_geometry.max_tokens)}
-        env = {k: v for k, v in os.environ.items() if k != "MM_MAX_EMBED_TOKENS"}
-        self.transfer_config = TransferConfig.from_mapping(params, env)
         self.setup()
+
+    @cached_property
+    def transfer_config(self) -> TransferConfig:
+        """The transfer knobs (pools, windows, timeouts, transport) of this instance. ``max_embed_tokens`` is
+        the per-image budget's (0 = what the image processor allows: resolved from the checkpoint here)."""
+        from mmtransfer import TransferConfig
+
+        params = {**self.params, "max_embed_tokens": str(self.image_geometry.max_tokens)}
+        env = {k: v for k, v in self.resolver.env.items() if k != "MM_MAX_EMBED_TOKENS"}
+        return TransferConfig.from_mapping(params, env)
+
+    @cached_property
+    def image_geometry(self) -> ImageGeometry:
+        """The checkpoint's image preprocessing under this server's per-image budget (mm_triton.image_budget)."""
+        from .image_budget import resolve_image_geometry
+
+        return resolve_image_geometry(self.checkpoint, self.params, self.resolver.env)
+
+    @cached_property
+    def checkpoint(self) -> Path:
+        """The checkpoint directory this instance loads (FileNotFoundError when there is none)."""
+        return resolve_checkpoint(self.resolver)
 
     def setup(self) -> None:
         raise NotImplementedError
@@ -59,8 +82,14 @@ class ModelBase:
                 responses.append(self.pb_utils.InferenceResponse(output_tensors=self.handle(request, request_id)))
             except Exception as exc:  # every request gets an answer; the instance keeps serving
                 log.warning("%s: request %s failed: %s", self.instance_name, request_id, exc)
-                responses.append(self.pb_utils.InferenceResponse(error=triton_error(self.pb_utils, exc)))
+                responses.append(self.pb_utils.InferenceResponse(error=self.error_for(exc)))
         return responses
+
+    def error_for(self, exc: BaseException) -> Any:
+        """The ``pb_utils.TritonError`` answering a request that raised ``exc`` (see mm_triton.errors)."""
+        from .errors import triton_error  # the engine's and the transfer library's errors: torch
+
+        return triton_error(self.pb_utils, exc)
 
     @staticmethod
     def cancellation_check(request: Any, min_interval_s: float = 0.02):
@@ -88,8 +117,5 @@ class ModelBase:
         return cancelled
 
     def int_param(self, name: str, default: int) -> int:
-        raw = os.environ.get("MM_" + name.upper()) or self.params.get(name) or str(default)
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"parameter {name}: {raw!r} is not an integer") from None
+        """Integer parameter ``name`` (``MM_<NAME>`` overrides it), ``default`` when unset."""
+        return self.resolver.int(name, default)

@@ -1,12 +1,11 @@
-"""Reading a model's config.pbtxt ``parameters`` and resolving where its checkpoint lives."""
+"""Reading a model's config.pbtxt ``parameters``, its instance's place, and where its checkpoint lives."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-TINY_MODEL_RELPATH = Path(".cache/models/tiny-qwen2-vl")
+from mm_params import Params, tiny_model_dir
 
 
 def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
@@ -15,14 +14,11 @@ def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
     return {key: str(value.get("string_value", "")) for key, value in raw.items()}
 
 
-def resolve_checkpoint(params: Mapping[str, str], model_dir: str | Path, env: Mapping[str, str] = os.environ) -> Path:
-    """The checkpoint to load: ``MM_CHECKPOINT`` env, else the ``checkpoint`` parameter,
-    else the tiny default built by ``scripts/setup`` next to the model repository."""
-    chosen = env.get("MM_CHECKPOINT") or params.get("checkpoint") or ""
-    if chosen:
-        path = Path(chosen).expanduser()
-    else:
-        path = Path(model_dir).resolve().parents[1] / TINY_MODEL_RELPATH
+def resolve_checkpoint(params: Params) -> Path:
+    """The checkpoint to load: ``MM_CHECKPOINT`` env, else the ``checkpoint`` parameter, else the tiny
+    default built by ``scripts/setup`` (:func:`mm_params.tiny_model_dir`: ``$MM_TINY_MODEL`` or the tree's)."""
+    chosen = params.raw("checkpoint")
+    path = Path(chosen).expanduser() if chosen else tiny_model_dir(params.env)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path} (config.json missing): run scripts/setup to build the tiny default, "

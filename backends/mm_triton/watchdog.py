@@ -36,6 +36,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import procfs
+
 log = logging.getLogger(__name__)
 HEADER = "x-mm-watchdog"
 STUB_NAME = "triton_python_backend_stub"
@@ -59,7 +61,7 @@ class Stub:
     pid: int
     model: str
     instance: str
-    start_time: int  # /proc/<pid>/stat field 22: tells a reused pid from the original process
+    start_time: int  # procfs.ProcStat.start_time: tells a reused pid from the original process
 
 
 @dataclass(frozen=True)
@@ -72,38 +74,21 @@ class Restart:
     error: str = ""
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()  # fields from 'state' on (comm may hold spaces)
-
-
 def list_stubs(server_pid: int) -> dict[int, Stub]:
     """The Python-backend stub processes whose parent is ``server_pid``, by pid."""
     out: dict[int, Stub] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for child in procfs.children(server_pid):
+        argv = procfs.cmdline(child.pid)
+        if not argv or len(argv) < 9 or not argv[0].endswith(STUB_NAME):
             continue
-        fields = _stat(int(entry))
-        if not fields or len(fields) < 20 or int(fields[1]) != server_pid:
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if len(argv) < 9 or not argv[0].decode(errors="replace").endswith(STUB_NAME):
-            continue
-        model_file = Path(argv[1].decode(errors="replace"))
-        model = model_file.parent.parent.name  # <repo>/<model>/<version>/model.py
-        out[int(entry)] = Stub(int(entry), model, argv[8].decode(errors="replace"), int(fields[19]))
+        model = Path(argv[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
+        out[child.pid] = Stub(child.pid, model, argv[8], child.start_time)
     return out
 
 
 def alive(stub: Stub) -> bool:
-    fields = _stat(stub.pid)
-    return bool(fields) and fields[0] not in ("Z", "X") and int(fields[19]) == stub.start_time
+    stat = procfs.proc_stat(stub.pid)
+    return stat is not None and stat.alive and stat.start_time == stub.start_time
 
 
 class StubWatchdog:
@@ -159,8 +144,8 @@ class StubWatchdog:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _server_alive(self) -> bool:
-        fields = _stat(self.server_pid)
-        return bool(fields) and fields[0] not in ("Z", "X")
+        stat = procfs.proc_stat(self.server_pid)
+        return stat is not None and stat.alive
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

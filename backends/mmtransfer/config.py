@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from mm_params import ParamError, Params, resolve_fields
 
 from .enums import Landing, Transport, WindowPolicyKind
 from .errors import ConfigError
 
-ENV_PREFIX = "MM_"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 MIN_SECRET_CHARS = 16
 
 
@@ -133,42 +131,16 @@ class TransferConfig:
     def from_mapping(
         cls, params: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
     ) -> "TransferConfig":
-        """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env.
+        """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env
+        (resolved by :mod:`mm_params`, the resolver every model uses).
 
         Unknown parameter names are ignored here (models carry other parameters too);
         a known name with a malformed value raises ConfigError naming it.
         """
-        params = dict(params or {})
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for fd in fields(cls):
-            raw = params.get(fd.name)
-            env_raw = env.get(ENV_PREFIX + fd.name.upper())
-            if env_raw not in (None, ""):
-                raw = env_raw
-            if raw is None or raw == "":
-                continue
-            values[fd.name] = _parse(fd.name, fd.type, str(raw).strip())
-        return cls(**values)
-
-
-def _parse(name: str, type_name: Any, raw: str) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
-    try:
-        if kind == "bool":
-            low = raw.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-        return raw
-    except ValueError:
-        raise ConfigError(f"parameter {name}: cannot parse {raw!r} as {kind}") from None
+        try:
+            return cls(**resolve_fields(cls, Params(params, env)))
+        except ParamError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _coerce(config: TransferConfig, name: str, enum: type) -> None:

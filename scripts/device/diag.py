@@ -43,7 +43,7 @@ def rtt(spin_server: bool, spin_client: bool, n: int = 300) -> dict:
     s = ctx.socket(zmq.DEALER)
     s.connect(f"tcp://127.0.0.1:{port}")
     out = []
-    for i in range(n):
+    for _ in range(n):
         t0 = time.perf_counter()
         s.send(b"x" * 200)
         if spin_client:
@@ -54,7 +54,7 @@ def rtt(spin_server: bool, spin_client: bool, n: int = 300) -> dict:
         s.recv()
         out.append(time.perf_counter() - t0)
     fresh = []
-    for i in range(30):
+    for _ in range(30):
         t0 = time.perf_counter()
         f = ctx.socket(zmq.DEALER)
         f.setsockopt(zmq.LINGER, 0)

@@ -83,7 +83,7 @@ for pat in "libb64.so.0d:/tmp/tc/lib/libb64.so.0d" "libb64.so.0d:/tmp/triton/nvi
 done
 export TRITONSERVER=/tmp/triton/pytriton/tritonserver/bin/tritonserver MM_BACKEND_DIR=/tmp/be
 export LD_LIBRARY_PATH="/tmp/triton/nvidia_pytriton.libs:/tmp/palib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PATH="/tmp/v/bin:$PATH"
-export PYTHONPATH=/tmp/triton   # tests/harness.py finds the server's libraries next to a `pytriton` package
+export PYTHONPATH=/tmp/triton   # mm_triton.server_env finds the server's libraries next to a `pytriton` package
 PY=/tmp/v/bin/python
 $PY - <<'PYEOF' 2>&1 | tee -a "$OUT/suite.log"
 import numpy, torch, zmq, transformers, PIL, sys

@@ -12,16 +12,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness import REPO_ROOT, _child_setup, _group_members, free_port, parse_metrics, port_is_free
+from harness import REPO_ROOT, child_setup, free_run, kill_group, parse_metrics
 
 
-def free_run(n: int) -> int:
-    """First of n consecutive free ports."""
-    for _ in range(200):
-        base = free_port()
-        if base + n <= 65535 and all(port_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 class Served:
@@ -38,7 +31,7 @@ class Served:
         parent = os.getpid()
         self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, **(env or {})},
-                                     preexec_fn=lambda: _child_setup(parent, True))
+                                     preexec_fn=lambda: child_setup(parent, True))
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -85,11 +78,7 @@ class Served:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in _group_members(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_group(self.proc.pid)
         self.proc.wait(timeout=10)
         return self.proc.returncode
 

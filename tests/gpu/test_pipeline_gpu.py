@@ -45,7 +45,7 @@ def gpu_repository(dest: Path, encoder_gpu: int, language_gpu: int) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tiny_model_dir):
-    from mm_models.testing import make_test_image
+    from mm_bench.images import make_test_image
 
     return {name: make_test_image(tokens=tokens, seed=seed, model_dir=tiny_model_dir)
             for name, (tokens, seed) in IMAGES.items()}
@@ -57,7 +57,7 @@ def image_tokens(images, tiny_model_dir):
 
     from PIL import Image
 
-    from mm_models.testing import tokens_for_image_size
+    from mm_bench.images import tokens_for_image_size
 
     return {name: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(data)).size)
             for name, data in images.items()}

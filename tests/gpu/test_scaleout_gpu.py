@@ -58,7 +58,7 @@ LAYOUTS = ("split", "one-server-2x2")
 
 @pytest.fixture(scope="module")
 def images(tiny_model_dir):
-    from mm_models.testing import make_test_image
+    from mm_bench.images import make_test_image
 
     return {n: make_test_image(tokens=t, seed=s, model_dir=tiny_model_dir) for n, (t, s) in IMAGES.items()}
 
@@ -69,7 +69,7 @@ def image_tokens(images, tiny_model_dir):
 
     from PIL import Image
 
-    from mm_models.testing import tokens_for_image_size
+    from mm_bench.images import tokens_for_image_size
 
     return {n: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(b)).size) for n, b in images.items()}
 

@@ -18,7 +18,7 @@ import tritonclient.http as httpclient
 
 from harness import DEFAULT_MODEL_REPOSITORY, TritonServer, metric_value
 from mm_client import MMClient, ServerBusy
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 
 pytestmark = pytest.mark.integration
 LONG = 1024  # max tokens: ~2 s of decoding for the tiny model on 2 CPU cores

@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from harness import metric_value
 from mm_bench import perf
 from mm_client import MMClient
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 
 pytestmark = pytest.mark.integration
 # name -> (embedding tokens, seed); at the default 1024-token window: no continuation, one, two

@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from harness import free_port
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 from mmtransfer import EmbedRef
 from mmtransfer.ref import new_transfer_id
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mm_triton.procfs import proc_stat
 from harness import (
     REPO_ROOT,
     TritonServer,
     TritonStartError,
-    _group_members,
+    group_members,
     free_port,
     metric_value,
     parse_metrics,
@@ -33,11 +34,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # a zombie is dead for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = proc_stat(pid)
+    return stat is not None and stat.alive  # a zombie is dead for our purposes
 
 
 # ----------------------------------------------------------------------------- pure: metrics parser
@@ -120,7 +118,7 @@ def test_server_starts_infers_and_stops(identity_repo, tmp_path):
         assert metric_value(metrics, "nv_inference_request_success", model="identity") == 2.0
         assert server.metrics_url.endswith("/metrics")
         pid = server.pid
-        stub_pids = [p for p in _group_members(pid) if p != pid]
+        stub_pids = [p for p in group_members(pid) if p != pid]
         assert stub_pids, "expected the Python stub in the server's process group"
 
     assert not server.is_running()
@@ -138,7 +136,7 @@ def test_server_stopped_when_test_body_raises(identity_repo, tmp_path):
     with pytest.raises(ZeroDivisionError):
         with server:
             pid = server.pid
-            1 / 0
+            raise ZeroDivisionError("an error inside the with block")
     assert not _pid_alive(pid)
     assert port_is_free(server.http_port)
 
@@ -179,8 +177,7 @@ def test_fixture_factory_and_parent_death(identity_repo, triton_server, tmp_path
     # A child python starts a server, prints its pid, then is SIGKILLed: the server must go too.
     code = f"""
 import sys, time
-sys.path.insert(0, {str(REPO_ROOT / 'tests')!r})
-from harness import TritonServer
+from mm_triton.launcher import TritonServer
 s = TritonServer({str(identity_repo)!r}, log_file={str(tmp_path / 'orphan.log')!r}).start()
 print(s.pid, s.http_port, flush=True)
 time.sleep(600)

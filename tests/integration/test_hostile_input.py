@@ -25,7 +25,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness import free_port
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 from mmtransfer.ref import new_transfer_id
 from mmtransfer.wire import PROTOCOL_VERSION
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors

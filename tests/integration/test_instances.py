@@ -23,10 +23,9 @@ from pathlib import Path
 import pytest
 import tritonclient.http as httpclient
 
-from harness import REPO_ROOT, TritonServer, _child_setup, _group_members, free_port, metric_value, parse_metrics, \
-    port_is_free
+from harness import REPO_ROOT, TritonServer, child_setup, free_run, kill_group, metric_value, parse_metrics, port_is_free
 from mm_client import MMClient
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 from mm_remote.repository import build_repository
 
 pytestmark = pytest.mark.integration
@@ -51,20 +50,13 @@ def oracle(monolithic_tokens):
     return expected
 
 
-def _free_run(n: int) -> int:
-    """First of n consecutive free ports."""
-    for _ in range(200):
-        base = free_port()
-        if base + n <= 65535 and all(port_is_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 class Served:
     """``scripts/serve.py ARGS`` in its own process group (dies with this process), ready when it says so."""
 
     def __init__(self, name: str, args: list[str], timeout_s: float = 300) -> None:
-        base = _free_run(3)
+        base = free_run(3)
         self.http_port, self.grpc_port, self.metrics_port = base, base + 1, base + 2
         self.log_file = LOG_DIR / f"instances-{name}.log"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -72,7 +64,7 @@ class Served:
                "--log-file", str(self.log_file)]
         parent = os.getpid()
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=lambda: _child_setup(parent, True))
+                                     preexec_fn=lambda: child_setup(parent, True))
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -111,18 +103,14 @@ class Served:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in _group_members(self.proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_group(self.proc.pid)
         self.proc.wait(timeout=10)
         return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
 def split_2x2(tiny_model_dir):
-    control_base = _free_run(2)
+    control_base = free_run(2)
     common = ["--checkpoint", str(tiny_model_dir)]
     started: list[Served] = []
     try:

@@ -9,7 +9,7 @@ from tritonclient.utils import InferenceServerException
 
 from harness import metric_value
 from mm_client import MMClient
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 
 pytestmark = pytest.mark.integration
 PROMPT = "Describe the image."

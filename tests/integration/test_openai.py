@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from harness import free_port, metric_value
 from mm_models.chat import parse_messages
-from mm_models.testing import make_test_image
+from mm_bench.images import make_test_image
 from mm_openai.process import APIServerProcess
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 
 from harness import metric_value
 from mm_client import MMClient
-from mm_models.testing import make_test_image, tokens_for_image_size
+from mm_bench.images import make_test_image, tokens_for_image_size
 
 pytestmark = pytest.mark.integration
 WINDOW = 1024

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from harness import REPO_ROOT, TritonServer, free_port, metric_value
 from mm_client import MMClient
-from mm_models.testing import make_test_image, tokens_for_image_size
+from mm_bench.images import make_test_image, tokens_for_image_size
 from mm_remote.repository import SOURCES, build_repository
 
 pytestmark = pytest.mark.integration

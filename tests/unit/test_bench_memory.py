@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from mm_bench.lengths import LogNormalMix
 from mm_bench.memory import PoolGeometry, compare, fill_once, make_pool, waste_per_request
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 import bench_memory  # noqa: E402
 
 

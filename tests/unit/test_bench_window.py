@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from mm_bench.window import PolicySpec, parse_policies, plan_policy, run_endpoin
 from mmtransfer import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 import bench_window  # noqa: E402
 
 BASE = TransferConfig(adaptive_min_samples=8)

@@ -23,7 +23,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from mm_models import geometry, prompt, testing, tiny  # noqa: E402
+from mm_bench import images as testing  # noqa: E402
+from mm_models import geometry, prompt, tiny  # noqa: E402
 from mm_models.images import decode_image  # noqa: E402
 from mm_models.qwen2vl import EncodedImage, LanguageModel, MonolithicModel, VisionEncoder  # noqa: E402
 from PIL import Image  # noqa: E402

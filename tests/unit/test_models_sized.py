@@ -45,7 +45,7 @@ def test_preset_configs_build_with_matching_parameter_counts():
 def test_small_build_loads_split_and_monolithic_alike(tmp_path):
     from mm_models.images import decode_image
     from mm_models.qwen2vl import LanguageModel, MonolithicModel, VisionEncoder
-    from mm_models.testing import make_test_image, tokens_for_image_size
+    from mm_bench.images import make_test_image, tokens_for_image_size
 
     out = build_sized_checkpoint(tmp_path / "ck", "qwen2-vl-2b", dtype="float32", overrides=SMALL)
     marker = json.loads((out / MARKER_FILE).read_text())

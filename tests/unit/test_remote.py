@@ -244,7 +244,7 @@ def encoder_service(tiny_model_dir):
 
 
 def test_threaded_encoding_keeps_prompt_order(encoder_service, tiny_model_dir):
-    from mm_models.testing import make_test_image, tokens_for_image_size
+    from mm_bench.images import make_test_image, tokens_for_image_size
     from PIL import Image
     import io
 
@@ -259,7 +259,7 @@ def test_threaded_encoding_keeps_prompt_order(encoder_service, tiny_model_dir):
 
 
 def test_threaded_encoding_failure_frees_everything(encoder_service, tiny_model_dir, monkeypatch):
-    from mm_models.testing import make_test_image
+    from mm_bench.images import make_test_image
 
     images = [make_test_image(tokens=256, seed=i, model_dir=tiny_model_dir) for i in range(4)]
     real = encoder_service.vision.encode

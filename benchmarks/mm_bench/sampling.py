@@ -7,66 +7,31 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
+from mm_triton import procfs
+
 
 # ---------------------------------------------------------------------------------------- processes
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()  # state ppid pgrp ...
-
-
-def descendants(root: int) -> list[int]:
-    """``root`` and every live process below it (tritonserver and its Python-backend stubs)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields and len(fields) > 1:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        if _stat_fields(pid) is None:
-            continue
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
+descendants = procfs.descendants  # ``root`` and every live process below it (tritonserver and its stubs)
 
 
 def process_label(pid: int) -> str:
     """"tritonserver", the model name of a Python-backend stub, or the command name."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    argv = procfs.cmdline(pid)
+    if argv is None:
         return "?"
-    name = os.path.basename(argv[0].decode(errors="replace")) if argv and argv[0] else "?"
+    name = os.path.basename(argv[0]) if argv and argv[0] else "?"
     if name == "triton_python_backend_stub" and len(argv) > 1:
-        model_py = Path(argv[1].decode(errors="replace"))
+        model_py = Path(argv[1])
         return model_py.parents[1].name if len(model_py.parents) > 1 else name
     return name
 
 
 def memory_kib(pid: int) -> tuple[int, int | None]:
     """(RSS, PSS) in KiB; PSS (shared pages split between their users) when smaps_rollup is readable."""
-    rss = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-                break
-    except OSError:
+    rss = procfs.rss_kib(pid)
+    if rss is None:
         return 0, None
-    pss = None
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                pss = int(line.split()[1])
-                break
-    except OSError:
-        pass
-    return rss, pss
+    return rss, procfs.pss_kib(pid)
 
 
 class MemorySampler:
@@ -278,12 +243,8 @@ def _busy_jiffies() -> int:
 
 
 def _tree_jiffies(root: int) -> int:
-    total = 0
-    for pid in descendants(root):
-        fields = _stat_fields(pid)
-        if fields and len(fields) > 14:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return total
+    stats = (procfs.proc_stat(pid) for pid in descendants(root))
+    return sum(s.utime + s.stime for s in stats if s is not None)
 
 
 class CpuAccount:

@@ -89,7 +89,8 @@ def machine_info() -> dict[str, Any]:
 
 def machine_line(info: Mapping[str, Any]) -> str:
     gpus = ", ".join(info.get("gpus") or []) or "no GPU"
-    return (f"{info.get('nproc')} CPU cores ({info.get('cpu_model')}{', ' + info['hypervisor'] + ' VM' if info.get('hypervisor') else ''}), "
+    vm = ", " + info["hypervisor"] + " VM" if info.get("hypervisor") else ""
+    return (f"{info.get('nproc')} CPU cores ({info.get('cpu_model')}{vm}), "
             f"{info.get('mem_total_gib')} GiB RAM, {gpus}; Python {info.get('python')}, torch {info.get('torch', '?')}; "
             f"commit {info.get('git_commit') or '?'}; {info.get('utc')}")
 

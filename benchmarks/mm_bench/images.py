@@ -1,4 +1,5 @@
-"""Helpers for tests: deterministic images sized by pixels or by embedding-token count.
+"""Synthetic test images for the tests and the benchmarks: deterministic images sized by pixels or by
+embedding-token count (not product code: this folder is not installed).
 
 Token arithmetic comes from the checkpoint's ``preprocessor_config.json`` through
 :class:`mm_models.geometry.ImageGeometry` (no torch import). With the tiny checkpoint (4x4 pixels per
@@ -14,22 +15,15 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .geometry import ImageGeometry
-from .tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from mm_models.geometry import ImageGeometry
+from mm_params import tiny_model_dir
+from mm_models.tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
 
-#: Where the set-up scripts and tests keep the tiny checkpoint (``MM_TINY_MODEL`` overrides it).
-DEFAULT_TINY_DIR = Path(__file__).resolve().parents[2] / ".cache" / "models" / "tiny-qwen2-vl"
-
-
-def default_tiny_dir() -> Path:
-    """``$MM_TINY_MODEL`` if set, else :data:`DEFAULT_TINY_DIR`."""
-    env = os.environ.get("MM_TINY_MODEL")
-    return Path(env) if env else DEFAULT_TINY_DIR
+default_tiny_dir = tiny_model_dir  # ``$MM_TINY_MODEL``, else the tree's .cache/models/tiny-qwen2-vl
 
 TINY_GEOMETRY = ImageGeometry(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
                               min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
@@ -88,7 +82,7 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def token_table(model_dir: str | os.PathLike[str] | None = None,
-                targets: tuple[int, ...] = (64, 256, 1024, 1025, 2049, 5121, 16384)) -> list[tuple[int, int, int, int]]:
+                targets: tuple[int, ...] = (64, 256, 1024, 1025, 2049, 3001, 4096)) -> list[tuple[int, int, int, int]]:
     """Rows (target_tokens, width, height, actual_tokens) for the given targets."""
     g = geometry(model_dir)
     rows = []
