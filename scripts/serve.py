@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
                         "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
     m = p.add_argument_group("model")
+    m.add_argument("--with-baseline", action="store_true",
+                   help="also load the monolithic baseline (mm_monolithic, mm_monolithic_stream; not loaded by "
+                        "default: it is a benchmark reference, not a service)")
     m.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
                    help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default")
     m.add_argument("--block-tokens", type=positive_int, default=None, metavar="N", help="tokens per pool block")
@@ -333,13 +336,7 @@ def main(argv=None) -> int:
     if extra and extra[0] == "--":
         extra = extra[1:]
     watchdog_token = None
-    if not args.no_watchdog and not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra):
-        import secrets
-
-        from mm_triton.watchdog import server_args
-
-        watchdog_token = secrets.token_hex(16)
-        extra += server_args(watchdog_token)
+    own_control = not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra)
 
     from harness import TritonServer, TritonStartError, port_is_free
 
@@ -361,6 +358,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"serve: error: port {args.openai_port} is already in use; choose another with --openai-port "
                          "(or --no-openai)")
     repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
+    if own_control:  # explicit model control: the watchdog reloads, and the baseline loads only when asked for
+        import secrets
+
+        from mm_triton.watchdog import load_list, server_args
+
+        token = secrets.token_hex(16)  # also without the watchdog: the repository API stays closed to clients
+        extra += server_args(token, load_list(repos, with_baseline=args.with_baseline))
+        watchdog_token = None if args.no_watchdog else token
     if args.control_port:
         from mm_remote.repository import instance_count
 

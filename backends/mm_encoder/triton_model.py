@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from mm_triton.access import InternalGate
 from mm_triton.metrics import TritonMetrics
 from mmtransfer import RequestTooLarge, TransferError
 from mm_triton.model_base import ModelBase
@@ -38,8 +39,10 @@ class EncoderModel(ModelBase):
         self._images_family = mf(name="mm_images_encoded_total", description="Images encoded and published",
                                  kind=mf.COUNTER)
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
+        self.gate = InternalGate.for_model(self.model_name, self.params, self.transfer_config.shared_secret)
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
+        self.gate.check(self.pb_utils, request)  # before anything is read or allocated
         try:
             refs = self.service.encode(bytes_list(self.pb_utils, request, "IMAGE"), request_id,
                                        self.cancellation_check(request))

@@ -23,6 +23,9 @@ import os
 import uuid
 from typing import Any
 
+from mm_triton.access import derive_token, server_token, token_tensor
+from mm_triton.bls import code_name as _code_name
+from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.params import instance_index, model_parameters
 
 from .encoders import DEFAULT_ENCODER_MODEL, DEFAULT_TIMEOUT_S, EncoderCallError, RemoteEncoders
@@ -52,6 +55,12 @@ class RemotePipelineModel:
             return os.environ.get("MM_" + name.upper()) or params.get(name) or default
 
         self.language_model = param("language_model", "mm_language")
+        self.bounds = RequestBounds.from_params(lambda name, default: int(param(name, str(default))))
+        # the local mm_language takes this server's token; a remote encoder server knows only the shared
+        # secret's (it is open when none is set: internal_access=shared_secret, docs/RELIABILITY.md)
+        shared = os.environ.get("MM_SHARED_SECRET") or params.get("shared_secret") or ""
+        self._token = server_token(shared)
+        remote_token = derive_token(shared) if shared else ""
         try:
             timeout_s = float(param("encoder_timeout_s", str(DEFAULT_TIMEOUT_S)))
         except ValueError:
@@ -61,7 +70,7 @@ class RemotePipelineModel:
         index = instance_index(model_config, self.instance_name)
         self.encoders = RemoteEncoders(
             param("encoder_urls", ""), param("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
-            observer=self._count,
+            observer=self._count, token=remote_token,
         )
         self._setup_metrics()
         for url, problem in self.encoders.check().items():
@@ -106,16 +115,16 @@ class RemotePipelineModel:
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
         pb = self.pb_utils
+        check_request(pb, request, self.bounds, ("IMAGE", "PROMPT", "MAX_TOKENS"))
         images = pb.get_input_tensor_by_name(request, "IMAGE")
         prompt = pb.get_input_tensor_by_name(request, "PROMPT")
         max_tokens = pb.get_input_tensor_by_name(request, "MAX_TOKENS")
-        if images is None or prompt is None:
-            raise ValueError("inputs IMAGE and PROMPT are required")
         image_array = images.as_numpy().reshape(-1)
         if image_array.size == 0:
             raise ValueError("IMAGE: at least one image is required")
         refs, _url = self.encoders.encode(image_array, request_id)
-        inputs = [pb.Tensor("EMBED_REF", refs), prompt] + ([max_tokens] if max_tokens is not None else [])
+        inputs = [pb.Tensor("EMBED_REF", refs), prompt, token_tensor(pb, self._token)]
+        inputs += [max_tokens] if max_tokens is not None else []
         language_request = pb.InferenceRequest(model_name=self.language_model, inputs=inputs,
                                                requested_output_names=list(OUTPUTS), request_id=request_id)
         response = language_request.exec()
@@ -131,27 +140,3 @@ class RemotePipelineModel:
 
     def finalize(self) -> None:
         self.encoders.close()
-
-
-# Triton 2.51 hands a BLS caller every error of the called model as INTERNAL; mm_language's errors
-# start with the prefix mm_triton.errors gives each code, so that prefix tells the code again.
-_PREFIX_CODES = (("invalid input:", "INVALID_ARG"), ("unavailable:", "UNAVAILABLE"))
-
-
-def _code_name(pb: Any, error: Any, message: str) -> str:
-    """The name (INVALID_ARG, UNAVAILABLE, ...) of a BLS response's error code; INTERNAL if unknown."""
-    name = "INTERNAL"
-    try:
-        code = error.code()
-        for candidate in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED",
-                          "INTERNAL", "UNKNOWN"):
-            if getattr(pb.TritonError, candidate, object()) == code:
-                name = candidate
-                break
-    except Exception:  # noqa: BLE001 - older stubs have no code()
-        pass
-    if name in ("INTERNAL", "UNKNOWN"):
-        for prefix, by_prefix in _PREFIX_CODES:
-            if message.startswith(prefix):
-                return by_prefix
-    return name

@@ -41,14 +41,28 @@ HEADER = "x-mm-watchdog"
 STUB_NAME = "triton_python_backend_stub"
 
 
-def server_args(token: str) -> list[str]:
-    """tritonserver options the watchdog needs: explicit model control (all models loaded at start) and the
-    repository API restricted to requests carrying ``HEADER: token`` (HTTP and gRPC)."""
+BASELINE_MODELS = ("mm_monolithic", "mm_monolithic_stream")
+
+
+def load_list(repositories, with_baseline: bool = False) -> list[str]:
+    """The models of ``repositories`` to load at start: all but the monolithic baseline (unless asked for)."""
+    names = []
+    for repo in repositories:
+        for entry in sorted(Path(repo).iterdir()):
+            if (entry / "config.pbtxt").is_file() and (with_baseline or entry.name not in BASELINE_MODELS):
+                names.append(entry.name)
+    return names
+
+
+def server_args(token: str, models: list[str] | None = None) -> list[str]:
+    """tritonserver options the watchdog needs: explicit model control (``models`` loaded at start, default
+    all) and the repository API restricted to requests carrying ``HEADER: token`` (HTTP and gRPC)."""
     if not token or any(c in token for c in " ,:=") or len(token) < 16:
         raise ValueError("watchdog token: at least 16 characters, no spaces, commas, colons or '='")
+    loads = ["--load-model=*"] if models is None else [f"--load-model={m}" for m in models]
     return [
         "--model-control-mode=explicit",
-        "--load-model=*",
+        *loads,
         f"--http-restricted-api=model-repository:{HEADER}={token}",
         f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
     ]
