@@ -27,8 +27,17 @@ def code_name(pb: Any, error: Any, message: str) -> str:
     return name
 
 
+# What Triton answers a BLS call while the called model is being reloaded (the watchdog) or its stub is dead:
+# the request was fine, so the client gets UNAVAILABLE ("retry"), not INTERNAL.
+_STEP_DOWN = ("Request for unknown model", "has no available versions", "is not ready", "is not healthy",
+              "Stub process")
+
+
 def forwarded_error(pb: Any, error: Any) -> Any:
     """A TritonError for the client with the called model's message and its real code (see code_name)."""
     message = error.message()
-    value = getattr(pb.TritonError, code_name(pb, error, message), None)
+    name = code_name(pb, error, message)
+    if name in ("INTERNAL", "UNKNOWN", "NOT_FOUND") and any(s in message for s in _STEP_DOWN):
+        name, message = "UNAVAILABLE", f"unavailable (model_reloading): {message}"
+    value = getattr(pb.TritonError, name, None)
     return pb.TritonError(message, value) if value is not None else pb.TritonError(message)

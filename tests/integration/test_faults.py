@@ -27,6 +27,7 @@ from harness import free_port
 from mm_models.testing import make_test_image
 from mmtransfer import EmbedRef
 from mmtransfer.ref import new_transfer_id
+from internal import with_token
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
@@ -78,13 +79,15 @@ def _pipeline(rs, images: list[bytes], max_tokens: int = 4, **kw) -> list[int]:
 
 
 def _encode(rs, images: list[bytes]) -> list[bytes]:
-    result = _grpc(rs).infer("mm_encoder", tensors(grpcclient, {"IMAGE": np.array(images, dtype=np.object_)}))
+    inputs = with_token(rs, "mm_encoder", {"IMAGE": np.array(images, dtype=np.object_)})  # white-box call
+    result = _grpc(rs).infer("mm_encoder", tensors(grpcclient, inputs))
     return list(result.as_numpy("EMBED_REF"))
 
 
 def _language(rs, refs: list[bytes], max_tokens: int = 2, client_timeout: float | None = None) -> list[int]:
     inputs = {"EMBED_REF": np.array(refs, dtype=np.object_), "PROMPT": np.array([PROMPT], dtype=np.object_),
               "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+    inputs = with_token(rs, "mm_language", inputs)
     result = _grpc(rs).infer("mm_language", tensors(grpcclient, inputs), client_timeout=client_timeout)
     return result.as_numpy("TOKEN_IDS").tolist()
 
