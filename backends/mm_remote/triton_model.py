@@ -23,7 +23,7 @@ import os
 import uuid
 from typing import Any
 
-from mm_triton.access import derive_token, server_token, token_tensor
+from mm_triton.access import derive_token, register_endpoint, server_token, token_tensor
 from mm_triton.bls import code_name as _code_name
 from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.params import instance_index, model_parameters
@@ -32,6 +32,15 @@ from .encoders import DEFAULT_ENCODER_MODEL, DEFAULT_TIMEOUT_S, EncoderCallError
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("TEXT", "TOKEN_IDS")
+
+
+def _ref_address(raw: bytes) -> str | None:
+    """The ``address`` of an EMBED_REF's JSON (no mmtransfer import here: it would load torch)."""
+    try:
+        address = json.loads(raw).get("address")
+    except (ValueError, AttributeError):
+        return None
+    return address if isinstance(address, str) and address.startswith("tcp://") and len(address) <= 300 else None
 
 
 class _StepError(Exception):
@@ -123,6 +132,10 @@ class RemotePipelineModel:
         if image_array.size == 0:
             raise ValueError("IMAGE: at least one image is required")
         refs, _url = self.encoders.encode(image_array, request_id)
+        for raw in refs:  # endpoints an --encoder-url server advertised: this server's mm_language trusts them
+            address = _ref_address(raw)
+            if address:  # a malformed ref is refused by mm_language with its own message
+                register_endpoint(address)
         inputs = [pb.Tensor("EMBED_REF", refs), prompt, token_tensor(pb, self._token)]
         inputs += [max_tokens] if max_tokens is not None else []
         language_request = pb.InferenceRequest(model_name=self.language_model, inputs=inputs,

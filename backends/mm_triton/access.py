@@ -51,7 +51,7 @@ def derive_token(shared_secret: str) -> str:
     return hmac.new(shared_secret.encode(), _DERIVE_LABEL, hashlib.sha256).hexdigest()
 
 
-def _private_dir(base: Path) -> Path:
+def private_dir(base: Path) -> Path:
     """``base/mm-triton-<uid>``, created 0700; refused if another user owns it or others can enter it."""
     path = base / f"mm-triton-{os.getuid()}"
     try:
@@ -78,7 +78,7 @@ def _read_private(path: Path) -> str:
     return value
 
 
-def _process_start(pid: int) -> str:
+def process_start(pid: int) -> str:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
         return text[text.rfind(")") + 2:].split()[19]
@@ -86,19 +86,29 @@ def _process_start(pid: int) -> str:
         return "0"
 
 
+def server_key(server_pid: int | None = None) -> str:
+    """``<pid>-<start time>`` of the tritonserver (default: this stub's parent): new for every server start."""
+    pid = os.getppid() if server_pid is None else server_pid
+    return f"{pid}-{process_start(pid)}"
+
+
 def _prune(directory: Path) -> None:
-    """Remove the secrets of servers that are gone (best effort; a file per server start otherwise stays)."""
-    for entry in directory.glob("internal-*.key"):
-        parts = entry.stem.split("-")
-        if len(parts) == 3 and parts[1].isdigit() and _process_start(int(parts[1])) != parts[2]:
-            entry.unlink(missing_ok=True)
+    """Remove the secrets and endpoint registries of servers that are gone (best effort)."""
+    for entry in list(directory.glob("internal-*.key")) + list(directory.glob("endpoints-*")):
+        parts = entry.name.split(".")[0].split("-")
+        if len(parts) == 3 and parts[1].isdigit() and process_start(int(parts[1])) != parts[2]:
+            if entry.is_dir():
+                for child in entry.iterdir():
+                    child.unlink(missing_ok=True)
+                entry.rmdir()
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def per_server_secret(server_pid: int | None = None, base: Path | None = None) -> str:
     """The secret of the tritonserver ``server_pid`` (default: this stub's parent), created once."""
-    pid = os.getppid() if server_pid is None else server_pid
-    directory = _private_dir(Path(tempfile.gettempdir()) if base is None else base)
-    path = directory / f"internal-{pid}-{_process_start(pid)}.key"
+    directory = private_dir(Path(tempfile.gettempdir()) if base is None else base)
+    path = directory / f"internal-{server_key(server_pid)}.key"
     if not path.exists():
         # written whole to a temporary name, then linked: a stub racing this one never reads half a file
         tmp = directory / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -115,6 +125,23 @@ def per_server_secret(server_pid: int | None = None, base: Path | None = None) -
         finally:
             tmp.unlink(missing_ok=True)
     return _read_private(path)
+
+
+# ---- the registry of this server's encoder endpoints (read by mm_language.trust) ---------------------------
+def registry_dir(server_pid: int | None = None, base: Path | None = None) -> Path:
+    directory = private_dir(Path(tempfile.gettempdir()) if base is None else base) / f"endpoints-{server_key(server_pid)}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def register_endpoint(address: str, directory: Path | None = None) -> None:
+    """Record ``address`` (``tcp://host:port``) as an encoder endpoint of this server (idempotent)."""
+    directory = registry_dir() if directory is None else directory
+    name = hashlib.sha256(address.encode()).hexdigest()[:32]
+    tmp = directory / f".{name}.{os.getpid()}"
+    tmp.write_text(address)
+    os.replace(tmp, directory / name)
+
 
 
 def server_token(shared_secret: str = "", env: Mapping[str, str] = os.environ) -> str:

@@ -77,6 +77,8 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(bytes(data))) as header:
             return header.size
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, from the header too
+        raise ValueError(f"image is too large to decode safely: {exc}") from None
     except Exception:  # noqa: BLE001 - corrupt or unknown data is reported by decode_image
         return None
 
@@ -88,7 +90,10 @@ def check_images(images: list[bytes], bounds: RequestBounds) -> None:
         if len(data) > bounds.max_image_bytes:
             raise ValueError(f"IMAGE[{i}]: {len(data)} bytes, more than max_image_bytes={bounds.max_image_bytes}")
     for i, data in enumerate(images):
-        size = header_size(unwrap_data_url(data, i))
+        try:
+            size = header_size(unwrap_data_url(data, i))
+        except ValueError as exc:
+            raise ValueError(f"IMAGE[{i}]: {exc}") from None
         if size is not None and size[0] * size[1] > bounds.max_image_pixels:
             raise ValueError(f"IMAGE[{i}]: image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
                              f"the allowed {bounds.max_image_pixels}")

@@ -26,12 +26,14 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness import free_port
+from internal import with_token
 from mm_models.testing import make_test_image
 from mmtransfer.ref import new_transfer_id
 from reliability import PIPELINE_MODELS, ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
 PULL_TIMEOUT_S, TTL_S = 2.0, 5.0
+TRUSTED_HOST = "127.0.0.2"  # trusted_encoders of this module's server: the pull-timeout cases live there
 INVALID = ("400", "StatusCode.INVALID_ARGUMENT")
 
 
@@ -40,7 +42,8 @@ def rs():
     from conftest import LOG_DIR
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    env = {"MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_TTL_S": str(TTL_S), "MM_POOL_BLOCKS": "128"}
+    env = {"MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_TTL_S": str(TTL_S), "MM_POOL_BLOCKS": "128",
+           "MM_TRUSTED_ENCODERS": f"{TRUSTED_HOST}:*"}
     models = PIPELINE_MODELS + ("mm_language_stream", "mm_pipeline_stream")
     with ReliableServer(env=env, models=models, log_file=LOG_DIR / "test_hostile_input-server.log") as server:
         server.start_pids = server.stubs()
@@ -272,16 +275,19 @@ def test_malformed_embed_refs_are_invalid_arg(rs, good, ref, message):
     _still_fine(rs, good)
 
 
-def _silent_listener() -> socket.socket:
+def _silent_listener(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     s.listen(4)
+    s.settimeout(1.0)
     return s
 
 
 @pytest.mark.parametrize("where", ["closed_port", "silent_tcp_listener", "triton_http_port", "unresolvable_host",
                                    "blackhole_address"])
-def test_embed_ref_to_nowhere_fails_within_pull_timeout(rs, good, where):
+def test_embed_ref_to_a_strangers_endpoint_is_refused_before_any_connection(rs, good, where):
+    """mm_language connects only to this server's encoders (and trusted_encoders): any other address in a ref
+    is refused at once, and a listener there sees no connection."""
     listener = _silent_listener() if where == "silent_tcp_listener" else None
     try:
         address = {
@@ -291,8 +297,27 @@ def test_embed_ref_to_nowhere_fails_within_pull_timeout(rs, good, where):
             "unresolvable_host": lambda: "tcp://no-such-host.invalid:5555",
             "blackhole_address": lambda: "tcp://192.0.2.1:5555",  # TEST-NET-1: never routed
         }[where]()
-        text = _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match=r"unavailable \(timeout\).*no answer",
-                        status=("StatusCode.UNAVAILABLE",), within_s=PULL_TIMEOUT_S + 3)
+        _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match="is not one of this server's encoders",
+                 within_s=1.5)
+        if listener is not None:
+            with pytest.raises(socket.timeout):
+                listener.accept()
+    finally:
+        if listener is not None:
+            listener.close()
+    _still_fine(rs, good)
+
+
+@pytest.mark.parametrize("where", ["silent_tcp_listener", "closed_port"])
+def test_a_trusted_endpoint_that_never_answers_fails_within_pull_timeout(rs, good, where):
+    """An endpoint the server trusts (MM_TRUSTED_ENCODERS=127.0.0.2:* here) but that never answers: the pull
+    gives up after pull_timeout_s."""
+    listener = _silent_listener(TRUSTED_HOST) if where == "silent_tcp_listener" else None
+    try:
+        port = listener.getsockname()[1] if listener is not None else free_port(TRUSTED_HOST)
+        text = _refused(_grpc, rs, "mm_language", _lang([_ref(f"tcp://{TRUSTED_HOST}:{port}")]),
+                        match=r"unavailable \(timeout\).*no answer", status=("StatusCode.UNAVAILABLE",),
+                        within_s=PULL_TIMEOUT_S + 3)
         assert "2.0s" in text
     finally:
         if listener is not None:
@@ -313,6 +338,8 @@ def test_forged_transfer_ids_at_a_real_encoder_and_too_many_refs(rs, good):
     # a valid ref followed by a bad one: nothing pulled, the valid one aborted
     real = _grpc(rs, "mm_encoder", {"IMAGE": np.array([good], dtype=np.object_)}).as_numpy("EMBED_REF")[0]
     _refused(_grpc, rs, "mm_language", _lang([real, b"{bad"]), match="EMBED_REF\\[1\\]")
+    # the issue's 3000 refs (once "Too many open files"): refused by count, before any is parsed
+    _refused(_grpc, rs, "mm_language", _lang([_ref("tcp://192.0.2.1:5555")] * 3000), match="at most 16", within_s=2)
     _still_fine(rs, good)
 
 
@@ -327,14 +354,6 @@ def test_language_inputs_refused_by_triton_leave_only_ttl_work(rs, good):
 
 
 # ---- internal models: closed to clients ----------------------------------------------------------------
-def _silent_listener() -> socket.socket:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(1.0)
-    return listener
-
-
 def _stream_error(rs, model: str, inputs: dict[str, np.ndarray]) -> str:
     """The error text of the first response of a streamed (decoupled) call."""
     import queue
