@@ -106,7 +106,7 @@ class ReliableServer:
         return total
 
     # ---- health ---------------------------------------------------------------------------------------------
-    def wait_serving(self, timeout_s: float = 120.0, models: Iterable[str] = ("mm_pipeline",)) -> float:
+    def wait_serving(self, timeout_s: float = 120.0, models: Iterable[str] = PIPELINE_MODELS) -> float:
         """Wait until the watchdog has nothing to restart and the models are ready; returns seconds waited."""
         start = time.monotonic()
         deadline = start + timeout_s

@@ -29,6 +29,8 @@ import argparse
 import json
 import logging
 import os
+import re
+import signal
 import threading
 import time
 import urllib.error
@@ -39,6 +41,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 HEADER = "x-mm-watchdog"
 STUB_NAME = "triton_python_backend_stub"
+SHM_PREFIX_RE = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z_-]{1,64}")
+DEFAULT_STOP_GRACE_S = 2.0
 
 
 BASELINE_MODELS = ("mm_monolithic", "mm_monolithic_stream")
@@ -74,6 +78,7 @@ class Stub:
     model: str
     instance: str
     start_time: int  # /proc/<pid>/stat field 22: tells a reused pid from the original process
+    shm_region: str = ""  # its /dev/shm region (argv[2]); Triton leaves it behind when the stub dies
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,29 @@ def list_stubs(server_pid: int) -> dict[int, Stub]:
             continue
         model_file = Path(argv[1].decode(errors="replace"))
         model = model_file.parent.parent.name  # <repo>/<model>/<version>/model.py
-        out[int(entry)] = Stub(int(entry), model, argv[8].decode(errors="replace"), int(fields[19]))
+        region = argv[2].decode(errors="replace")
+        out[int(entry)] = Stub(int(entry), model, argv[8].decode(errors="replace"), int(fields[19]),
+                               region if SHM_PREFIX_RE.fullmatch(region) else "")
     return out
+
+
+def stopped(stub: Stub) -> bool:
+    """True while the stub is stopped (SIGSTOP, a debugger): state T or t in /proc/<pid>/stat."""
+    fields = _stat(stub.pid)
+    return bool(fields) and fields[0] in ("T", "t") and int(fields[19]) == stub.start_time
+
+
+def remove_region(region: str, shm_dir: Path = Path("/dev/shm")) -> int:
+    """Unlink a dead stub's shared-memory region; returns the bytes freed (0 if it was gone already)."""
+    if not region:
+        return 0
+    path = shm_dir / region
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError:
+        return 0
+    return size
 
 
 def alive(stub: Stub) -> bool:
@@ -124,7 +150,12 @@ class StubWatchdog:
     """Polls the stubs of one tritonserver process; reloads a model when one of its stubs died."""
 
     def __init__(self, server_pid: int, http_address: str, token: str, interval_s: float = 0.5,
-                 load_timeout_s: float = 300.0) -> None:
+                 load_timeout_s: float = 300.0, stop_grace_s: float | None = None) -> None:
+        if stop_grace_s is None:
+            stop_grace_s = float(os.environ.get("MM_STUB_STOP_GRACE_S") or DEFAULT_STOP_GRACE_S)
+        self.stop_grace_s = stop_grace_s  # a stub stopped this long is killed and restarted
+        self._stopped_since: dict[int, float] = {}
+        self.shm_freed_bytes = 0  # /dev/shm regions of dead stubs removed
         self.server_pid = server_pid
         self.http_address = http_address
         self.token = token
@@ -189,6 +220,7 @@ class StubWatchdog:
     def check_once(self) -> list[Restart]:
         """Reload the models of stubs that died since the last look; returns the restarts done."""
         with self._lock:
+            self._kill_stopped()
             current = list_stubs(self.server_pid)
             dead = [s for s in self._known.values() if s.pid not in current or not alive(s)]
             # stubs that appeared (a model loaded later, or reloaded by someone else) are watched from now on
@@ -201,8 +233,31 @@ class StubWatchdog:
                 done.append(self._reload(model, instance))
             if dead:
                 self._known = list_stubs(self.server_pid)
+                in_use = {s.shm_region for s in self._known.values()}
+                for stub in dead:  # after the reload: Triton no longer maps the dead stub's region
+                    if stub.shm_region not in in_use and all(r.ok for r in done if r.model == stub.model):
+                        self.shm_freed_bytes += remove_region(stub.shm_region)
             self.restarts.extend(done)
             return done
+
+    def _kill_stopped(self) -> None:
+        """SIGKILL a stub that stays stopped (SIGSTOP, a swap or throttling stall looks the same to Triton)
+        longer than ``stop_grace_s``: Triton 2.51 waits on its IPC lock and, past its own timeout, dies of a
+        ``boost::interprocess::lock_exception``; a killed stub is reloaded like any dead one."""
+        now = time.monotonic()
+        for pid, stub in list(self._known.items()):
+            if not stopped(stub):
+                self._stopped_since.pop(pid, None)
+                continue
+            since = self._stopped_since.setdefault(pid, now)
+            if now - since >= self.stop_grace_s:
+                log.warning("watchdog: stub of %s (%s) stopped for %.1fs: killing it to restart it",
+                            stub.instance, stub.model, now - since)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._stopped_since.pop(pid, None)
 
     def _reload(self, model: str, instance: str) -> Restart:
         died_at, start = time.time(), time.monotonic()
