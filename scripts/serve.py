@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
                    help="server log (default: .cache/logs/tritonserver-<http port>.log)")
     g.add_argument("--verbose", "-v", action="store_true", help="also stream the server log to the terminal")
+    g.add_argument("--max-restarts", type=int, default=10, metavar="N",
+                   help="start tritonserver again when it dies, at most N times (default: 10; 0: exit instead)")
     g.add_argument("--no-watchdog", action="store_true",
                    help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
                         "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
@@ -335,7 +337,7 @@ def main(argv=None) -> int:
     extra = list(args.triton_args)
     if extra and extra[0] == "--":
         extra = extra[1:]
-    watchdog_token = None
+    use_watchdog = False
     own_control = not any(a.startswith(("--model-control-mode", "--load-model")) for a in extra)
 
     from harness import TritonServer, TritonStartError, port_is_free
@@ -359,13 +361,12 @@ def main(argv=None) -> int:
                          "(or --no-openai)")
     repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
     if own_control:  # explicit model control: the watchdog reloads, and the baseline loads only when asked for
-        import secrets
-
         from mm_triton.watchdog import load_list, server_args
 
-        token = secrets.token_hex(16)  # also without the watchdog: the repository API stays closed to clients
-        extra += server_args(token, load_list(repos, with_baseline=args.with_baseline))
-        watchdog_token = None if args.no_watchdog else token
+        # the repository and shared-memory APIs closed to clients; the watchdog reloads through mm_control
+        args.loaded_models = load_list(repos, with_baseline=args.with_baseline)
+        extra += server_args(None, args.loaded_models)
+        use_watchdog = not args.no_watchdog
     if args.control_port:
         from mm_remote.repository import instance_count
 
@@ -416,15 +417,15 @@ def main(argv=None) -> int:
         except TritonStartError as e:
             print(f"serve: error: {e}", file=sys.stderr)
             return 1
-        if watchdog_token:
+        if use_watchdog:
             from mm_triton.watchdog import StubWatchdog
 
-            watchdog = StubWatchdog(server.pid, server.http_address, watchdog_token).start()
+            watchdog = StubWatchdog(server.pid, server.http_address).start()
         if args.role != "encoder":
             from mm_openai import launch
 
             api = launch.start(args, server.grpc_url, log_file.parent)
-        print(banner(server, args, time.monotonic() - t0, env, watchdog_token), flush=True)
+        print(banner(server, args, time.monotonic() - t0, env), flush=True)
         if api is not None:
             print(launch.banner(api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
         if watchdog is not None:
@@ -435,12 +436,22 @@ def main(argv=None) -> int:
             if args.exit:
                 return rc
             print("serving; Ctrl-C to stop", flush=True)
-        while server.is_running():
-            time.sleep(0.5)
-        code = server.proc.returncode
-        print(f"serve: error: tritonserver exited unexpectedly (code {code})\n{server.failure_report()}",
-              file=sys.stderr)
-        return 1
+        restarts = 0
+        while True:
+            while server.is_running():
+                time.sleep(0.5)
+            code = server.proc.returncode
+            print(f"serve: error: tritonserver exited unexpectedly (code {code})\n{server.failure_report()}",
+                  file=sys.stderr)
+            if restarts >= args.max_restarts:
+                print(f"serve: error: {restarts} restart(s) done (--max-restarts); giving up", file=sys.stderr)
+                return 1
+            restarts += 1
+            try:
+                watchdog = restart_server(server, watchdog, use_watchdog, restarts)
+            except TritonStartError as e:
+                print(f"serve: error: restart failed: {e}", file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
         print("\nserve: stopping tritonserver...", flush=True)
         return rc if args.demo and args.exit else 0
@@ -460,6 +471,23 @@ def main(argv=None) -> int:
             print(f"serve: tritonserver stopped (exit code {code})", flush=True)
 
 
+def restart_server(server, watchdog, use_watchdog: bool, attempt: int):
+    """Start tritonserver again after it died (same ports, same models) and a new watchdog for it; the
+    OpenAI front end reconnects by itself. Returns the new watchdog (or None)."""
+    if watchdog is not None:
+        watchdog.stop()
+    server.stop()  # whatever is left of the old process group
+    t0 = time.monotonic()
+    server.start()
+    print(f"serve: tritonserver restarted (restart {attempt}) and serving again in {time.monotonic() - t0:.1f} s "
+          f"(pid {server.pid})", flush=True)
+    if not use_watchdog:
+        return None
+    from mm_triton.watchdog import StubWatchdog
+
+    return StubWatchdog(server.pid, server.http_address).start()
+
+
 def control_endpoints(server) -> list[str]:
     """The encoder instances' control endpoints, as their log lines announce them."""
     import re
@@ -467,22 +495,8 @@ def control_endpoints(server) -> list[str]:
     return sorted(set(re.findall(r"(\S+): serving pulls at (tcp://\S+)", server.log_text())))
 
 
-def banner(server, args, elapsed: float, env: dict[str, str] | None = None, watchdog_token: str | None = None) -> str:
-    models = []
-    try:
-        import json
-        import urllib.request
-
-        from mm_triton.watchdog import HEADER
-
-        headers = {HEADER: watchdog_token} if watchdog_token else {}
-        req = urllib.request.Request(f"http://{server.http_address}/v2/repository/index", data=b"{}", method="POST",
-                                     headers=headers)
-        with urllib.request.urlopen(req, timeout=5) as r:
-            models = [f"{m['name']}" + ("" if m.get("state") == "READY" else f" ({m.get('state')})")
-                      for m in json.loads(r.read())]
-    except Exception:
-        pass
+def banner(server, args, elapsed: float, env: dict[str, str] | None = None) -> str:
+    models = [m if server.model_ready(m) else f"{m} (not ready)" for m in getattr(args, "loaded_models", [])]
     host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1", "") else args.address
     text = f"""
 serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}); models: {', '.join(models) or '?'}

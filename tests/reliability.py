@@ -9,7 +9,6 @@ processes (stubs, RSS), its pools, and raw requests with any dtype or shape.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -24,13 +23,12 @@ TINY_MODEL = Path(os.environ.get("MM_TINY_MODEL", REPO_ROOT / ".cache" / "models
 _DTYPES = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.uint8: "UINT8"}
 
 
-def watchdog_server_args(token: str, models: Iterable[str] | None) -> list[str]:
-    from mm_triton.watchdog import server_args
+def watchdog_server_args(models: Iterable[str] | None) -> list[str]:
+    """Explicit model control with ``models`` (and mm_control, the watchdog's way to reload; default all),
+    repository and shared-memory APIs closed to clients, as scripts/serve starts the server."""
+    from mm_triton.watchdog import CONTROL_MODEL, server_args
 
-    args = server_args(token)
-    if models is not None:  # only these models (and what they need) instead of '*'
-        args = [a for a in args if not a.startswith("--load-model")] + [f"--load-model={m}" for m in models]
-    return args
+    return server_args(None, None if models is None else list(dict.fromkeys([*models, CONTROL_MODEL])))
 
 
 class ReliableServer:
@@ -38,10 +36,9 @@ class ReliableServer:
 
     def __init__(self, env: Mapping[str, str] | None = None, models: Iterable[str] | None = PIPELINE_MODELS,
                  log_file: str | os.PathLike | None = None, watchdog: bool = True, **kw: Any) -> None:
-        self.token = secrets.token_hex(16)
         args = list(kw.pop("args", ()))
         if watchdog:
-            args += watchdog_server_args(self.token, models)
+            args += watchdog_server_args(models)
         elif models is not None:
             args += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in models]
         full_env = {"MM_CHECKPOINT": str(TINY_MODEL), **(env or {})}
@@ -57,7 +54,7 @@ class ReliableServer:
         if self._use_watchdog:
             from mm_triton.watchdog import StubWatchdog
 
-            self.watchdog = StubWatchdog(self.server.pid, self.server.http_address, self.token, interval_s=0.25)
+            self.watchdog = StubWatchdog(self.server.pid, self.server.http_address, interval_s=0.25)
             self.watchdog.start()
         return self
 

@@ -11,17 +11,18 @@ steps, each carrying the per-server internal token (:mod:`mm_triton.access`) tha
 Why BLS and not an ensemble: an ensemble can add no input of its own (it forwards the client's inputs and
 request parameters only), so it cannot prove to an internal model that a request came through it.
 
-``execute`` only hands each request to a worker thread and returns None (a non-decoupled Python model may
+``execute`` only hands each request to a thread of its own and returns None (a non-decoupled Python model may
 answer later through the response sender, as ``mm_language`` does), so requests overlap; at most
 ``max_inflight`` (parameter / ``MM_MAX_INFLIGHT``, default 256) are in flight per instance, more are refused at
-once with UNAVAILABLE (queue_full). A cancellation seen before a step stops the request there.
+once with UNAVAILABLE (queue_full). A cancellation seen before the encoder step stops the request there; one
+seen after it makes ``mm_language`` free the embeddings at once (``MM_ABANDON``). A step whose stub dies fails
+the request with UNAVAILABLE (stub_died) at once (:mod:`mm_triton.inflight`); Triton 2.51 would never answer it.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from .bls import forwarded_error
 from .bounds import RequestBounds, check_request
 from .errors import triton_error
 from .generation_inputs import InputLimits, read_generation_inputs
+from .inflight import Answer, StepMonitor
 from .model_base import ModelBase
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ class PipelineModel(ModelBase):
             raise ValueError(f"parameter max_inflight must be >= 1, got {max_inflight}")
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._max_inflight = max_inflight
-        self._executor = ThreadPoolExecutor(max_workers=max_inflight, thread_name_prefix=self.instance_name)
+        self._closing = False
+        self._monitor = StepMonitor(self.pb_utils)
         log.info("%s: %s -> %s, at most %d requests in flight", self.instance_name, self.encoder_model,
                  self.language_model, max_inflight)
 
@@ -67,45 +70,53 @@ class PipelineModel(ModelBase):
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             request_id = request.request_id() or uuid.uuid4().hex[:12]
-            sender = request.get_response_sender()
-            if not self._slots.acquire(blocking=False):
-                self._final(sender, self.pb_utils.InferenceResponse(error=self._unavailable(
+            answer = Answer(self.pb_utils, request.get_response_sender(), request_id)
+            if self._closing or not self._slots.acquire(blocking=False):
+                answer.send(self.pb_utils.InferenceResponse(error=self._unavailable(
                     f"unavailable (queue_full): {self.model_name} has {self._max_inflight} requests in flight "
-                    "(max_inflight)")))
+                    "(max_inflight)")), final=True)
                 continue
-            try:
-                self._executor.submit(self._serve, request, sender, request_id)
-            except RuntimeError:  # shutting down
-                self._slots.release()
-                self._final(sender, self.pb_utils.InferenceResponse(
-                    error=self._unavailable("unavailable (shutdown): the model is being unloaded")))
+            # a thread per request (bounded by the slots), not a pool: a step whose stub died never returns,
+            # and its thread must not take a pool worker with it (the monitor answers such a request)
+            threading.Thread(target=self._serve, args=(request, answer), name=f"{self.instance_name}-{request_id}",
+                             daemon=True).start()
         return None
 
     def finalize(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._closing = True
+        self._monitor.close()
 
     # ---- one request -------------------------------------------------------------------------------
-    def _serve(self, request: Any, sender: Any, request_id: str) -> None:
+    def _serve(self, request: Any, answer: Answer) -> None:
         try:
-            self._run(request, sender, request_id)
+            self._run(request, answer)
         except Exception as exc:  # every request gets an answer; the instance keeps serving
-            log.warning("%s: request %s failed: %s", self.instance_name, request_id, exc)
-            self._final(sender, self.pb_utils.InferenceResponse(error=triton_error(self.pb_utils, exc)))
+            log.warning("%s: request %s failed: %s", self.instance_name, answer.request_id, exc)
+            answer.send(self.pb_utils.InferenceResponse(error=triton_error(self.pb_utils, exc)), final=True)
         finally:
             self._slots.release()
 
-    def _run(self, request: Any, sender: Any, request_id: str) -> None:
+    def _step(self, answer: Answer, step: Any, model: str) -> Any:
+        key = self._monitor.enter(answer, model)
+        try:
+            return step.exec()
+        finally:
+            self._monitor.leave(key)
+
+    def _run(self, request: Any, answer: Answer) -> None:
         pb = self.pb_utils
+        request_id = answer.request_id
         check_request(pb, request, self.bounds, PIPELINE_INPUTS)
         read_generation_inputs(pb, request, self.limits)  # the language model's rules, before any encoding
         cancelled = self.cancellation_check(request)
         token = token_tensor(pb, self._token)
         if cancelled():
             raise TransferCancelled(f"request {request_id} was cancelled before encoding")
-        encoded = pb.InferenceRequest(model_name=self.encoder_model, inputs=[pb.get_input_tensor_by_name(
-            request, "IMAGE"), token], requested_output_names=["EMBED_REF"], request_id=request_id).exec()
+        encoded = self._step(answer, pb.InferenceRequest(
+            model_name=self.encoder_model, inputs=[pb.get_input_tensor_by_name(request, "IMAGE"), token],
+            requested_output_names=["EMBED_REF"], request_id=request_id), self.encoder_model)
         if encoded.has_error():
-            self._final(sender, pb.InferenceResponse(error=forwarded_error(pb, encoded.error())))
+            answer.send(pb.InferenceResponse(error=forwarded_error(pb, encoded.error())), final=True)
             return
         inputs = [pb.get_output_tensor_by_name(encoded, "EMBED_REF"), token]
         inputs += [t for t in (pb.get_input_tensor_by_name(request, n) for n in LANGUAGE_INPUTS) if t is not None]
@@ -115,37 +126,37 @@ class PipelineModel(ModelBase):
         language = pb.InferenceRequest(model_name=self.language_model, inputs=inputs, requested_output_names=wanted,
                                        request_id=request_id)
         if not self.decoupled:
-            answer = language.exec()
-            error = forwarded_error(pb, answer.error()) if answer.has_error() else None
-            self._final(sender, pb.InferenceResponse(output_tensors=[] if error else answer.output_tensors(),
-                                                     error=error))
+            reply = self._step(answer, language, self.language_model)
+            error = forwarded_error(pb, reply.error()) if reply.has_error() else None
+            answer.send(pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error),
+                        final=True)
             return
-        self._relay_stream(language, sender)
+        self._relay_stream(language, answer)
 
-    def _relay_stream(self, language: Any, sender: Any) -> None:
+    def _relay_stream(self, language: Any, answer: Answer) -> None:
         """Forward mm_language_stream's responses; the one carrying FINISH_REASON (the stream's last data
         response) goes out FINAL, since Triton drops a FINAL on an empty response by default."""
         pb = self.pb_utils
-        for answer in language.exec(decoupled=True):
-            if answer.has_error():
-                self._final(sender, pb.InferenceResponse(error=forwarded_error(pb, answer.error())))
-                return
-            tensors = answer.output_tensors()
-            if not tensors:
-                continue
-            if pb.get_output_tensor_by_name(answer, "FINISH_REASON") is not None:
-                self._final(sender, pb.InferenceResponse(output_tensors=tensors))
-                return
-            sender.send(pb.InferenceResponse(output_tensors=tensors))
-        sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        key = self._monitor.enter(answer, self.language_model)
+        try:
+            for reply in language.exec(decoupled=True):
+                if answer.done:
+                    return  # the monitor failed it (stub died) or the client went away
+                if reply.has_error():
+                    answer.send(pb.InferenceResponse(error=forwarded_error(pb, reply.error())), final=True)
+                    return
+                tensors = reply.output_tensors()
+                if not tensors:
+                    continue
+                final = pb.get_output_tensor_by_name(reply, "FINISH_REASON") is not None
+                answer.send(pb.InferenceResponse(output_tensors=tensors), final=final)
+                if final:
+                    return
+            answer.send(final=True)
+        finally:
+            self._monitor.leave(key)
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _final(self, sender: Any, response: Any) -> None:
-        try:
-            sender.send(response, flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as exc:  # noqa: BLE001 - the client went away
-            log.info("%s: response not delivered: %s", self.instance_name, exc)
-
     def _unavailable(self, message: str) -> Any:
         err = self.pb_utils.TritonError
         code = getattr(err, "UNAVAILABLE", None)

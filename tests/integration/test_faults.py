@@ -46,7 +46,8 @@ BIG_BLOCKS = 10
 PROMPT = b"Describe the image."
 # what a request hit by a fault may answer (anything else is a bug)
 FAULT_ERRORS = re.compile(
-    r"is not healthy|unavailable \((timeout|not_found|expired|pool_exhausted|channel)\)|cancelled|"
+    r"is not healthy|unavailable \((timeout|not_found|expired|pool_exhausted|channel|stub_died|model_reloading)\)|"
+    r"cancelled|"
     r"[Uu]nknown model|not ready|unavailable|Socket closed|failed to connect|Deadline|Connection reset|"
     r"Broken pipe|EOF")
 
@@ -265,10 +266,9 @@ def _traffic(rs, images, stop: threading.Event, outcomes: list) -> None:
         i += 1
 
 
-# KNOWN REGRESSION (issue 14): requests in flight in a killed mm_language stub are answered by the engine's
-# response senders, which die with the stub; Triton 2.51 does not fail them, so clients wait for their own deadline.
-@pytest.mark.parametrize("model", ["mm_encoder", pytest.param("mm_language", marks=pytest.mark.xfail(
-    reason="in-flight engine requests of a killed stub are not failed by Triton 2.51 (issue 14)", strict=False))])
+# Requests in flight in a killed mm_language stub are answered by the engine's response senders, which die with
+# the stub, and Triton 2.51 does not fail them: the pipeline's step monitor does (UNAVAILABLE (stub_died)).
+@pytest.mark.parametrize("model", ["mm_encoder", "mm_language"])
 def test_a_stub_killed_under_traffic(rs, images, small_image, model):
     """SIGKILL a stub while requests stream through (transfers of 10 chunks in flight). Affected requests fail
     clearly and within pull_timeout_s (plus the reload); an embedding published for the killed language
