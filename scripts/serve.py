@@ -424,7 +424,8 @@ def main(argv=None) -> int:
         if args.role != "encoder":
             from mm_openai import launch
 
-            api = launch.start(args, server.grpc_url, log_file.parent)
+            token_file = client_token_file(server)
+            api = launch.start(args, server.grpc_url, log_file.parent, str(token_file) if token_file else "")
         print(banner(server, args, time.monotonic() - t0, env), flush=True)
         if api is not None:
             print(launch.banner(api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
@@ -471,6 +472,19 @@ def main(argv=None) -> int:
             print(f"serve: tritonserver stopped (exit code {code})", flush=True)
 
 
+def client_token_file(server):
+    """The server's internal token in a 0600 file for the OpenAI front end's direct stream route (None when the
+    server has no internal models here, e.g. a split encoder server)."""
+    from mm_triton.access import write_token_file
+
+    try:
+        return write_token_file(server.pid, f"openai-{os.getpid()}.key")
+    except OSError as exc:
+        print(f"serve: warning: no internal token for the OpenAI front end ({exc}); streams go through "
+              "mm_pipeline_stream", file=sys.stderr)
+        return None
+
+
 def restart_server(server, watchdog, use_watchdog: bool, attempt: int):
     """Start tritonserver again after it died (same ports, same models) and a new watchdog for it; the
     OpenAI front end reconnects by itself. Returns the new watchdog (or None)."""
@@ -479,6 +493,7 @@ def restart_server(server, watchdog, use_watchdog: bool, attempt: int):
     server.stop()  # whatever is left of the old process group
     t0 = time.monotonic()
     server.start()
+    client_token_file(server)  # the OpenAI front end re-reads it: the new server has a new token
     print(f"serve: tritonserver restarted (restart {attempt}) and serving again in {time.monotonic() - t0:.1f} s "
           f"(pid {server.pid})", flush=True)
     if not use_watchdog:

@@ -154,6 +154,34 @@ def server_token(shared_secret: str = "", env: Mapping[str, str] = os.environ) -
     return per_server_secret()
 
 
+def token_of_server(server_pid: int) -> str:
+    """The token a running tritonserver's internal models expect, read from outside it by a process of the same
+    user (the watchdog, scripts/serve): derived from the server's MM_SHARED_SECRET if its environment has one,
+    else its per-server file."""
+    try:
+        environ = Path(f"/proc/{server_pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        environ = []
+    for item in environ:
+        if item.startswith(b"MM_SHARED_SECRET=") and len(item) > len(b"MM_SHARED_SECRET="):
+            return derive_token(item.split(b"=", 1)[1].decode())
+    return per_server_secret(server_pid)
+
+
+def write_token_file(server_pid: int, name: str) -> Path:
+    """Write the server's token into ``<private dir>/<name>`` (0600) for a trusted co-process (the OpenAI front
+    end's direct route) and return the path; rewritten in place when the server was restarted."""
+    path = private_dir(Path(tempfile.gettempdir())) / name
+    tmp = path.with_name(f".{name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, token_of_server(server_pid).encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
 def token_tensor(pb_utils: Any, token: str) -> Any:
     return pb_utils.Tensor(TOKEN_INPUT, np.array([token.encode()], dtype=np.object_))
 

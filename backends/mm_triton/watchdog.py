@@ -211,10 +211,10 @@ class StubWatchdog:
         return self._lock.locked()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stub is dead or being restarted; False on timeout."""
+        """Wait until no stub is dead, stopped or being restarted; False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.busy and all(alive(s) for s in list(self._known.values())):
+            if not self.busy and all(alive(s) and not stopped(s) for s in list(self._known.values())):
                 return True
             time.sleep(0.1)
         return False
@@ -300,18 +300,9 @@ class StubWatchdog:
         return Restart(model, instance, died_at, seconds, True)
 
     def _control_token(self) -> str:
-        """The server's internal token: derived from its MM_SHARED_SECRET if it has one (read from its
-        environment, same user), else its per-server file (mm_triton.access)."""
-        from .access import derive_token, per_server_secret
+        from .access import token_of_server
 
-        try:
-            environ = Path(f"/proc/{self.server_pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            environ = []
-        for item in environ:
-            if item.startswith(b"MM_SHARED_SECRET=") and len(item) > len(b"MM_SHARED_SECRET="):
-                return derive_token(item.split(b"=", 1)[1].decode())
-        return per_server_secret(self.server_pid)
+        return token_of_server(self.server_pid)
 
     def _control_reload(self, model: str) -> None:
         if model == CONTROL_MODEL:
