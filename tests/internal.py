@@ -1,8 +1,7 @@
 """White-box calls to the internal models (mm_encoder, mm_language, mm_language_stream) from tests and scripts.
 
 Clients cannot call them (mm_triton.access); tests that exercise them directly add the server's internal
-token, read the way the server's own stubs read it: derived from the shared secret when the server has one,
-else the per-server file of that tritonserver process.
+token, read the way the watchdog reads it (the per-server file of that tritonserver process).
 
     inputs = with_token(server, "mm_encoder", {"IMAGE": images})
 """
@@ -17,10 +16,9 @@ TOKEN_INPUT = "MM_INTERNAL_TOKEN"
 
 
 def internal_token(server: Any) -> str:
-    from mm_triton.access import derive_token, per_server_secret
+    from mm_triton.access import token_of_server
 
-    secret = (getattr(server, "extra_env", None) or {}).get("MM_SHARED_SECRET", "")
-    return derive_token(secret) if secret else per_server_secret(server.pid)
+    return token_of_server(server.pid)
 
 
 def with_token(server: Any, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

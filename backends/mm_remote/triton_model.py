@@ -68,7 +68,7 @@ class RemotePipelineModel:
         # the local mm_language takes this server's token; a remote encoder server knows only the shared
         # secret's (it is open when none is set: internal_access=shared_secret, docs/RELIABILITY.md)
         shared = os.environ.get("MM_SHARED_SECRET") or params.get("shared_secret") or ""
-        self._token = server_token(shared)
+        self._token = server_token()
         remote_token = derive_token(shared) if shared else ""
         try:
             timeout_s = float(param("encoder_timeout_s", str(DEFAULT_TIMEOUT_S)))

@@ -1,23 +1,23 @@
-"""Internal models (``mm_encoder``, ``mm_language``, ``mm_language_stream``) serve only the public pipelines.
+"""Internal models (``mm_encoder``, ``mm_language``, ``mm_language_stream``, ``mm_control``) serve only the public
+pipelines.
 
 Triton has no per-model access control, and an ensemble can neither add a constant input nor anything a
-client could not send itself (it forwards the client's own request parameters). So the public pipelines are
-small BLS models (:mod:`mm_triton.pipeline`) that add one input, ``MM_INTERNAL_TOKEN``, holding a per-server
+client could not send itself (it forwards the client's own inputs and request parameters). So the public pipelines
+are small BLS models (:mod:`mm_triton.pipeline`) that add one input, ``MM_INTERNAL_TOKEN``, holding a per-server
 secret; an internal model refuses a request without the right value before it reads anything else
 (INVALID_ARG, nothing allocated, no connection made).
 
-Where the secret comes from (:func:`server_token`), first match wins:
+The per-server secret (:func:`server_token`): the file named by ``MM_INTERNAL_SECRET_FILE`` (a launcher's own; it
+must be owned by this user and not readable by group or others), else a file that the first stub of this
+tritonserver creates: a random 256-bit value in ``<tmp>/mm-triton-<uid>/`` (a 0700 directory owned by this
+user), named after the server's pid and start time (every stub's parent is the server), so it is new for every
+server start and needs no launcher.
 
-1. ``shared_secret`` (``MM_SHARED_SECRET``, the control-channel secret) when set: the token is
-   HMAC-SHA256(secret, "mm-internal-call/v1"), so the servers of a split deployment (a language server's
-   ``mm_pipeline`` calling a remote encoder server's ``mm_encoder``) agree without another secret;
-2. the file named by ``MM_INTERNAL_SECRET_FILE`` (a launcher's own; it must be owned by this user and not
-   readable by group or others);
-3. otherwise a per-server file that the first stub of this tritonserver creates: a random 256-bit value in
-   ``<tmp>/mm-triton-<uid>/`` (a 0700 directory owned by this user), named after the server's pid and start
-   time (every stub's parent is the server), so it is new for every server start and needs no launcher.
+Across servers (a language server's ``mm_pipeline`` calling a remote encoder server's ``mm_encoder``) the caller
+cannot know that secret; when ``shared_secret`` (``MM_SHARED_SECRET``, the control-channel secret) is set, an
+internal model also accepts HMAC-SHA256(secret, "mm-internal-call/v1"), which both sides can compute.
 
-The secret is never in a command line, in an environment variable, in a log line or in an error message.
+No secret is ever in a command line, in an environment variable, in a log line or in an error message.
 """
 from __future__ import annotations
 
@@ -144,10 +144,8 @@ def register_endpoint(address: str, directory: Path | None = None) -> None:
 
 
 
-def server_token(shared_secret: str = "", env: Mapping[str, str] = os.environ) -> str:
-    """The value internal models expect in ``MM_INTERNAL_TOKEN`` (see the module doc)."""
-    if shared_secret:
-        return derive_token(shared_secret)
+def server_token(env: Mapping[str, str] = os.environ) -> str:
+    """The per-server token the public pipelines send to this server's internal models (see the module doc)."""
     chosen = env.get(SECRET_FILE_ENV, "")
     if chosen:
         return _read_private(Path(chosen))
@@ -155,16 +153,17 @@ def server_token(shared_secret: str = "", env: Mapping[str, str] = os.environ) -
 
 
 def token_of_server(server_pid: int) -> str:
-    """The token a running tritonserver's internal models expect, read from outside it by a process of the same
-    user (the watchdog, scripts/serve): derived from the server's MM_SHARED_SECRET if its environment has one,
-    else its per-server file."""
+    """The per-server token of a running tritonserver, read from outside it by a process of the same user (the
+    watchdog, scripts/serve): the server's ``MM_INTERNAL_SECRET_FILE`` if its environment names one (a path, not a
+    secret), else its per-server file."""
     try:
         environ = Path(f"/proc/{server_pid}/environ").read_bytes().split(b"\0")
     except OSError:
         environ = []
+    prefix = SECRET_FILE_ENV.encode() + b"="
     for item in environ:
-        if item.startswith(b"MM_SHARED_SECRET=") and len(item) > len(b"MM_SHARED_SECRET="):
-            return derive_token(item.split(b"=", 1)[1].decode())
+        if item.startswith(prefix) and len(item) > len(prefix):
+            return _read_private(Path(item[len(prefix):].decode()))
     return per_server_secret(server_pid)
 
 
@@ -194,9 +193,9 @@ class InternalGate:
     encoder server's ``mm_encoder``, which language servers call over the network: without a shared secret
     they have no way to learn a token (docs/RELIABILITY.md)."""
 
-    def __init__(self, model_name: str, token: str | None) -> None:
+    def __init__(self, model_name: str, *tokens: str) -> None:
         self.model_name = model_name
-        self._token = token.encode() if token else None
+        self._tokens = [t.encode() for t in tokens if t]  # none: open
 
     @classmethod
     def for_model(cls, model_name: str, params: Mapping[str, str], shared_secret: str) -> "InternalGate":
@@ -205,15 +204,15 @@ class InternalGate:
             raise ValueError(f"parameter internal_access: {mode!r} is not closed, shared_secret or open")
         if mode == "open" or (mode == "shared_secret" and not shared_secret):
             log.warning("%s: internal_access=%s: clients may call this model directly", model_name, mode)
-            return cls(model_name, None)
-        return cls(model_name, server_token(shared_secret))
+            return cls(model_name)
+        return cls(model_name, server_token(), derive_token(shared_secret) if shared_secret else "")
 
     @property
     def closed(self) -> bool:
-        return self._token is not None
+        return bool(self._tokens)
 
     def allows(self, pb_utils: Any, request: Any) -> bool:
-        if self._token is None:
+        if not self._tokens:
             return True
         tensor = pb_utils.get_input_tensor_by_name(request, TOKEN_INPUT)
         if tensor is None:
@@ -221,7 +220,8 @@ class InternalGate:
         values = tensor.as_numpy().reshape(-1)
         if values.size != 1 or not isinstance(values[0], (bytes, bytearray)):
             return False
-        return hmac.compare_digest(bytes(values[0]), self._token)
+        given = bytes(values[0])
+        return any([hmac.compare_digest(given, token) for token in self._tokens])  # no short cut: constant time
 
     def check(self, pb_utils: Any, request: Any) -> None:
         if not self.allows(pb_utils, request):

@@ -12,7 +12,6 @@ line or in an environment variable. Only models of this model's repository can b
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -23,7 +22,6 @@ import numpy as np
 
 from .access import InternalGate, server_token
 from .errors import triton_error
-from .params import model_parameters
 from .tensors import one_string
 
 log = logging.getLogger(__name__)
@@ -37,9 +35,7 @@ class ControlModel:
         logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.model_name = args["model_name"]
-        params = model_parameters(json.loads(args["model_config"]))
-        shared = os.environ.get("MM_SHARED_SECRET") or params.get("shared_secret") or ""
-        self.gate = InternalGate(self.model_name, server_token(shared))  # always closed, whatever the config
+        self.gate = InternalGate(self.model_name, server_token())  # always closed, whatever the config
         repository = Path(args["model_repository"]).resolve().parent
         self.models = {p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file()} - {self.model_name}
 

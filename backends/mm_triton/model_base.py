@@ -25,6 +25,7 @@ class ModelBase:
     """Parses config and parameters; subclasses build a service and answer one request."""
 
     pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
+    needs_checkpoint = True  # False: a model that loads no weights (the pipelines) gets checkpoint None
 
     def initialize(self, args: dict[str, str]) -> None:
         logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
@@ -36,7 +37,7 @@ class ModelBase:
         self.transfer_config = TransferConfig.from_mapping(self.params)
         self.device = instance_device(args)
         model_dir = Path(args["model_repository"])
-        self.checkpoint = resolve_checkpoint(self.params, model_dir)
+        self.checkpoint = resolve_checkpoint(self.params, model_dir) if self.needs_checkpoint else None
         self.setup()
 
     def setup(self) -> None:

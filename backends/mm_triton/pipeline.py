@@ -46,6 +46,7 @@ DEFAULT_MAX_INFLIGHT = 256
 
 
 class PipelineModel(ModelBase):
+    needs_checkpoint = False
     def setup(self) -> None:
         policy = self.model_config.get("model_transaction_policy") or {}
         self.decoupled = bool(policy.get("decoupled", False))
@@ -55,7 +56,7 @@ class PipelineModel(ModelBase):
         self.bounds = RequestBounds.from_params(self.int_param)
         self.limits = InputLimits(max_tokens_limit=self.bounds.max_tokens_limit,
                                   max_prompt_bytes=self.bounds.max_prompt_bytes)
-        self._token = server_token(self.transfer_config.shared_secret)
+        self._token = server_token()
         max_inflight = self.int_param("max_inflight", DEFAULT_MAX_INFLIGHT)
         if max_inflight < 1:
             raise ValueError(f"parameter max_inflight must be >= 1, got {max_inflight}")

@@ -77,9 +77,14 @@ def test_a_directory_others_can_enter_is_refused(tmp_path):
         per_server_secret(os.getpid(), base=tmp_path)
 
 
-def test_shared_secret_derives_the_same_token_everywhere():
-    assert access.server_token("s" * 32, env={}) == derive_token("s" * 32) != derive_token("t" * 32)
+def test_shared_secret_derives_the_same_token_everywhere(monkeypatch):
+    assert derive_token("s" * 32) == derive_token("s" * 32) != derive_token("t" * 32)
     assert "s" * 32 not in derive_token("s" * 32)
+    monkeypatch.setattr(access, "server_token", lambda env=None: "p" * 64)
+    gate = InternalGate.for_model("mm_encoder", {}, "s" * 32)  # the server's own token, or the derived one
+    assert gate.allows(FakePb, {"MM_INTERNAL_TOKEN": _obj(b"p" * 64)})
+    assert gate.allows(FakePb, {"MM_INTERNAL_TOKEN": _obj(derive_token("s" * 32).encode())})
+    assert not gate.allows(FakePb, {"MM_INTERNAL_TOKEN": _obj(derive_token("t" * 32).encode())})
 
 
 # ---- the gate ---------------------------------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def test_gate(request_inputs, allowed):
 
 
 def test_gate_modes(monkeypatch):
-    monkeypatch.setenv(access.SECRET_FILE_ENV, "")
+    monkeypatch.setattr(access, "server_token", lambda env=None: "p" * 64)
     assert not InternalGate.for_model("m", {"internal_access": "open"}, "").closed
     assert not InternalGate.for_model("m", {"internal_access": "shared_secret"}, "").closed
     assert InternalGate.for_model("m", {"internal_access": "shared_secret"}, "s" * 32).closed
