@@ -36,6 +36,7 @@ from .errors import triton_error
 from .generation_inputs import InputLimits, read_generation_inputs
 from .inflight import Answer, StepMonitor
 from .model_base import ModelBase
+from .sinks import ERROR_OUTPUT, ERRORS_INBAND_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ class PipelineModel(ModelBase):
         wanted = [n for n in request.requested_output_names() if n in OUTPUTS] or list(OUTPUTS)
         if cancelled():  # mm_language ABORTs the embeddings at once (not after the encoder's ttl_s)
             inputs.append(pb.Tensor(ABANDON_INPUT, np.array([True])))
+        if self.decoupled:  # its errors come back as data (mm_triton.sinks.StreamSink)
+            inputs.append(pb.Tensor(ERRORS_INBAND_INPUT, np.array([True])))
+            wanted = wanted + [ERROR_OUTPUT]
         language = pb.InferenceRequest(model_name=self.language_model, inputs=inputs, requested_output_names=wanted,
                                        request_id=request_id)
         if not self.decoupled:
@@ -149,6 +153,10 @@ class PipelineModel(ModelBase):
                 tensors = reply.output_tensors()
                 if not tensors:
                     continue
+                error = pb.get_output_tensor_by_name(reply, ERROR_OUTPUT)
+                if error is not None:
+                    answer.send(pb.InferenceResponse(error=_inband_error(pb, error)), final=True)
+                    return
                 final = pb.get_output_tensor_by_name(reply, "FINISH_REASON") is not None
                 answer.send(pb.InferenceResponse(output_tensors=tensors), final=final)
                 if final:
@@ -162,3 +170,11 @@ class PipelineModel(ModelBase):
         err = self.pb_utils.TritonError
         code = getattr(err, "UNAVAILABLE", None)
         return err(message, code) if code is not None else err(message)
+
+
+def _inband_error(pb: Any, tensor: Any) -> Any:
+    """The TritonError of an MM_ERROR output ("<CODE NAME>\t<message>")."""
+    raw = tensor.as_numpy().reshape(-1)[0]
+    name, _, message = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).partition("\t")
+    code = getattr(pb.TritonError, name, None)
+    return pb.TritonError(message, code) if code is not None else pb.TritonError(message)
