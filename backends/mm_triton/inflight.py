@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 class Answer:
     """One client request's response sender; the first FINAL answer wins (worker or monitor)."""
 
-    def __init__(self, pb_utils: Any, sender: Any, request_id: str) -> None:
+    def __init__(self, pb_utils: Any, sender: Any, request_id: str,
+                 on_final: Callable[[], None] | None = None) -> None:
         self._pb = pb_utils
         self._sender = sender
         self.request_id = request_id
+        self._on_final = on_final  # once, when the request is answered (the pipeline frees its slot)
         self._lock = threading.Lock()
         self.done = False
 
@@ -35,7 +37,6 @@ class Answer:
         with self._lock:
             if self.done:
                 return
-            self.done = final
             flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
             try:
                 if response is None:
@@ -43,8 +44,12 @@ class Answer:
                 else:
                     self._sender.send(response, flags=flags)
             except Exception as exc:  # noqa: BLE001 - the client went away
-                self.done = True
+                final = True
                 log.info("request %s: response not delivered: %s", self.request_id, exc)
+            if final:
+                self.done = True
+                if self._on_final is not None:
+                    self._on_final()
 
 
 @dataclass

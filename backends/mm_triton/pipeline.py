@@ -72,12 +72,14 @@ class PipelineModel(ModelBase):
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
             request_id = request.request_id() or uuid.uuid4().hex[:12]
-            answer = Answer(self.pb_utils, request.get_response_sender(), request_id)
             if self._closing or not self._slots.acquire(blocking=False):
+                answer = Answer(self.pb_utils, request.get_response_sender(), request_id)
                 answer.send(self.pb_utils.InferenceResponse(error=self._unavailable(
                     f"unavailable (queue_full): {self.model_name} has {self._max_inflight} requests in flight "
                     "(max_inflight)")), final=True)
                 continue
+            # the slot is freed when the request is answered, by the worker or by the step monitor
+            answer = Answer(self.pb_utils, request.get_response_sender(), request_id, on_final=self._slots.release)
             # a thread per request (bounded by the slots), not a pool: a step whose stub died never returns,
             # and its thread must not take a pool worker with it (the monitor answers such a request)
             threading.Thread(target=self._serve, args=(request, answer), name=f"{self.instance_name}-{request_id}",
@@ -96,7 +98,9 @@ class PipelineModel(ModelBase):
             log.warning("%s: request %s failed: %s", self.instance_name, answer.request_id, exc)
             answer.send(self.pb_utils.InferenceResponse(error=triton_error(self.pb_utils, exc)), final=True)
         finally:
-            self._slots.release()
+            if not answer.done:  # no path leaves a request unanswered; if one did, its slot must come back
+                log.error("%s: request %s ended without an answer", self.instance_name, answer.request_id)
+                answer.send(final=True)
 
     def _step(self, answer: Answer, step: Any, model: str) -> Any:
         key = self._monitor.enter(answer, model)
