@@ -89,3 +89,42 @@ def test_a_failed_send_counts_as_the_answer():
     answer = Answer(FakePb, Gone(), "r3", on_final=lambda: freed.append(1))
     answer.send(FakeResponse(), final=False)
     assert answer.done and freed == [1]
+
+
+# ---- the watchdog's stopped-stub and /dev/shm handling --------------------------------------------------------
+def test_stopped_stubs_are_seen_and_killed_after_the_grace(tmp_path):
+    import os
+    import signal
+    import time
+
+    from mm_triton.watchdog import StubWatchdog, alive, stopped
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stub = _stub(proc.pid, "mm_encoder")
+        assert not stopped(stub)
+        os.kill(proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not stopped(stub) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert stopped(stub)
+        dog = StubWatchdog(os.getpid(), "127.0.0.1:1", stop_grace_s=0.2)
+        dog._known = {proc.pid: stub}
+        dog._kill_stopped()  # first sight: the grace starts
+        assert alive(stub)
+        time.sleep(0.3)
+        dog._kill_stopped()
+        proc.wait(5)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        proc.kill()
+
+
+def test_remove_region(tmp_path):
+    from mm_triton.watchdog import remove_region
+
+    (tmp_path / "triton_python_backend_shm_region_x").write_bytes(b"\0" * 4096)
+    assert remove_region("triton_python_backend_shm_region_x", tmp_path) == 4096
+    assert not (tmp_path / "triton_python_backend_shm_region_x").exists()
+    assert remove_region("triton_python_backend_shm_region_x", tmp_path) == 0
+    assert remove_region("", tmp_path) == 0
