@@ -81,6 +81,10 @@ EXPECTED = {
     "bad_input": {"invalid_input", "internal_refused", "not_found", "pull_timeout"},
     "direct": {"internal_refused"},
 }
+# The pipelines stay loaded while an internal model reloads and answer UNAVAILABLE at once: a client that
+# retried without pausing would make thousands of requests per kill window
+RETRY_LATER = {"model_reloading", "stub_dead", "connection"}
+RETRY_BACKOFF_S = 0.5
 IN_KILL_WINDOW = {"stub_dead", "model_reloading", "pull_timeout", "not_found", "expired", "connection", "deadline",
                   "pool_exhausted"}
 
@@ -304,6 +308,8 @@ class Soak:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 cause = classify(detail)
             self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
+            if cause in RETRY_LATER:  # as a client should: back off while a model reloads
+                time.sleep(RETRY_BACKOFF_S)
         grpc.close()
         http.close()
 
