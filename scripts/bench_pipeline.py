@@ -24,11 +24,11 @@ from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, Pool
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
 MODELS = ("mm_pipeline", "mm_monolithic")
-# what --load-model needs per benchmarked model (an ensemble loads its steps itself)
-LOAD = {"mm_pipeline": ["mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
+# what --load-model needs per benchmarked model (the pipeline is a BLS model: Triton does not know its steps)
+LOAD = {"mm_pipeline": ["mm_encoder", "mm_language", "mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
 
 DESCRIPTION = """\
-Drives perf_analyzer (tritonclient 2.51) against the disaggregated ensemble mm_pipeline and the colocated
+Drives perf_analyzer (tritonclient 2.51) against the disaggregated pipeline mm_pipeline (a BLS model) and the colocated
 baseline mm_monolithic with the same requests: real encoded PNG images whose embedding lengths follow a
 log-normal mix (default median 800, sigma 0.75, [64, 8192] tokens: a few hundred to several thousand,
 ~1/3 above the default 1024-token receive window), one prompt and MAX_TOKENS each.
