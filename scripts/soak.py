@@ -286,21 +286,7 @@ class Soak:
                     grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
                     cause, detail = "accepted_bad_input", model  # a hostile input must never succeed
                 elif kind == "direct":  # no token: refused before anything is read
-                    if rnd.random() < 0.2:  # a stub's own /dev/shm region through the shared-memory API
-                        cause, detail = register_stub_region(rs), "systemsharedmemory register"
-                        self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
-                        continue
-                    if rnd.random() < 0.5:
-                        model, inputs = "mm_encoder", {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
-                    else:
-                        from mmtransfer import EmbedRef
-                        from mmtransfer.ref import new_transfer_id
-
-                        refs = [EmbedRef(new_transfer_id(), "tcp://192.0.2.1:5555", 64).to_json().encode()] * 16
-                        model, inputs = "mm_language", {"EMBED_REF": np.array(refs, dtype=np.object_),
-                                                        "PROMPT": np.array([b"x"], dtype=np.object_)}
-                    grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
-                    cause, detail = "accepted_direct_call", model  # an internal model must never serve a client
+                    cause, detail = self._direct_call(grpc, rs, corpus, rnd)
             except InferenceServerException as exc:
                 detail = error_text(exc)[:300]
                 cause = classify(detail)
@@ -312,6 +298,30 @@ class Soak:
                 time.sleep(RETRY_BACKOFF_S)
         grpc.close()
         http.close()
+
+    @staticmethod
+    def _direct_call(grpc, rs, corpus: Corpus, rnd: random.Random) -> tuple[str, str]:
+        """A client calling what only the pipelines may: a stub's /dev/shm region through the shared-memory API,
+        mm_encoder with an image, or mm_language with 16 refs to a stranger. Raises InferenceServerException
+        when refused (the expected outcome); returns the cause otherwise."""
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from reliability import tensors
+
+        if rnd.random() < 0.2:
+            return register_stub_region(rs), "systemsharedmemory register"
+        if rnd.random() < 0.5:
+            model, inputs = "mm_encoder", {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
+        else:
+            from mmtransfer import EmbedRef
+            from mmtransfer.ref import new_transfer_id
+
+            refs = [EmbedRef(new_transfer_id(), "tcp://192.0.2.1:5555", 64).to_json().encode()] * 16
+            model, inputs = "mm_language", {"EMBED_REF": np.array(refs, dtype=np.object_),
+                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+        grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
+        return "accepted_direct_call", model  # an internal model must never serve a client
 
     def _record(self, outcome: Outcome) -> None:
         with self.lock:
