@@ -204,6 +204,8 @@ def start_server(args):
     if args.gpus:
         repo = repository_variant(DEFAULT_MODEL_REPOSITORY, args.work_dir, gpus=args.gpus)
     models = [TARGETS[t] for t in args.targets if TARGETS[t]]
+    steps = {"mm_pipeline_stream": ["mm_encoder", "mm_language_stream"], "mm_pipeline": ["mm_encoder", "mm_language"]}
+    models = list(dict.fromkeys(m for target in models for m in [*steps.get(target, []), target]))  # BLS steps too
     env = {"MM_CHECKPOINT": str(args.checkpoint), "MM_CACHE_BLOCKS": "0", **dict(args.env)}
     log = args.work_dir / f"{args.name}-server.log"
     server = TritonServer(repo, env=env, log_file=log, startup_timeout_s=900,

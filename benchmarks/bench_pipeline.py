@@ -24,12 +24,12 @@ from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, Pool
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
 MODELS = ("mm_pipeline", "mm_monolithic")
-# what --load-model needs per benchmarked model (an ensemble loads its steps itself)
-LOAD = {"mm_pipeline": ["mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
+# what --load-model needs per benchmarked model (the pipeline is a BLS model: Triton does not know its steps)
+LOAD = {"mm_pipeline": ["mm_encoder", "mm_language", "mm_pipeline"], "mm_monolithic": ["mm_monolithic"]}
 
 DESCRIPTION = """\
-Drives perf_analyzer (tritonclient 2.51) against the disaggregated ensemble mm_pipeline and the colocated
-baseline mm_monolithic with the same requests: JPEG photos of ordinary sizes (640x480 ... 4032x3024 in both
+Drives perf_analyzer (tritonclient 2.51) against the disaggregated pipeline mm_pipeline (a BLS model) and the
+colocated baseline mm_monolithic with the same requests: JPEG photos of ordinary sizes (640x480 ... 4032x3024 in both
 orientations, a panorama), which the server resizes to its per-image budget (Qwen2-VL-2B: ~390 to 16384
 tokens; the tiny model: 4096 each), one prompt and MAX_TOKENS each. --mix instead sends synthetic PNGs
 sized to a log-normal embedding-length mix (e.g. 800,0.75,64,8192: a few hundred to several thousand

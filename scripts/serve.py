@@ -131,9 +131,14 @@ def add_server_options(g) -> None:
     g.add_argument("--no-watchdog", action="store_true",
                    help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
                         "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
+    g.add_argument("--max-restarts", type=int, default=10, metavar="N",
+                   help="start tritonserver again when it dies, at most N times (default: 10; 0: exit instead)")
 
 
 def add_model_options(m) -> None:
+    m.add_argument("--with-baseline", action="store_true",
+                   help="also load the monolithic baseline (mm_monolithic, mm_monolithic_stream; not loaded by "
+                        "default: it is a benchmark reference, not a service)")
     m.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
                    help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default")
     m.add_argument("--block-tokens", type=positive_int, default=None, metavar="N", help="tokens per pool block")
@@ -390,13 +395,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def watchdog_token(args) -> str | None:
-    """A fresh token when the stub watchdog runs (it needs explicit model control, which it then sets)."""
-    if args.no_watchdog or any(a.startswith(("--model-control-mode", "--load-model")) for a in args.triton_args):
-        return None
-    import secrets
+def own_model_control(args) -> bool:
+    """Whether serve sets the model control (explicit: the watchdog can reload, the baseline loads only when
+    asked for) or the user's own tritonserver arguments do."""
+    return not any(a.startswith(("--model-control-mode", "--load-model")) for a in args.triton_args)
 
-    return secrets.token_hex(16)
+
+def control_args(args, repos: list[Path]) -> list[str]:
+    """Explicit model control with the models to load, the repository and shared-memory APIs closed to
+    clients (the watchdog reloads through mm_control); records the list in ``args.loaded_models``."""
+    from mm_triton.watchdog import load_list, server_args
+
+    args.loaded_models = load_list(repos, with_baseline=args.with_baseline)
+    return server_args(None, args.loaded_models)
 
 
 def check_ports(args) -> dict[str, int]:
@@ -458,8 +469,8 @@ def stop_on_signals() -> None:
 class Deployment:
     """tritonserver, its stub watchdog and the OpenAI API server: started in order, stopped in reverse."""
 
-    def __init__(self, server, args, env: dict[str, str], repos: list[Path], token: str | None) -> None:
-        self.server, self.args, self.env, self.repos, self.token = server, args, env, repos, token
+    def __init__(self, server, args, env: dict[str, str], repos: list[Path], use_watchdog: bool) -> None:
+        self.server, self.args, self.env, self.repos, self.use_watchdog = server, args, env, repos, use_watchdog
         self.watchdog = None
         self.api = None
         self.stop_follow = threading.Event()
@@ -474,20 +485,38 @@ class Deployment:
               f"log: {server.log_file}", flush=True)
         t0 = time.monotonic()
         server.start()
-        if self.token:
-            from mm_triton.watchdog import StubWatchdog
-
-            self.watchdog = StubWatchdog(server.pid, server.http_address, self.token).start()
+        self.start_watchdog()
         if args.role != "encoder":
             from mm_openai import launch
 
-            self.api = launch.start(args, server.grpc_url, server.log_file.parent)
-        print(banner(server, args, time.monotonic() - t0, self.env, self.token), flush=True)
+            token_file = client_token_file(server)
+            self.api = launch.start(args, server.grpc_url, server.log_file.parent, str(token_file) if token_file else "")
+        print(banner(server, args, time.monotonic() - t0, self.env), flush=True)
         if self.api is not None:
             print(launch.banner(self.api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
         if self.watchdog is not None:
             print(f"  watchdog reloads a model whose stub process dies ({len(self.watchdog._known)} stubs watched; "
                   "--no-watchdog to disable)", flush=True)
+
+    def start_watchdog(self) -> None:
+        if self.use_watchdog:
+            from mm_triton.watchdog import StubWatchdog
+
+            self.watchdog = StubWatchdog(self.server.pid, self.server.http_address).start()
+
+    def restart(self, attempt: int) -> None:
+        """Start tritonserver again after it died (same ports, same models) and a new watchdog for it; the
+        OpenAI front end reconnects by itself. Raises TritonStartError."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+        self.server.stop()  # whatever is left of the old process group
+        t0 = time.monotonic()
+        self.server.start()
+        client_token_file(self.server)  # the OpenAI front end re-reads it: the new server has a new token
+        print(f"serve: tritonserver restarted (restart {attempt}) and serving again in {time.monotonic() - t0:.1f} s "
+              f"(pid {self.server.pid})", flush=True)
+        self.start_watchdog()
 
     def stop(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -521,17 +550,46 @@ def run(deployment: Deployment, args) -> int:
             if args.exit:
                 return rc
             print("serving; Ctrl-C to stop", flush=True)
-        while server.is_running():
-            time.sleep(0.5)
-        code = server.proc.returncode
-        print(f"serve: error: tritonserver exited unexpectedly (code {code})\n{server.failure_report()}",
-              file=sys.stderr)
-        return 1
+        return serve_until_given_up(deployment, args)
     except KeyboardInterrupt:
         print("\nserve: stopping tritonserver...", flush=True)
         return rc if args.demo and args.exit else 0
     finally:
         deployment.stop()
+
+
+def serve_until_given_up(deployment: Deployment, args) -> int:
+    """Wait while tritonserver runs; when it dies, start it again up to --max-restarts times."""
+    from mm_triton.launcher import TritonStartError
+
+    server = deployment.server
+    for attempt in range(1, args.max_restarts + 2):
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"serve: error: tritonserver exited unexpectedly (code {server.proc.returncode})\n"
+              f"{server.failure_report()}", file=sys.stderr)
+        if attempt > args.max_restarts:
+            print(f"serve: error: {args.max_restarts} restart(s) done (--max-restarts); giving up", file=sys.stderr)
+            return 1
+        try:
+            deployment.restart(attempt)
+        except TritonStartError as e:
+            print(f"serve: error: restart failed: {e}", file=sys.stderr)
+            return 1
+    return 1
+
+
+def client_token_file(server):
+    """The server's internal token in a 0600 file for the OpenAI front end's direct stream route (None when the
+    server has no internal models here, e.g. a split encoder server)."""
+    from mm_triton.access import write_token_file
+
+    try:
+        return write_token_file(server.pid, f"openai-{os.getpid()}.key")
+    except OSError as exc:
+        print(f"serve: warning: no internal token for the OpenAI front end ({exc}); streams go through "
+              "mm_pipeline_stream", file=sys.stderr)
+        return None
 
 
 def main(argv=None) -> int:
@@ -540,15 +598,13 @@ def main(argv=None) -> int:
         from mm_openai.launch import run_alone
 
         return run_alone(args)
-    token = watchdog_token(args)
     extra = list(args.triton_args)
-    if token:
-        from mm_triton.watchdog import server_args
-
-        extra += server_args(token)
     env = model_env(args)
     ports = check_ports(args)
     repos = repositories(args, env)  # after the port checks: a running server's generated repository stays
+    own_control = own_model_control(args)
+    if own_control:
+        extra += control_args(args, repos)
     check_control_ports(args, repos, ports)
     for warning in check_encoders(args.encoder_urls) if args.encoder_urls else []:
         print(f"serve: warning: {warning}; requests get UNAVAILABLE until it is up", file=sys.stderr)
@@ -560,7 +616,7 @@ def main(argv=None) -> int:
         startup_timeout_s=args.startup_timeout, stop_timeout_s=30, exit_timeout_s=10,
     )
     stop_on_signals()
-    return run(Deployment(server, args, env, repos, token), args)
+    return run(Deployment(server, args, env, repos, use_watchdog=own_control and not args.no_watchdog), args)
 
 
 def control_endpoints(server) -> list[str]:
@@ -570,22 +626,8 @@ def control_endpoints(server) -> list[str]:
     return sorted(set(re.findall(r"(\S+): serving pulls at (tcp://\S+)", server.log_text())))
 
 
-def banner(server, args, elapsed: float, env: dict[str, str] | None = None, watchdog_token: str | None = None) -> str:
-    models = []
-    try:
-        import json
-        import urllib.request
-
-        from mm_triton.watchdog import HEADER
-
-        headers = {HEADER: watchdog_token} if watchdog_token else {}
-        req = urllib.request.Request(f"http://{server.http_address}/v2/repository/index", data=b"{}", method="POST",
-                                     headers=headers)
-        with urllib.request.urlopen(req, timeout=5) as r:
-            models = [f"{m['name']}" + ("" if m.get("state") == "READY" else f" ({m.get('state')})")
-                      for m in json.loads(r.read())]
-    except Exception:
-        pass
+def banner(server, args, elapsed: float, env: dict[str, str] | None = None) -> str:
+    models = [m if server.model_ready(m) else f"{m} (not ready)" for m in getattr(args, "loaded_models", [])]
     host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1", "") else args.address
     text = f"""
 serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}); models: {', '.join(models) or '?'}

@@ -15,7 +15,8 @@ on 127.0.0.1 only, with small pools, short timeouts and the shared secret on, an
   timeout     gRPC request with a 50-300 ms deadline
   bad_input   a hostile input (corrupt/bomb/non-image bytes, bad MAX_TOKENS, reserved tokens, missing or
               mistyped inputs, forged or malformed EMBED_REFs sent to mm_language)
-  abandon     mm_encoder called directly and its EMBED_REF dropped (the encoder's TTL must reclaim it)
+  direct      a client calling an internal model (mm_encoder with a large image, mm_language with 16 refs to
+              a stranger's address) without the server's internal token: must be refused, allocating nothing
   kill        every --kill-every seconds a random stub (mm_encoder or mm_language) gets SIGKILL; the watchdog
               reloads the model; requests failing within the kill window are expected casualties
 
@@ -47,8 +48,8 @@ for sub in ("backends", "benchmarks", "client"):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
-KINDS = ("normal", "cancel", "timeout", "bad_input", "abandon")
-DEFAULT_MIX = {"normal": 0.72, "cancel": 0.08, "timeout": 0.07, "bad_input": 0.10, "abandon": 0.03}
+KINDS = ("normal", "cancel", "timeout", "bad_input", "direct")
+DEFAULT_MIX = {"normal": 0.72, "cancel": 0.08, "timeout": 0.07, "bad_input": 0.10, "direct": 0.03}
 SERVER_ENV = {
     "MM_POOL_BLOCKS": "64", "MM_MAX_EMBED_TOKENS": "4096", "MM_CACHE_BLOCKS": "16", "MM_DEFAULT_WINDOW_TOKENS": "256",
     "MM_TTL_S": "8", "MM_PULL_TIMEOUT_S": "5", "MM_PULL_WAIT_S": "2", "MM_ALLOC_TIMEOUT_S": "3",
@@ -59,8 +60,10 @@ PROMPTS = [b"Describe the image.", b"What is in the pictures?", b"Count the colo
 CAUSES = [
     ("cancelled", r"CANCELLED|[Cc]ancelled"),
     ("deadline", r"DEADLINE_EXCEEDED|[Dd]eadline [Ee]xceeded|timed out"),
-    ("stub_dead", r"is not healthy"),
-    ("model_reloading", r"[Uu]nknown model|not ready|is not found|unavailable: model|Request for unknown"),
+    ("internal_refused", r"is an internal model"),
+    ("stub_dead", r"is not healthy|\(stub_died\)"),
+    ("model_reloading", r"[Uu]nknown model|not ready|is not found|unavailable: model|Request for unknown|"
+                        r"model_reloading"),
     ("pool_exhausted", r"pool_exhausted|exhausted"),
     ("expired", r"\(expired\)|reclaimed: not pulled"),
     ("not_found", r"\(not_found\)|unknown transfer id"),
@@ -76,9 +79,13 @@ EXPECTED = {
     "normal": {"pool_exhausted", "expired"},
     "cancel": {"cancelled", "pool_exhausted", "expired"},
     "timeout": {"deadline", "pool_exhausted", "expired"},
-    "bad_input": {"invalid_input", "not_found", "pull_timeout"},
-    "abandon": {"pool_exhausted"},
+    "bad_input": {"invalid_input", "internal_refused", "not_found", "pull_timeout"},
+    "direct": {"internal_refused"},
 }
+# The pipelines stay loaded while an internal model reloads and answer UNAVAILABLE at once: a client that
+# retried without pausing would make thousands of requests per kill window
+RETRY_LATER = {"model_reloading", "stub_dead", "connection"}
+RETRY_BACKOFF_S = 0.5
 IN_KILL_WINDOW = {"stub_dead", "model_reloading", "pull_timeout", "not_found", "expired", "connection", "deadline",
                   "pool_exhausted"}
 
@@ -104,6 +111,27 @@ class Options:
     max_rss_growth_mib: float = 256.0
     log_file: str | None = None
     quiesce_timeout_s: float = 60.0
+
+
+def register_stub_region(rs) -> str:
+    """Try to register a live stub's /dev/shm region through Triton's system shared-memory API (it once let a
+    client write into it and kill the stub): "internal_refused" when refused (403), else "accepted_shm"."""
+    import urllib.error
+    import urllib.request
+
+    from mm_triton.watchdog import list_stubs
+
+    region = next((s.shm_region for s in list_stubs(rs.server.pid).values() if s.shm_region), "none")
+    body = json.dumps({"key": "/" + region, "offset": 0, "byte_size": 4096}).encode()
+    req = urllib.request.Request(f"http://{rs.http_address}/v2/systemsharedmemory/region/hostile/register",
+                                 data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10):
+            return "accepted_shm"
+    except urllib.error.HTTPError as exc:
+        return "internal_refused" if exc.code == 403 else f"shm_http_{exc.code}"
+    except OSError:
+        return "connection"
 
 
 def classify(text: str) -> str:
@@ -214,7 +242,8 @@ class Soak:
         grpc = grpcclient.InferenceServerClient(rs.grpc_url)
         http = httpclient.InferenceServerClient(rs.http_address, network_timeout=120, connection_timeout=30)
         send = {"normal": self._send_normal, "cancel": self._send_cancel, "timeout": self._send_timeout,
-                "bad_input": self._send_bad_input, "abandon": self._send_abandon}
+                "bad_input": self._send_bad_input, "direct": self._send_direct}
+        self.rs = rs
         while not self.stop.is_set():
             kind = self._next_kind(rnd)
             if kind is None:
@@ -229,6 +258,8 @@ class Soak:
                 detail = f"{type(exc).__name__}: {exc}"[:300]
                 cause = classify(detail)
             self._record(Outcome(kind, cause, time.monotonic() - start, start - self.t0, detail=detail))
+            if cause in RETRY_LATER:  # as a client should: back off while a model reloads
+                time.sleep(RETRY_BACKOFF_S)
         grpc.close()
         http.close()
 
@@ -304,16 +335,28 @@ class Soak:
         grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
         return "accepted_bad_input", model  # a hostile input must never succeed
 
-    def _send_abandon(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+    def _send_direct(self, grpc, http, rnd: random.Random, corpus: Corpus, bad: list) -> tuple[str, str]:
+        """A client calling what only the pipelines may: a stub's /dev/shm region through the shared-memory API,
+        mm_encoder with an image, or mm_language with 16 refs to a stranger. Raises InferenceServerException
+        when refused (the expected outcome); returns the cause otherwise."""
         import numpy as np
         import tritonclient.grpc as grpcclient
 
         from mm_bench.reliable import tensors
 
-        image = {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
-        out = grpc.infer("mm_encoder", tensors(grpcclient, image))
-        self.encoder_address = json.loads(out.as_numpy("EMBED_REF")[0])["address"]  # after restarts
-        return "ok", ""
+        if rnd.random() < 0.2:
+            return register_stub_region(self.rs), "systemsharedmemory register"
+        if rnd.random() < 0.5:
+            model, inputs = "mm_encoder", {"IMAGE": np.array(corpus.pick(rnd)[:1], dtype=np.object_)}
+        else:
+            from mmtransfer import EmbedRef
+            from mmtransfer.ref import new_transfer_id
+
+            refs = [EmbedRef(new_transfer_id(), "tcp://192.0.2.1:5555", 64).to_json().encode()] * 16
+            model, inputs = "mm_language", {"EMBED_REF": np.array(refs, dtype=np.object_),
+                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+        grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
+        return "accepted_direct_call", model  # an internal model must never serve a client
 
     def _record(self, outcome: Outcome) -> None:
         with self.lock:
@@ -329,9 +372,11 @@ class Soak:
             if self.issued >= self.opts.requests:
                 return
             model = rnd.choice(["mm_encoder", "mm_language"])
+            # a third of the faults are pauses (SIGSTOP, never resumed: a stall); the watchdog kills and reloads
+            sig = signal.SIGSTOP if rnd.random() < 1 / 3 else signal.SIGKILL
             at = time.monotonic() - self.t0
             try:
-                pid = rs.kill_stub(model, signal.SIGKILL)
+                pid = rs.kill_stub(model, sig)
             except RuntimeError as exc:  # a model still reloading from the previous kill
                 self.kills.append({"model": model, "at_s": round(at, 1), "skipped": str(exc)})
                 continue
@@ -341,7 +386,7 @@ class Soak:
                 self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1), "recovered": False,
                                    "error": str(exc)})
                 continue
-            self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1),
+            self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1), "signal": sig.name,
                                "back_after_s": round(time.monotonic() - self.t0 - at, 1),
                                "reload_s": round(rs.watchdog.restarts[-1].seconds, 1) if rs.watchdog.restarts else None,
                                "waited_s": round(waited, 1)})
@@ -364,8 +409,11 @@ class Soak:
 
             from mm_bench.reliable import tensors
 
-            ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(
-                "mm_encoder", tensors(grpcclient, {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)}))
+            from mm_bench.internal import with_token
+
+            ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(  # white-box: the encoder's address
+                "mm_encoder", tensors(grpcclient, with_token(rs, "mm_encoder",
+                                                             {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)})))
             self.encoder_address = json.loads(ref.as_numpy("EMBED_REF")[0])["address"]
             assert self.encoder_address.startswith("tcp://127.0.0.1:"), self.encoder_address
             bad = bad_inputs(corpus)

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from mm_triton.access import InternalGate, register_endpoint
 from mm_triton.image_budget import ResizedImagesCounter
 from mm_triton.metrics import TritonMetrics
 from mmtransfer import RequestTooLarge, TransferError
@@ -41,8 +42,11 @@ class EncoderModel(ModelBase):
         self._images_family = mf(name="mm_images_encoded_total", description="Images encoded and published",
                                  kind=mf.COUNTER)
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
+        self.gate = InternalGate.for_model(self.model_name, self.params, self.transfer_config.shared_secret)
+        register_endpoint(self.service.sender.address)  # mm_language of this server trusts it (mm_language.trust)
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
+        self.gate.check(self.pb_utils, request)  # before anything is read or allocated
         try:
             refs = self.service.encode(bytes_list(self.pb_utils, request, "IMAGE"), request_id,
                                        self.cancellation_check(request))

@@ -10,12 +10,15 @@ import logging
 from typing import Any
 
 from mm_engine.api import GenerationRequest
+from mm_triton.access import ABANDON_INPUT, InternalGate
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.metrics import TritonMetrics
 from mm_triton.tensors import bytes_list
+from mmtransfer import TransferCancelled
 
-from .service import LanguageService
+from .service import MAX_IMAGES_PER_REQUEST, LanguageService
+from .trust import TrustedEndpoints
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +31,28 @@ class LanguageModelTriton(EngineModel):
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool)
         self.service.receiver.observer = self.metrics
         self.engine = self.service.engine
+        self.gate = InternalGate.for_model(self.model_name, self.params, self.transfer_config.shared_secret)
+        self.trust = TrustedEndpoints.for_model(self.params)
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
+        self.gate.check(self.pb_utils, request)  # before any input is read: a stranger's refs are never used
         refs = bytes_list(self.pb_utils, request, "EMBED_REF")
+        if len(refs) > MAX_IMAGES_PER_REQUEST:  # before parsing any
+            raise ValueError(f"EMBED_REF: at most {MAX_IMAGES_PER_REQUEST} per request, got {len(refs)}")
+        self.trust.check(refs)  # a stranger's endpoint is refused before any connection
+        if self.pb_utils.get_input_tensor_by_name(request, ABANDON_INPUT) is not None:
+            raise TransferCancelled(f"request {request_id} was cancelled between the pipeline's steps")
         inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
         return self.service.build_request(request_id, refs, inputs.prompt, inputs.sampling, inputs.deadline)
 
     def abandon(self, request: Any, reason: str) -> None:
+        if not self.gate.allows(self.pb_utils, request):
+            return  # a direct caller's refs are not ours to abort (and may name any address)
         try:
             refs = bytes_list(self.pb_utils, request, "EMBED_REF")
         except ValueError:
             return
-        self.service.abort_all(refs, reason)
+        self.service.abort_all(self.trust.only_trusted(refs[:MAX_IMAGES_PER_REQUEST]), reason)
 
     def finalize(self) -> None:
         try:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from mm_engine.api import GenerationRequest
+from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.image_budget import ResizedImagesCounter
 from mm_triton.tensors import bytes_list
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
+
+INPUTS = ("IMAGE", "PROMPT", "MESSAGES", "MAX_TOKENS", "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "STOP", "TIMEOUT_MS")
 
 
 class MonolithicModelTriton(EngineModel):
@@ -23,8 +26,11 @@ class MonolithicModelTriton(EngineModel):
             on_downscaled=ResizedImagesCounter(self.pb_utils, self.model_name, self.instance_name),
         )
         self.engine = self.service.engine
+        self.bounds = RequestBounds.from_params(self.int_param)
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
+        # the pipeline's bounds and messages, from raw sizes and image headers, before any decoding
+        check_request(self.pb_utils, request, self.bounds, INPUTS)
         images = bytes_list(self.pb_utils, request, "IMAGE")
         decoded, counts = self.service.check_images(images)  # image errors first, as the pipeline reports them
         inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)

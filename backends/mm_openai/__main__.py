@@ -22,6 +22,9 @@ HELP = {
     "stream_via": "direct: encoder, then the language model called directly, so a client that goes away cancels "
                   "its sequence at once; ensemble: one call to --triton-stream-model (cancellation does not pass "
                   "through a Triton 2.51 ensemble: the sequence runs to its end)",
+    "internal_token_file": "file (0600) holding the Triton server's internal token, which the direct stream route "
+                           "needs (the internal models refuse clients); scripts/serve writes it; empty: streams go "
+                           "through --triton-stream-model",
     "max_body_bytes": "largest request body (413 above)",
     "max_image_bytes": "largest image, decoded data: URL or fetched (413 above)",
     "max_images": "most images per request",

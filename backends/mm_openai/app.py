@@ -184,7 +184,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         models = TritonModels(config.triton_model, config.triton_stream_model, config.triton_encoder_model,
-                              config.triton_language_stream_model, config.stream_via)
+                              config.triton_language_stream_model, config.stream_via, config.internal_token_file)
         backend = TritonBackend(config.triton_url, models, config.request_timeout_s, config.triton_concurrency)
         fetcher = ImageFetcher(FetchPolicy(config.image_url_hosts, config.image_url_loopback,
                                            config.max_image_bytes, config.image_fetch_timeout_s))

@@ -25,6 +25,7 @@ class ServerConfig:
     triton_encoder_model: str = "mm_encoder"  # stream requests, direct route: encode first ...
     triton_language_stream_model: str = "mm_language_stream"  # ... then stream from the language model
     stream_via: str = "direct"  # direct (client disconnect cancels the sequence) or ensemble
+    internal_token_file: str = ""  # the direct route's token for the internal models (scripts/serve writes it)
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
     max_image_bytes: int = 20 * 1024 * 1024  # one image (decoded data: URL or fetched)
     max_images: int = 16

@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="hosts whose http(s) image URLs the API may fetch (default: loopback only)")
 
 
-def api_args(args: argparse.Namespace, triton_url: str) -> list[str]:
+def api_args(args: argparse.Namespace, triton_url: str, token_file: str = "") -> list[str]:
     name = args.served_model_name or model_name(args)
     out = ["--triton-url", triton_url, "--served-model-name", name]
+    if token_file:  # a path, not the token: the file is 0600
+        out += ["--internal-token-file", token_file]
     if args.image_url_hosts:
         out += ["--image-url-hosts", args.image_url_hosts]
     return out
@@ -41,13 +43,13 @@ def model_name(args: argparse.Namespace) -> str:
     return Path(str(ckpt)).resolve().name or "mm-qwen2-vl"
 
 
-def start(args: argparse.Namespace, triton_url: str, log_dir: Path) -> APIServerProcess | None:
+def start(args: argparse.Namespace, triton_url: str, log_dir: Path, token_file: str = "") -> APIServerProcess | None:
     """The API server for a running Triton (None with --no-openai); SystemExit if it cannot start."""
     if args.no_openai:
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
     host = args.address or "0.0.0.0"
-    api = APIServerProcess(api_args(args, triton_url), host, args.openai_port,
+    api = APIServerProcess(api_args(args, triton_url, token_file), host, args.openai_port,
                            log_file=log_dir / f"openai-{args.openai_port}.log")
     try:
         return api.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -104,6 +105,7 @@ class TritonModels:
     encoder: str = "mm_encoder"
     language_stream: str = "mm_language_stream"
     stream_via: str = "direct"  # "direct" or "ensemble" (the preferred route; falls back when not ready)
+    internal_token_file: str = ""  # the direct route needs the internal models' token (mm_triton.access)
 
 
 class TritonBackend:
@@ -115,6 +117,7 @@ class TritonBackend:
         self._client = grpcclient.InferenceServerClient(url)
         self._slots = asyncio.Semaphore(concurrency)
         self._route: tuple[float, StreamRoute] = (float("-inf"), StreamRoute.UNARY)
+        self._token_cache: tuple[int, bytes] = (-1, b"")
 
     async def close(self) -> None:
         await self._client.close()
@@ -143,7 +146,8 @@ class TritonBackend:
         if time.monotonic() - at <= 5.0:
             return route
         m = self.models
-        if m.stream_via == "direct" and await self._ready(m.encoder) and await self._ready(m.language_stream):
+        if (m.stream_via == "direct" and self._token() and await self._ready(m.encoder)
+                and await self._ready(m.language_stream)):
             route = StreamRoute.DIRECT
         elif await self._ready(m.pipeline_stream):
             route = StreamRoute.ENSEMBLE
@@ -166,6 +170,25 @@ class TritonBackend:
             delta = replace(delta, finish_reason="length" if full else "stop")
         return delta
 
+    def _token(self) -> bytes:
+        """The internal token from ``internal_token_file``, re-read when the file changes (a restarted server
+        has a new one); empty without a file."""
+        path = self.models.internal_token_file
+        if not path:
+            return b""
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            if mtime != self._token_cache[0]:
+                self._token_cache = (mtime, open(path, "rb").read().strip())
+        except OSError:
+            return b""
+        return self._token_cache[1]
+
+    def _token_input(self) -> grpcclient.InferInput:
+        token = grpcclient.InferInput("MM_INTERNAL_TOKEN", [1], "BYTES")
+        token.set_data_from_numpy(np.array([self._token()], dtype=np.object_))
+        return token
+
     async def _infer(self, model: str, inputs: list[grpcclient.InferInput], request_id: str) -> Any:
         try:
             return await self._client.infer(model, inputs, request_id=request_id, client_timeout=self.timeout_s)
@@ -177,10 +200,11 @@ class TritonBackend:
         image = next(t for t in inputs if t.name() == "IMAGE")
         refs = np.zeros((0,), dtype=np.object_)
         if image.shape()[0] > 0:
-            refs = (await self._infer(self.models.encoder, [image], request_id)).as_numpy("EMBED_REF")
+            refs = (await self._infer(self.models.encoder, [image, self._token_input()], request_id)).as_numpy(
+                "EMBED_REF")
         ref_input = grpcclient.InferInput("EMBED_REF", list(refs.shape), "BYTES")
         ref_input.set_data_from_numpy(refs)
-        return [ref_input] + [t for t in inputs if t.name() != "IMAGE"]
+        return [ref_input, self._token_input()] + [t for t in inputs if t.name() != "IMAGE"]
 
     async def stream(self, request_id: str, inputs: list[grpcclient.InferInput],
                      max_tokens: int | None = None) -> AsyncIterator[Delta]:

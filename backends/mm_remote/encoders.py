@@ -111,8 +111,10 @@ class RemoteEncoders:
         cooldown_s: float = DEFAULT_COOLDOWN_S,
         client_factory: Callable[[str], Any] = _grpc_client,
         observer: Callable[[str, str], None] | None = None,
+        token: str = "",
     ) -> None:
         self.urls = parse_encoder_urls(urls)
+        self._token = token  # MM_INTERNAL_TOKEN for the encoder servers (from the shared secret), or none
         if not 0 < timeout_s <= 86400:
             raise ValueError(f"encoder_timeout_s must be in (0, 86400], got {timeout_s!r}")
         self.model = model
@@ -166,9 +168,14 @@ class RemoteEncoders:
 
         tensor = grpcclient.InferInput("IMAGE", [int(images.shape[0])], "BYTES")
         tensor.set_data_from_numpy(images)
+        inputs = [tensor]
+        if self._token:
+            token = grpcclient.InferInput("MM_INTERNAL_TOKEN", [1], "BYTES")
+            token.set_data_from_numpy(np.array([self._token.encode()], dtype=np.object_))
+            inputs.append(token)
         try:
             result = self._clients[url].infer(
-                self.model, [tensor], outputs=[grpcclient.InferRequestedOutput("EMBED_REF")],
+                self.model, inputs, outputs=[grpcclient.InferRequestedOutput("EMBED_REF")],
                 request_id=request_id, client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:

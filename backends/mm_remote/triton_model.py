@@ -17,9 +17,13 @@ so it is cheap to run several (each one carries one request at a time).
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from mm_triton.access import derive_token, register_endpoint, server_token, token_tensor
+from mm_triton.bls import code_name as _code_name
+from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.model_base import ModelBase
 from mm_triton.params import instance_index
 
@@ -27,6 +31,15 @@ from .encoders import DEFAULT_ENCODER_MODEL, DEFAULT_TIMEOUT_S, EncoderCallError
 
 log = logging.getLogger(__name__)
 OUTPUTS = ("TEXT", "TOKEN_IDS")
+
+
+def _ref_address(raw: bytes) -> str | None:
+    """The ``address`` of an EMBED_REF's JSON (no mmtransfer import here: it would load torch)."""
+    try:
+        address = json.loads(raw).get("address")
+    except (ValueError, AttributeError):
+        return None
+    return address if isinstance(address, str) and address.startswith("tcp://") and len(address) <= 300 else None
 
 
 class _StepError(Exception):
@@ -42,12 +55,18 @@ class RemotePipelineModel(ModelBase):
         knobs = self.resolver
         self.language_model = knobs.str("language_model", "mm_language")
         timeout_s = knobs.float("encoder_timeout_s", DEFAULT_TIMEOUT_S, low=0.0)
+        self.bounds = RequestBounds.from_params(self.int_param)
+        # the local mm_language takes this server's token; a remote encoder server knows only the shared
+        # secret's (it is open when none is set: internal_access=shared_secret, docs/RELIABILITY.md)
+        shared = knobs.str("shared_secret", "")
+        self._token = server_token()
+        remote_token = derive_token(shared) if shared else ""
         self._families: list[Any] = []
         self._counters: dict[tuple[str, str], Any] = {}
         index = instance_index(self.model_config, self.instance_name)
         self.encoders = RemoteEncoders(
             knobs.str("encoder_urls", ""), knobs.str("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
-            observer=self._count,
+            observer=self._count, token=remote_token,
         )
         self._setup_metrics()
         for url, problem in self.encoders.check().items():
@@ -83,16 +102,20 @@ class RemotePipelineModel(ModelBase):
 
     def handle(self, request: Any, request_id: str) -> list[Any]:
         pb = self.pb_utils
+        check_request(pb, request, self.bounds, ("IMAGE", "PROMPT", "MAX_TOKENS"))
         images = pb.get_input_tensor_by_name(request, "IMAGE")
         prompt = pb.get_input_tensor_by_name(request, "PROMPT")
         max_tokens = pb.get_input_tensor_by_name(request, "MAX_TOKENS")
-        if images is None or prompt is None:
-            raise ValueError("inputs IMAGE and PROMPT are required")
         image_array = images.as_numpy().reshape(-1)
         if image_array.size == 0:
             raise ValueError("IMAGE: at least one image is required")
         refs, _url = self.encoders.encode(image_array, request_id)
-        inputs = [pb.Tensor("EMBED_REF", refs), prompt] + ([max_tokens] if max_tokens is not None else [])
+        for raw in refs:  # endpoints an --encoder-url server advertised: this server's mm_language trusts them
+            address = _ref_address(raw)
+            if address:  # a malformed ref is refused by mm_language with its own message
+                register_endpoint(address)
+        inputs = [pb.Tensor("EMBED_REF", refs), prompt, token_tensor(pb, self._token)]
+        inputs += [max_tokens] if max_tokens is not None else []
         language_request = pb.InferenceRequest(model_name=self.language_model, inputs=inputs,
                                                requested_output_names=list(OUTPUTS), request_id=request_id)
         response = language_request.exec()
@@ -108,27 +131,3 @@ class RemotePipelineModel(ModelBase):
 
     def finalize(self) -> None:
         self.encoders.close()
-
-
-# Triton 2.51 hands a BLS caller every error of the called model as INTERNAL; mm_language's errors
-# start with the prefix mm_triton.errors gives each code, so that prefix tells the code again.
-_PREFIX_CODES = (("invalid input:", "INVALID_ARG"), ("unavailable:", "UNAVAILABLE"))
-
-
-def _code_name(pb: Any, error: Any, message: str) -> str:
-    """The name (INVALID_ARG, UNAVAILABLE, ...) of a BLS response's error code; INTERNAL if unknown."""
-    name = "INTERNAL"
-    try:
-        code = error.code()
-        for candidate in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED",
-                          "INTERNAL", "UNKNOWN"):
-            if getattr(pb.TritonError, candidate, object()) == code:
-                name = candidate
-                break
-    except Exception:  # noqa: BLE001 - older stubs have no code()
-        pass
-    if name in ("INTERNAL", "UNKNOWN"):
-        for prefix, by_prefix in _PREFIX_CODES:
-            if message.startswith(prefix):
-                return by_prefix
-    return name

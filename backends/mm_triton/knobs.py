@@ -23,6 +23,11 @@ MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "max_tokens_limit": ("mm_language", "mm_monolithic"),
     "default_max_tokens": ("mm_language", "mm_monolithic"),
     "max_prompt_bytes": ("mm_language", "mm_monolithic"),
+    "max_request_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
+    "max_image_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
+    "max_inflight": ("mm_pipeline", "mm_pipeline_stream"),
+    "internal_access": ("mm_encoder", "mm_language", "mm_language_stream"),  # mm_triton.access
+    "trusted_encoders": ("mm_language", "mm_language_stream"),  # mm_language.trust
     "encoder_urls": ("mm_pipeline (language server)",),
     "encoder_model": ("mm_pipeline (language server)",),
     "encoder_timeout_s": ("mm_pipeline (language server)",),

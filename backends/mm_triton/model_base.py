@@ -33,6 +33,7 @@ class ModelBase:
     """Parses config and parameters; subclasses build a service and answer one request."""
 
     pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
+    needs_checkpoint = True  # False: a model that loads no weights (the pipelines): checkpoint is None
 
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -63,9 +64,10 @@ class ModelBase:
         return resolve_image_geometry(self.checkpoint, self.params, self.resolver.env)
 
     @cached_property
-    def checkpoint(self) -> Path:
-        """The checkpoint directory this instance loads (FileNotFoundError when there is none)."""
-        return resolve_checkpoint(self.resolver)
+    def checkpoint(self) -> Path | None:
+        """The checkpoint directory this instance loads (FileNotFoundError when there is none); None for a
+        model that loads no weights (``needs_checkpoint = False``: the pipelines)."""
+        return resolve_checkpoint(self.resolver) if self.needs_checkpoint else None
 
     def setup(self) -> None:
         raise NotImplementedError

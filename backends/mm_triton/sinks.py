@@ -23,7 +23,10 @@ import numpy as np
 
 from mm_engine.api import EngineError, GenerationOutput, ResponseSink
 
-from .errors import triton_error
+from .errors import _is_image_load, error_code_name, triton_error
+
+ERRORS_INBAND_INPUT = "MM_ERRORS_INBAND"  # set by mm_pipeline_stream on its BLS calls
+ERROR_OUTPUT = "MM_ERROR"
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,15 @@ class _SinkBase(ResponseSink):
     def on_error(self, error: EngineError) -> None:
         try:
             log.info("request %s failed: %s (%s)", self.request_id, error, error.cause.value)
-            self._send(self._pb.InferenceResponse(error=triton_error(self._pb, error)), final=True)
+            self._send_error(error)
         except Exception:  # noqa: BLE001 - never raise into the engine
             log.exception("request %s: could not answer an error", self.request_id)
 
     def answer_error(self, exc: BaseException) -> None:
         """Refused before it reached the engine (bad input, queue full): answer at once."""
+        self._send_error(exc)
+
+    def _send_error(self, exc: BaseException) -> None:
         self._send(self._pb.InferenceResponse(error=triton_error(self._pb, exc)), final=True)
 
 
@@ -97,8 +103,21 @@ class UnarySink(_SinkBase):
 class StreamSink(_SinkBase):
     """One response per new tokens; the finish reason and counts ride on the FINAL (last data) response."""
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    def _send_error(self, exc: BaseException) -> None:
+        """A BLS caller iterating this stream (the ``mm_pipeline_stream`` model) never sees an error response in
+        Triton 2.51 (it is dropped; the caller would wait forever), so a request carrying ``MM_ERRORS_INBAND``
+        gets its error as a FINAL data response with one ``MM_ERROR`` output: "<CODE NAME>\t<message>"."""
+        if not self._errors_inband:
+            super()._send_error(exc)
+            return
+        name, prefix = error_code_name(exc)
+        text = f"{name}\t{prefix}: {exc.__cause__ if _is_image_load(exc) else exc}"
+        self._send(self._pb.InferenceResponse(output_tensors=[
+            self._tensor(ERROR_OUTPUT, np.array([text.encode("utf-8", "replace")], dtype=np.object_))]), final=True)
+
+    def __init__(self, pb_utils: Any, request: Any, *args: Any, **kw: Any) -> None:
+        super().__init__(pb_utils, request, *args, **kw)
+        self._errors_inband = pb_utils.get_input_tensor_by_name(request, ERRORS_INBAND_INPUT) is not None
         self._streamed_ids: list[int] = []
         self._streamed_text: list[str] = []
 

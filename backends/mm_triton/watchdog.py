@@ -1,27 +1,29 @@
-"""Stub watchdog: reload a model whose Python-backend stub process died.
+"""Stub watchdog: reload a model whose Python-backend stub process died or stays stopped.
 
 Seen with tritonserver 2.51 (the version this project ships): when a model instance's stub process dies
 (SIGKILL, OOM killer, a segfault in a native library), Triton does **not** restart it. The model keeps
 reporting READY (``/v2/models/<m>/ready`` answers 200) while every request to it fails at once with
-``Stub process '<instance>' is not healthy.``, forever. Unloading and loading the model again starts
-new stubs. That needs ``--model-control-mode=explicit`` (``--load-model=*`` loads everything at start,
-as the default mode does), and the repository API, which must not be open to every client: it is
-restricted to a header whose value only the watchdog knows (``--http-restricted-api`` /
-``--grpc-restricted-protocol``). ``server_args(token)`` gives those options.
+``Stub process '<instance>' is not healthy.``, forever; and a stub that is stopped (SIGSTOP, a long stall) for
+long enough makes tritonserver itself die of a ``boost::interprocess::lock_exception``. Unloading and loading
+the model again starts new stubs. That needs ``--model-control-mode=explicit`` (``server_args`` gives it, with
+the models to load and Triton's repository and shared-memory APIs closed to clients).
 
 The watchdog polls the server's child processes (Linux ``/proc``): each stub's command line names its
-model file (``<repo>/<model>/<version>/model.py``) and its instance. When a stub it has seen disappears
-while the server runs, it unloads and loads that model (dependent ensembles are reloaded with it);
-requests in the few seconds this takes fail with a clear "model not ready/unavailable" error. Every
-restart is logged and recorded in ``restarts``.
+model file (``<repo>/<model>/<version>/model.py``), its ``/dev/shm`` region and its instance. When a stub it has
+seen disappears while the server runs, it asks the internal ``mm_control`` model to reload that model (with the
+per-server internal token read from its 0600 file: nothing secret on a command line or in an environment), then
+removes the dead stub's ``/dev/shm`` region, which Triton leaves behind. A stub stopped longer than
+``stop_grace_s`` (``MM_STUB_STOP_GRACE_S``, 2 s) is killed first, so that it is restarted before Triton's IPC
+lock gives up. The public pipelines are BLS models and stay loaded meanwhile: their requests get UNAVAILABLE
+(model_reloading) for the few seconds this takes. Every restart is logged and recorded in ``restarts``.
 
-    token = secrets.token_hex(16)
-    server = TritonServer(repo, args=server_args(token)).start()
-    with StubWatchdog(server.pid, server.http_address, token):
+    server = TritonServer(repo, args=server_args()).start()
+    with StubWatchdog(server.pid, server.http_address):
         ...
 
-or as a program next to a running server: ``python -m mm_triton.watchdog --pid PID --http HOST:PORT``
-with the token in ``MM_WATCHDOG_TOKEN``.
+or as a program next to a running server: ``python -m mm_triton.watchdog --pid PID --http HOST:PORT``.
+A legacy ``token`` (``server_args(token)``, ``MM_WATCHDOG_TOKEN``) reloads through the repository API instead;
+its value is then on the server's command line.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ import argparse
 import json
 import logging
 import os
+import re
+import secrets
+import signal
 import threading
 import time
 import urllib.error
@@ -40,20 +45,50 @@ from . import procfs
 
 log = logging.getLogger(__name__)
 HEADER = "x-mm-watchdog"
+CONTROL_MODEL = "mm_control"
 STUB_NAME = "triton_python_backend_stub"
+SHM_PREFIX_RE = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z_-]{1,64}")
+DEFAULT_STOP_GRACE_S = 2.0
 
 
-def server_args(token: str) -> list[str]:
-    """tritonserver options the watchdog needs: explicit model control (all models loaded at start) and the
-    repository API restricted to requests carrying ``HEADER: token`` (HTTP and gRPC)."""
-    if not token or any(c in token for c in " ,:=") or len(token) < 16:
-        raise ValueError("watchdog token: at least 16 characters, no spaces, commas, colons or '='")
-    return [
-        "--model-control-mode=explicit",
-        "--load-model=*",
-        f"--http-restricted-api=model-repository:{HEADER}={token}",
-        f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
-    ]
+BASELINE_MODELS = ("mm_monolithic", "mm_monolithic_stream")
+
+
+def load_list(repositories, with_baseline: bool = False) -> list[str]:
+    """The models of ``repositories`` to load at start: all but the monolithic baseline (unless asked for)."""
+    names = []
+    for repo in repositories:
+        for entry in sorted(Path(repo).iterdir()):
+            if (entry / "config.pbtxt").is_file() and (with_baseline or entry.name not in BASELINE_MODELS):
+                names.append(entry.name)
+    return names
+
+
+CLOSED_HEADER = "x-mm-closed"
+
+
+def server_args(token: str | None = None, models: list[str] | None = None) -> list[str]:
+    """tritonserver options the watchdog needs: explicit model control (``models`` loaded at start, default
+    all), and Triton's repository and shared-memory APIs closed to clients.
+
+    Closed means restricted to a header value that contains a newline, which no HTTP or gRPC client can send:
+    the value may be read on the command line by anyone, it opens nothing. The watchdog reloads through the
+    internal ``mm_control`` model instead (its token is in a 0600 file, never on a command line). ``token``
+    (legacy): restrict the repository API to ``HEADER: token`` instead, for a watchdog that uses it; that value
+    is on the server's command line, visible to every local user."""
+    closed = f"{CLOSED_HEADER}={secrets.token_hex(16)}\n"
+    loads = ["--load-model=*"] if models is None else [f"--load-model={m}" for m in models]
+    if token is None:
+        restricted = [f"--http-restricted-api=model-repository,shared-memory:{closed}",
+                      f"--grpc-restricted-protocol=model-repository,shared-memory:{closed}"]
+    else:
+        if any(c in token for c in " ,:=") or len(token) < 16:
+            raise ValueError("watchdog token: at least 16 characters, no spaces, commas, colons or '='")
+        restricted = [f"--http-restricted-api=model-repository:{HEADER}={token}",
+                      f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
+                      f"--http-restricted-api=shared-memory:{closed}",
+                      f"--grpc-restricted-protocol=shared-memory:{closed}"]
+    return ["--model-control-mode=explicit", *loads, *restricted]
 
 
 @dataclass(frozen=True)
@@ -62,6 +97,7 @@ class Stub:
     model: str
     instance: str
     start_time: int  # procfs.ProcStat.start_time: tells a reused pid from the original process
+    shm_region: str = ""  # its /dev/shm region (argv[2]); Triton leaves it behind when the stub dies
 
 
 @dataclass(frozen=True)
@@ -82,8 +118,29 @@ def list_stubs(server_pid: int) -> dict[int, Stub]:
         if not argv or len(argv) < 9 or not argv[0].endswith(STUB_NAME):
             continue
         model = Path(argv[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
-        out[child.pid] = Stub(child.pid, model, argv[8], child.start_time)
+        region = argv[2]
+        out[child.pid] = Stub(child.pid, model, argv[8], child.start_time,
+                              region if SHM_PREFIX_RE.fullmatch(region) else "")
     return out
+
+
+def stopped(stub: Stub) -> bool:
+    """True while the stub is stopped (SIGSTOP, a debugger): state T or t in /proc/<pid>/stat."""
+    stat = procfs.proc_stat(stub.pid)
+    return stat is not None and stat.state in ("T", "t") and stat.start_time == stub.start_time
+
+
+def remove_region(region: str, shm_dir: Path = Path("/dev/shm")) -> int:
+    """Unlink a dead stub's shared-memory region; returns the bytes freed (0 if it was gone already)."""
+    if not region:
+        return 0
+    path = shm_dir / region
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError:
+        return 0
+    return size
 
 
 def alive(stub: Stub) -> bool:
@@ -94,8 +151,13 @@ def alive(stub: Stub) -> bool:
 class StubWatchdog:
     """Polls the stubs of one tritonserver process; reloads a model when one of its stubs died."""
 
-    def __init__(self, server_pid: int, http_address: str, token: str, interval_s: float = 0.5,
-                 load_timeout_s: float = 300.0) -> None:
+    def __init__(self, server_pid: int, http_address: str, token: str | None = None, interval_s: float = 0.5,
+                 load_timeout_s: float = 300.0, stop_grace_s: float | None = None) -> None:
+        if stop_grace_s is None:
+            stop_grace_s = float(os.environ.get("MM_STUB_STOP_GRACE_S") or DEFAULT_STOP_GRACE_S)
+        self.stop_grace_s = stop_grace_s  # a stub stopped this long is killed and restarted
+        self._stopped_since: dict[int, float] = {}
+        self.shm_freed_bytes = 0  # /dev/shm regions of dead stubs removed
         self.server_pid = server_pid
         self.http_address = http_address
         self.token = token
@@ -134,10 +196,10 @@ class StubWatchdog:
         return self._lock.locked()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no stub is dead or being restarted; False on timeout."""
+        """Wait until no stub is dead, stopped or being restarted; False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.busy and all(alive(s) for s in list(self._known.values())):
+            if not self.busy and all(alive(s) and not stopped(s) for s in list(self._known.values())):
                 return True
             time.sleep(0.1)
         return False
@@ -150,7 +212,11 @@ class StubWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             if not self._server_alive():
-                log.info("watchdog: tritonserver %d is gone; stopping", self.server_pid)
+                # a dead server unlinks nothing: its stubs' /dev/shm regions would stay until reboot
+                freed = sum(remove_region(stub.shm_region) for stub in self._known.values() if not alive(stub))
+                self.shm_freed_bytes += freed
+                log.info("watchdog: tritonserver %d is gone (%d bytes of /dev/shm removed); stopping",
+                         self.server_pid, freed)
                 return
             try:
                 self.check_once()
@@ -160,6 +226,7 @@ class StubWatchdog:
     def check_once(self) -> list[Restart]:
         """Reload the models of stubs that died since the last look; returns the restarts done."""
         with self._lock:
+            self._kill_stopped()
             current = list_stubs(self.server_pid)
             dead = [s for s in self._known.values() if s.pid not in current or not alive(s)]
             # stubs that appeared (a model loaded later, or reloaded by someone else) are watched from now on
@@ -172,24 +239,70 @@ class StubWatchdog:
                 done.append(self._reload(model, instance))
             if dead:
                 self._known = list_stubs(self.server_pid)
+                in_use = {s.shm_region for s in self._known.values()}
+                for stub in dead:  # after the reload: Triton no longer maps the dead stub's region
+                    if stub.shm_region not in in_use and all(r.ok for r in done if r.model == stub.model):
+                        self.shm_freed_bytes += remove_region(stub.shm_region)
             self.restarts.extend(done)
             return done
+
+    def _kill_stopped(self) -> None:
+        """SIGKILL a stub that stays stopped (SIGSTOP, a swap or throttling stall looks the same to Triton)
+        longer than ``stop_grace_s``: Triton 2.51 waits on its IPC lock and, past its own timeout, dies of a
+        ``boost::interprocess::lock_exception``; a killed stub is reloaded like any dead one."""
+        now = time.monotonic()
+        for pid, stub in list(self._known.items()):
+            if not stopped(stub):
+                self._stopped_since.pop(pid, None)
+                continue
+            since = self._stopped_since.setdefault(pid, now)
+            if now - since >= self.stop_grace_s:
+                log.warning("watchdog: stub of %s (%s) stopped for %.1fs: killing it to restart it",
+                            stub.instance, stub.model, now - since)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._stopped_since.pop(pid, None)
 
     def _reload(self, model: str, instance: str) -> Restart:
         died_at, start = time.time(), time.monotonic()
         log.warning("watchdog: stub of %s (%s) died; Triton does not restart it: reloading %s", instance, model, model)
         try:
-            self._repository_call(model, "unload")
-            deadline = time.monotonic() + self.load_timeout_s
-            while self._model_ready(model) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            self._repository_call(model, "load")
+            if self.token is None:
+                self._control_reload(model)
+            else:
+                self._repository_call(model, "unload")
+                deadline = time.monotonic() + self.load_timeout_s
+                while self._model_ready(model) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                self._repository_call(model, "load")
         except Exception as exc:  # noqa: BLE001 - recorded; retried when the next check finds it dead
             log.error("watchdog: reloading %s failed: %s", model, exc)
             return Restart(model, instance, died_at, time.monotonic() - start, False, str(exc)[:300])
         seconds = time.monotonic() - start
         log.warning("watchdog: %s reloaded in %.1fs", model, seconds)
         return Restart(model, instance, died_at, seconds, True)
+
+    def _control_token(self) -> str:
+        from .access import token_of_server
+
+        return token_of_server(self.server_pid)
+
+    def _control_reload(self, model: str) -> None:
+        if model == CONTROL_MODEL:
+            raise RuntimeError(f"{CONTROL_MODEL} cannot reload itself: restart the server (scripts/serve does)")
+        body = json.dumps({"inputs": [
+            {"name": name, "shape": [1], "datatype": "BYTES", "data": [value]}
+            for name, value in (("ACTION", "reload"), ("MODEL", model), ("MM_INTERNAL_TOKEN", self._control_token()))
+        ]}).encode()
+        url = f"http://{self.http_address}/v2/models/{CONTROL_MODEL}/infer"
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.load_timeout_s) as r:
+                r.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"reload {model}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
 
     def _repository_call(self, model: str, op: str) -> None:
         url = f"http://{self.http_address}/v2/repository/models/{model}/{op}"
@@ -216,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http", required=True, metavar="HOST:PORT", help="the server's HTTP address")
     p.add_argument("--interval", type=float, default=0.5, metavar="SECONDS")
     args = p.parse_args(argv)
-    token = os.environ.get("MM_WATCHDOG_TOKEN", "")
-    if not token:
-        p.error("set MM_WATCHDOG_TOKEN to the token the server was started with (see server_args)")
+    token = os.environ.get("MM_WATCHDOG_TOKEN") or None  # legacy: reload through the repository API
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     dog = StubWatchdog(args.pid, args.http, token, args.interval).start()
     try:

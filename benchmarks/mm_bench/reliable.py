@@ -9,7 +9,6 @@ dtype or shape: what scripts/soak.py runs against, and the reliability tests too
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import time
 from typing import Any, Iterable, Mapping
@@ -27,13 +26,12 @@ TINY_MODEL = tiny_model_dir()
 _DTYPES = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.uint8: "UINT8"}
 
 
-def watchdog_server_args(token: str, models: Iterable[str] | None) -> list[str]:
-    from mm_triton.watchdog import server_args
+def watchdog_server_args(models: Iterable[str] | None) -> list[str]:
+    """Explicit model control with ``models`` (and mm_control, the watchdog's way to reload; default all),
+    repository and shared-memory APIs closed to clients, as scripts/serve starts the server."""
+    from mm_triton.watchdog import CONTROL_MODEL, server_args
 
-    args = server_args(token)
-    if models is not None:  # only these models (and what they need) instead of '*'
-        args = [a for a in args if not a.startswith("--load-model")] + [f"--load-model={m}" for m in models]
-    return args
+    return server_args(None, None if models is None else list(dict.fromkeys([*models, CONTROL_MODEL])))
 
 
 class ReliableServer:
@@ -41,10 +39,9 @@ class ReliableServer:
 
     def __init__(self, env: Mapping[str, str] | None = None, models: Iterable[str] | None = PIPELINE_MODELS,
                  log_file: str | os.PathLike | None = None, watchdog: bool = True, **kw: Any) -> None:
-        self.token = secrets.token_hex(16)
         args = list(kw.pop("args", ()))
         if watchdog:
-            args += watchdog_server_args(self.token, models)
+            args += watchdog_server_args(models)
         elif models is not None:
             args += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in models]
         full_env = {"MM_CHECKPOINT": str(TINY_MODEL), **(env or {})}
@@ -60,7 +57,7 @@ class ReliableServer:
         if self._use_watchdog:
             from mm_triton.watchdog import StubWatchdog
 
-            self.watchdog = StubWatchdog(self.server.pid, self.server.http_address, self.token, interval_s=0.25)
+            self.watchdog = StubWatchdog(self.server.pid, self.server.http_address, interval_s=0.25)
             self.watchdog.start()
         return self
 
@@ -101,7 +98,7 @@ class ReliableServer:
         return sum((procfs.rss_kib(pid) or 0) * 1024 for pid in [self.server.pid, *self.stubs().values()])
 
     # ---- health ---------------------------------------------------------------------------------------------
-    def wait_serving(self, timeout_s: float = 120.0, models: Iterable[str] = ("mm_pipeline",)) -> float:
+    def wait_serving(self, timeout_s: float = 120.0, models: Iterable[str] = PIPELINE_MODELS) -> float:
         """Wait until the watchdog has nothing to restart and the models are ready; returns seconds waited."""
         start = time.monotonic()
         deadline = start + timeout_s

@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from internal import internal_token
 from harness import DEFAULT_MODEL_REPOSITORY, TritonServer, metric_value
 from mm_client import MMClient, ServerBusy
 from mm_bench.images import make_test_image
@@ -29,7 +30,9 @@ def server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("admission") / "server.log"
     env = {"MM_CHECKPOINT": str(tiny_model_dir), "MM_MAX_NUM_SEQS": "1", "MM_MAX_QUEUE_SIZE": "2",
            "MM_MAX_QUEUE_DELAY_S": "0.5"}
-    args = ["--model-control-mode=explicit", "--load-model=mm_pipeline", "--load-model=mm_pipeline_stream"]
+    # the pipelines are BLS models: Triton does not know what they call, so their steps are listed too
+    args = ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in (
+        "mm_encoder", "mm_language", "mm_language_stream", "mm_pipeline", "mm_pipeline_stream")]
     with TritonServer(DEFAULT_MODEL_REPOSITORY, env=env, args=args, log_file=log, startup_timeout_s=300) as s:
         yield s
 
@@ -114,12 +117,16 @@ def _embed_ref(server, image) -> np.ndarray:
     client = httpclient.InferenceServerClient(server.http_address, network_timeout=120)
     t = httpclient.InferInput("IMAGE", [1], "BYTES")
     t.set_data_from_numpy(np.array([image], dtype=np.object_))
-    return client.infer("mm_encoder", [t]).as_numpy("EMBED_REF")
+    token = httpclient.InferInput("MM_INTERNAL_TOKEN", [1], "BYTES")  # white-box: internal models refuse clients
+    token.set_data_from_numpy(np.array([internal_token(server).encode()], dtype=np.object_))
+    return client.infer("mm_encoder", [t, token]).as_numpy("EMBED_REF")
 
 
-def _grpc_inputs(refs: np.ndarray, max_tokens: int) -> list:
+def _grpc_inputs(refs: np.ndarray, max_tokens: int, server=None) -> list:
     arrays = [("EMBED_REF", refs, "BYTES"), ("PROMPT", np.array([b"Describe the image."], dtype=np.object_), "BYTES"),
               ("MAX_TOKENS", np.array([max_tokens], dtype=np.int32), "INT32")]
+    if server is not None:
+        arrays.append(("MM_INTERNAL_TOKEN", np.array([internal_token(server).encode()], dtype=np.object_), "BYTES"))
     inputs = []
     for name, arr, dtype in arrays:
         t = grpcclient.InferInput(name, list(arr.shape), dtype)
@@ -132,7 +139,7 @@ def test_cancelling_a_direct_call_frees_the_slot_at_the_next_step(server, image)
     before = _outcome(server, "cancelled")
     client = grpcclient.InferenceServerClient(server.grpc_url)
     answers: queue.Queue = queue.Queue()
-    ctx = client.async_infer("mm_language", _grpc_inputs(_embed_ref(server, image), LONG),
+    ctx = client.async_infer("mm_language", _grpc_inputs(_embed_ref(server, image), LONG, server),
                              callback=lambda result, error: answers.put(error))
     assert _wait_for(lambda: metric_value(server.metrics(), "mm_engine_running_sequences", 0.0,
                                           model="mm_language") == 1)
@@ -151,7 +158,7 @@ def test_closing_a_direct_stream_cancels_the_sequence(server, image):
     got = threading.Event()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: got.set())
-    client.async_stream_infer("mm_language_stream", _grpc_inputs(_embed_ref(server, image), LONG))
+    client.async_stream_infer("mm_language_stream", _grpc_inputs(_embed_ref(server, image), LONG, server))
     assert got.wait(30)  # tokens are flowing
     client.stop_stream(cancel_requests=True)
     assert _wait_for(lambda: _outcome(server, "cancelled", "mm_language_stream") == before + 1, timeout_s=3.0)

@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from harness import metric_value
+from internal import internal_token, with_token
 from mm_bench import perf
 from mm_client import MMClient
 from mm_bench.images import make_test_image
@@ -40,6 +41,7 @@ def _language_direct(server, model: str, prompt: str, max_tokens: int, stream: b
     """A request without images goes to the language model itself (the ensembles need at least one image)."""
     arrays = {"EMBED_REF": np.array([], dtype=np.object_), "PROMPT": np.array([prompt.encode()], dtype=np.object_),
               "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+    arrays = with_token(server, model, arrays)  # white-box: the internal models refuse clients
     outputs = ("TEXT", "TOKEN_IDS", "FINISH_REASON", "COMPLETION_TOKENS")
     if not stream:
         client = httpclient.InferenceServerClient(server.http_address, network_timeout=300)
@@ -153,8 +155,12 @@ def test_http_generate_stream_sse(mm_server, images, monolithic_tokens):
     client = httpclient.InferenceServerClient(mm_server.http_address, network_timeout=120)
     image = httpclient.InferInput("IMAGE", [1], "BYTES")
     image.set_data_from_numpy(np.array([images["small"]], dtype=np.object_))
-    ref = client.infer("mm_encoder", [image]).as_numpy("EMBED_REF")[0].decode()
-    body = json.dumps({"EMBED_REF": [ref], "PROMPT": "Describe the image.", "MAX_TOKENS": 5}).encode()
+    token = internal_token(mm_server)  # white-box: the internal models refuse clients
+    token_in = httpclient.InferInput("MM_INTERNAL_TOKEN", [1], "BYTES")
+    token_in.set_data_from_numpy(np.array([token.encode()], dtype=np.object_))
+    ref = client.infer("mm_encoder", [image, token_in]).as_numpy("EMBED_REF")[0].decode()
+    body = json.dumps({"EMBED_REF": [ref], "PROMPT": "Describe the image.", "MAX_TOKENS": 5,
+                       "MM_INTERNAL_TOKEN": token}).encode()
     req = urllib.request.Request(f"http://{mm_server.http_address}/v2/models/mm_language_stream/generate_stream",
                                  data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:

@@ -9,6 +9,7 @@ Knobs (env): pools of 24 blocks x 128 tokens (an encoder holds two 1200-token im
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from harness import free_port
 from mm_bench.images import make_test_image
 from mmtransfer import EmbedRef
 from mmtransfer.ref import new_transfer_id
+from internal import with_token
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
@@ -36,13 +39,15 @@ ENV = {
     "MM_POOL_BLOCKS": "24", "MM_MAX_EMBED_TOKENS": "3072", "MM_CACHE_BLOCKS": "12", "MM_DEFAULT_WINDOW_TOKENS": "128",
     "MM_TTL_S": str(TTL_S), "MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_PULL_WAIT_S": "1",
     "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S), "MM_SHARED_SECRET": secrets.token_hex(16),
+    "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
 }
 BIG = 1200  # tokens: 10 blocks of 128, 10 chunks through a 128-token window
 BIG_BLOCKS = 10
 PROMPT = b"Describe the image."
 # what a request hit by a fault may answer (anything else is a bug)
 FAULT_ERRORS = re.compile(
-    r"is not healthy|unavailable \((timeout|not_found|expired|pool_exhausted|channel)\)|cancelled|"
+    r"is not healthy|unavailable \((timeout|not_found|expired|pool_exhausted|channel|stub_died|model_reloading)\)|"
+    r"cancelled|"
     r"[Uu]nknown model|not ready|unavailable|Socket closed|failed to connect|Deadline|Connection reset|"
     r"Broken pipe|EOF")
 
@@ -78,19 +83,21 @@ def _pipeline(rs, images: list[bytes], max_tokens: int = 4, **kw) -> list[int]:
 
 
 def _encode(rs, images: list[bytes]) -> list[bytes]:
-    result = _grpc(rs).infer("mm_encoder", tensors(grpcclient, {"IMAGE": np.array(images, dtype=np.object_)}))
+    inputs = with_token(rs, "mm_encoder", {"IMAGE": np.array(images, dtype=np.object_)})  # white-box call
+    result = _grpc(rs).infer("mm_encoder", tensors(grpcclient, inputs))
     return list(result.as_numpy("EMBED_REF"))
 
 
 def _language(rs, refs: list[bytes], max_tokens: int = 2, client_timeout: float | None = None) -> list[int]:
     inputs = {"EMBED_REF": np.array(refs, dtype=np.object_), "PROMPT": np.array([PROMPT], dtype=np.object_),
               "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+    inputs = with_token(rs, "mm_language", inputs)
     result = _grpc(rs).infer("mm_language", tensors(grpcclient, inputs), client_timeout=client_timeout)
     return result.as_numpy("TOKEN_IDS").tolist()
 
 
 def _dead_ref(port: int | None = None) -> bytes:
-    return EmbedRef(new_transfer_id(), f"tcp://127.0.0.1:{port or free_port()}", BIG).to_json().encode()
+    return EmbedRef(new_transfer_id(), f"tcp://127.0.0.2:{port or free_port('127.0.0.2')}", BIG).to_json().encode()
 
 
 def _healthy(rs, small_image, expect_restarts: bool = False) -> None:
@@ -163,7 +170,7 @@ def test_a_full_encoder_pool_fails_clearly_after_alloc_timeout(rs, images, small
 # ---- 2. pulls that time out ----------------------------------------------------------------------------
 def test_pull_from_a_silent_or_closed_endpoint_times_out_in_bounded_time(rs, small_image):
     listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
+    listener.bind(("127.0.0.2", 0))
     listener.listen(8)  # accepts TCP, never speaks ZeroMQ
     try:
         for ref in (_dead_ref(listener.getsockname()[1]), _dead_ref()):
@@ -181,6 +188,7 @@ def test_pull_from_a_stopped_encoder_times_out_and_frees_both_sides(rs, images, 
     stub runs again it reads the PULL and the receiver's ABORT and frees its blocks (no TTL needed)."""
     ttl_before = rs.metric("mm_transfer_failures_total", model="mm_encoder", cause="ttl")
     ref = _encode(rs, [images[101]])[0]
+    grace, rs.watchdog.stop_grace_s = rs.watchdog.stop_grace_s, 60.0  # this test resumes the stub itself
     pid = rs.kill_stub("mm_encoder", signal.SIGSTOP)
     try:
         start = time.monotonic()
@@ -191,6 +199,7 @@ def test_pull_from_a_stopped_encoder_times_out_and_frees_both_sides(rs, images, 
         import os
 
         os.kill(pid, signal.SIGCONT)
+        rs.watchdog.stop_grace_s = grace
     assert rs.wait_pools_empty(TTL_S - 1) == {}  # before the TTL could have done it
     assert rs.metric("mm_transfer_failures_total", model="mm_encoder", cause="ttl") == ttl_before
     _healthy(rs, small_image)
@@ -257,10 +266,9 @@ def _traffic(rs, images, stop: threading.Event, outcomes: list) -> None:
         i += 1
 
 
-# KNOWN REGRESSION (issue 14): requests in flight in a killed mm_language stub are answered by the engine's
-# response senders, which die with the stub; Triton 2.51 does not fail them, so clients wait for their own deadline.
-@pytest.mark.parametrize("model", ["mm_encoder", pytest.param("mm_language", marks=pytest.mark.xfail(
-    reason="in-flight engine requests of a killed stub are not failed by Triton 2.51 (issue 14)", strict=False))])
+# Requests in flight in a killed mm_language stub are answered by the engine's response senders, which die with
+# the stub, and Triton 2.51 does not fail them: the pipeline's step monitor does (UNAVAILABLE (stub_died)).
+@pytest.mark.parametrize("model", ["mm_encoder", "mm_language"])
 def test_a_stub_killed_under_traffic(rs, images, small_image, model):
     """SIGKILL a stub while requests stream through (transfers of 10 chunks in flight). Affected requests fail
     clearly and within pull_timeout_s (plus the reload); an embedding published for the killed language
@@ -299,3 +307,66 @@ def test_a_stub_killed_under_traffic(rs, images, small_image, model):
     _healthy(rs, small_image, expect_restarts=True)
     print(f"{model} killed: {len(errors)} request(s) failed, reloaded in {rs.watchdog.restarts[-1].seconds:.1f}s, "
           f"serving again after {recovered:.1f}s")
+
+
+# ---- 5. stopped stubs and what a restart leaves behind ------------------------------------------------------
+def test_a_stopped_stub_is_killed_and_restarted_before_triton_gives_up(rs, images, small_image):
+    """SIGSTOP the encoder's stub under traffic and never resume it (a long swap stall, CPU throttling): the
+    watchdog kills it after stop_grace_s and reloads the model; tritonserver stays up (before, 40 s of stop
+    made it die of a boost::interprocess::lock_exception) and the pipeline serves again."""
+    rs.watchdog.stop_grace_s = 2.0
+    stop, outcomes = threading.Event(), []
+    workers = [threading.Thread(target=_traffic, args=(rs, images, stop, outcomes)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    restarts_before = len(rs.watchdog.restarts)
+    stopped_at = time.monotonic()
+    pid = rs.kill_stub("mm_encoder", signal.SIGSTOP)
+    try:
+        while len(rs.watchdog.restarts) == restarts_before and time.monotonic() - stopped_at < 60:
+            time.sleep(0.1)
+        recovered = rs.wait_serving(120)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    serving_after = time.monotonic() - stopped_at
+    assert rs.server.is_running(), "tritonserver died"
+    assert [r.model for r in rs.watchdog.restarts[restarts_before:]] == ["mm_encoder"]
+    errors = [m for kind, _, m in outcomes if kind == "error"]
+    assert all(FAULT_ERRORS.search(m) for m in errors), errors
+    rs.start_pids = rs.stubs()
+    _healthy(rs, small_image, expect_restarts=True)
+    print(f"encoder stub stopped: killed after {rs.watchdog.stop_grace_s:.0f}s, reloaded in "
+          f"{rs.watchdog.restarts[-1].seconds:.1f}s, serving again {serving_after:.1f}s after the stop "
+          f"(+{recovered:.1f}s settle); {len(errors)} request(s) failed")
+
+
+def test_stub_kills_leave_no_shm_residue(rs, small_image):
+    """Each SIGKILL of a stub used to leave its /dev/shm region (1 MiB and up) behind; the watchdog removes
+    it once the model is reloaded. MM_SHM_KILLS (default 3) kills, alternating the two internal models."""
+    from mm_triton.watchdog import list_stubs
+
+    kills = int(os.environ.get("MM_SHM_KILLS", "3"))
+    dead_regions = []
+    freed_before = rs.watchdog.shm_freed_bytes
+    for i in range(kills):
+        model = ("mm_encoder", "mm_language")[i % 2]
+        stub = next(s for s in list_stubs(rs.server.pid).values() if s.model == model)
+        assert stub.shm_region and Path("/dev/shm", stub.shm_region).exists()
+        dead_regions.append(stub.shm_region)
+        rs.kill_stub(model)
+        rs.wait_serving(120)
+    left = [r for r in dead_regions if Path("/dev/shm", r).exists()]
+    assert left == [], f"{len(left)} of {kills} dead stubs' regions left in /dev/shm"
+    live = {s.shm_region for s in list_stubs(rs.server.pid).values()}
+    assert all(Path("/dev/shm", r).exists() for r in live)  # the live stubs' regions are untouched
+    rs.start_pids = rs.stubs()
+    _healthy(rs, small_image, expect_restarts=True)
+    print(f"{kills} stub kills: {len(dead_regions)} dead regions, 0 left, "
+          f"{(rs.watchdog.shm_freed_bytes - freed_before) / 2**20:.1f} MiB removed from /dev/shm")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import socket
 import struct
 import time
@@ -25,13 +26,15 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from harness import free_port
+from internal import with_token
 from mm_bench.images import make_test_image
 from mmtransfer.ref import new_transfer_id
 from mmtransfer.wire import PROTOCOL_VERSION
-from reliability import ReliableServer, error_text, pipeline_inputs, tensors
+from reliability import PIPELINE_MODELS, ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
 PULL_TIMEOUT_S, TTL_S = 2.0, 5.0
+TRUSTED_HOST = "127.0.0.2"  # trusted_encoders of this module's server: the pull-timeout cases live there
 INVALID = ("400", "StatusCode.INVALID_ARGUMENT")
 
 
@@ -40,8 +43,10 @@ def rs():
     from conftest import LOG_DIR
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    env = {"MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_TTL_S": str(TTL_S), "MM_POOL_BLOCKS": "128"}
-    with ReliableServer(env=env, log_file=LOG_DIR / "test_hostile_input-server.log") as server:
+    env = {"MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_TTL_S": str(TTL_S), "MM_POOL_BLOCKS": "128",
+           "MM_TRUSTED_ENCODERS": f"{TRUSTED_HOST}:*"}
+    models = PIPELINE_MODELS + ("mm_language_stream", "mm_pipeline_stream")
+    with ReliableServer(env=env, models=models, log_file=LOG_DIR / "test_hostile_input-server.log") as server:
         server.start_pids = server.stubs()
         yield server
         assert server.stubs() == server.start_pids, "a stub process died during the module"
@@ -70,7 +75,8 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def _http(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-          timeout_s: float = 60) -> httpclient.InferResult:
+          timeout_s: float = 60, token: bool = True) -> httpclient.InferResult:
+    inputs = with_token(rs, model, inputs) if token else inputs  # white-box calls of the internal models
     client = httpclient.InferenceServerClient(rs.http_address, network_timeout=timeout_s, connection_timeout=timeout_s)
     try:
         return client.infer(model, tensors(httpclient, inputs, dtypes))
@@ -78,7 +84,9 @@ def _http(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] 
         client.close()
 
 
-def _grpc(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None):
+def _grpc(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
+          token: bool = True):
+    inputs = with_token(rs, model, inputs) if token else inputs
     client = grpcclient.InferenceServerClient(rs.grpc_url)
     try:
         return client.infer(model, tensors(grpcclient, inputs, dtypes), client_timeout=60)
@@ -270,16 +278,19 @@ def test_malformed_embed_refs_are_invalid_arg(rs, good, ref, message):
     _still_fine(rs, good)
 
 
-def _silent_listener() -> socket.socket:
+def _silent_listener(host: str = "127.0.0.1") -> socket.socket:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((host, 0))
     s.listen(4)
+    s.settimeout(1.0)
     return s
 
 
 @pytest.mark.parametrize("where", ["closed_port", "silent_tcp_listener", "triton_http_port", "unresolvable_host",
                                    "blackhole_address"])
-def test_embed_ref_to_nowhere_fails_within_pull_timeout(rs, good, where):
+def test_embed_ref_to_a_strangers_endpoint_is_refused_before_any_connection(rs, good, where):
+    """mm_language connects only to this server's encoders (and trusted_encoders): any other address in a ref
+    is refused at once, and a listener there sees no connection."""
     listener = _silent_listener() if where == "silent_tcp_listener" else None
     try:
         address = {
@@ -289,8 +300,27 @@ def test_embed_ref_to_nowhere_fails_within_pull_timeout(rs, good, where):
             "unresolvable_host": lambda: "tcp://no-such-host.invalid:5555",
             "blackhole_address": lambda: "tcp://192.0.2.1:5555",  # TEST-NET-1: never routed
         }[where]()
-        text = _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match=r"unavailable \(timeout\).*no answer",
-                        status=("StatusCode.UNAVAILABLE",), within_s=PULL_TIMEOUT_S + 3)
+        _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match="is not one of this server's encoders",
+                 within_s=1.5)
+        if listener is not None:
+            with pytest.raises(socket.timeout):
+                listener.accept()
+    finally:
+        if listener is not None:
+            listener.close()
+    _still_fine(rs, good)
+
+
+@pytest.mark.parametrize("where", ["silent_tcp_listener", "closed_port"])
+def test_a_trusted_endpoint_that_never_answers_fails_within_pull_timeout(rs, good, where):
+    """An endpoint the server trusts (MM_TRUSTED_ENCODERS=127.0.0.2:* here) but that never answers: the pull
+    gives up after pull_timeout_s."""
+    listener = _silent_listener(TRUSTED_HOST) if where == "silent_tcp_listener" else None
+    try:
+        port = listener.getsockname()[1] if listener is not None else free_port(TRUSTED_HOST)
+        text = _refused(_grpc, rs, "mm_language", _lang([_ref(f"tcp://{TRUSTED_HOST}:{port}")]),
+                        match=r"unavailable \(timeout\).*no answer", status=("StatusCode.UNAVAILABLE",),
+                        within_s=PULL_TIMEOUT_S + 3)
         assert "2.0s" in text
     finally:
         if listener is not None:
@@ -311,6 +341,8 @@ def test_forged_transfer_ids_at_a_real_encoder_and_too_many_refs(rs, good):
     # a valid ref followed by a bad one: nothing pulled, the valid one aborted
     real = _grpc(rs, "mm_encoder", {"IMAGE": np.array([good], dtype=np.object_)}).as_numpy("EMBED_REF")[0]
     _refused(_grpc, rs, "mm_language", _lang([real, b"{bad"]), match="EMBED_REF\\[1\\]")
+    # the issue's 3000 refs (once "Too many open files"): refused by count, before any is parsed
+    _refused(_grpc, rs, "mm_language", _lang([_ref("tcp://192.0.2.1:5555")] * 3000), match="at most 16", within_s=2)
     _still_fine(rs, good)
 
 
@@ -322,6 +354,64 @@ def test_language_inputs_refused_by_triton_leave_only_ttl_work(rs, good):
              match="(?i)MAX_TOKENS|data.?type", status=INVALID + ("StatusCode.INTERNAL",))
     assert rs.wait_pools_empty(TTL_S + 3) == {}
     _still_fine(rs, good)
+
+
+# ---- internal models: closed to clients ----------------------------------------------------------------
+def _stream_error(rs, model: str, inputs: dict[str, np.ndarray]) -> str:
+    """The error text of the first response of a streamed (decoupled) call."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(rs.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    try:
+        client.async_stream_infer(model, tensors(grpcclient, inputs))
+        error = answers.get(timeout=10)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is not None, f"{model} served a client"
+    return error_text(error)
+
+
+@pytest.mark.parametrize("token", ["missing", "wrong", "empty"])
+@pytest.mark.parametrize("model", ["mm_encoder", "mm_language", "mm_language_stream"])
+def test_internal_models_refuse_clients_and_allocate_nothing(rs, good, model, token):
+    """A client calling an internal model directly (no token, a guessed one, an empty one) gets INVALID_ARG
+    naming the public pipeline; the encoder encodes nothing and mm_language connects nowhere: a ref naming a
+    listener gets no connection."""
+    listener = _silent_listener()
+    port = listener.getsockname()[1]
+    inputs = {"IMAGE": np.array([good], dtype=np.object_)} if model == "mm_encoder" else _lang(
+        [_ref(f"tcp://127.0.0.1:{port}")] * 3)
+    if token != "missing":
+        inputs["MM_INTERNAL_TOKEN"] = np.array([b"" if token == "empty" else b"0" * 64], dtype=np.object_)
+    encoded = rs.metric("mm_images_encoded_total", model="mm_encoder")
+    message = "internal model.*mm_pipeline"
+    start = time.monotonic()
+    if model == "mm_language_stream":
+        text = _stream_error(rs, model, inputs)
+        assert re.search(message, text) and "INVALID" in text.upper(), text
+    else:
+        _refused(_grpc, rs, model, inputs, match=message, within_s=2, token=False)
+    assert time.monotonic() - start < 2
+    with pytest.raises(socket.timeout):
+        listener.accept()  # nobody connected
+    listener.close()
+    assert rs.metric("mm_images_encoded_total", model="mm_encoder") == encoded
+    assert all(v == 0 for v in rs.pools_used().values()), rs.pools_used()
+    _still_fine(rs, good)
+
+
+def test_direct_encoder_calls_cannot_exhaust_the_pool(rs, good):
+    """The issue's attack: direct mm_encoder calls with large images to hold the pool. Refused, and the
+    pipeline keeps serving in the same moment."""
+    big = make_test_image(tokens=4000, seed=5)
+    for _ in range(8):
+        _refused(_grpc, rs, "mm_encoder", {"IMAGE": np.array([big], dtype=np.object_)}, match="internal model",
+                 token=False)
+    assert rs.wait_pools_empty(1) == {}
+    assert len(_grpc(rs, "mm_pipeline", pipeline_inputs([good], max_tokens=2)).as_numpy("TOKEN_IDS")) == 2
 
 
 def test_server_still_answers_correctly(rs, good):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import os
 import re
 import threading
 import time
@@ -41,8 +42,12 @@ def api(mm_server):
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     log = LOG_DIR / "openai-api.log"
     log.unlink(missing_ok=True)
+    from mm_triton.access import write_token_file
+
+    token_file = write_token_file(mm_server.pid, f"openai-test-{os.getpid()}.key")  # as scripts/serve does
     server = APIServerProcess(["--triton-url", mm_server.grpc_url, "--served-model-name", MODEL,
-                               "--max-body-bytes", str(MAX_BODY), "--log-level", "info"],
+                               "--max-body-bytes", str(MAX_BODY), "--log-level", "info",
+                               "--internal-token-file", str(token_file)],
                               "127.0.0.1", free_port(), log_file=log)
     with server:
         yield server

@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from internal import with_token
 from harness import metric_value
 from mm_client import MMClient
 from mm_bench.images import make_test_image, tokens_for_image_size
@@ -134,6 +135,7 @@ def test_metrics_after_requests(mm_server, images):
 
 def _call_model(server, model: str, inputs: dict[str, np.ndarray]):
     client = httpclient.InferenceServerClient(server.http_address, network_timeout=120)
+    inputs = with_token(server, model, inputs)  # white-box: the internal models refuse clients
     tensors = []
     for name, array in inputs.items():
         dtype = "BYTES" if array.dtype == np.object_ else "INT32"

@@ -236,6 +236,18 @@ def test_watchdog_finds_stubs_by_parent_and_reloads_the_model_of_a_dead_one(tmp_
         server.wait()
 
 
+def test_watchdog_server_args_close_repository_and_shared_memory_apis():
+    """The default: closed by a header value with a newline (no client can send it), nothing to keep secret."""
+    from mm_triton.watchdog import CLOSED_HEADER, server_args
+
+    args = server_args(None, ["mm_pipeline", "mm_control"])
+    assert args[:3] == ["--model-control-mode=explicit", "--load-model=mm_pipeline", "--load-model=mm_control"]
+    closed = [a for a in args if "restricted" in a]
+    assert len(closed) == 2 and all("model-repository,shared-memory:" + CLOSED_HEADER + "=" in a for a in closed)
+    assert all(a.endswith("\n") for a in closed)
+    assert server_args(None) != server_args(None)  # a new value every start
+
+
 def test_watchdog_server_args_restrict_the_repository_api():
     from mm_triton.watchdog import HEADER, server_args
 
@@ -243,6 +255,7 @@ def test_watchdog_server_args_restrict_the_repository_api():
     assert "--model-control-mode=explicit" in args and "--load-model=*" in args
     assert f"--http-restricted-api=model-repository:{HEADER}=0123456789abcdef" in args
     assert f"--grpc-restricted-protocol=model-repository:{HEADER}=0123456789abcdef" in args
+    assert any(a.startswith("--http-restricted-api=shared-memory:") for a in args)
     for bad in ("short", "has,comma-0123456789", "a:b=c-0123456789abc"):
         with pytest.raises(ValueError):
             server_args(bad)

@@ -181,10 +181,17 @@ def _config(path: Path) -> model_config_pb2.ModelConfig:
 
 def test_sources_serve_as_they_are():
     assert set(ROLES) == {"all", "encoder", "language"}
-    assert sorted(p.name for p in SOURCES["encoder"].iterdir()) == ["mm_encoder"]
-    assert {"mm_language", "mm_pipeline"} <= {p.name for p in SOURCES["language"].iterdir()}
-    # the split repositories link the single server's models: one config, one model.py
-    assert (SOURCES["encoder"] / "mm_encoder").resolve() == SOURCES["all"] / "mm_encoder"
+    assert sorted(p.name for p in SOURCES["encoder"].iterdir()) == ["mm_control", "mm_encoder"]
+    assert {"mm_language", "mm_pipeline", "mm_control"} <= {p.name for p in SOURCES["language"].iterdir()}
+    # the split repositories link the single server's models: one model.py; the encoder server's mm_encoder
+    # config is the single server's but for internal_access (language servers call it over the network)
+    assert (SOURCES["encoder"] / "mm_encoder" / "1").resolve() == SOURCES["all"] / "mm_encoder" / "1"
+    ours = _config(SOURCES["encoder"] / "mm_encoder" / "config.pbtxt")
+    single = _config(SOURCES["all"] / "mm_encoder" / "config.pbtxt")
+    assert ours.parameters["internal_access"].string_value == "shared_secret"
+    assert single.parameters["internal_access"].string_value == "closed"
+    ours.parameters["internal_access"].string_value = "closed"
+    assert ours == single
     assert (SOURCES["language"] / "mm_language").resolve() == SOURCES["all"] / "mm_language"
     assert _config(SOURCES["language"] / "mm_pipeline" / "config.pbtxt").backend == "python"
 
@@ -216,7 +223,7 @@ def test_build_repository_on_gpus_one_group_per_gpu(tmp_path):
     assert [(g.count, list(g.gpus), g.kind) for g in enc.instance_group] == [
         (2, [0], model_config_pb2.ModelInstanceGroup.KIND_GPU), (2, [1], model_config_pb2.ModelInstanceGroup.KIND_GPU)]
     assert instance_count(repo, "mm_encoder") == 4 and instance_count(repo, "mm_language") == 1
-    assert _config(repo / "mm_pipeline" / "config.pbtxt").platform == "ensemble"
+    assert _config(repo / "mm_pipeline" / "config.pbtxt").backend == "python"  # the BLS pipeline (issue 14)
 
 
 def test_build_repository_refuses_bad_arguments(tmp_path):

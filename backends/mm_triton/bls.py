@@ -1,0 +1,43 @@
+"""Helpers for the models that call other models by BLS (the public pipelines)."""
+from __future__ import annotations
+
+from typing import Any
+
+# Triton 2.51 hands a BLS caller every error of the called model as INTERNAL; mm_language's errors
+# start with the prefix mm_triton.errors gives each code, so that prefix tells the code again.
+_PREFIX_CODES = (("invalid input:", "INVALID_ARG"), ("unavailable", "UNAVAILABLE"), ("cancelled", "CANCELLED"))
+
+
+def code_name(pb: Any, error: Any, message: str) -> str:
+    """The name (INVALID_ARG, UNAVAILABLE, ...) of a BLS response's error code; INTERNAL if unknown."""
+    name = "INTERNAL"
+    try:
+        code = error.code()
+        for candidate in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED",
+                          "INTERNAL", "UNKNOWN"):
+            if getattr(pb.TritonError, candidate, object()) == code:
+                name = candidate
+                break
+    except Exception:  # noqa: BLE001 - older stubs have no code()
+        pass
+    if name in ("INTERNAL", "UNKNOWN"):
+        for prefix, by_prefix in _PREFIX_CODES:
+            if message.startswith(prefix):
+                return by_prefix
+    return name
+
+
+# What Triton answers a BLS call while the called model is being reloaded (the watchdog) or its stub is dead:
+# the request was fine, so the client gets UNAVAILABLE ("retry"), not INTERNAL.
+_STEP_DOWN = ("Request for unknown model", "has no available versions", "is not ready", "is not healthy",
+              "Stub process")
+
+
+def forwarded_error(pb: Any, error: Any) -> Any:
+    """A TritonError for the client with the called model's message and its real code (see code_name)."""
+    message = error.message()
+    name = code_name(pb, error, message)
+    if name in ("INTERNAL", "UNKNOWN", "NOT_FOUND") and any(s in message for s in _STEP_DOWN):
+        name, message = "UNAVAILABLE", f"unavailable (model_reloading): {message}"
+    value = getattr(pb.TritonError, name, None)
+    return pb.TritonError(message, value) if value is not None else pb.TritonError(message)
