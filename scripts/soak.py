@@ -152,9 +152,8 @@ class Corpus:
         # synthetic images (many requests per second, embeddings of every length below the window and across it)
         photos = [size for size in PHOTO_SIZES if size[0] * size[1] <= 2_000_000]
         sizes = [64, 256, 600, 1200]
-        self.hot = [demo_image(*photos[0], seed=1000)] + [make_test_image(tokens=sizes[i], seed=1000 + i)
-                                                           for i in range(1, 4)]
-        self.cold = [demo_image(*rnd.choice(photos), seed=2000 + i) if i % 6 == 0 else
+        self.hot = [make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
+        self.cold = [demo_image(*rnd.choice(photos), seed=2000 + i) if i % 8 == 0 else
                      make_test_image(tokens=rnd.choice(sizes), seed=2000 + i) for i in range(24)]
         # normal requests repeat these 40 inputs (1-3 images, some shared), so every answer can be compared
         # with the first answer to the same input: a block reused under a reader would show as a difference

@@ -17,14 +17,12 @@ and nothing is pulled or aborted. The number of refs per request is bounded befo
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from mm_triton.access import register_endpoint, registry_dir  # noqa: F401 - register_endpoint re-exported
 from mmtransfer import EmbedRef
 
-_RESCAN_S = 0.5  # a miss re-reads the registry at most this often (an encoder that has just (re)started)
 
 
 def _patterns(raw: str) -> tuple[set[str], set[str]]:
@@ -42,7 +40,6 @@ class TrustedEndpoints:
         self._dir = directory
         self._exact, self._any_port = _patterns(configured)
         self._known: set[str] = set()
-        self._scanned = float("-inf")
 
     @classmethod
     def for_model(cls, params: Mapping[str, str]) -> "TrustedEndpoints":
@@ -50,10 +47,10 @@ class TrustedEndpoints:
         return cls(registry_dir(), configured)
 
     def _rescan(self) -> None:
-        now = time.monotonic()
-        if self._dir is None or now - self._scanned < _RESCAN_S:
+        """Re-read the registry (a handful of small files): on every miss, so an endpoint registered a moment
+        ago is never refused; a stranger's refs cost one directory listing each (at most 16 per request)."""
+        if self._dir is None:
             return
-        self._scanned = now
         known = set()
         for entry in self._dir.iterdir():
             if not entry.name.startswith("."):

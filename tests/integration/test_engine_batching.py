@@ -201,7 +201,9 @@ def test_perf_analyzer_streaming_against_mm_pipeline_stream(mm_server, images, t
     export = tmp_path / "profile.json"
     cmd = perf.command(pa, "mm_pipeline_stream", mm_server.grpc_url, data, tmp_path / "out.csv", concurrency=2,
                        request_count=8, profile_export=export, extra=["--streaming"])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    from harness import server_env  # perf_analyzer needs the wheel's libcudart on LD_LIBRARY_PATH
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=server_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     requests = [r for e in perf.load_profile_export(export)["experiments"] for r in e["requests"]]
     assert len(requests) >= 8

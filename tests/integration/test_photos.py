@@ -94,7 +94,8 @@ def budget_server(tiny_model_dir, tmp_path_factory):
     """A server given a smaller budget, as `scripts/serve --mm-processor-kwargs '{"max_pixels": 16384}'` does."""
     log = tmp_path_factory.mktemp("photos") / "server.log"
     env = {"MM_CHECKPOINT": str(tiny_model_dir), "MM_MAX_PIXELS": str(1024 * 16), "MM_MIN_PIXELS": str(8 * 8)}
-    args = ["--model-control-mode=explicit", "--load-model=mm_pipeline", "--load-model=mm_monolithic"]
+    args = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in  # the BLS pipeline's steps too
+                                               ("mm_encoder", "mm_language", "mm_pipeline", "mm_monolithic"))]
     with TritonServer(DEFAULT_MODEL_REPOSITORY, env=env, args=args, log_file=log, startup_timeout_s=300) as server:
         yield server
 

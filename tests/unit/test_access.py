@@ -133,7 +133,6 @@ def test_only_registered_or_configured_endpoints_are_trusted(tmp_path):
 
 
 def test_a_newly_registered_encoder_is_trusted_after_a_rescan(tmp_path, monkeypatch):
-    monkeypatch.setattr("mm_language.trust._RESCAN_S", 0.0)
     trust = TrustedEndpoints(tmp_path)
     assert not trust.trusted("tcp://127.0.0.1:7000")
     register_endpoint("tcp://127.0.0.1:7000", tmp_path)  # an encoder restarted on a new port
