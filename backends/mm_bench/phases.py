@@ -95,3 +95,45 @@ def format_breakdown(breakdown: Mapping[str, Mapping[str, Mapping[str, float | N
             parts.append(f"{phase} {s['mean_ms']:.1f}/{p50}")
         lines.append(f"    {model} (mean/p50 ms): " + ", ".join(parts))
     return lines
+
+
+class InProcessPhases:
+    """The same breakdown without Triton: an engine observer (``on_sequence_timing``) plus the monolithic
+    loader's ``report(clock)``; :meth:`take` returns the samples since the last take, as
+    :func:`phase_breakdown` does for one model."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from mm_engine.stats import EngineObserver
+
+        self._lock = threading.Lock()
+        self._samples: dict[str, list[float]] = defaultdict(list)
+        outer = self
+
+        class _Observer(EngineObserver):
+            def on_sequence_timing(self, timing) -> None:
+                from mm_triton.phases import engine_phases
+
+                outer._add({p.value: s for p, s in engine_phases(timing, None).items()})
+
+        self.observer = _Observer()
+
+    def report(self, clock) -> None:
+        self._add({p.value: s for p, s in clock.seconds.items()})
+
+    def _add(self, seconds: Mapping[str, float]) -> None:
+        with self._lock:
+            for phase, value in seconds.items():
+                self._samples[phase].append(value)
+
+    def take(self) -> dict[str, dict[str, float | None]]:
+        with self._lock:
+            samples, self._samples = self._samples, defaultdict(list)
+        out: dict[str, dict[str, float | None]] = {}
+        for phase, values in samples.items():
+            ordered = sorted(values)
+            mid = len(ordered) // 2
+            p50 = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+            out[phase] = {"count": float(len(values)), "mean_ms": 1e3 * sum(values) / len(values), "p50_ms": 1e3 * p50}
+        return out

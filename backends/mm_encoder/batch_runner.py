@@ -55,6 +55,7 @@ class BatchRunner:
                     job.finish(None, TransferCancelled(f"request {job.request_id or '-'} was cancelled before "
                                                        "encoding"))
                     continue
+                job.clock.add(Phase.VISION, 0.0)  # every request reports every phase (0 when all cached)
                 works.append(self._look_up(job))
             works = self._encode(works)
             for work in works:

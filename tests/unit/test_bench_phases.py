@@ -40,3 +40,22 @@ def test_breakdown_is_the_delta_between_scrapes_summed_over_instances():
     assert got["mm_encoder"]["triton_queue"] == {"count": 4.0, "mean_ms": 2.0, "p50_ms": None}
     (line,) = format_breakdown(got)
     assert line.index("triton_queue") < line.index("vision") and "vision 15.0/15.0" in line
+
+
+def test_in_process_collector_takes_engine_and_loader_phases():
+    from mm_bench.phases import InProcessPhases
+    from mm_engine.timing import SequenceTiming
+    from mm_triton.phases import Phase, PhaseClock
+
+    c = InProcessPhases()
+    for i, decode in enumerate((0.1, 0.2, 0.6)):
+        c.observer.on_sequence_timing(SequenceTiming(f"r{i}", arrival=0.0, load_started=0.0, load_ended=0.05,
+                                                     admitted=0.05, first_token=0.1, finished=0.1 + decode))
+        clock = PhaseClock()
+        clock.add(Phase.VISION, 0.02)
+        c.report(clock)
+    got = c.take()
+    assert "load" not in got and got["vision"]["mean_ms"] == pytest.approx(20.0)  # the loader reports its own
+    assert got["decode"]["count"] == 3 and got["decode"]["p50_ms"] == pytest.approx(200.0)
+    assert got["decode"]["mean_ms"] == pytest.approx(300.0)
+    assert c.take() == {}  # taken: the next point starts empty
