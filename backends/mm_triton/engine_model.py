@@ -37,6 +37,7 @@ class EngineModel(ModelBase):
     ``build_request`` and ``abandon``."""
 
     engine: Engine
+    phase_metrics: PhaseMetrics | None = None  # set by setup_engine_model
     # what the engine's image load is, as a phase (None: the loader reports its own phases)
     load_phase: Phase | None = None
     phases_run: tuple[Phase, ...] = (Phase.QUEUE, Phase.SLOT_WAIT, Phase.PREFILL, Phase.DECODE, Phase.RESPONSE)
