@@ -4,12 +4,19 @@
 returns None; the batcher thread answers each request (one FINAL response) through its response sender, so
 the next request is prepared while one is in the vision tower, and concurrent requests' images share a
 tower call (Triton 2.51 lets a non-decoupled Python model answer this way, ENVIRONMENT.md).
+
+``max_encode_batch_tokens`` 0 turns that off: ``execute()`` encodes its own requests and returns their
+responses (one request per tower call). That is the path that survives a SIGKILLed stub: with answers sent
+from a thread, tritonserver 2.51 itself aborted when the encoder stub was killed under traffic
+(``boost::interprocess::lock_exception`` or heap corruption; tests/integration/test_faults.py).
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -42,13 +49,14 @@ class EncoderModel(ModelBase):
             if config.control_port + index > 65535:
                 raise ValueError(f"control_port {config.control_port} + instance index {index} is not a port")
             config = config.replace(control_port=config.control_port + index)
+        self.batching = self.int_param("max_encode_batch_tokens", DEFAULT_MAX_BATCH_TOKENS) > 0
         self.service = EncoderService(
             self.checkpoint, config, self.device, name=self.instance_name,
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
             encode_threads=self.int_param("encode_threads", 0),
             cache_blocks=self.int_param("cache_blocks", 0),
             geometry=self.image_geometry, on_downscaled=self._resized,
-            max_encode_batch_tokens=self.int_param("max_encode_batch_tokens", DEFAULT_MAX_BATCH_TOKENS),
+            max_encode_batch_tokens=self.int_param("max_encode_batch_tokens", DEFAULT_MAX_BATCH_TOKENS) or 1,
             max_encode_delay_ms=self.int_param("max_encode_delay_ms", DEFAULT_MAX_DELAY_MS),
         )
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool,
@@ -60,7 +68,9 @@ class EncoderModel(ModelBase):
                                  kind=mf.COUNTER)
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
 
-    def execute(self, requests: list[Any]) -> None:
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if not self.batching:
+            return self._execute_unbatched(requests)
         for request in requests:
             request_id = request.request_id() or uuid.uuid4().hex[:12]
             sender = request.get_response_sender()
@@ -71,6 +81,31 @@ class EncoderModel(ModelBase):
             except Exception as exc:  # refused before anything was queued or held: answer at once
                 done(None, exc, PhaseClock())
         return None
+
+    def _execute_unbatched(self, requests: list[Any]) -> list[Any]:
+        """Answer from execute() itself: each request waits for its own tower call (no batching)."""
+        responses = []
+        for request in requests:
+            request_id = request.request_id() or uuid.uuid4().hex[:12]
+            out: list[Any] = []
+            ready = threading.Event()
+            answer = self._answerer(SimpleNamespace(send=lambda response, flags=0: out.append(response)), request_id)
+
+            def done(refs, error, clock, _answer=answer, _ready=ready) -> None:
+                try:
+                    _answer(refs, error, clock)
+                finally:
+                    _ready.set()
+
+            try:
+                self.service.submit(bytes_list(self.pb_utils, request, "IMAGE"), done, request_id,
+                                    self.cancellation_check(request))
+            except Exception as exc:  # refused before anything was queued or held
+                done(None, exc, PhaseClock())
+            ready.wait()  # the batcher thread encodes this request alone (nothing else is queued meanwhile)
+            responses.append(out[0] if out else self.pb_utils.InferenceResponse(
+                error=triton_error(self.pb_utils, RuntimeError("the encoder could not build its answer"))))
+        return responses
 
     def _answerer(self, sender: Any, request_id: str):
         """The request's ``done(refs, error, clock)``: one FINAL response, its metrics and phases."""
