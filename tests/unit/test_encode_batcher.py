@@ -258,3 +258,57 @@ def test_cache_hits_skip_the_tower_and_release_on_every_path(service, tiny_model
     assert service.cache.idle_blocks == service.cache.cached_blocks  # nobody holds a reference
     service.cache.clear()
     assert service.pool.used_blocks == 0
+
+
+# ---- the Triton model's two ways of answering (a stand-in for pb_utils) -------------------------------------
+def _encoder_model(service, batching):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mm_encoder.triton_model import EncoderModel
+    from tests.unit.test_triton_engine_glue import _Request, pb
+
+    model = EncoderModel()
+    model.pb_utils, model.service, model.instance_name, model.batching = pb, service, "enc_0", batching
+    failures, observed, images = [], [], []
+    model.metrics = SimpleNamespace(transfer_failed=failures.append)
+    model.phases = SimpleNamespace(observe=lambda rid, seconds: observed.append((rid, dict(seconds))))
+    model._images = SimpleNamespace(increment=images.append)
+
+    def request(datas):
+        return _Request({"IMAGE": np.array(datas, dtype=np.object_)})
+
+    return model, request, observed
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_encoder_model_answers_once_per_request(service, tiny_model_dir, batching):
+    from mm_models.testing import make_test_image
+    from mmtransfer import EmbedRef
+
+    model, request, observed = _encoder_model(service, batching)
+    good, bad = request([make_test_image(tokens=64, seed=50, model_dir=tiny_model_dir)]), request([b"not an image"])
+    returned = model.execute([good, bad])
+    if batching:
+        assert returned is None
+        _wait_for(lambda: good.sender.sent and bad.sender.sent)
+        (ok, f1), (err, f2) = good.sender.sent[0], bad.sender.sent[0]
+        assert f1 == f2 == 1 and len(good.sender.sent) == len(bad.sender.sent) == 1  # one FINAL answer each
+    else:
+        ok, err = returned
+        assert good.sender.sent == [] and bad.sender.sent == []  # answered by execute() itself
+    assert err.error.code == "INVALID_ARG" and "IMAGE[0]" in err.error.message
+    (ref,) = [EmbedRef.from_json(bytes(x)) for x in ok.outputs["EMBED_REF"]]
+    assert ref.num_tokens == 64
+    assert [rid for rid, _ in observed] == ["rid"]  # phases of the answered request only
+    service.sender.discard(ref.transfer_id)
+    service.cache.clear()
+    assert service.pool.used_blocks == 0
+
+
+def _wait_for(predicate, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "not answered in time"
+        time.sleep(0.01)
