@@ -12,7 +12,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -39,6 +39,7 @@ class _Work:
 class BatchRunner:
     def __init__(self, vision: VisionEncoder, sender: SenderEndpoint, cache: EmbeddingCache,
                  device: torch.device) -> None:
+        self.on_tower_call: Callable[[int], None] | None = None  # told the images of every tower call (a metric)
         self.vision = vision
         self.sender = sender
         self.cache = cache
@@ -92,6 +93,8 @@ class BatchRunner:
                 if id(w) in failed:
                     self._fail(w, exc)
             return [w for w in works if id(w) not in failed]
+        if self.on_tower_call is not None:
+            self.on_tower_call(len(todo))
         log.debug("vision tower: %d image(s) of %d request(s), %d tokens in %.1f ms", len(todo),
                   len({id(w) for w, _ in todo}), sum(e.num_tokens for e in encoded), seconds * 1e3)
         for (w, i), enc in zip(todo, encoded):

@@ -86,8 +86,8 @@ class EncoderService:
         )
         self.sender = SenderEndpoint(self.pool, config, observer=observer, name=name)
         self.cache = EmbeddingCache(self.pool, min(cache_blocks, config.pool_blocks))
-        self._runner = BatchRunner(self.vision, self.sender, self.cache, self._device)
-        self._batcher = EncodeBatcher(self._runner.run, max_encode_batch_tokens, max_encode_delay_ms / 1e3, name,
+        self.runner = BatchRunner(self.vision, self.sender, self.cache, self._device)
+        self._batcher = EncodeBatcher(self.runner.run, max_encode_batch_tokens, max_encode_delay_ms / 1e3, name,
                                       lambda: TransferCancelled(f"{name} is closing"))
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)", name,
                  checkpoint, device, config.pool_blocks, config.block_tokens,

@@ -67,6 +67,11 @@ class EncoderModel(ModelBase):
         self._images_family = mf(name="mm_images_encoded_total", description="Images encoded and published",
                                  kind=mf.COUNTER)
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
+        self._batch_family = mf(name="mm_encode_batch_images", description="Images per vision tower call",
+                                kind=mf.HISTOGRAM)
+        batch = self._batch_family.Metric(labels={"model": self.model_name, "instance": self.instance_name},
+                                          buckets=[1, 2, 4, 8, 16, 32, 64])
+        self.service.runner.on_tower_call = batch.observe
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         if not self.batching:

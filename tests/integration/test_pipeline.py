@@ -117,6 +117,12 @@ def test_concurrent_small_and_huge_requests(mm_server, images, oracle):
     done = metric_value(after, "mm_transfers_total", model="mm_language") - metric_value(
         before, "mm_transfers_total", model="mm_language")
     assert done == len(mix)
+    calls = metric_value(after, "mm_encode_batch_images_count", model="mm_encoder") - metric_value(
+        before, "mm_encode_batch_images_count", model="mm_encoder")
+    encoded = metric_value(after, "mm_encode_batch_images_sum", model="mm_encoder") - metric_value(
+        before, "mm_encode_batch_images_sum", model="mm_encoder")
+    print(f"encoder: {encoded:.0f} image(s) in {calls:.0f} tower call(s)")  # cached images need none
+    assert 0 <= calls <= encoded  # never more tower calls than images (one per image at worst)
 
 
 def test_metrics_after_requests(mm_server, images):
