@@ -6,9 +6,10 @@ the next request is prepared while one is in the vision tower, and concurrent re
 tower call (Triton 2.51 lets a non-decoupled Python model answer this way, ENVIRONMENT.md).
 
 ``max_encode_batch_tokens`` 0 turns that off: ``execute()`` encodes its own requests and returns their
-responses (one request per tower call). That is the path that survives a SIGKILLed stub: with answers sent
-from a thread, tritonserver 2.51 itself aborted when the encoder stub was killed under traffic
-(``boost::interprocess::lock_exception`` or heap corruption; tests/integration/test_faults.py).
+responses (one request per tower call). That path handles a SIGKILLed stub as before: with answers sent from
+a thread, Triton 2.51 never fails the requests in flight in the killed stub (they wait for their deadline, as
+with mm_language), and in 2 of 4 runs tritonserver itself aborted (``boost::interprocess::lock_exception`` at
+the reload, heap corruption at shutdown; tests/integration/test_faults.py).
 """
 from __future__ import annotations
 
