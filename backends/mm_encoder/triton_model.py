@@ -82,6 +82,7 @@ class EncoderModel(ModelBase):
             sender = request.get_response_sender()
             done = self._answerer(sender, request_id)
             try:
+                self._admit(request)
                 self.service.submit(bytes_list(self.pb_utils, request, "IMAGE"), done, request_id,
                                     self.cancellation_check(request))
             except Exception as exc:  # refused before anything was queued or held: answer at once
@@ -104,6 +105,7 @@ class EncoderModel(ModelBase):
                     _ready.set()
 
             try:
+                self._admit(request)
                 self.service.submit(bytes_list(self.pb_utils, request, "IMAGE"), done, request_id,
                                     self.cancellation_check(request))
             except Exception as exc:  # refused before anything was queued or held
@@ -112,6 +114,13 @@ class EncoderModel(ModelBase):
             responses.append(out[0] if out else self.pb_utils.InferenceResponse(
                 error=triton_error(self.pb_utils, RuntimeError("the encoder could not build its answer"))))
         return responses
+
+    def _admit(self, request: Any) -> None:
+        """Refuse a request before anything is read or allocated: the access gate, where the model has one
+        (``self.gate``, an ``InternalGate`` with ``check(pb_utils, request)``)."""
+        gate = getattr(self, "gate", None)
+        if gate is not None:
+            gate.check(self.pb_utils, request)
 
     def _answerer(self, sender: Any, request_id: str):
         """The request's ``done(refs, error, clock)``: one FINAL response, its metrics and phases."""
