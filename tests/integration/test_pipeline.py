@@ -173,6 +173,26 @@ def test_phase_histograms_count_every_request(mm_server, tiny_model_dir):
     assert metric_value(after, "mm_phase_seconds_sum", model="mm_language", phase="decode") > 0
 
 
+def test_concurrent_requests_share_tower_calls(mm_server, tiny_model_dir, oracle):
+    """Six concurrent requests with new images: those queued while the tower runs go through it together (fewer
+    tower calls than images), and every answer still equals the oracle's."""
+    fresh = [make_test_image(tokens=1024, seed=700 + i, model_dir=tiny_model_dir) for i in range(6)]
+    before = _metrics(mm_server)
+
+    def one(image):
+        with MMClient(mm_server.grpc_url, protocol="grpc", timeout_s=300) as client:
+            return client.generate([image], PROMPT, max_tokens=MAX_TOKENS).token_ids
+
+    with ThreadPoolExecutor(len(fresh)) as pool:
+        results = list(pool.map(one, fresh))
+    for image, got in zip(fresh, results):
+        assert got == oracle([image])
+    after = _wait_pools_empty(mm_server)
+    calls, images = (metric_value(after, f"mm_encode_batch_images_{k}", model="mm_encoder")
+                     - metric_value(before, f"mm_encode_batch_images_{k}", model="mm_encoder") for k in ("count", "sum"))
+    assert images == len(fresh) and calls < images, (calls, images)
+
+
 def _call_model(server, model: str, inputs: dict[str, np.ndarray]):
     client = httpclient.InferenceServerClient(server.http_address, network_timeout=120)
     tensors = []
