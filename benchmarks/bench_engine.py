@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed packa
 from mm_params import tiny_model_dir  # noqa: E402
 
 from mm_bench import perf, streaming  # noqa: E402
+from mm_bench.phases import InProcessPhases, format_breakdown, phase_breakdown  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
 
 TARGETS = {  # what the user calls -> the model that streams the same work (same engine, same parameters)
@@ -42,6 +43,8 @@ Load: closed loop at each --concurrency, then open loop (Poisson) at each --requ
 stamps from --profile-export-file); in-process points use a Python load generator with the same shape.
 One tritonserver serves both Triton targets (explicit model control, only their models loaded); the
 in-process engine runs first, alone, and is closed before the server starts.
+Each point also prints the per-phase breakdown (mean/p50 ms per phase: the served models' mm_phase_seconds
+deltas, the in-process engine's own SequenceTiming and loader clock), kept in the JSON rows as "phases".
 Output: a table on stdout, <out-dir>/<name>.json (every number, the machine, the command), <out-dir>/<name>.png."""
 
 EPILOG = """\
@@ -130,7 +133,9 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
 
     os.environ.update(dict(args.env))  # MM_* overrides, as the server gets them
     params = model_parameters(ROOT / "model_repository" / "mm_monolithic_stream" / "config.pbtxt")
-    service = mono.MonolithicService(args.checkpoint, params, args.device, name="inprocess")
+    phases = InProcessPhases()  # the same per-phase split as the servers' mm_phase_seconds
+    service = mono.MonolithicService(args.checkpoint, params, args.device, name="inprocess",
+                                     engine_observer=phases.observer)
     decoded = [service.check_images([img]) for img in images]
 
     class Sink(ResponseSink):
@@ -160,15 +165,17 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
             def submit(step, on_token, done, _mt=max_tokens):
                 imgs, counts = decoded[step % len(decoded)]
                 request = service.build_request(f"b{time.monotonic_ns()}", imgs, counts, PROMPT,
-                                                SamplingParams(max_tokens=_mt), None)
+                                                SamplingParams(max_tokens=_mt), None, report=phases.report)
                 service.engine.submit(request, Sink(on_token, done))
 
             n = requests_for(args, value if kind == "concurrency" else None)
+            phases.take()  # drop the warm-up's and the previous point's samples
             if kind == "concurrency":
                 recs = streaming.closed_loop(submit, len(images), value, n, args.point_timeout)
             else:
                 recs = streaming.open_loop(submit, len(images), value, n, args.point_timeout)
-            rows.append(_row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs)))
+            rows.append(_row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs),
+                             {"inprocess": phases.take()}))
     finally:
         service.close()
         service = None  # the last reference: its tensors go before the CUDA cache is emptied
@@ -239,6 +246,7 @@ def triton_point(args, server, target: str, data: Path, max_tokens: int, kind: s
                        request_rate=value if kind == "rate" else None, request_count=n,
                        max_threads=64 if kind == "rate" else None, profile_export=export,
                        extra=["--streaming"] if stream else [])
+    before = _scrape(server)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout)
         ok = proc.returncode == 0 and export.exists()
@@ -253,15 +261,31 @@ def triton_point(args, server, target: str, data: Path, max_tokens: int, kind: s
             summary = {"completed": 0, "errors": n, "error": (proc.stdout + proc.stderr)[-500:]}
     except subprocess.TimeoutExpired:
         summary = {"completed": 0, "errors": n, "error": f"timed out after {args.point_timeout:g}s"}
-    return _row(target, max_tokens, kind, value, n, summary)
+    time.sleep(0.5)  # the last answers' response phase is recorded just after they were sent
+    after = _scrape(server)
+    phases = phase_breakdown(before, after) if before is not None and after is not None else None
+    return _row(target, max_tokens, kind, value, n, summary, phases)
 
 
-def _row(target: str, max_tokens: int, kind: str, value, requests: int, summary: dict) -> dict:
+def _scrape(server):
+    try:
+        return server.metrics()
+    except Exception as exc:  # noqa: BLE001 - the breakdown is optional; the point still counts
+        print(f"note: metrics not read: {exc}", file=sys.stderr)
+        return None
+
+
+def _row(target: str, max_tokens: int, kind: str, value, requests: int, summary: dict,
+         phases: dict | None = None) -> dict:
     row = {"target": target, "max_tokens": max_tokens, "load": f"c={value}" if kind == "concurrency" else f"{value:g}/s",
            "kind": kind, "value": value, "requests": requests, **summary}
     print(f"  {target:13s} MAX_TOKENS {max_tokens:4d} {row['load']:>8s}: "
           f"{_f(row.get('rps'))} req/s, TTFT p50 {_f(row.get('ttft_p50_ms'))} ms, "
           f"ITL p50 {_f(row.get('itl_p50_ms'))} ms, errors {row.get('errors', 0)}", flush=True)
+    if phases:
+        row["phases"] = phases  # {model: {phase: {count, mean_ms, p50_ms}}}, the server's own split
+        for line in format_breakdown(phases):
+            print(line, flush=True)
     return row
 
 

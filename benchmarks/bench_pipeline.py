@@ -18,6 +18,7 @@ from mm_params import tiny_model_dir  # noqa: E402
 
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
+from mm_bench.phases import format_breakdown, phase_breakdown  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
 from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, PoolSampler,  # noqa: E402
                                gpu_memory_used_mib, metric_sum, wait_for_quiet, wait_until)
@@ -47,7 +48,11 @@ For every model: a closed-loop sweep over --concurrency, then an open-loop reque
   peak memory: RSS (and PSS) of tritonserver + its Python-backend stubs, from /proc every 0.5 s;
   CPU use by the server, perf_analyzer and other processes ("other CPU": a busy neighbour on a shared
     machine makes a point not comparable; --wait-quiet waits for a quiet machine first);
-  whether every request with the same image got the same greedy TOKEN_IDS, within and across models.
+  whether every request with the same image got the same greedy TOKEN_IDS, within and across models;
+  the per-phase breakdown from the server itself: mean/p50 per phase (queue, image_decode, preprocess,
+    vision, publish, transfer, slot_wait, prefill, decode, response) per model, from the deltas of its
+    mm_phase_seconds histograms, plus Triton's own queue (nv_inference_queue_duration_us) as triton_queue;
+    printed under each point and kept in the JSON rows as "phases".
 
 By default it starts one real tritonserver per model (model_repository/, explicit model control, only
 that model loaded, so memory is the model's own) with the tiny checkpoint, and stops it afterwards.
@@ -404,6 +409,7 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     after = _wait_quiet(target) if target.metrics_url else None
     if before is not None and after is not None:
         row.update(transfer_deltas(before, after))
+        row["phases"] = phase_breakdown(before, after)  # mm_phase_seconds deltas: {model: {phase: stats}}
     if pools:
         row["pools"] = pools.result()
         for m, short in (("mm_encoder", "enc"), ("mm_language", "lang")):
@@ -723,6 +729,8 @@ def _print_progress(row: dict) -> None:
         print(f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, "
               f"p50 {row.get('p50_ms', 0):.0f} ms, "
               f"p99 {row.get('p99_ms', 0):.0f} ms ({row['elapsed_s']:.0f}s)", flush=True)
+        for line in format_breakdown(row.get("phases") or {}):
+            print(line, flush=True)
 
 
 def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | None = None) -> Path:

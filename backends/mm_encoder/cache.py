@@ -50,6 +50,11 @@ class EmbeddingCache:
     def enabled(self) -> bool:
         return self.max_blocks > 0
 
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` is cached now (a hint: it may be evicted before an ``acquire``)."""
+        with self._lock:
+            return key in self._entries
+
     def acquire(self, key: str) -> CachedEmbedding | None:
         """A referenced entry for ``key``, or None (a miss). Pair with ``release``."""
         with self._lock:

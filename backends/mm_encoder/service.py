@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -20,6 +20,10 @@ from mmtransfer import (
     TransferObserver,
 )
 
+from mm_triton.phases import Phase, PhaseClock
+
+from .batch_runner import BatchRunner
+from .batcher import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_DELAY_MS, EncodeBatcher, EncodeJob, PreparedImage
 from .cache import EmbeddingCache, image_key
 
 log = logging.getLogger(__name__)
@@ -30,8 +34,8 @@ MAX_ENCODE_THREADS = 16
 
 
 def default_encode_threads(device: str) -> int:
-    """Threads encoding the images of one request: 4 on a GPU (preprocessing and publishing overlap
-    the vision tower), 1 on the CPU (torch's intra-op threads already use every core)."""
+    """Threads preprocessing the images of one request: 4 on a GPU (the CPU is otherwise idle), 1 on the
+    CPU (torch's intra-op threads already use every core)."""
     return 4 if str(device).startswith("cuda") else 1
 
 
@@ -50,10 +54,13 @@ class EncoderService:
         cache_blocks: int = 0,
         geometry: ImageGeometry | None = None,
         on_downscaled: Callable[[int], None] | None = None,
+        max_encode_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_encode_delay_ms: float = DEFAULT_MAX_DELAY_MS,
     ) -> None:
         """``geometry``: the serving budget (:func:`mm_triton.image_budget.resolve_image_geometry`); None
         applies ``config.max_embed_tokens`` to the checkpoint's processor bounds. ``on_downscaled(n)``: told
-        how many images of a request were shrunk to fit the budget (a metric)."""
+        how many images of a request were shrunk to fit the budget (a metric). ``max_encode_batch_tokens``
+        and ``max_encode_delay_ms`` bound one tower call over several requests' images (batcher.py)."""
         if config.max_embed_blocks > config.pool_blocks:
             raise ConfigError(
                 f"{name}: pool_blocks={config.pool_blocks} x block_tokens={config.block_tokens} cannot hold one "
@@ -79,6 +86,9 @@ class EncoderService:
         )
         self.sender = SenderEndpoint(self.pool, config, observer=observer, name=name)
         self.cache = EmbeddingCache(self.pool, min(cache_blocks, config.pool_blocks))
+        self.runner = BatchRunner(self.vision, self.sender, self.cache, self._device)
+        self._batcher = EncodeBatcher(self.runner.run, max_encode_batch_tokens, max_encode_delay_ms / 1e3, name,
+                                      lambda: TransferCancelled(f"{name} is closing"))
         log.info("%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)", name,
                  checkpoint, device, config.pool_blocks, config.block_tokens,
                  "blocks" if config.use_block_allocator else "fixed slots", self.sender.address,
@@ -86,58 +96,54 @@ class EncoderService:
 
     def encode(self, images: Sequence[bytes], request_id: str = "",
                cancelled: Callable[[], bool] | None = None) -> list[EmbedRef]:
-        """Encode every image of one request; returns one EMBED_REF per image, in prompt order.
+        """Encode every image of one request and wait; returns one EMBED_REF per image, in prompt order.
+        The same path as :meth:`submit` (the images go through the tower with other requests' images)."""
+        done = threading.Event()
+        result: dict[str, Any] = {}
 
-        All images are decoded and their token counts checked before any vision work,
-        so a bad image costs nothing. With ``encode_threads`` > 1 the images of a request
-        are encoded by a thread pool: one image's preprocessing and publishing (copy into
-        the pool) overlap another's vision tower (the tower itself runs one image at a
-        time). If anything fails, every embedding of the request that was published is
-        dropped again (nothing stays allocated), after all its images have finished.
-        A request whose images together need more blocks than the whole pool is refused at
-        once (RequestTooLarge) instead of waiting ``alloc_timeout_s`` for space that cannot
-        come. ``cancelled`` (optional) is asked before the vision work and after publishing:
-        a cancelled request publishes nothing (TransferCancelled).
-        """
+        def answer(refs: list[EmbedRef] | None, error: BaseException | None, _clock: PhaseClock) -> None:
+            result.update(refs=refs, error=error)
+            done.set()
+
+        self.submit(images, answer, request_id, cancelled)
+        done.wait()
+        if result["error"] is not None:
+            raise result["error"]
+        return result["refs"]
+
+    def submit(self, images: Sequence[bytes], done: Callable[[list[EmbedRef] | None, BaseException | None,
+                                                              PhaseClock], None],
+               request_id: str = "", cancelled: Callable[[], bool] | None = None) -> None:
+        """Check, decode and preprocess one request's images on the calling thread, then queue them for the
+        batcher thread, which runs the tower over them together with other requests' images, publishes them
+        and calls ``done(refs, None, clock)`` (or ``done(None, error, clock)``) exactly once, from its thread
+        or (a text-only request) this one. Bad input raises here, before anything is queued or held.
+
+        All images are decoded and their token counts checked before any vision work, so a bad image costs
+        nothing. A request whose images together need more blocks than the whole pool is refused at once
+        (RequestTooLarge) instead of waiting ``alloc_timeout_s`` for space that cannot come. ``cancelled``
+        (optional) is asked before the vision work and after publishing: a cancelled request publishes
+        nothing (TransferCancelled). If anything fails, every embedding of the request that was published is
+        dropped again (nothing stays allocated)."""
+        clock = PhaseClock()
         if not images:  # a text-only request: nothing to encode, no EMBED_REF
-            return []
+            done([], None, clock)
+            return
+        with clock.measure(Phase.IMAGE_DECODE):
+            prepared = self._decode_and_check(images)
+        with clock.measure(Phase.PREPROCESS):
+            self._preprocess(prepared)
+        job = EncodeJob(request_id, prepared, cancelled or (lambda: False),
+                        lambda refs, error: done(refs, error, clock), clock)
+        self._batcher.submit(job)
+
+    def _decode_and_check(self, images: Sequence[bytes]) -> list[PreparedImage]:
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
-        decoded = self._decode_all(images)
-        if cancelled is not None and cancelled():
-            raise TransferCancelled(f"request {request_id or '-'} was cancelled before encoding")
-        if self._executor is None or len(decoded) == 1:
-            refs: list[EmbedRef] = []
-            try:
-                for image, key in decoded:
-                    refs.append(self._encode_one(image, key, request_id))
-            except BaseException:
-                self._discard(refs)
-                raise
-        else:
-            futures = [self._executor.submit(self._encode_one, image, key, request_id) for image, key in decoded]
-            refs, error = [], None
-            for future in futures:  # wait for every image, even after a failure: none may publish later
-                try:
-                    refs.append(future.result())
-                except BaseException as exc:  # noqa: BLE001 - re-raised below, the first in prompt order
-                    error = error or exc
-            if error is not None:
-                self._discard(refs)
-                raise error
-        if cancelled is not None and cancelled():
-            self._discard(refs)
-            raise TransferCancelled(f"request {request_id or '-'} was cancelled; its {len(refs)} embedding(s) dropped")
-        log.debug("request %s: %d image(s) -> %s tokens", request_id, len(refs), [r.num_tokens for r in refs])
-        return refs
-
-    def _decode_all(self, images: Sequence[bytes]) -> list[tuple[Image.Image, str]]:
-        """Header checks of every image, then decoding and token counts, then the pool-fit check: a bad
-        image or an impossible request fails before any vision work. Returns (image, cache key) pairs."""
         images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
         for i, data in enumerate(images):  # cheap header checks of every image before decoding any
             self._check_header(i, data)
-        decoded, sizes = [], []
+        prepared: list[PreparedImage] = []
         for i, data in enumerate(images):
             try:
                 image = decode_image(data, self.max_image_pixels)
@@ -149,13 +155,23 @@ class EncoderService:
                     f"IMAGE[{i}]: {image.width}x{image.height} gives {tokens} embedding tokens, more than the "
                     f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
                 )
-            decoded.append((image, image_key(data) if self.cache.enabled else ""))
-            sizes.append((tokens, decoded[-1][1] or str(i)))
-        self._check_fits(sizes)
-        downscaled = sum(self.geometry.downscales(image.width, image.height) for image, _ in decoded)
+            prepared.append(PreparedImage(image, image_key(data) if self.cache.enabled else "", tokens))
+        self._check_fits([(im.tokens, im.key or str(i)) for i, im in enumerate(prepared)])
+        downscaled = sum(self.geometry.downscales(im.image.width, im.image.height) for im in prepared)
         if downscaled and self._on_downscaled is not None:
             self._on_downscaled(downscaled)
-        return decoded
+        return prepared
+
+    def _preprocess(self, prepared: list[PreparedImage]) -> None:
+        """Pixels for every image the cache probably lacks (a hit needs none; a miss found later by the
+        batcher is preprocessed there), in parallel with ``encode_threads`` > 1."""
+        todo = [im for im in prepared if not (im.key and self.cache.contains(im.key))]
+        if self._executor is not None and len(todo) > 1:
+            results = list(self._executor.map(lambda im: self.vision.preprocess(im.image), todo))
+        else:
+            results = [self.vision.preprocess(im.image) for im in todo]
+        for im, inputs in zip(todo, results):
+            im.inputs, im.image = inputs, None
 
     def _count_tokens(self, index: int, image: Image.Image) -> int:
         """Tokens the processor makes of a decoded image; ValueError naming the image when it refuses it."""
@@ -198,32 +214,8 @@ class EncoderService:
                 raise RequestTooLarge(f"IMAGE: the request's {len(unique)} images need more fixed slots than the "
                                       f"encoder's pool has ({slots})")
 
-    def _encode_one(self, image, key: str, request_id: str) -> EmbedRef:
-        # pool threads start on cuda:0: make this instance's GPU current for anything allocated implicitly
-        with torch.cuda.device(self._device) if self._device.type == "cuda" else nullcontext():
-            if not key:
-                encoded = self.vision.encode(image)
-                return self.sender.register(encoded.embeds, {"grid_thw": list(encoded.grid_thw)}, request_id)
-            entry = self.cache.acquire(key)
-            if entry is None:
-                encoded = self.vision.encode(image)
-                extras = {"grid_thw": list(encoded.grid_thw)}
-                blocks, aux = self.sender.write_blocks(encoded.embeds, extras)
-                entry = self.cache.insert(key, blocks, aux.total_tokens, extras)
-            else:
-                log.debug("request %s: embedding cache hit %s (%d tokens)", request_id, key[:12], entry.num_tokens)
-            try:
-                return self.sender.publish(entry.blocks, entry.num_tokens, entry.extras,
-                                           lambda _blocks, e=entry: self.cache.release(e), request_id)
-            except BaseException:
-                self.cache.release(entry)
-                raise
-
-    def _discard(self, refs: Sequence[EmbedRef]) -> None:
-        for ref in refs:
-            self.sender.discard(ref.transfer_id, "request failed")
-
     def close(self) -> None:
+        self._batcher.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
         self.sender.close()

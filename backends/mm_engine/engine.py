@@ -196,6 +196,7 @@ class LLMEngine(Engine):
         self._queue.remove(seq)
         self._intake.left_queue()
         self._slots.acquire(seq.id)
+        seq.timing.admitted = time.monotonic()  # type: ignore[union-attr]
         self._by_row[seq.id] = seq
         seq.state = SeqState.PREFILLING
         seq.images = None  # the rows are in prompt.embeds now
@@ -250,6 +251,7 @@ class LLMEngine(Engine):
         seq.output.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = now
+            seq.timing.first_token = now  # type: ignore[union-attr]
             _safe(self._observer.on_time_to_first_token, now - seq.arrival)
         else:
             _safe(self._observer.on_inter_token_latency, now - (seq.last_token_at or now))
@@ -280,6 +282,8 @@ class LLMEngine(Engine):
                                image_tokens=tuple(int(n) for n in seq.request.image_token_counts))
         self._release(seq)
         self._counters.finished(reason.value, self._observer)
+        seq.timing.finished = seq.last_token_at  # type: ignore[union-attr]
+        _safe(self._observer.on_sequence_timing, seq.timing)
         log.debug("request %s finished (%s): %d tokens", seq.id, reason.value, len(seq.output))
         _safe(seq.sink.on_finish, out)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,8 @@ class Intake:
     def _load(self, seq: Sequence) -> None:
         images: list[EncodedImage] | None = None
         error: BaseException | None = None
+        timing = seq.timing
+        timing.load_started = time.monotonic()  # type: ignore[union-attr]
         try:
             if seq.cancelled_or_ended():
                 # Skipped, not loaded: the loop then reports the cancel/deadline cause, never "returned None".
@@ -90,6 +93,7 @@ class Intake:
             images = seq.request.images.load(seq.cancelled_or_ended)  # type: ignore[union-attr]
         except BaseException as e:  # noqa: BLE001 - reported as IMAGE_LOAD by the loop
             error = e
+        timing.load_ended = time.monotonic()  # type: ignore[union-attr]  # read by the loop after the hand-over
         with self._cond:
             self._landed.append(Landed(seq, images, error))
             self._cond.notify()

@@ -12,6 +12,7 @@ from mm_models.qwen2vl import EncodedImage
 from .api import GenerationRequest, ResponseSink
 from .detok import IncrementalDetokenizer
 from .runner import PreparedPrompt
+from .timing import SequenceTiming
 
 
 class SeqState(enum.Enum):
@@ -40,6 +41,11 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     ended: threading.Event = field(default_factory=threading.Event)
+    timing: SequenceTiming | None = None  # stamped by the loop and the loader thread (see timing.py)
+
+    def __post_init__(self) -> None:
+        if self.timing is None:
+            self.timing = SequenceTiming(self.request.request_id, self.arrival)
 
     @property
     def id(self) -> str:

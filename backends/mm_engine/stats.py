@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .timing import SequenceTiming
+
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +52,10 @@ class EngineObserver:
 
     def on_finished(self, label: str) -> None:
         """A sequence ended: a FinishReason value ("stop", "length") or an ErrorCause value."""
+
+    def on_sequence_timing(self, timing: SequenceTiming) -> None:
+        """A sequence finished normally (before its sink's ``on_finish``); ``timing.phases()`` splits its
+        time into queue, load, slot wait, prefill and decode."""
 
 
 class StepCounters:

@@ -14,6 +14,7 @@ from mm_triton.access import ABANDON_INPUT, InternalGate
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.metrics import TritonMetrics
+from mm_triton.phases import Phase
 from mm_triton.tensors import bytes_list
 from mmtransfer import TransferCancelled
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class LanguageModelTriton(EngineModel):
+    load_phase = Phase.TRANSFER  # the engine's image load is the pull of the EMBED_REFs
+    phases_run = (Phase.QUEUE, Phase.TRANSFER, Phase.SLOT_WAIT, Phase.PREFILL, Phase.DECODE, Phase.RESPONSE)
+
     def setup(self) -> None:
         self.setup_engine_model()
         self.service = LanguageService(self.checkpoint, self.transfer_config, self.params, self.device,

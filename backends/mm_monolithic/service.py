@@ -25,6 +25,7 @@ from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder
 from mm_models.qwen2vl import _loading
+from mm_triton.phases import Phase, PhaseClock
 from mmtransfer import TransferCancelled
 
 log = logging.getLogger(__name__)
@@ -39,18 +40,28 @@ class RequestTooLarge(ValueError):
 class VisionLoader(ImageLoader):
     """Runs the vision tower on a request's decoded images (engine loader thread)."""
 
-    def __init__(self, encoder: VisionEncoder, images: Sequence[Image.Image]) -> None:
+    def __init__(self, encoder: VisionEncoder, images: Sequence[Image.Image], clock: PhaseClock | None = None,
+                 report: Callable[[PhaseClock], None] | None = None) -> None:
+        """``clock``: the request's phases so far (image decode); ``report(clock)`` gets it back with
+        preprocess and vision added once every image is encoded."""
         self._encoder = encoder
         self._images = list(images)
         self._aborted = threading.Event()
+        self._clock = clock or PhaseClock()
+        self._report = report
 
     def load(self, cancelled: Callable[[], bool]) -> list[EncodedImage]:
         out = []
         for image in self._images:
             if cancelled() or self._aborted.is_set():
                 raise TransferCancelled("cancelled before its images were encoded")
-            out.append(self._encoder.encode(image))
+            with self._clock.measure(Phase.PREPROCESS):
+                inputs = self._encoder.preprocess(image)
+            with self._clock.measure(Phase.VISION):
+                out.extend(self._encoder.encode_batch([inputs]))
         self._images = []
+        if self._report is not None:
+            self._report(self._clock)
         return out
 
     def abort(self, reason: str) -> None:
@@ -90,8 +101,14 @@ class MonolithicService:
         self.engine = make_engine(model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
-    def check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:
-        """Decode and validate every image before any model work; ValueError names the bad one."""
+    def check_images(self, images: Sequence[bytes],
+                     clock: PhaseClock | None = None) -> tuple[list[Image.Image], list[int]]:
+        """Decode and validate every image before any model work; ValueError names the bad one.
+        ``clock`` (optional) gets the time spent as ``image_decode``."""
+        with (clock or PhaseClock()).measure(Phase.IMAGE_DECODE):
+            return self._check_images(images)
+
+    def _check_images(self, images: Sequence[bytes]) -> tuple[list[Image.Image], list[int]]:
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         decoded, counts = [], []
@@ -118,13 +135,16 @@ class MonolithicService:
         return decoded, counts
 
     def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int],
-                      prompt: str | ChatMessages, sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
-        """The engine's request for images already checked by :meth:`check_images`."""
+                      prompt: str | ChatMessages, sampling: SamplingParams, deadline: float | None,
+                      clock: PhaseClock | None = None,
+                      report: Callable[[PhaseClock], None] | None = None) -> GenerationRequest:
+        """The engine's request for images already checked by :meth:`check_images`; ``clock`` and
+        ``report``: see :class:`VisionLoader`."""
         counts = list(counts)
         prompt_ids = self.lm.build_input_ids(prompt, counts)
+        loader = VisionLoader(self.vision, decoded, clock, report) if decoded else None  # text-only: none
         return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, image_token_counts=counts,
-                                 images=VisionLoader(self.vision, decoded) if decoded else None,  # text-only: none
-                                 sampling=sampling, deadline=deadline)
+                                 images=loader, sampling=sampling, deadline=deadline)
 
     def close(self) -> None:
         self.engine.close()

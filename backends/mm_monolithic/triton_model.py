@@ -9,6 +9,7 @@ from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.image_budget import ResizedImagesCounter
+from mm_triton.phases import Phase, PhaseClock
 from mm_triton.tensors import bytes_list
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
@@ -17,6 +18,10 @@ INPUTS = ("IMAGE", "PROMPT", "MESSAGES", "MAX_TOKENS", "TEMPERATURE", "TOP_P", "
 
 
 class MonolithicModelTriton(EngineModel):
+    load_phase = None  # the VisionLoader reports image_decode, preprocess and vision itself
+    phases_run = (Phase.QUEUE, Phase.IMAGE_DECODE, Phase.PREPROCESS, Phase.VISION, Phase.SLOT_WAIT,
+                  Phase.PREFILL, Phase.DECODE, Phase.RESPONSE)
+
     def setup(self) -> None:
         self.setup_engine_model()
         self.service = MonolithicService(
@@ -32,7 +37,9 @@ class MonolithicModelTriton(EngineModel):
         # the pipeline's bounds and messages, from raw sizes and image headers, before any decoding
         check_request(self.pb_utils, request, self.bounds, INPUTS)
         images = bytes_list(self.pb_utils, request, "IMAGE")
-        decoded, counts = self.service.check_images(images)  # image errors first, as the pipeline reports them
+        clock = PhaseClock()
+        decoded, counts = self.service.check_images(images, clock)  # image errors first, as the pipeline's
         inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
         return self.service.build_request(request_id, decoded, counts, inputs.prompt, inputs.sampling,
-                                          inputs.deadline)
+                                          inputs.deadline, clock,
+                                          lambda c: self.phase_metrics.observe(request_id, c.seconds))

@@ -10,6 +10,8 @@
     mm_engine_generated_tokens_total   COUNTER    tokens generated
     mm_engine_requests_total           COUNTER    ended sequences by outcome: stop, length, or the error cause
 
+    mm_phase_seconds{phase=queue|transfer|slot_wait|prefill|decode}   from ``on_sequence_timing`` (phases.py)
+
 All of them come from the engine's own :class:`~mm_engine.stats.EngineObserver` hooks, called on its loop
 thread.
 """
@@ -21,6 +23,9 @@ from typing import Any
 
 from mm_engine.api import ErrorCause, FinishReason
 from mm_engine.stats import EngineObserver
+from mm_engine.timing import SequenceTiming
+
+from .phases import Phase, PhaseMetrics, engine_phases
 
 log = logging.getLogger(__name__)
 TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
@@ -31,8 +36,12 @@ OUTCOMES = tuple(r.value for r in FinishReason) + tuple(c.value for c in ErrorCa
 class EngineMetrics(EngineObserver):
     """The engine's observer: every hook updates a Triton metric (under a lock: hooks may come from threads)."""
 
-    def __init__(self, pb_utils: Any, model: str, instance: str) -> None:
+    def __init__(self, pb_utils: Any, model: str, instance: str, phases: PhaseMetrics | None = None,
+                 load_phase: Phase | None = None) -> None:
+        """``phases``: where the engine's per-sequence phases go; its image load is ``load_phase``."""
         mf = pb_utils.MetricFamily
+        self._phases = phases
+        self._load_phase = load_phase
         labels = {"model": model, "instance": instance}
         self._lock = threading.Lock()
         self._families: list[Any] = []  # families must outlive their metrics
@@ -85,3 +94,7 @@ class EngineMetrics(EngineObserver):
             return
         with self._lock:
             counter.increment(1)
+
+    def on_sequence_timing(self, timing: SequenceTiming) -> None:
+        if self._phases is not None:
+            self._phases.observe(timing.request_id, engine_phases(timing, self._load_phase))

@@ -19,6 +19,7 @@ from mm_engine.api import Engine, EngineError, ErrorCause, GenerationRequest
 from .engine_metrics import EngineMetrics
 from .generation_inputs import DEFAULT_MAX_PROMPT_BYTES, InputLimits
 from .model_base import ModelBase
+from .phases import Phase, PhaseMetrics
 from .sinks import StreamSink, UnarySink
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ class EngineModel(ModelBase):
     ``build_request`` and ``abandon``."""
 
     engine: Engine
+    phase_metrics: PhaseMetrics | None = None  # set by setup_engine_model
+    # what the engine's image load is, as a phase (None: the loader reports its own phases)
+    load_phase: Phase | None = None
+    phases_run: tuple[Phase, ...] = (Phase.QUEUE, Phase.SLOT_WAIT, Phase.PREFILL, Phase.DECODE, Phase.RESPONSE)
 
     def setup_engine_model(self) -> None:
         policy = self.model_config.get("model_transaction_policy") or {}
@@ -45,7 +50,9 @@ class EngineModel(ModelBase):
             default_max_tokens=self.int_param("default_max_tokens", 32),
             max_prompt_bytes=self.int_param("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES),
         )
-        self.engine_metrics = EngineMetrics(self.pb_utils, self.model_name, self.instance_name)
+        self.phase_metrics = PhaseMetrics(self.pb_utils, self.model_name, self.instance_name, self.phases_run)
+        self.engine_metrics = EngineMetrics(self.pb_utils, self.model_name, self.instance_name,
+                                            self.phase_metrics, self.load_phase)
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
         """Read and validate one Triton request; raise ValueError (INVALID_ARG) naming the bad input."""
@@ -59,7 +66,8 @@ class EngineModel(ModelBase):
         for request in requests:
             arrived = time.monotonic()
             request_id = request.request_id() or uuid.uuid4().hex[:12]
-            sink = sink_cls(self.pb_utils, request, request_id, self.cancellation_check(request))
+            sink = sink_cls(self.pb_utils, request, request_id, self.cancellation_check(request),
+                            phases=self.phase_metrics)
             try:
                 generation = self.build_request(request, request_id, arrived)
                 generation.cancelled = sink.cancelled

@@ -19,6 +19,8 @@ MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "max_pixels": ("mm_encoder", "mm_language", "mm_monolithic"),  # the per-image budget (mm_triton.image_budget)
     "min_pixels": ("mm_encoder", "mm_language", "mm_monolithic"),
     "encode_threads": ("mm_encoder",),
+    "max_encode_batch_tokens": ("mm_encoder",),  # the encode batcher (mm_encoder.batcher)
+    "max_encode_delay_ms": ("mm_encoder",),
     "cache_blocks": ("mm_encoder",),
     "max_tokens_limit": ("mm_language", "mm_monolithic"),
     "default_max_tokens": ("mm_language", "mm_monolithic"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ import numpy as np
 from mm_engine.api import EngineError, GenerationOutput, ResponseSink
 
 from .errors import _is_image_load, error_code_name, triton_error
+from .phases import Phase, PhaseMetrics
 
 ERRORS_INBAND_INPUT = "MM_ERRORS_INBAND"  # set by mm_pipeline_stream on its BLS calls
 ERROR_OUTPUT = "MM_ERROR"
@@ -32,8 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class _SinkBase(ResponseSink):
-    def __init__(self, pb_utils: Any, request: Any, request_id: str, client_cancelled: Callable[[], bool]) -> None:
+    def __init__(self, pb_utils: Any, request: Any, request_id: str, client_cancelled: Callable[[], bool],
+                 phases: PhaseMetrics | None = None) -> None:
         self._pb = pb_utils
+        self._phases = phases  # the final answer's build + send time is the request's ``response`` phase
         self._sender = request.get_response_sender()
         self.request_id = request_id
         self._client_cancelled = client_cancelled
@@ -89,13 +93,20 @@ class _SinkBase(ResponseSink):
         self._send(self._pb.InferenceResponse(error=triton_error(self._pb, exc)), final=True)
 
 
+    def _record_response(self, started: float) -> None:
+        if self._phases is not None:
+            self._phases.observe(self.request_id, {Phase.RESPONSE: time.perf_counter() - started})
+
+
 class UnarySink(_SinkBase):
     """One FINAL response with the whole result."""
 
     def on_finish(self, output: GenerationOutput) -> None:
         try:
+            started = time.perf_counter()
             tensors = [self._text(output.text), self._ids(list(output.token_ids)), *self._summary(output)]
             self._send(self._pb.InferenceResponse(output_tensors=tensors), final=True)
+            self._record_response(started)
         except Exception:  # noqa: BLE001 - never raise into the engine
             log.exception("request %s: could not answer", self.request_id)
 
@@ -132,11 +143,13 @@ class StreamSink(_SinkBase):
 
     def on_finish(self, output: GenerationOutput) -> None:
         try:
+            started = time.perf_counter()
             streamed = "".join(self._streamed_text)
             text_rest = output.text[len(streamed):] if output.text.startswith(streamed) else ""
             n = len(self._streamed_ids)
             ids_rest = list(output.token_ids[n:]) if list(output.token_ids[:n]) == self._streamed_ids else []
             tensors = [self._text(text_rest), self._ids(ids_rest), *self._summary(output)]
             self._send(self._pb.InferenceResponse(output_tensors=tensors), final=True)
+            self._record_response(started)
         except Exception:  # noqa: BLE001 - never raise into the engine
             log.exception("request %s: could not finish the stream", self.request_id)

@@ -19,7 +19,12 @@
 # arguments: MM_BENCH2B_ARGS); "engine" runs scripts/bench_engine.py on the same checkpoint, everything on GPU 0
 # (in-process engine, mm_pipeline over CUDA IPC, mm_monolithic: requests/s, TTFT, inter-token latency at
 # concurrency 1..64 and one Poisson rate, MAX_TOKENS 16 and 128; arguments: MM_ENGINE_ARGS; files back:
-# engine.log, engine-gpu-2b.json, engine-gpu-2b.png). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
+# engine.log, engine-gpu-2b.json, engine-gpu-2b.png); "phases1gpu" runs, on the same checkpoint with mm_encoder,
+# mm_language and mm_monolithic all on GPU 0, scripts/bench_pipeline.py at concurrency 1 and 4 (MAX_TOKENS 16) and
+# then scripts/bench_engine.py --targets inprocess,mm_pipeline,mm_monolithic at concurrency 1 and 4 (the in-process
+# upper bound on the same requests as its served points), both printing the per-phase breakdown of every point
+# (mm_phase_seconds; arguments: MM_PHASES_ARGS, MM_PHASES_ENGINE_ARGS; files back: phases1gpu.log,
+# phases-pipeline-gpu0.json, phases1gpu-engine.log, phases-engine-gpu0.json). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
 # inside the device's 10-minute limit and what ran comes back. Files back: suite.log (summary), gpu.log,
 # bench.log, pipeline.log, unit.log, bench_transfer.json, bench_transfer.png, logs.tgz (server logs);
 # scaleout.log; bench2b.log, pipeline-gpu-2b.json, pipeline-gpu-2b.png (at most 8 files come back: pick stages).
@@ -101,7 +106,7 @@ PYEOF
 command -v perf_analyzer >/dev/null && { perf_analyzer --version 2>&1 | head -2 | tee -a "$OUT/suite.log"; }
 # the realistic-size checkpoint for bench2b is built in the background while the other stages run (CPU work)
 SIZED_DIR="${MM_SIZED_DIR:-/tmp/q2b}"
-if has bench2b || has engine; then
+if has bench2b || has engine || has phases1gpu; then
     ( OMP_NUM_THREADS=16 $PY -m mm_models.sized --preset qwen2-vl-2b --out "$SIZED_DIR" -v >"$OUT/sized.log" 2>&1; echo "rc=$?" >>"$OUT/sized.log" ) &
     SIZED_PID=$!
     say "building the qwen2-vl-2b-size checkpoint in $SIZED_DIR (pid $SIZED_PID)"
@@ -168,6 +173,24 @@ if has engine; then
         cp /tmp/engine/*server.log "$MM_GPU_LOG_DIR"/ 2>/dev/null
     else
         say "engine: SKIPPED (checkpoint build failed or unfinished)"
+    fi
+fi
+if has phases1gpu; then
+    while kill -0 "$SIZED_PID" 2>/dev/null && [ $((BUDGET_S - (SECONDS - T0))) -gt 60 ]; do sleep 2; done
+    if grep -q "^rc=0" "$OUT/sized.log"; then
+        # one GPU for everything: the pipeline's transfer is CUDA IPC; 32 requests a point, no Poisson points
+        stage phases1gpu 240 phases1gpu.log $PY scripts/bench_pipeline.py --checkpoint "$SIZED_DIR" \
+            ${MM_PHASES_ARGS:---gpu mm_encoder=0 --gpu mm_language=0 --gpu mm_monolithic=0 --concurrency 1,4 --requests 32 --request-rates none --max-tokens 16 --point-timeout 90} \
+            --name phases-pipeline-gpu0 --out-dir "$OUT" --work-dir /tmp/phases1gpu --markdown --no-plot
+        grep -E "^\[mm_|^    mm_|infer/s" "$OUT/phases1gpu.log" | tail -30 | tee -a "$OUT/suite.log"
+        stage phases1gpu-engine 240 phases1gpu-engine.log $PY scripts/bench_engine.py --checkpoint "$SIZED_DIR" \
+            ${MM_PHASES_ENGINE_ARGS:---targets inprocess,mm_pipeline,mm_monolithic --gpu mm_encoder=0 --gpu mm_language_stream=0 --gpu mm_monolithic_stream=0 --concurrency 1,4 --max-tokens 16 --request-rates none --point-timeout 90} \
+            --name phases-engine-gpu0 --out-dir "$OUT" --work-dir /tmp/phases1gpu-engine --markdown
+        grep -E "MAX_TOKENS|^    (inprocess|mm_)" "$OUT/phases1gpu-engine.log" | tail -30 | tee -a "$OUT/suite.log"
+        rm -f "$OUT"/phases-engine-gpu0.png  # at most 8 files come back
+        cp /tmp/phases1gpu/*server.log /tmp/phases1gpu-engine/*server.log "$MM_GPU_LOG_DIR"/ 2>/dev/null
+    else
+        say "phases1gpu: SKIPPED (checkpoint build failed or unfinished)"
     fi
 fi
 if has unit; then

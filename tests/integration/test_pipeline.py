@@ -118,6 +118,12 @@ def test_concurrent_small_and_huge_requests(mm_server, images, oracle):
     done = metric_value(after, "mm_transfers_total", model="mm_language") - metric_value(
         before, "mm_transfers_total", model="mm_language")
     assert done == len(mix)
+    calls = metric_value(after, "mm_encode_batch_images_count", model="mm_encoder") - metric_value(
+        before, "mm_encode_batch_images_count", model="mm_encoder")
+    encoded = metric_value(after, "mm_encode_batch_images_sum", model="mm_encoder") - metric_value(
+        before, "mm_encode_batch_images_sum", model="mm_encoder")
+    print(f"encoder: {encoded:.0f} image(s) in {calls:.0f} tower call(s)")  # cached images need none
+    assert 0 <= calls <= encoded  # never more tower calls than images (one per image at worst)
 
 
 def test_metrics_after_requests(mm_server, images):
@@ -131,6 +137,61 @@ def test_metrics_after_requests(mm_server, images):
     assert metric_value(m, "mm_transfer_bytes_total", model="mm_language") > 0
     assert metric_value(m, "mm_transfer_latency_seconds_count", model="mm_language") >= 2
     assert metric_value(m, "mm_transfer_continuations_total", model="mm_language") >= 2
+
+
+ENCODER_PHASES = ("queue", "image_decode", "preprocess", "vision", "publish", "response")
+LANGUAGE_PHASES = ("queue", "transfer", "slot_wait", "prefill", "decode", "response")
+MONOLITHIC_PHASES = ("queue", "image_decode", "preprocess", "vision", "slot_wait", "prefill", "decode", "response")
+
+
+def _phase_counts(metrics, model: str, phases) -> dict[str, float]:
+    return {p: metric_value(metrics, "mm_phase_seconds_count", 0.0, model=model, phase=p) for p in phases}
+
+
+def test_phase_histograms_count_every_request(mm_server, tiny_model_dir):
+    """mm_phase_seconds: one observation per phase per request on each model (a cache hit reports vision 0),
+    the sums plausible."""
+    before = _metrics(mm_server)
+    n = 3
+    fresh = [make_test_image(tokens=64, seed=900 + i, model_dir=tiny_model_dir) for i in range(n)]  # not cached
+    for model in ("mm_pipeline", "mm_monolithic"):
+        with MMClient(mm_server.http_url, model=model) as client:
+            for image in fresh:
+                client.generate([image], PROMPT, max_tokens=3)
+    after = _wait_pools_empty(mm_server)
+    for model, phases in (("mm_encoder", ENCODER_PHASES), ("mm_language", LANGUAGE_PHASES),
+                          ("mm_monolithic", MONOLITHIC_PHASES)):
+        got = _phase_counts(after, model, phases)
+        was = _phase_counts(before, model, phases)
+        assert {p: got[p] - was[p] for p in phases} == {p: n for p in phases}, model
+        total = sum(metric_value(after, "mm_phase_seconds_sum", 0.0, model=model, phase=p)
+                    - metric_value(before, "mm_phase_seconds_sum", 0.0, model=model, phase=p) for p in phases)
+        assert 0 < total < 60 * n, model
+        inf = metric_value(after, "mm_phase_seconds_bucket", 0.0, model=model, phase=phases[-1], le="+Inf")
+        assert inf >= n  # a real histogram, cumulative buckets up to +Inf
+    # the engine's decode of 3 tokens and the encoder's tower are not free
+    assert metric_value(after, "mm_phase_seconds_sum", model="mm_encoder", phase="vision") > 0
+    assert metric_value(after, "mm_phase_seconds_sum", model="mm_language", phase="decode") > 0
+
+
+def test_concurrent_requests_share_tower_calls(mm_server, tiny_model_dir, oracle):
+    """Six concurrent requests with new images: those queued while the tower runs go through it together (fewer
+    tower calls than images), and every answer still equals the oracle's."""
+    fresh = [make_test_image(tokens=1024, seed=700 + i, model_dir=tiny_model_dir) for i in range(6)]
+    before = _metrics(mm_server)
+
+    def one(image):
+        with MMClient(mm_server.grpc_url, protocol="grpc", timeout_s=300) as client:
+            return client.generate([image], PROMPT, max_tokens=MAX_TOKENS).token_ids
+
+    with ThreadPoolExecutor(len(fresh)) as pool:
+        results = list(pool.map(one, fresh))
+    for image, got in zip(fresh, results):
+        assert got == oracle([image])
+    after = _wait_pools_empty(mm_server)
+    calls, images = (metric_value(after, f"mm_encode_batch_images_{k}", model="mm_encoder")
+                     - metric_value(before, f"mm_encode_batch_images_{k}", model="mm_encoder") for k in ("count", "sum"))
+    assert images == len(fresh) and calls < images, (calls, images)
 
 
 def _call_model(server, model: str, inputs: dict[str, np.ndarray]):

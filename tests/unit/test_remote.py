@@ -239,7 +239,7 @@ def test_build_repository_refuses_bad_arguments(tmp_path):
             parse_gpus(bad)
 
 
-# ---- several images per request, encoded by a thread pool -------------------------------------------
+# ---- several images per request, preprocessed by a thread pool -------------------------------------------
 @pytest.fixture(scope="module")
 def encoder_service(tiny_model_dir):
     from mm_encoder.service import EncoderService
@@ -265,23 +265,33 @@ def test_threaded_encoding_keeps_prompt_order(encoder_service, tiny_model_dir):
     assert encoder_service.pool.used_blocks == 0
 
 
-def test_threaded_encoding_failure_frees_everything(encoder_service, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("where", ["tower", "publish"])
+def test_encoding_failure_frees_everything(encoder_service, tiny_model_dir, monkeypatch, where):
+    """The tower call failing, or the third image's publish failing after two were published: the request
+    fails with that error and nothing stays allocated."""
     from mm_bench.images import make_test_image
 
     images = [make_test_image(tokens=256, seed=i, model_dir=tiny_model_dir) for i in range(4)]
-    real = encoder_service.vision.encode
     calls = []
-
-    def flaky(image):
-        calls.append(image)
-        if len(calls) == 2:
+    if where == "tower":
+        def broken(inputs):
+            calls.append(len(inputs))
             raise RuntimeError("vision tower failed")
-        return real(image)
 
-    monkeypatch.setattr(encoder_service.vision, "encode", flaky)
-    with pytest.raises(RuntimeError, match="vision tower failed"):
+        monkeypatch.setattr(encoder_service.vision, "encode_batch", broken)
+    else:
+        real = encoder_service.sender.register
+
+        def broken(*args, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("publish failed")
+            return real(*args, **kw)
+
+        monkeypatch.setattr(encoder_service.sender, "register", broken)
+    with pytest.raises(RuntimeError, match=f"{'vision tower' if where == 'tower' else 'publish'} failed"):
         encoder_service.encode(images, "fail")
-    assert len(calls) == 4  # every image finished before the request failed
+    assert calls == ([4] if where == "tower" else [1, 1, 1])  # one tower call for all four images
     assert encoder_service.pool.used_blocks == 0 and encoder_service.sender.active_transfers == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,23 @@ class VisionEncoder:
         """Run preprocessing and the vision tower on one image; return its embedding on this encoder's
         device, ``embeds.shape[0] == count_tokens(image)``."""
         pixel_values, grid = self.preprocess(image)
+        encoded = self.encode_batch([(pixel_values, grid)])[0]
+        logger.debug("encoded image %dx%d -> grid %s, %d tokens", image.width, image.height, encoded.grid_thw,
+                     encoded.num_tokens)
+        return encoded
+
+    def encode_batch(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[EncodedImage]:
+        """One tower call for several preprocessed images (``preprocess`` outputs): their pixel_values
+        and grid_thw rows are concatenated (the tower's attention is per image, by the grid), and the
+        output is split back per image, in order."""
+        if not inputs:
+            return []
+        pixels = torch.cat([pv for pv, _ in inputs], dim=0) if len(inputs) > 1 else inputs[0][0]
+        grids = torch.cat([g for _, g in inputs], dim=0) if len(inputs) > 1 else inputs[0][1]
         with self._lock, torch.inference_mode():
-            out = self._model.model.get_image_features(pixel_values.to(self._device), grid.to(self._device))
-        embeds = out.pooler_output[0]
-        grid_thw = tuple(int(v) for v in grid[0].tolist())
-        logger.debug("encoded image %dx%d -> grid %s, %d tokens", image.width, image.height, grid_thw,
-                     embeds.shape[0])
-        return EncodedImage(embeds=embeds, grid_thw=grid_thw)  # type: ignore[arg-type]
+            out = self._model.model.get_image_features(pixels.to(self._device), grids.to(self._device))
+        embeds = list(out.pooler_output)  # split per image by the model (grid.prod() // merge**2 rows each)
+        if len(embeds) != len(inputs):
+            raise RuntimeError(f"vision tower returned {len(embeds)} embeddings for {len(inputs)} images")
+        return [EncodedImage(embeds=e, grid_thw=tuple(int(v) for v in g.tolist()))  # type: ignore[arg-type]
+                for e, g in zip(embeds, grids)]
