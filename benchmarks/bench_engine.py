@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Language-engine benchmark: requests/s, TTFT and inter-token latency, through Triton and in-process."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
-from mm_params import tiny_model_dir  # noqa: E402
-
 from mm_bench import perf, streaming  # noqa: E402
 from mm_bench.phases import InProcessPhases, format_breakdown, phase_breakdown  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
+from mm_params import tiny_model_dir  # noqa: E402
 
 TARGETS = {  # what the user calls -> the model that streams the same work (same engine, same parameters)
-    "inprocess": None, "mm_pipeline": "mm_pipeline_stream", "mm_monolithic": "mm_monolithic_stream",
+    "inprocess": None,
+    "mm_pipeline": "mm_pipeline_stream",
+    "mm_monolithic": "mm_monolithic_stream",
     "mm_pipeline_unary": "mm_pipeline",  # optional: the unary ensemble itself (latency only: TTFT = latency)
 }
 DEFAULT_TARGETS = ("inprocess", "mm_pipeline", "mm_monolithic")
@@ -71,25 +73,54 @@ def rate_list(text: str) -> list[float] | str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from bench_pipeline import env_pair, gpu_pair
 
-    p = argparse.ArgumentParser(prog="scripts/bench_engine.py", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
-                   help=f"comma-separated, of {', '.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})")
+    p = argparse.ArgumentParser(
+        prog="scripts/bench_engine.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help=f"comma-separated, of {', '.join(TARGETS)} (default {','.join(DEFAULT_TARGETS)})",
+    )
     p.add_argument("--concurrency", type=int_list, default=[1, 4, 16, 64], help="closed-loop concurrencies")
     p.add_argument("--max-tokens", type=int_list, default=[16, 128], help="MAX_TOKENS values")
-    p.add_argument("--request-rates", type=rate_list, default="auto",
-                   help="open-loop rates (req/s); 'auto' = 0.5x the first target's best closed-loop req/s at each "
-                        "MAX_TOKENS (the same rate for every target); 'none' skips")
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per load point (default: max(16, 2 x concurrency); rate points: 24)")
+    p.add_argument(
+        "--request-rates",
+        type=rate_list,
+        default="auto",
+        help="open-loop rates (req/s); 'auto' = 0.5x the first target's best closed-loop req/s at each "
+        "MAX_TOKENS (the same rate for every target); 'none' skips",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per load point (default: max(16, 2 x concurrency); rate points: 24)",
+    )
     p.add_argument("--point-timeout", type=float, default=300.0, metavar="SECONDS")
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the tiny model (MM_TINY_MODEL)")
-    p.add_argument("--device", default="", help="in-process device (default: cuda:N of --gpu mm_monolithic_stream, "
-                                                "else cpu)")
-    p.add_argument("--gpu", dest="gpus", type=gpu_pair, action="append", default=[], metavar="MODEL=GPU",
-                   help="run MODEL's instance on GPU (repeatable), e.g. mm_language_stream=0")
-    p.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
-                   help="server environment, e.g. MM_MAX_NUM_SEQS=64 (the in-process engine reads MM_* too)")
+    p.add_argument(
+        "--device", default="", help="in-process device (default: cuda:N of --gpu mm_monolithic_stream, else cpu)"
+    )
+    p.add_argument(
+        "--gpu",
+        dest="gpus",
+        type=gpu_pair,
+        action="append",
+        default=[],
+        metavar="MODEL=GPU",
+        help="run MODEL's instance on GPU (repeatable), e.g. mm_language_stream=0",
+    )
+    p.add_argument(
+        "--env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="server environment, e.g. MM_MAX_NUM_SEQS=64 (the in-process engine reads MM_* too)",
+    )
     p.add_argument("--quick", action="store_true", help="concurrency 1,4, MAX_TOKENS 16, 8 requests a point")
     p.add_argument("--name", default="engine")
     p.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "bench")
@@ -134,8 +165,9 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
     os.environ.update(dict(args.env))  # MM_* overrides, as the server gets them
     params = model_parameters(ROOT / "model_repository" / "mm_monolithic_stream" / "config.pbtxt")
     phases = InProcessPhases()  # the same per-phase split as the servers' mm_phase_seconds
-    service = mono.MonolithicService(args.checkpoint, params, args.device, name="inprocess",
-                                     engine_observer=phases.observer)
+    service = mono.MonolithicService(
+        args.checkpoint, params, args.device, name="inprocess", engine_observer=phases.observer
+    )
     decoded = [service.check_images([img]) for img in images]
 
     class Sink(ResponseSink):
@@ -155,6 +187,7 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
     from mm_engine.api import SamplingParams
 
     try:
+
         def warm(step, on_token, done):
             imgs, counts = decoded[step % len(decoded)]
             request = service.build_request(f"w{step}", imgs, counts, PROMPT, SamplingParams(max_tokens=4), None)
@@ -162,10 +195,18 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
 
         streaming.closed_loop(warm, len(images), 2, 2 * len(images), args.point_timeout)  # first calls are slow
         for max_tokens, kind, value in plan("inprocess"):
+
             def submit(step, on_token, done, _mt=max_tokens):
                 imgs, counts = decoded[step % len(decoded)]
-                request = service.build_request(f"b{time.monotonic_ns()}", imgs, counts, PROMPT,
-                                                SamplingParams(max_tokens=_mt), None, report=phases.report)
+                request = service.build_request(
+                    f"b{time.monotonic_ns()}",
+                    imgs,
+                    counts,
+                    PROMPT,
+                    SamplingParams(max_tokens=_mt),
+                    None,
+                    report=phases.report,
+                )
                 service.engine.submit(request, Sink(on_token, done))
 
             n = requests_for(args, value if kind == "concurrency" else None)
@@ -174,8 +215,9 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
                 recs = streaming.closed_loop(submit, len(images), value, n, args.point_timeout)
             else:
                 recs = streaming.open_loop(submit, len(images), value, n, args.point_timeout)
-            rows.append(_row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs),
-                             {"inprocess": phases.take()}))
+            rows.append(
+                _row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs), {"inprocess": phases.take()})
+            )
     finally:
         service.close()
         service = None  # the last reference: its tensors go before the CUDA cache is emptied
@@ -215,8 +257,13 @@ def start_server(args):
     models = list(dict.fromkeys(m for target in models for m in [*steps.get(target, []), target]))  # BLS steps too
     env = {"MM_CHECKPOINT": str(args.checkpoint), "MM_CACHE_BLOCKS": "0", **dict(args.env)}
     log = args.work_dir / f"{args.name}-server.log"
-    server = TritonServer(repo, env=env, log_file=log, startup_timeout_s=900,
-                          args=["--model-control-mode=explicit", *[f"--load-model={m}" for m in models]])
+    server = TritonServer(
+        repo,
+        env=env,
+        log_file=log,
+        startup_timeout_s=900,
+        args=["--model-control-mode=explicit", *[f"--load-model={m}" for m in models]],
+    )
     t0 = time.monotonic()
     server.start()
     print(f"tritonserver pid {server.pid} ready in {time.monotonic() - t0:.1f}s (log {log})", flush=True)
@@ -241,11 +288,19 @@ def triton_point(args, server, target: str, data: Path, max_tokens: int, kind: s
     export.unlink(missing_ok=True)
     n = requests_for(args, value if kind == "concurrency" else None)
     stream = TARGETS[target].endswith("_stream")
-    cmd = perf.command(args.perf_analyzer, TARGETS[target], server.grpc_url, data, args.work_dir / f"{label}.csv",
-                       concurrency=value if kind == "concurrency" else None,
-                       request_rate=value if kind == "rate" else None, request_count=n,
-                       max_threads=64 if kind == "rate" else None, profile_export=export,
-                       extra=["--streaming"] if stream else [])
+    cmd = perf.command(
+        args.perf_analyzer,
+        TARGETS[target],
+        server.grpc_url,
+        data,
+        args.work_dir / f"{label}.csv",
+        concurrency=value if kind == "concurrency" else None,
+        request_rate=value if kind == "rate" else None,
+        request_count=n,
+        max_threads=64 if kind == "rate" else None,
+        profile_export=export,
+        extra=["--streaming"] if stream else [],
+    )
     before = _scrape(server)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.point_timeout)
@@ -275,13 +330,24 @@ def _scrape(server):
         return None
 
 
-def _row(target: str, max_tokens: int, kind: str, value, requests: int, summary: dict,
-         phases: dict | None = None) -> dict:
-    row = {"target": target, "max_tokens": max_tokens, "load": f"c={value}" if kind == "concurrency" else f"{value:g}/s",
-           "kind": kind, "value": value, "requests": requests, **summary}
-    print(f"  {target:13s} MAX_TOKENS {max_tokens:4d} {row['load']:>8s}: "
-          f"{_f(row.get('rps'))} req/s, TTFT p50 {_f(row.get('ttft_p50_ms'))} ms, "
-          f"ITL p50 {_f(row.get('itl_p50_ms'))} ms, errors {row.get('errors', 0)}", flush=True)
+def _row(
+    target: str, max_tokens: int, kind: str, value, requests: int, summary: dict, phases: dict | None = None
+) -> dict:
+    row = {
+        "target": target,
+        "max_tokens": max_tokens,
+        "load": f"c={value}" if kind == "concurrency" else f"{value:g}/s",
+        "kind": kind,
+        "value": value,
+        "requests": requests,
+        **summary,
+    }
+    print(
+        f"  {target:13s} MAX_TOKENS {max_tokens:4d} {row['load']:>8s}: "
+        f"{_f(row.get('rps'))} req/s, TTFT p50 {_f(row.get('ttft_p50_ms'))} ms, "
+        f"ITL p50 {_f(row.get('itl_p50_ms'))} ms, errors {row.get('errors', 0)}",
+        flush=True,
+    )
     if phases:
         row["phases"] = phases  # {model: {phase: {count, mean_ms, p50_ms}}}, the server's own split
         for line in format_breakdown(phases):
@@ -314,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.request_rates != "none":
                 if mt not in rates:
                     best = max((r.get("rps") or 0 for r in rows if r["max_tokens"] == mt), default=0)
-                    rates[mt] = list(args.request_rates) if args.request_rates != "auto" else (
-                        [round(0.5 * best, 2)] if best else [])
+                    rates[mt] = (
+                        list(args.request_rates)
+                        if args.request_rates != "auto"
+                        else ([round(0.5 * best, 2)] if best else [])
+                    )
                 for rate in rates[mt]:
                     yield mt, "rate", rate
 
@@ -337,18 +406,35 @@ def main(argv: list[str] | None = None) -> int:
     return report(args, rows, info)
 
 
-COLUMNS = [("target", "target"), ("max_tokens", "MAX_TOKENS"), ("load", "load"), ("completed", "done"),
-           ("errors", "err"), ("rps", "req/s", ".2f"), ("tokens_per_s", "tok/s", ".0f"),
-           ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
-           ("itl_p50_ms", "ITL p50 ms", ".1f"), ("itl_p99_ms", "ITL p99 ms", ".1f"),
-           ("latency_p50_ms", "latency p50 ms", ".0f")]
+COLUMNS = [
+    ("target", "target"),
+    ("max_tokens", "MAX_TOKENS"),
+    ("load", "load"),
+    ("completed", "done"),
+    ("errors", "err"),
+    ("rps", "req/s", ".2f"),
+    ("tokens_per_s", "tok/s", ".0f"),
+    ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
+    ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
+    ("itl_p50_ms", "ITL p50 ms", ".1f"),
+    ("itl_p99_ms", "ITL p99 ms", ".1f"),
+    ("latency_p50_ms", "latency p50 ms", ".0f"),
+]
 
 
 def report(args, rows: list[dict], info: dict) -> int:
     print(table(rows, COLUMNS, markdown=args.markdown))
     print(machine_line(info))
-    payload = {"machine": info, "command": sys.argv, "images_tokens": IMAGE_TOKENS, "prompt": PROMPT,
-               "checkpoint": str(args.checkpoint), "env": dict(args.env), "gpus": args.gpus, "rows": rows}
+    payload = {
+        "machine": info,
+        "command": sys.argv,
+        "images_tokens": IMAGE_TOKENS,
+        "prompt": PROMPT,
+        "checkpoint": str(args.checkpoint),
+        "env": dict(args.env),
+        "gpus": args.gpus,
+        "rows": rows,
+    }
     path = write_json(args.out_dir / f"{args.name}.json", payload)
     png = plot(rows, args, info)
     print(f"wrote {path} and {png}")
@@ -360,15 +446,21 @@ def plot(rows: list[dict], args, info: dict) -> Path:
 
     plt = pyplot()
     metrics = [("rps", "requests/s"), ("ttft_p50_ms", "TTFT p50 (ms)"), ("itl_p50_ms", "inter-token p50 (ms)")]
-    fig, axes = plt.subplots(len(args.max_tokens), len(metrics), figsize=(13, 3.6 * len(args.max_tokens)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(args.max_tokens), len(metrics), figsize=(13, 3.6 * len(args.max_tokens)), squeeze=False
+    )
     for i, mt in enumerate(args.max_tokens):
         for j, (key, title) in enumerate(metrics):
             ax = axes[i][j]
             for target in args.targets:
-                pts = [(r["value"], r.get(key)) for r in rows
-                       if r["target"] == target and r["max_tokens"] == mt and r["kind"] == "concurrency"
-                       and r.get(key) is not None]
+                pts = [
+                    (r["value"], r.get(key))
+                    for r in rows
+                    if r["target"] == target
+                    and r["max_tokens"] == mt
+                    and r["kind"] == "concurrency"
+                    and r.get(key) is not None
+                ]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=target)
             ax.set_xlabel("concurrency")

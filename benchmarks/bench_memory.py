@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Memory efficiency of the block pool: concurrent embeddings per pool byte, block allocator vs fixed slots."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,24 +37,48 @@ examples:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/bench_memory.py", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pool-mib", type=int_list, default=[64, 256, 1024],
-                   help="pool sizes in MiB, comma-separated (default 64,256,1024)")
-    p.add_argument("--block-tokens", type=int_list, default=[64, 128, 256],
-                   help="block sizes in tokens; the first pool size is also run with each (default 64,128,256; "
-                        "128 is the product default)")
+    p = argparse.ArgumentParser(
+        prog="scripts/bench_memory.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--pool-mib",
+        type=int_list,
+        default=[64, 256, 1024],
+        help="pool sizes in MiB, comma-separated (default 64,256,1024)",
+    )
+    p.add_argument(
+        "--block-tokens",
+        type=int_list,
+        default=[64, 128, 256],
+        help="block sizes in tokens; the first pool size is also run with each (default 64,128,256; "
+        "128 is the product default)",
+    )
     p.add_argument("--hidden", type=int, default=1536, help="embedding width (default 1536 = Qwen2-VL-2B)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="element type (default bfloat16)")
-    p.add_argument("--slot-tokens", type=int, default=8192,
-                   help="fixed-slot size in tokens = the largest embedding accepted (default 8192 = max_embed_tokens)")
-    p.add_argument("--mix", type=LogNormalMix.parse, default=LogNormalMix(),
-                   help="length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)")
+    p.add_argument(
+        "--slot-tokens",
+        type=int,
+        default=8192,
+        help="fixed-slot size in tokens = the largest embedding accepted (default 8192 = max_embed_tokens)",
+    )
+    p.add_argument(
+        "--mix",
+        type=LogNormalMix.parse,
+        default=LogNormalMix(),
+        help="length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)",
+    )
     p.add_argument("--trials", type=int, default=200, help="fills per configuration (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quick", action="store_true", help="CI size: 20 trials, 1 pool size, 1 block size")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
-                   help="where memory.json and memory.png go (default docs/benchmarks)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks",
+        help="where memory.json and memory.png go (default docs/benchmarks)",
+    )
     p.add_argument("--name", default="memory", help="file name stem of the outputs (default memory)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -67,10 +92,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 COLUMNS = [
-    ("pool_mib", "pool MiB", ".0f"), ("block_tokens", "block"), ("pool_blocks", "blocks"),
-    ("block_fit_mean", "fit (blocks)", ".1f"), ("slot_fit_mean", "fit (slots)", ".1f"), ("ratio", "ratio", ".2f"),
-    ("block_token_utilisation", "util blocks", ".1%"), ("slot_token_utilisation", "util slots", ".1%"),
-    ("block_waste_mean_tokens", "waste/req blocks (tok)", ".1f"), ("block_waste_mean_blocks", "= blocks", ".3f"),
+    ("pool_mib", "pool MiB", ".0f"),
+    ("block_tokens", "block"),
+    ("pool_blocks", "blocks"),
+    ("block_fit_mean", "fit (blocks)", ".1f"),
+    ("slot_fit_mean", "fit (slots)", ".1f"),
+    ("ratio", "ratio", ".2f"),
+    ("block_token_utilisation", "util blocks", ".1%"),
+    ("slot_token_utilisation", "util slots", ".1%"),
+    ("block_waste_mean_tokens", "waste/req blocks (tok)", ".1f"),
+    ("block_waste_mean_blocks", "= blocks", ".3f"),
     ("slot_waste_mean_tokens", "waste/req slots (tok)", ".0f"),
 ]
 
@@ -90,16 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     waste_ok = all(r["block_waste_mean_blocks"] <= 0.5 for r in rows)
     print(f"length mix: {args.mix.describe()}; hidden {args.hidden} {args.dtype}; fixed slot {args.slot_tokens} tokens")
     print(table(rows, COLUMNS, markdown=args.markdown))
-    print(f"target >= 2x concurrent embeddings (block 128): {'MET' if ratio_ok else 'MISSED'} "
-          f"(min ratio {min(r['ratio'] for r in default_rows):.2f}); "
-          f"target waste <= 0.5 block: {'MET' if waste_ok else 'MISSED'} "
-          f"(max {max(r['block_waste_mean_blocks'] for r in rows):.3f} block)")
+    print(
+        f"target >= 2x concurrent embeddings (block 128): {'MET' if ratio_ok else 'MISSED'} "
+        f"(min ratio {min(r['ratio'] for r in default_rows):.2f}); "
+        f"target waste <= 0.5 block: {'MET' if waste_ok else 'MISSED'} "
+        f"(max {max(r['block_waste_mean_blocks'] for r in rows):.3f} block)"
+    )
     print(f"machine: {machine_line(info)}")
     payload = {
-        "benchmark": "memory", "command": "scripts/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": info, "mix": args.mix.to_dict(), "mix_summary": summarize(args.mix.sample(100_000, args.seed + 7)),
-        "hidden": args.hidden, "dtype": args.dtype, "slot_tokens": args.slot_tokens, "trials": args.trials,
-        "rows": rows, "targets": {"ratio_ge_2x": ratio_ok, "waste_le_half_block": waste_ok},
+        "benchmark": "memory",
+        "command": "scripts/bench_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": info,
+        "mix": args.mix.to_dict(),
+        "mix_summary": summarize(args.mix.sample(100_000, args.seed + 7)),
+        "hidden": args.hidden,
+        "dtype": args.dtype,
+        "slot_tokens": args.slot_tokens,
+        "trials": args.trials,
+        "rows": rows,
+        "targets": {"ratio_ge_2x": ratio_ok, "waste_le_half_block": waste_ok},
         "elapsed_s": round(time.monotonic() - t0, 2),
     }
     out_json = write_json(args.out_dir / f"{args.name}.json", payload)
@@ -116,8 +156,10 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict) -> Path:
 
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    by_pool = sorted((r for r in rows if r["block_tokens"] == (128 if 128 in args.block_tokens else args.block_tokens[0])),
-                     key=lambda r: r["pool_mib"])
+    by_pool = sorted(
+        (r for r in rows if r["block_tokens"] == (128 if 128 in args.block_tokens else args.block_tokens[0])),
+        key=lambda r: r["pool_mib"],
+    )
     x = np.arange(len(by_pool))
     ax1.bar(x - 0.2, [r["block_fit_mean"] for r in by_pool], 0.4, label="block allocator (128-token blocks)")
     ax1.bar(x + 0.2, [r["slot_fit_mean"] for r in by_pool], 0.4, label=f"fixed slots ({args.slot_tokens} tokens)")
@@ -132,8 +174,11 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict) -> Path:
     ax2.axvline(1024, color="C3", ls="--", label="default window 1024")
     ax2.set_xlabel("embedding tokens (128-token bins)")
     ax2.set_ylabel("requests")
-    waste = ", ".join(f"{r['block_tokens']}: {r['block_waste_mean_tokens']:.0f} tok"
-                      for r in rows if r["pool_mib"] == args.pool_mib[0])
+    waste = ", ".join(
+        f"{r['block_tokens']}: {r['block_waste_mean_tokens']:.0f} tok"
+        for r in rows
+        if r["pool_mib"] == args.pool_mib[0]
+    )
     ax2.set_title("Length mix; mean waste/request by block size\n" + waste, fontsize=9)
     ax2.legend(fontsize=8)
     ax2.set_xlim(0, min(args.mix.max_tokens, 6000))

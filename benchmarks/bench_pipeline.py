@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """End-to-end load test with perf_analyzer: disaggregated mm_pipeline vs colocated mm_monolithic."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,14 +15,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "backends"))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # mm_bench: not an installed package
-from mm_params import tiny_model_dir  # noqa: E402
-
 from mm_bench import perf  # noqa: E402
 from mm_bench.lengths import LogNormalMix, summarize  # noqa: E402
 from mm_bench.phases import format_breakdown, phase_breakdown  # noqa: E402
 from mm_bench.report import int_list, machine_info, machine_line, table, write_json  # noqa: E402
-from mm_bench.sampling import (CpuAccount, GpuMemorySampler, MemorySampler, PoolSampler,  # noqa: E402
-                               gpu_memory_used_mib, metric_sum, wait_for_quiet, wait_until)
+from mm_bench.sampling import (  # noqa: E402
+    CpuAccount,
+    GpuMemorySampler,
+    MemorySampler,
+    PoolSampler,
+    gpu_memory_used_mib,
+    metric_sum,
+    wait_for_quiet,
+    wait_until,
+)
+from mm_params import tiny_model_dir  # noqa: E402
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32, 64, 100]
 MODELS = ("mm_pipeline", "mm_monolithic")
@@ -114,8 +122,12 @@ def env_pair(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/bench_pipeline.py", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/bench_pipeline.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_load_options(p.add_argument_group("load"))
     add_requests_options(p.add_argument_group("requests"))
     add_server_options(p.add_argument_group("server"))
@@ -124,81 +136,170 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_load_options(g) -> None:
-    g.add_argument("--models", default=",".join(MODELS),
-                   help=f"comma-separated models to benchmark (default {','.join(MODELS)})")
-    g.add_argument("--concurrency", type=concurrency_list, default=DEFAULT_CONCURRENCY,
-                   help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100; 'none' skips)")
-    g.add_argument("--request-rates", type=rate_list, default="auto",
-                   help="open-loop request rates (req/s), comma-separated; 'auto' = 0.5x and 0.9x the first "
-                        "model's best concurrency-sweep throughput, same rates for every model ('auto1': 0.5x "
-                        "only); 'none' skips")
-    g.add_argument("--requests", type=int, default=0,
-                   help="requests per concurrency point (default 0 = max(3 x images, 4 x concurrency))")
-    g.add_argument("--rate-seconds", type=float, default=20.0,
-                   help="target length of a request-rate point: requests = rate x this (default 20)")
+    g.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated models to benchmark (default {','.join(MODELS)})"
+    )
+    g.add_argument(
+        "--concurrency",
+        type=concurrency_list,
+        default=DEFAULT_CONCURRENCY,
+        help="closed-loop concurrencies (default 1,2,4,8,16,32,64,100; 'none' skips)",
+    )
+    g.add_argument(
+        "--request-rates",
+        type=rate_list,
+        default="auto",
+        help="open-loop request rates (req/s), comma-separated; 'auto' = 0.5x and 0.9x the first "
+        "model's best concurrency-sweep throughput, same rates for every model ('auto1': 0.5x "
+        "only); 'none' skips",
+    )
+    g.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per concurrency point (default 0 = max(3 x images, 4 x concurrency))",
+    )
+    g.add_argument(
+        "--rate-seconds",
+        type=float,
+        default=20.0,
+        help="target length of a request-rate point: requests = rate x this (default 20)",
+    )
     g.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="perf_analyzer protocol (default grpc)")
-    g.add_argument("--load-generator", choices=("auto", "perf_analyzer", "python"), default="auto",
-                   help="who sends the load: perf_analyzer, or the bounded Python closed/open-loop generator "
-                        "(mm_bench.loadgen, HTTP; same points and figures); auto (default) = perf_analyzer when "
-                        "it starts here, else python (said in the output and the JSON)")
-    g.add_argument("--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)")
-    g.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
-                   help="before each load point wait up to SECONDS until other processes use < 0.25 cores "
-                        "(a shared machine); the 'other CPU' column shows what remained (default 0: no wait)")
-    g.add_argument("--retry-noisy", type=int, default=0, metavar="N",
-                   help="re-run a load point up to N times while other processes used more than --noise-threshold "
-                        "cores during it; the quietest attempt is kept (default 0)")
-    g.add_argument("--noise-threshold", type=float, default=0.25,
-                   help="cores used by other processes that make a point noisy (default 0.25)")
-    g.add_argument("--quick", action="store_true",
-                   help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens")
+    g.add_argument(
+        "--load-generator",
+        choices=("auto", "perf_analyzer", "python"),
+        default="auto",
+        help="who sends the load: perf_analyzer, or the bounded Python closed/open-loop generator "
+        "(mm_bench.loadgen, HTTP; same points and figures); auto (default) = perf_analyzer when "
+        "it starts here, else python (said in the output and the JSON)",
+    )
+    g.add_argument(
+        "--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)"
+    )
+    g.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each load point wait up to SECONDS until other processes use < 0.25 cores "
+        "(a shared machine); the 'other CPU' column shows what remained (default 0: no wait)",
+    )
+    g.add_argument(
+        "--retry-noisy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="re-run a load point up to N times while other processes used more than --noise-threshold "
+        "cores during it; the quietest attempt is kept (default 0)",
+    )
+    g.add_argument(
+        "--noise-threshold",
+        type=float,
+        default=0.25,
+        help="cores used by other processes that make a point noisy (default 0.25)",
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens",
+    )
 
 
 def add_requests_options(g) -> None:
     g.add_argument("--images", type=int, default=24, help="distinct images, one per data step (default 24)")
-    g.add_argument("--mix", type=LogNormalMix.parse, default=None,
-                   help="instead of photos: synthetic images sized to an embedding-length mix 'median,sigma[,min,max]' "
-                        "(e.g. 800,0.75,64,8192; --quick uses it, capped at 2500 tokens)")
+    g.add_argument(
+        "--mix",
+        type=LogNormalMix.parse,
+        default=None,
+        help="instead of photos: synthetic images sized to an embedding-length mix 'median,sigma[,min,max]' "
+        "(e.g. 800,0.75,64,8192; --quick uses it, capped at 2500 tokens)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of lengths and image content (default 0)")
     g.add_argument("--prompt", default="Describe the image.", help="prompt of every request")
     g.add_argument("--max-tokens", type=int, default=8, help="MAX_TOKENS of every request (default 8)")
 
 
 def add_server_options(g) -> None:
-    g.add_argument("--url", default="", help="use a running server at HOST:PORT (for --protocol) instead of starting one")
+    g.add_argument(
+        "--url", default="", help="use a running server at HOST:PORT (for --protocol) instead of starting one"
+    )
     g.add_argument("--metrics-url", default="", help="with --url: its metrics URL, e.g. http://localhost:8002/metrics")
     g.add_argument("--server-pid", type=int, default=0, help="with --url: tritonserver's pid, for memory sampling")
-    g.add_argument("--model-repository", type=Path, default=ROOT / "model_repository",
-                   help="repository to serve (default model_repository/)")
-    g.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint directory (MM_CHECKPOINT; default the tiny model, $MM_TINY_MODEL); also "
-                        "used to size the test images")
-    g.add_argument("--monolithic-instances", type=int, default=1,
-                   help="instance count of mm_monolithic (default 1 as in its config.pbtxt; 2 = as many model "
-                        "processes as the pipeline's encoder + language); served from a copy in --work-dir")
-    g.add_argument("--gpu", type=gpu_pair, action="append", default=[], metavar="MODEL=GPU[,GPU]",
-                   help="serve MODEL's instances on these GPUs (KIND_GPU, --monolithic-instances / 1 instance "
-                        "per GPU), from a copy of the repository in --work-dir; repeatable, e.g. --gpu mm_encoder=0 "
-                        "--gpu mm_language=1 --gpu mm_monolithic=0. GPU memory in use is sampled (nvidia-smi) "
-                        "whenever nvidia-smi exists")
-    g.add_argument("--embedding-cache", action="store_true",
-                   help="leave mm_encoder's embedding cache as configured; by default the started server gets "
-                        "MM_CACHE_BLOCKS=0, because the benchmark repeats its images and mm_monolithic has no cache")
-    g.add_argument("--env", type=env_pair, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment for the started server, e.g. MM_POOL_BLOCKS=512 (repeatable)")
+    g.add_argument(
+        "--model-repository",
+        type=Path,
+        default=ROOT / "model_repository",
+        help="repository to serve (default model_repository/)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint directory (MM_CHECKPOINT; default the tiny model, $MM_TINY_MODEL); also "
+        "used to size the test images",
+    )
+    g.add_argument(
+        "--monolithic-instances",
+        type=int,
+        default=1,
+        help="instance count of mm_monolithic (default 1 as in its config.pbtxt; 2 = as many model "
+        "processes as the pipeline's encoder + language); served from a copy in --work-dir",
+    )
+    g.add_argument(
+        "--gpu",
+        type=gpu_pair,
+        action="append",
+        default=[],
+        metavar="MODEL=GPU[,GPU]",
+        help="serve MODEL's instances on these GPUs (KIND_GPU, --monolithic-instances / 1 instance "
+        "per GPU), from a copy of the repository in --work-dir; repeatable, e.g. --gpu mm_encoder=0 "
+        "--gpu mm_language=1 --gpu mm_monolithic=0. GPU memory in use is sampled (nvidia-smi) "
+        "whenever nvidia-smi exists",
+    )
+    g.add_argument(
+        "--embedding-cache",
+        action="store_true",
+        help="leave mm_encoder's embedding cache as configured; by default the started server gets "
+        "MM_CACHE_BLOCKS=0, because the benchmark repeats its images and mm_monolithic has no cache",
+    )
+    g.add_argument(
+        "--env",
+        type=env_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the started server, e.g. MM_POOL_BLOCKS=512 (repeatable)",
+    )
 
 
 def add_output_options(g) -> None:
-    g.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
-                   help="where <name>.json and <name>.png go (default docs/benchmarks)")
+    g.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks",
+        help="where <name>.json and <name>.png go (default docs/benchmarks)",
+    )
     g.add_argument("--name", default="pipeline-cpu", help="file name stem of the outputs (default pipeline-cpu)")
-    g.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench",
-                   help="perf_analyzer inputs, CSVs and logs (default .cache/bench)")
-    g.add_argument("--keep-exports", action="store_true",
-                   help="keep perf_analyzer's per-request --profile-export-file JSONs in --work-dir (large)")
-    g.add_argument("--merge", type=Path, default=None, metavar="JSON",
-                   help="an earlier result of the same inputs: its rows for load points not measured in this run "
-                        "are kept (re-measure a few disturbed points without redoing the sweep)")
+    g.add_argument(
+        "--work-dir",
+        type=Path,
+        default=ROOT / ".cache" / "bench",
+        help="perf_analyzer inputs, CSVs and logs (default .cache/bench)",
+    )
+    g.add_argument(
+        "--keep-exports",
+        action="store_true",
+        help="keep perf_analyzer's per-request --profile-export-file JSONs in --work-dir (large)",
+    )
+    g.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="an earlier result of the same inputs: its rows for load points not measured in this run "
+        "are kept (re-measure a few disturbed points without redoing the sweep)",
+    )
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
     g.add_argument("--markdown", action="store_true", help="print the table as markdown")
 
@@ -219,7 +320,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_tokens = min(args.max_tokens, 2)
         args.rate_seconds = min(args.rate_seconds, 3.0)
     if args.url and (args.metrics_url == "" or args.server_pid == 0):
-        print("note: with --url and no --metrics-url/--server-pid, pool or memory figures are left out", file=sys.stderr)
+        print(
+            "note: with --url and no --metrics-url/--server-pid, pool or memory figures are left out", file=sys.stderr
+        )
     if args.monolithic_instances < 1:
         p.error("--monolithic-instances must be >= 1")
     args.gpus = dict(args.gpu)
@@ -234,10 +337,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_inputs(args: argparse.Namespace, checkpoint: Path) -> tuple[Path, list[int]]:
     """Encoded photos (or images at the mix's quantiles, LogNormalMix.stratified) -> perf_analyzer JSON; returns
     (path, actual token counts: the image geometry rounds up a little)."""
+    import io
+
+    from PIL import Image
+
     from mm_bench.images import make_test_image, tokens_for_image_size
     from mm_client.demo import PHOTO_SIZES, demo_image
-    from PIL import Image
-    import io
 
     wanted = args.mix.stratified(args.images, seed=args.seed) if args.mix is not None else []
     entries, tokens, steps = [], [], []
@@ -279,8 +384,15 @@ def expected_continuations(tokens: list[int], window: int = 1024) -> float:
 class Target:
     """Where load goes: a server this script started, or one given by --url."""
 
-    def __init__(self, url: str, metrics_url: str, pid: int, server=None, http_address: str = "",
-                 gpu_baseline: dict | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        metrics_url: str,
+        pid: int,
+        server=None,
+        http_address: str = "",
+        gpu_baseline: dict | None = None,
+    ) -> None:
         self.url, self.metrics_url, self.pid, self.server = url, metrics_url, pid, server
         self.http_address = http_address
         self.gpu_baseline = gpu_baseline
@@ -301,16 +413,22 @@ def instance_copy(repository: Path, model: str, count: int, work_dir: Path) -> P
     return repository_variant(repository, work_dir, counts={model: count})
 
 
-def repository_variant(repository: Path, work_dir: Path, counts: dict[str, int] | None = None,
-                       gpus: dict[str, list[int]] | None = None) -> Path:
+def repository_variant(
+    repository: Path, work_dir: Path, counts: dict[str, int] | None = None, gpus: dict[str, list[int]] | None = None
+) -> Path:
     """A copy of every model of ``repository`` (config.pbtxt rewritten, version dir ``1`` a symlink): the
     models in ``counts`` get that instance count, those in ``gpus`` KIND_GPU groups, one per GPU, each of
     the model's count (default 1)."""
     import re
 
     counts, gpus = dict(counts or {}), dict(gpus or {})
-    tag = "-".join([f"{m}x{c}" for m, c in sorted(counts.items())]
-                   + [f"{m}@{'.'.join(map(str, g))}" for m, g in sorted(gpus.items())]) or "plain"
+    tag = (
+        "-".join(
+            [f"{m}x{c}" for m, c in sorted(counts.items())]
+            + [f"{m}@{'.'.join(map(str, g))}" for m, g in sorted(gpus.items())]
+        )
+        or "plain"
+    )
     repo = work_dir / f"repo-{tag}"
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     unknown = sorted((set(counts) | set(gpus)) - set(models))
@@ -339,12 +457,16 @@ def repository_variant(repository: Path, work_dir: Path, counts: dict[str, int] 
 
 def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Target:
     if args.url:
-        return Target(args.url, args.metrics_url, args.server_pid,
-                      http_address=args.url if args.protocol == "http" else "")
+        return Target(
+            args.url, args.metrics_url, args.server_pid, http_address=args.url if args.protocol == "http" else ""
+        )
     from mm_triton.launcher import TritonServer
 
-    env = {"MM_CHECKPOINT": str(checkpoint), **({} if args.embedding_cache else {"MM_CACHE_BLOCKS": "0"}),
-           **dict(args.env)}
+    env = {
+        "MM_CHECKPOINT": str(checkpoint),
+        **({} if args.embedding_cache else {"MM_CACHE_BLOCKS": "0"}),
+        **dict(args.env),
+    }
     load = [f"--load-model={m}" for m in LOAD.get(model, [model])]
     log = args.work_dir / f"{args.name}-{model}-server.log"
     if log.exists():
@@ -353,29 +475,49 @@ def start_target(args: argparse.Namespace, model: str, checkpoint: Path) -> Targ
     counts = {"mm_monolithic": args.monolithic_instances} if args.monolithic_instances != 1 else {}
     if counts or args.gpus:
         repo = repository_variant(args.model_repository, args.work_dir, counts=counts, gpus=args.gpus)
-    server = TritonServer(repo, env=env, args=["--model-control-mode=explicit", *load],
-                          log_file=log, startup_timeout_s=600)
+    server = TritonServer(
+        repo, env=env, args=["--model-control-mode=explicit", *load], log_file=log, startup_timeout_s=600
+    )
     baseline = gpu_memory_used_mib()
     t0 = time.monotonic()
     server.start()
     print(f"[{model}] tritonserver pid {server.pid} ready in {time.monotonic() - t0:.1f}s (log {log})", flush=True)
     url = server.grpc_url if args.protocol == "grpc" else server.http_address
-    return Target(url, server.metrics_url, server.pid, server, http_address=server.http_address,
-                  gpu_baseline=baseline)
+    return Target(url, server.metrics_url, server.pid, server, http_address=server.http_address, gpu_baseline=baseline)
 
 
 # ------------------------------------------------------------------------------------------ one point
-def run_point(args, target: Target, model: str, input_path: Path, *, concurrency: int | None = None,
-              rate: float | None = None, requests: int, label: str, pa_env: dict) -> dict:
+def run_point(
+    args,
+    target: Target,
+    model: str,
+    input_path: Path,
+    *,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    requests: int,
+    label: str,
+    pa_env: dict,
+) -> dict:
     csv_path = args.work_dir / f"{args.name}-{model}-{label}.csv"
     export_path = args.work_dir / f"{args.name}-{model}-{label}-export.json"
     for stale in (csv_path, export_path):
         if stale.exists():
             stale.unlink()
-    cmd = perf.command(args.perf_analyzer, model, target.url, input_path, csv_path, protocol=args.protocol,
-                       concurrency=concurrency, request_rate=rate, request_count=requests,
-                       max_threads=2 if rate else None, profile_export=export_path,
-                       extra=["-a"] if rate else [])
+    cmd = perf.command(
+        args.perf_analyzer,
+        model,
+        target.url,
+        input_path,
+        csv_path,
+        protocol=args.protocol,
+        concurrency=concurrency,
+        request_rate=rate,
+        request_count=requests,
+        max_threads=2 if rate else None,
+        profile_export=export_path,
+        extra=["-a"] if rate else [],
+    )
     quiet = wait_for_quiet(target.pid, args.noise_threshold, args.wait_quiet) if args.wait_quiet > 0 else None
     before = _safe_metrics(target)
     mem = MemorySampler(target.pid) if target.pid else None
@@ -387,8 +529,9 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
         if sampler:
             sampler.__enter__()
     try:
-        cmd, rc, out, err, generated = send_load(args, target, model, cmd, concurrency=concurrency, rate=rate,
-                                                 requests=requests, pa_env=pa_env)
+        cmd, rc, out, err, generated = send_load(
+            args, target, model, cmd, concurrency=concurrency, rate=rate, requests=requests, pa_env=pa_env
+        )
     finally:
         for sampler in (pools, mem, gpu_mem):
             if sampler:
@@ -396,9 +539,16 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
         cpu.__exit__(None, None, None)
     elapsed = time.monotonic() - t0
     (args.work_dir / f"{args.name}-{model}-{label}.log").write_text(" ".join(cmd) + "\n\n" + out + "\n" + err)
-    row: dict = {"model": model, "mode": "concurrency" if concurrency else "request_rate",
-                 "concurrency": concurrency, "request_rate": rate, "requests": requests, "rc": rc,
-                 "elapsed_s": round(elapsed, 2), "cpu_cores": cpu.result()}
+    row: dict = {
+        "model": model,
+        "mode": "concurrency" if concurrency else "request_rate",
+        "concurrency": concurrency,
+        "request_rate": rate,
+        "requests": requests,
+        "rc": rc,
+        "elapsed_s": round(elapsed, 2),
+        "cpu_cores": cpu.result(),
+    }
     row["other_cpu"] = row["cpu_cores"]["other"]
     if quiet is not None:
         row["other_cpu_before"] = round(quiet, 2)
@@ -423,14 +573,29 @@ def run_point(args, target: Target, model: str, input_path: Path, *, concurrency
     return row
 
 
-def send_load(args, target: Target, model: str, cmd: list[str], *, concurrency: int | None, rate: float | None,
-              requests: int, pa_env: dict) -> tuple[list[str], int, str, str, dict | None]:
+def send_load(
+    args,
+    target: Target,
+    model: str,
+    cmd: list[str],
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    requests: int,
+    pa_env: dict,
+) -> tuple[list[str], int, str, str, dict | None]:
     """One load point by perf_analyzer (``cmd``) or the Python generator: (command, rc, stdout, stderr,
     the Python generator's result or None)."""
     try:
         if args.load_generator == "python":
-            cmd = ["mm_bench.loadgen", "closed_loop" if concurrency else "open_loop", f"c={concurrency}",
-                   f"rate={rate}", f"requests={requests}", f"http://{target.http_address}"]
+            cmd = [
+                "mm_bench.loadgen",
+                "closed_loop" if concurrency else "open_loop",
+                f"c={concurrency}",
+                f"rate={rate}",
+                f"requests={requests}",
+                f"http://{target.http_address}",
+            ]
             generated = python_load(args, target, model, concurrency=concurrency, rate=rate, requests=requests)
             rc = 0 if generated["completed"] and not generated["errors"] and not generated["timed_out"] else 1
             return cmd, rc, json.dumps({k: v for k, v in generated.items() if k != "token_ids"}), "", generated
@@ -438,16 +603,25 @@ def send_load(args, target: Target, model: str, cmd: list[str], *, concurrency: 
         return cmd, proc.returncode, proc.stdout, proc.stderr, None
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout or ""
-        return cmd, 124, out.decode() if isinstance(out, bytes) else out, f"timed out after {args.point_timeout:g}s", None
+        return (
+            cmd,
+            124,
+            out.decode() if isinstance(out, bytes) else out,
+            f"timed out after {args.point_timeout:g}s",
+            None,
+        )
 
 
-def load_result(row: dict, args, where: str, rc: int, out: str, err: str, generated: dict | None,
-                csv_path: Path, export_path: Path) -> None:
+def load_result(
+    row: dict, args, where: str, rc: int, out: str, err: str, generated: dict | None, csv_path: Path, export_path: Path
+) -> None:
     """The load generator's figures into ``row``, or its error."""
     if generated is not None:
         row.update(generated)
         if rc != 0:
-            row["error"] = generated.get("first_error") or ("timed out" if generated.get("timed_out") else "no response")
+            row["error"] = generated.get("first_error") or (
+                "timed out" if generated.get("timed_out") else "no response"
+            )
             print(f"{where}: load failed: {row['error']}", file=sys.stderr, flush=True)
     elif rc == 0 and csv_path.exists() and export_path.exists():
         row.update({f"pa_{k}": v for k, v in perf.parse_csv(csv_path.read_text()).items()})
@@ -462,29 +636,43 @@ def load_result(row: dict, args, where: str, rc: int, out: str, err: str, genera
 
 def transfer_deltas(before, after) -> dict:
     """What the transfer metrics counted during a point."""
+
     def delta(name: str, **labels: str) -> float:
         return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
 
     transfers = delta("mm_transfers_total", model="mm_language")
     conts = delta("mm_transfer_continuations_total", model="mm_language")
-    return {"transfers": transfers, "continuations": conts, "embedding_cache_hits": delta("mm_embedding_cache_hits_total"),
-            "continuation_ratio": conts / transfers if transfers else None,
-            "transfer_failures": delta("mm_transfer_failures_total")}
+    return {
+        "transfers": transfers,
+        "continuations": conts,
+        "embedding_cache_hits": delta("mm_embedding_cache_hits_total"),
+        "continuation_ratio": conts / transfers if transfers else None,
+        "transfer_failures": delta("mm_transfer_failures_total"),
+    }
 
 
-def python_load(args, target: Target, model: str, *, concurrency: int | None, rate: float | None,
-                requests: int) -> dict:
+def python_load(
+    args, target: Target, model: str, *, concurrency: int | None, rate: float | None, requests: int
+) -> dict:
     """One load point by mm_bench.loadgen over HTTP (no perf_analyzer): the same data steps, round-robin."""
-    from mm_bench.kserve_http import infer  # dependency-free KServe v2 HTTP client
     from mm_bench import loadgen
+    from mm_bench.kserve_http import infer  # dependency-free KServe v2 HTTP client
 
     if not target.http_address:
-        raise SystemExit("--load-generator python needs an HTTP address (a started server, or --url with --protocol http)")
+        raise SystemExit(
+            "--load-generator python needs an HTTP address (a started server, or --url with --protocol http)"
+        )
     prompt = [args.prompt.encode()]
 
     def call(step: int) -> list[int]:
-        out = infer(target.http_address, model, {"IMAGE": args.steps[step], "PROMPT": prompt},
-                    {"MAX_TOKENS": [args.max_tokens]}, outputs=["TOKEN_IDS"], timeout_s=args.point_timeout)
+        out = infer(
+            target.http_address,
+            model,
+            {"IMAGE": args.steps[step], "PROMPT": prompt},
+            {"MAX_TOKENS": [args.max_tokens]},
+            outputs=["TOKEN_IDS"],
+            timeout_s=args.point_timeout,
+        )
         return [int(x) for x in out["TOKEN_IDS"]]
 
     if concurrency:
@@ -525,8 +713,11 @@ def token_agreement(rows: list[dict]) -> dict:
             per_model.setdefault(r["model"], {}).setdefault(key, set()).update(tuple(s) for s in seqs)
     within = all(len(v) == 1 for m in per_model.values() for v in m.values()) if per_model else None
     common = set.intersection(*(set(m) for m in per_model.values())) if per_model else set()
-    across = (all(len(set().union(*(per_model[m][k] for m in per_model))) == 1 for k in common)
-              if len(per_model) > 1 else None)
+    across = (
+        all(len(set().union(*(per_model[m][k] for m in per_model))) == 1 for k in common)
+        if len(per_model) > 1
+        else None
+    )
     return {"inputs": len(common), "consistent_within_model": within, "equal_across_models": across}
 
 
@@ -557,13 +748,24 @@ def merge_rows(rows: list[dict], path: Path, models: list[str], tokens: list[int
     new_keys = {_key(r) for r in rows}
     kept = [r for r in old.get("rows", []) if _key(r) not in new_keys]
     order = {m: i for i, m in enumerate(dict.fromkeys([*old.get("models", []), *models]))}
-    merged = sorted(kept + rows, key=lambda r: (order.get(r["model"], 99), r["mode"] != "concurrency",
-                                                r.get("concurrency") or 0, r.get("request_rate") or 0))
+    merged = sorted(
+        kept + rows,
+        key=lambda r: (
+            order.get(r["model"], 99),
+            r["mode"] != "concurrency",
+            r.get("concurrency") or 0,
+            r.get("request_rate") or 0,
+        ),
+    )
     for r in merged:
         r.setdefault("point", _point(r))
     earlier = old.get("token_agreement_runs") or [old.get("token_agreement")]
-    return merged, {"path": str(path), "command": old.get("command"), "rows_kept": len(kept),
-                    "token_agreement_runs": [a for a in earlier if a]}
+    return merged, {
+        "path": str(path),
+        "command": old.get("command"),
+        "rows_kept": len(kept),
+        "token_agreement_runs": [a for a in earlier if a],
+    }
 
 
 def json_load(path: Path) -> dict:
@@ -585,11 +787,14 @@ def choose_load_generator(args, pa_env: dict) -> bool:
             problem = "perf_analyzer not found (pip install 'tritonclient[all]==2.51.0'; or set PERF_ANALYZER)"
         else:
             try:
-                probe = subprocess.run([args.perf_analyzer, "--version"], capture_output=True, text=True, env=pa_env,
-                                       timeout=60)
+                probe = subprocess.run(
+                    [args.perf_analyzer, "--version"], capture_output=True, text=True, env=pa_env, timeout=60
+                )
                 if probe.returncode != 0 and "error while loading shared libraries" in probe.stderr:
-                    problem = (f"perf_analyzer cannot start: {probe.stderr.strip()} (install the Debian package "
-                               "libb64-0d and `source scripts/env.sh`; see docs/BENCHMARKS.md)")
+                    problem = (
+                        f"perf_analyzer cannot start: {probe.stderr.strip()} (install the Debian package "
+                        "libb64-0d and `source scripts/env.sh`; see docs/BENCHMARKS.md)"
+                    )
             except (OSError, subprocess.SubprocessError) as exc:
                 problem = f"perf_analyzer cannot start: {exc}"
     if problem and args.load_generator == "perf_analyzer":
@@ -602,23 +807,41 @@ def choose_load_generator(args, pa_env: dict) -> bool:
         args.perf_analyzer = args.perf_analyzer or "perf_analyzer"  # only for the (unused) command lines
     else:
         args.load_generator = "perf_analyzer"
-    print(f"load generator: {args.load_generator}"
-          + (f" ({args.perf_analyzer})" if args.load_generator == "perf_analyzer" else ""), flush=True)
+    print(
+        f"load generator: {args.load_generator}"
+        + (f" ({args.perf_analyzer})" if args.load_generator == "perf_analyzer" else ""),
+        flush=True,
+    )
     return True
 
 
-def sweep_model(args, target: Target, model: str, input_path: Path, tokens: list[int], rows: list[dict],
-                rates: list[float], pa_env: dict) -> list[float]:
+def sweep_model(
+    args,
+    target: Target,
+    model: str,
+    input_path: Path,
+    tokens: list[int],
+    rows: list[dict],
+    rates: list[float],
+    pa_env: dict,
+) -> list[float]:
     """Warm-up, the concurrency points, then the request-rate points of one model (appended to ``rows``);
     returns the rates (the first model's sweep fixes 'auto' ones for the others)."""
     if args.load_generator == "python":
         python_load(args, target, model, concurrency=1, rate=None, requests=min(len(tokens), 8))
     else:
-        warm = perf.command(args.perf_analyzer, model, target.url, input_path, args.work_dir / "warmup.csv",
-                            protocol=args.protocol, concurrency=1, request_count=min(len(tokens), 8))
+        warm = perf.command(
+            args.perf_analyzer,
+            model,
+            target.url,
+            input_path,
+            args.work_dir / "warmup.csv",
+            protocol=args.protocol,
+            concurrency=1,
+            request_count=min(len(tokens), 8),
+        )
         subprocess.run(warm, capture_output=True, text=True, env=pa_env, timeout=args.point_timeout)
-    point = dict(args=args, target=target, model=model, input_path=input_path, tokens=tokens, rows=rows,
-                 pa_env=pa_env)
+    point = dict(args=args, target=target, model=model, input_path=input_path, tokens=tokens, rows=rows, pa_env=pa_env)
     for c in args.concurrency:
         measure(**point, label=f"c{c}", requests=requests_for(args, c), concurrency=c)
     if isinstance(args.request_rates, str) and args.request_rates.startswith("auto") and not rates:
@@ -630,8 +853,9 @@ def sweep_model(args, target: Target, model: str, input_path: Path, tokens: list
     return rates
 
 
-def measure(args, target: Target, model: str, input_path: Path, tokens: list[int], rows: list[dict], pa_env: dict,
-            **point) -> None:
+def measure(
+    args, target: Target, model: str, input_path: Path, tokens: list[int], rows: list[dict], pa_env: dict, **point
+) -> None:
     """One load point (retried while noisy), appended to ``rows``, printed and saved to the partial JSON."""
     row = run_point_retrying(args, target, model, input_path, pa_env=pa_env, **point)
     rows.append(row)
@@ -651,18 +875,27 @@ def report(args, argv, rows: list[dict], tokens: list[int], checkpoint: Path, t_
     print(f"\ngreedy TOKEN_IDS per input: {agreement}")
     print(f"\nmachine: {machine_line(info)}; load generator: {args.load_generator}")
     payload = {
-        "benchmark": "pipeline", "command": "scripts/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": info, "checkpoint": str(checkpoint),
-        "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)), "protocol": args.protocol,
-        "load_generator": args.load_generator, "gpus": args.gpus,
+        "benchmark": "pipeline",
+        "command": "scripts/bench_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": info,
+        "checkpoint": str(checkpoint),
+        "models": list(dict.fromkeys([r["model"] for r in rows] + args.models)),
+        "protocol": args.protocol,
+        "load_generator": args.load_generator,
+        "gpus": args.gpus,
         "mix": args.mix.to_dict() if args.mix else {"photos": [list(s) for s in photo_sizes_used(args)]},
-        "image_tokens": tokens, "image_token_summary": summarize(tokens),
+        "image_tokens": tokens,
+        "image_token_summary": summarize(tokens),
         "expected_continuations_per_transfer": expected_continuations(tokens),
-        "prompt": args.prompt, "max_tokens": args.max_tokens, "server_env": dict(args.env),
+        "prompt": args.prompt,
+        "max_tokens": args.max_tokens,
+        "server_env": dict(args.env),
         "embedding_cache": "as configured" if args.embedding_cache else "off (MM_CACHE_BLOCKS=0)",
-        "token_agreement": agreement, "merged_from": merged_from,
+        "token_agreement": agreement,
+        "merged_from": merged_from,
         "token_agreement_runs": ((merged_from or {}).get("token_agreement_runs") or []) + [agreement],
-        "rows": rows, "elapsed_s": round(time.monotonic() - t_start, 1),
+        "rows": rows,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
     }
     print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
     if not args.no_plot:
@@ -685,9 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     input_path, tokens = build_inputs(args, checkpoint)
     token_summary = summarize(tokens)
-    print(f"{len(tokens)} images, embedding tokens: p50 {token_summary['p50']:.0f}, p90 {token_summary['p90']:.0f}, "
-          f"max {token_summary['max']}, {token_summary['share_above_1024']:.0%} above the 1024 window "
-          f"(expected continuations/transfer {expected_continuations(tokens):.2f}); input {input_path}", flush=True)
+    print(
+        f"{len(tokens)} images, embedding tokens: p50 {token_summary['p50']:.0f}, p90 {token_summary['p90']:.0f}, "
+        f"max {token_summary['max']}, {token_summary['share_above_1024']:.0%} above the 1024 window "
+        f"(expected continuations/transfer {expected_continuations(tokens):.2f}); input {input_path}",
+        flush=True,
+    )
     rows: list[dict] = []
     rates: list[float] = list(args.request_rates) if isinstance(args.request_rates, list) else []
     for model in args.models:
@@ -700,11 +936,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 TABLE_COLUMNS = [
-    ("model", "model"), ("point", "load"), ("requests", "reqs"), ("throughput", "infer/s", ".2f"),
-    ("p50_ms", "p50 ms", ".0f"), ("p90_ms", "p90 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"),
-    ("continuation_ratio", "conts/xfer", ".2f"), ("enc_pool_max", "enc pool max", ".0%"),
-    ("lang_pool_max", "lang pool max", ".0%"), ("peak_rss_mib", "peak RSS MiB", ".0f"),
-    ("peak_pss_mib", "peak PSS MiB", ".0f"), ("gpu_mem", "GPU MiB (gpu:peak)"), ("other_cpu", "other CPU", ".2f"),
+    ("model", "model"),
+    ("point", "load"),
+    ("requests", "reqs"),
+    ("throughput", "infer/s", ".2f"),
+    ("p50_ms", "p50 ms", ".0f"),
+    ("p90_ms", "p90 ms", ".0f"),
+    ("p99_ms", "p99 ms", ".0f"),
+    ("continuation_ratio", "conts/xfer", ".2f"),
+    ("enc_pool_max", "enc pool max", ".0%"),
+    ("lang_pool_max", "lang pool max", ".0%"),
+    ("peak_rss_mib", "peak RSS MiB", ".0f"),
+    ("peak_pss_mib", "peak PSS MiB", ".0f"),
+    ("gpu_mem", "GPU MiB (gpu:peak)"),
+    ("other_cpu", "other CPU", ".2f"),
 ]
 
 
@@ -712,9 +957,17 @@ def _write_partial(args, rows: list[dict], tokens: list[int]) -> None:
     """The rows so far, in --work-dir/<name>.partial.json: what a run cut short (a time limit) still has."""
     try:
         slim = [{k: v for k, v in r.items() if k != "token_ids"} for r in rows]
-        write_json(args.work_dir / f"{args.name}.partial.json",
-                   {"benchmark": "pipeline", "partial": True, "image_tokens": tokens, "gpus": args.gpus,
-                    "load_generator": args.load_generator, "rows": slim})
+        write_json(
+            args.work_dir / f"{args.name}.partial.json",
+            {
+                "benchmark": "pipeline",
+                "partial": True,
+                "image_tokens": tokens,
+                "gpus": args.gpus,
+                "load_generator": args.load_generator,
+                "rows": slim,
+            },
+        )
     except Exception as exc:  # noqa: BLE001 - never lose the run over the insurance copy
         print(f"note: partial JSON not written: {exc}", file=sys.stderr)
 
@@ -726,9 +979,12 @@ def _point(row: dict) -> str:
 def _print_progress(row: dict) -> None:
     row["point"] = _point(row)
     if row["rc"] == 0:
-        print(f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, "
-              f"p50 {row.get('p50_ms', 0):.0f} ms, "
-              f"p99 {row.get('p99_ms', 0):.0f} ms ({row['elapsed_s']:.0f}s)", flush=True)
+        print(
+            f"[{row['model']}] {row['point']}: {row.get('throughput', 0):.2f} infer/s, "
+            f"p50 {row.get('p50_ms', 0):.0f} ms, "
+            f"p99 {row.get('p99_ms', 0):.0f} ms ({row['elapsed_s']:.0f}s)",
+            flush=True,
+        )
         for line in format_breakdown(row.get("phases") or {}):
             print(line, flush=True)
 
@@ -743,8 +999,11 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
     plot_curves(axes, ok, models, exp)
     mem_title = plot_memory(axes[1, 2], ok, models)
     style_axes(axes, ok, mem_title)
-    fig.suptitle(f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {mix_description(args)}; "
-                 f"MAX_TOKENS {args.max_tokens}", fontsize=10)
+    fig.suptitle(
+        f"mm_pipeline (disaggregated) vs mm_monolithic (colocated); images: {mix_description(args)}; "
+        f"MAX_TOKENS {args.max_tokens}",
+        fontsize=10,
+    )
     fig.tight_layout()
     return save(fig, args.out_dir / f"{args.name}.png", footer=machine_line(info))
 
@@ -752,8 +1011,12 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict, exp: float | No
 def plot_curves(axes, ok: list[dict], models: list[str], exp: float | None) -> None:
     """Throughput, latencies, pool utilisation and continuations against load, one colour per model."""
     for i, model in enumerate(models):
-        conc = sorted((r for r in ok if r["model"] == model and r["mode"] == "concurrency"), key=lambda r: r["concurrency"])
-        rate = sorted((r for r in ok if r["model"] == model and r["mode"] == "request_rate"), key=lambda r: r["request_rate"])
+        conc = sorted(
+            (r for r in ok if r["model"] == model and r["mode"] == "concurrency"), key=lambda r: r["concurrency"]
+        )
+        rate = sorted(
+            (r for r in ok if r["model"] == model and r["mode"] == "request_rate"), key=lambda r: r["request_rate"]
+        )
         x = [r["concurrency"] for r in conc]
         color = f"C{i}"
         if conc:
@@ -765,12 +1028,17 @@ def plot_curves(axes, ok: list[dict], models: list[str], exp: float | None) -> N
             axes[0, 2].plot(xr, [r["p50_ms"] for r in rate], "o-", color=color, label=f"{model} p50")
             axes[0, 2].plot(xr, [r["p99_ms"] for r in rate], "s--", color=color, label=f"{model} p99")
         if model == "mm_pipeline" and conc:
-            for key, label, style in (("enc_pool_max", "encoder pool max", "o-"), ("enc_pool_mean", "encoder pool mean", "o:"),
-                                      ("lang_pool_max", "language pool max", "s-"), ("lang_pool_mean", "language pool mean", "s:")):
+            for key, label, style in (
+                ("enc_pool_max", "encoder pool max", "o-"),
+                ("enc_pool_mean", "encoder pool mean", "o:"),
+                ("lang_pool_max", "language pool max", "s-"),
+                ("lang_pool_mean", "language pool mean", "s:"),
+            ):
                 if any(r.get(key) is not None for r in conc):
                     axes[1, 0].plot(x, [100 * (r.get(key) or 0) for r in conc], style, label=label)
-            axes[1, 1].plot(x, [r.get("continuation_ratio") or 0 for r in conc], "o-", color=color,
-                            label="measured (metrics)")
+            axes[1, 1].plot(
+                x, [r.get("continuation_ratio") or 0 for r in conc], "o-", color=color, label="measured (metrics)"
+            )
     if exp is not None:
         axes[1, 1].axhline(exp, color="0.5", ls="--", label="expected from the image mix")
     axes[1, 1].set_ylim(bottom=0)
@@ -783,12 +1051,18 @@ def plot_memory(ax, ok: list[dict], models: list[str]) -> str:
     labels = []
     gpu_rows = [r for r in ok if r.get("gpu_memory")]
     key = "gpu" if gpu_rows else "rss"
-    mem_title = ("Peak GPU memory by GPU, server's share (highest load point)" if gpu_rows
-                 else "Peak RSS by process (highest load point)")
+    mem_title = (
+        "Peak GPU memory by GPU, server's share (highest load point)"
+        if gpu_rows
+        else "Peak RSS by process (highest load point)"
+    )
 
     def parts(r):
-        return ({f"GPU {g}": v for g, v in r["gpu_memory"]["peak_server_mib"].items()} if key == "gpu"
-                else r["memory"]["peak_rss_by_process_mib"])
+        return (
+            {f"GPU {g}": v for g, v in r["gpu_memory"]["peak_server_mib"].items()}
+            if key == "gpu"
+            else r["memory"]["peak_rss_by_process_mib"]
+        )
 
     with_mem = [r for r in ok if (r.get("gpu_memory") if key == "gpu" else r.get("memory"))]
     procs = sorted({p for r in with_mem for p in parts(r)})

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Do embedding pulls slow down the engine's decode steps? Inter-token latency with and without pulls."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ costs the running sequences: --batch sequences decode --decode-tokens tokens eac
 LLMEngine, once alone and once while --pull-threads threads of this process pull --embed-tokens-token
 embeddings (host transport, or CUDA IPC on one GPU) from a sender endpoint in ANOTHER process (as the encoder
 is), back to back (or at --pull-rate), for the whole decode. The receive side is exactly mm_language's
-(Receiver + PullLoader into a BlockPool on --device). Reported: inter-token latency p50 / p99 / mean of the decoding sequences in both
-phases, and the pulls and GB/s that ran during the second."""
+(Receiver + PullLoader into a BlockPool on --device). Reported: inter-token latency p50 / p99 / mean of the
+decoding sequences in both phases, and the pulls and GB/s that ran during the second."""
 
 
 def sender_main(refs, stop, device: str, hidden: int, dtype: str, tokens: int, inflight: int) -> None:
@@ -82,8 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=400)
     p.add_argument("--pull-threads", type=int, default=4, help="as the engine's default loader_threads")
     p.add_argument("--embed-tokens", type=int, default=4096)
-    p.add_argument("--pull-rate", type=float, default=0.0,
-                   help="pulls per second over all threads (0: back to back, the worst case)")
+    p.add_argument(
+        "--pull-rate",
+        type=float,
+        default=0.0,
+        help="pulls per second over all threads (0: back to back, the worst case)",
+    )
     return p.parse_args(argv)
 
 
@@ -131,8 +136,10 @@ def report(args, lm, alone: list[float], busy: list[float], span: float, during:
         return f"p50 {np.percentile(a, 50):.2f} ms, p99 {np.percentile(a, 99):.2f} ms, mean {a.mean():.2f} ms"
 
     rate = f"{args.pull_rate:g} pulls/s" if args.pull_rate > 0 else "back to back"
-    print(f"device {args.device}, {args.batch} decoding sequences, {args.pull_threads} pull threads ({rate}), "
-          f"{args.embed_tokens}-token embeddings (hidden {lm.hidden_size}, {lm.dtype})")
+    print(
+        f"device {args.device}, {args.batch} decoding sequences, {args.pull_threads} pull threads ({rate}), "
+        f"{args.embed_tokens}-token embeddings (hidden {lm.hidden_size}, {lm.dtype})"
+    )
     print(f"  inter-token latency alone:       {stats(alone)}")
     print(f"  inter-token latency with pulls:  {stats(busy)}")
     print(f"  pulls during the decode: {during[0]} in {span:.2f} s ({during[1] / span / 1e9:.2f} GB/s)")
@@ -147,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     from mmtransfer.pool import DTYPE_NAMES
 
     lm = LanguageModel.from_pretrained(args.checkpoint, device=args.device)
-    engine = LLMEngine(lm.hf_model, lm.tokenizer, EngineConfig(max_batch_size=max(8, args.batch), max_seq_len=2048,
-                                                               device=args.device))
+    engine = LLMEngine(
+        lm.hf_model, lm.tokenizer, EngineConfig(max_batch_size=max(8, args.batch), max_seq_len=2048, device=args.device)
+    )
     dtype = DTYPE_NAMES[lm.dtype]
     ctx = mp.get_context("spawn")
     refs, stop = ctx.Queue(), ctx.Event()
-    sender = ctx.Process(target=sender_main, args=(refs, stop, args.device, lm.hidden_size, dtype,
-                                                    args.embed_tokens, 2 * args.pull_threads), daemon=True)
+    sender = ctx.Process(
+        target=sender_main,
+        args=(refs, stop, args.device, lm.hidden_size, dtype, args.embed_tokens, 2 * args.pull_threads),
+        daemon=True,
+    )
     sender.start()
     cfg = TransferConfig(block_tokens=128, pool_blocks=64, max_embed_tokens=max(8192, args.embed_tokens))
     receiver = Receiver(BlockPool(64, 128, lm.hidden_size, lm.dtype, args.device, name="overlap-rx"), cfg)

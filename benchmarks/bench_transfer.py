@@ -15,6 +15,7 @@ Prints a table and writes bench_transfer.json + bench_transfer.png into --out. E
     python scripts/bench_transfer.py --out results/transfer           # everything (2 GPUs)
     python scripts/bench_transfer.py --quick --skip-triton            # a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,15 @@ MAX_TOKENS = 32768
 def _config(**kw):
     from mmtransfer import TransferConfig
 
-    base = dict(block_tokens=BLOCK, default_window_tokens=WINDOW, pool_blocks=MAX_TOKENS // BLOCK + 16,
-                max_embed_tokens=MAX_TOKENS, pull_timeout_s=60, bootstrap_timeout_s=120, ttl_s=600)
+    base = dict(
+        block_tokens=BLOCK,
+        default_window_tokens=WINDOW,
+        pool_blocks=MAX_TOKENS // BLOCK + 16,
+        max_embed_tokens=MAX_TOKENS,
+        pull_timeout_s=60,
+        bootstrap_timeout_s=120,
+        ttl_s=600,
+    )
     base.update(kw)
     return TransferConfig(**base)
 
@@ -128,8 +136,7 @@ class WorkerOps:
 
         from mmtransfer import BlockPool, Receiver
 
-        pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, self.device,
-                         name=f"r{hidden}{mode}")
+        pool = BlockPool(MAX_TOKENS // BLOCK + 16, BLOCK, hidden, torch.bfloat16, self.device, name=f"r{hidden}{mode}")
         cfg = _config(default_window_tokens=window, gpu_landing=landing, transport=transport, use_size_hint=True)
         self.receivers[(hidden, mode)] = Receiver(pool, cfg, name=f"r{hidden}{mode}")
 
@@ -139,8 +146,14 @@ class WorkerOps:
         got = self.receivers[(hidden, mode)].pull(EmbedRef.from_json(ref_json))
         ok = _checksum(got.embedding) == checksum
         r = got.record
-        return {"ready_s": r.ready_s, "latency_s": r.latency_s, "chunks": r.chunks, "transport": r.transport,
-                "ok": ok, "timings": got.timings or {}}
+        return {
+            "ready_s": r.ready_s,
+            "latency_s": r.latency_s,
+            "chunks": r.chunks,
+            "transport": r.transport,
+            "ok": ok,
+            "timings": got.timings or {},
+        }
 
     # ---- raw NCCL and copy references
     def op_nccl_uid(self) -> str:
@@ -266,8 +279,9 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def measure_project(sender: Worker, receiver: Worker, hidden: int, tokens: int, mode: str, iters: int,
-                    warmup: int) -> dict:
+def measure_project(
+    sender: Worker, receiver: Worker, hidden: int, tokens: int, mode: str, iters: int, warmup: int
+) -> dict:
     times, lat, chunks, ok, transport, phases = [], [], 0, True, "", {}
     for i in range(warmup + iters):
         ref, checksum = sender.call("register", hidden, tokens)
@@ -279,8 +293,15 @@ def measure_project(sender: Worker, receiver: Worker, hidden: int, tokens: int, 
             lat.append(rec["latency_s"])
             for k, v in rec["timings"].items():
                 phases.setdefault(k, []).append(v)
-    return {"s": _median(times), "min_s": min(times), "with_done_s": _median(lat), "chunks": chunks, "ok": ok,
-            "transport": transport, "phases_us": {k: _median(v) for k, v in phases.items()}}
+    return {
+        "s": _median(times),
+        "min_s": min(times),
+        "with_done_s": _median(lat),
+        "chunks": chunks,
+        "ok": ok,
+        "transport": transport,
+        "phases_us": {k: _median(v) for k, v in phases.items()},
+    }
 
 
 def measure_raw_nccl(sender: Worker, receiver: Worker, nbytes: int, iters: int, warmup: int) -> dict:
@@ -324,15 +345,24 @@ def measure_triton(configs, iters: int, warmup: int, out_dir: Path) -> dict:
     pool = 2 * 1024**3
     args = [f"--cuda-memory-pool-byte-size=0:{pool}", f"--cuda-memory-pool-byte-size=1:{pool}"]
     env = {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")}
-    with TritonServer(repo, env=env, args=args, log_file=out_dir / "bench_triton_server.log",
-                      startup_timeout_s=300) as server:
+    with TritonServer(
+        repo, env=env, args=args, log_file=out_dir / "bench_triton_server.log", startup_timeout_s=300
+    ) as server:
         for hidden, tokens in configs:
-            r = infer(server.http_address, "bench_consumer", {},
-                      {"TOKENS": [tokens], "HIDDEN": [hidden], "ITERS": [warmup + iters]}, outputs=["TIMES", "WHERE"])
+            r = infer(
+                server.http_address,
+                "bench_consumer",
+                {},
+                {"TOKENS": [tokens], "HIDDEN": [hidden], "ITERS": [warmup + iters]},
+                outputs=["TIMES", "WHERE"],
+            )
             times = [float(x) for x in r["TIMES"]][warmup:]
             results[(hidden, tokens)] = {"s": _median(times), "min_s": min(times), "where": r["WHERE"][0]}
-            print(f"  (d) triton BLS  hidden {hidden:5d} tokens {tokens:6d}: {_median(times)*1e3:8.3f} ms "
-                  f"[{r['WHERE'][0]}]", flush=True)
+            print(
+                f"  (d) triton BLS  hidden {hidden:5d} tokens {tokens:6d}: {_median(times) * 1e3:8.3f} ms "
+                f"[{r['WHERE'][0]}]",
+                flush=True,
+            )
     return results
 
 
@@ -340,8 +370,12 @@ def measure_triton(configs, iters: int, warmup: int, out_dir: Path) -> dict:
 def machine() -> dict:
     import torch
 
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    info = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
     try:
         from mmtransfer import nccl_lib
 
@@ -350,11 +384,21 @@ def machine() -> dict:
     except Exception as exc:
         info["nccl"] = f"unavailable: {exc}"
     try:
-        info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                                             "--format=csv,noheader"], capture_output=True, text=True,
-                                            timeout=20).stdout.strip().splitlines()
-        info["topology"] = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True,
-                                          timeout=20).stdout.strip().splitlines()[:4]
+        info["nvidia_smi"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+        info["topology"] = (
+            subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20)
+            .stdout.strip()
+            .splitlines()[:4]
+        )
     except Exception:
         pass
     return info
@@ -370,8 +414,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="3 sizes, 5 iterations")
     ap.add_argument("--skip-triton", action="store_true", help="leave (d) out")
     ap.add_argument("--skip-same-gpu", action="store_true")
-    ap.add_argument("--landing", default="direct", choices=["direct", "window"],
-                    help="gpu_landing of (a)/(b); the other one is measured too as (a-alt)")
+    ap.add_argument(
+        "--landing",
+        default="direct",
+        choices=["direct", "window"],
+        help="gpu_landing of (a)/(b); the other one is measured too as (a-alt)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.iters, args.warmup = [256, 4096, 32768], 5, 2
@@ -391,13 +439,19 @@ def measure_size(args, s0, r1, r0, hidden: int, tokens: int, other: str) -> dict
         row["ipc_a"] = measure_project(s0, r0, hidden, tokens, "ipc_a", args.iters, args.warmup)
         row["ipc_b"] = measure_project(s0, r0, hidden, tokens, "ipc_b", args.iters, args.warmup)
         row["copy"] = measure_copy(r0, nbytes, args.iters, args.warmup)
-    print(f"hidden {hidden:5d} tokens {tokens:6d} {nbytes/2**20:8.1f} MiB: "
-          f"a {row['a']['s']*1e3:7.3f} ms ({row['a']['chunks']} ch, {row['a']['transport']}) "
-          f"b {row['b']['s']*1e3:7.3f} c {row['c']['s']*1e3:7.3f} (gpu {row['c']['gpu_s']*1e3:.3f})"
-          + (f" | same-GPU a {row['ipc_a']['s']*1e3:7.3f} b {row['ipc_b']['s']*1e3:7.3f} "
-             f"copy {row['copy']['gpu_s']*1e3:.3f} [{row['ipc_b']['transport']}]" if r0 else "")
-          + ("" if all(row[k]["ok"] for k in ("a", "b", "a_alt")) else "  CHECKSUM MISMATCH"),
-          flush=True)
+    print(
+        f"hidden {hidden:5d} tokens {tokens:6d} {nbytes / 2**20:8.1f} MiB: "
+        f"a {row['a']['s'] * 1e3:7.3f} ms ({row['a']['chunks']} ch, {row['a']['transport']}) "
+        f"b {row['b']['s'] * 1e3:7.3f} c {row['c']['s'] * 1e3:7.3f} (gpu {row['c']['gpu_s'] * 1e3:.3f})"
+        + (
+            f" | same-GPU a {row['ipc_a']['s'] * 1e3:7.3f} b {row['ipc_b']['s'] * 1e3:7.3f} "
+            f"copy {row['copy']['gpu_s'] * 1e3:.3f} [{row['ipc_b']['transport']}]"
+            if r0
+            else ""
+        )
+        + ("" if all(row[k]["ok"] for k in ("a", "b", "a_alt")) else "  CHECKSUM MISMATCH"),
+        flush=True,
+    )
     return row
 
 
@@ -423,8 +477,9 @@ def sweep(args, info: dict) -> list[dict]:
                 r0.call("receiver", hidden, "ipc_b", MAX_TOKENS, "direct", "auto")
             for tokens in args.tokens:
                 rows.append(measure_size(args, s0, r1, r0, hidden, tokens, other))
-                (args.out / "bench_transfer.json").write_text(json.dumps({"machine": info, "rows": rows,
-                                                                         "partial": True}, indent=1))
+                (args.out / "bench_transfer.json").write_text(
+                    json.dumps({"machine": info, "rows": rows, "partial": True}, indent=1)
+                )
     finally:
         for w in (s0, r1, r0):
             if w:
@@ -453,9 +508,19 @@ def main(argv=None) -> int:
             print(f"(d) failed: {type(exc).__name__}: {exc}", flush=True)
             info["triton_error"] = f"{type(exc).__name__}: {exc}"[:3000]
     summary = report(rows, info, args)
-    (args.out / "bench_transfer.json").write_text(json.dumps({"machine": info, "rows": rows, "summary": summary,
-                                                             "iters": args.iters, "warmup": args.warmup,
-                                                             "landing": args.landing}, indent=1))
+    (args.out / "bench_transfer.json").write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "rows": rows,
+                "summary": summary,
+                "iters": args.iters,
+                "warmup": args.warmup,
+                "landing": args.landing,
+            },
+            indent=1,
+        )
+    )
     try:
         plot(rows, args.out / "bench_transfer.png", info)
     except Exception as exc:
@@ -471,13 +536,14 @@ def report(rows, info, args) -> dict:
     """The table; returns the numbers the targets are judged by."""
     print()
     print(f"machine: {', '.join(info.get('gpus', []))}; NCCL {info.get('nccl')}; torch {info.get('torch')}")
-    head = (f"{'hidden':>6} {'tokens':>6} {'MiB':>6} | {'(a) ms':>7} {'ch':>3} {'(b) ms':>7} {'(c) ms':>7} "
-            f"{'(d) ms':>7} | {'c/a':>5} {'c/b':>5} {'cont us':>7} {'a gpu GB/s':>10} | {'alt ms':>7} | "
-            f"{'ipc a':>6} {'ipc b':>6} {'ipc gpu TB/s':>12} {'copy TB/s':>9}")
+    head = (
+        f"{'hidden':>6} {'tokens':>6} {'MiB':>6} | {'(a) ms':>7} {'ch':>3} {'(b) ms':>7} {'(c) ms':>7} "
+        f"{'(d) ms':>7} | {'c/a':>5} {'c/b':>5} {'cont us':>7} {'a gpu GB/s':>10} | {'alt ms':>7} | "
+        f"{'ipc a':>6} {'ipc b':>6} {'ipc gpu TB/s':>12} {'copy TB/s':>9}"
+    )
     print(head)
     print("-" * len(head))
-    summary = {"per_continuation_us": {}, "c_over_a": {}, "c_over_b": {}, "a_beats_d": {},
-               "same_gpu_256MiB": None}
+    summary = {"per_continuation_us": {}, "c_over_a": {}, "c_over_b": {}, "a_beats_d": {}, "same_gpu_256MiB": None}
     for r in rows:
         a, b, c = r["a"]["s"], r["b"]["s"], r["c"]["s"]
         d = (r.get("d") or {}).get("s", float("nan"))
@@ -497,22 +563,34 @@ def report(rows, info, args) -> dict:
         ipc_gpu = (r.get("ipc_b") or {}).get("phases_us", {}).get("gpu_us", float("nan")) * 1e-6
         copy = (r.get("copy") or {}).get("gpu_s", float("nan"))
         if r["bytes"] == 256 * 2**20:
-            summary["same_gpu_256MiB"] = {"end_to_end_TBps": _gbps(r["bytes"], ipc_b) / 1e3,
-                                          "transport_gpu_TBps": _gbps(r["bytes"], ipc_gpu) / 1e3,
-                                          "raw_copy_TBps": _gbps(r["bytes"], copy) / 1e3,
-                                          "ipc_b_ms": ipc_b * 1e3, "ipc_b_gpu_ms": ipc_gpu * 1e3}
-        print(f"{r['hidden']:>6} {r['tokens']:>6} {r['bytes']/2**20:>6.1f} | {a*1e3:>7.3f} {r['a']['chunks']:>3} "
-              f"{b*1e3:>7.3f} {c*1e3:>7.3f} {d*1e3:>7.3f} | {c/a:>5.2f} {c/b:>5.2f} {per_cont:>7.1f} "
-              f"{_gbps(r['bytes'], a_gpu):>10.1f} | {r['a_alt']['s']*1e3:>7.3f} | "
-              f"{ipc_a*1e3:>6.3f} {ipc_b*1e3:>6.3f} "
-              f"{_gbps(r['bytes'], ipc_gpu)/1e3:>12.2f} {_gbps(r['bytes'], copy)/1e3:>9.2f}")
-    print(f"(a) {args.landing} landing, default {WINDOW}-token window; (b) exact window; (c) raw NCCL, receive posted "
-          "-> landed; (d) Triton BLS; c/a = share of raw NCCL bandwidth (a) reaches; cont us = receiver time per "
-          "continuation (first CHUNK -> last receive posted, / continuations); a gpu GB/s = bytes / GPU time of (a) "
-          "from first receive posted to last byte landed; alt = (a) with the other landing; ipc = same GPU")
-    print("phases of (b), us from the pull's start (median): " + "; ".join(
-        f"{r['hidden']}x{r['tokens']}: " + ",".join(f"{k}={v:.0f}" for k, v in r["b"].get("phases_us", {}).items())
-        for r in rows if r["tokens"] in (256, 4096, 32768)))
+            summary["same_gpu_256MiB"] = {
+                "end_to_end_TBps": _gbps(r["bytes"], ipc_b) / 1e3,
+                "transport_gpu_TBps": _gbps(r["bytes"], ipc_gpu) / 1e3,
+                "raw_copy_TBps": _gbps(r["bytes"], copy) / 1e3,
+                "ipc_b_ms": ipc_b * 1e3,
+                "ipc_b_gpu_ms": ipc_gpu * 1e3,
+            }
+        print(
+            f"{r['hidden']:>6} {r['tokens']:>6} {r['bytes'] / 2**20:>6.1f} | {a * 1e3:>7.3f} {r['a']['chunks']:>3} "
+            f"{b * 1e3:>7.3f} {c * 1e3:>7.3f} {d * 1e3:>7.3f} | {c / a:>5.2f} {c / b:>5.2f} {per_cont:>7.1f} "
+            f"{_gbps(r['bytes'], a_gpu):>10.1f} | {r['a_alt']['s'] * 1e3:>7.3f} | "
+            f"{ipc_a * 1e3:>6.3f} {ipc_b * 1e3:>6.3f} "
+            f"{_gbps(r['bytes'], ipc_gpu) / 1e3:>12.2f} {_gbps(r['bytes'], copy) / 1e3:>9.2f}"
+        )
+    print(
+        f"(a) {args.landing} landing, default {WINDOW}-token window; (b) exact window; (c) raw NCCL, receive posted "
+        "-> landed; (d) Triton BLS; c/a = share of raw NCCL bandwidth (a) reaches; cont us = receiver time per "
+        "continuation (first CHUNK -> last receive posted, / continuations); a gpu GB/s = bytes / GPU time of (a) "
+        "from first receive posted to last byte landed; alt = (a) with the other landing; ipc = same GPU"
+    )
+    print(
+        "phases of (b), us from the pull's start (median): "
+        + "; ".join(
+            f"{r['hidden']}x{r['tokens']}: " + ",".join(f"{k}={v:.0f}" for k, v in r["b"].get("phases_us", {}).items())
+            for r in rows
+            if r["tokens"] in (256, 4096, 32768)
+        )
+    )
     return summary
 
 
@@ -524,9 +602,14 @@ def plot(rows, path: Path, info) -> None:
 
     hiddens = sorted({r["hidden"] for r in rows})
     fig, axes = plt.subplots(2, len(hiddens), figsize=(6.5 * len(hiddens), 9), squeeze=False)
-    series = [("a", "(a) project, 1024-token window", "C0", "o-"), ("b", "(b) project, exact window", "C1", "s-"),
-              ("c", "(c) raw NCCL send/recv", "C2", "^--"), ("d", "(d) Triton BLS, GPU output", "C3", "v-"),
-              ("ipc_b", "same GPU: CUDA IPC, exact window", "C4", "d-"), ("copy", "same GPU: raw D2D copy", "C5", "x:")]
+    series = [
+        ("a", "(a) project, 1024-token window", "C0", "o-"),
+        ("b", "(b) project, exact window", "C1", "s-"),
+        ("c", "(c) raw NCCL send/recv", "C2", "^--"),
+        ("d", "(d) Triton BLS, GPU output", "C3", "v-"),
+        ("ipc_b", "same GPU: CUDA IPC, exact window", "C4", "d-"),
+        ("copy", "same GPU: raw D2D copy", "C5", "x:"),
+    ]
     for col, hidden in enumerate(hiddens):
         sub = [r for r in rows if r["hidden"] == hidden]
         mb = [r["bytes"] / 2**20 for r in sub]

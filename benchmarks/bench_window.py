@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Fixed vs adaptive receive window: continuation rate and blocks held, on one length mix."""
+
 from __future__ import annotations
 
 import argparse
@@ -49,29 +50,52 @@ def policies(text: str):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/bench_window.py", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", type=policies, default=policies("fixed,adaptive:75,adaptive:90,adaptive:99"),
-                   help="comma-separated: fixed | adaptive[:percentile] (default fixed,adaptive:75,adaptive:90,adaptive:99)")
-    p.add_argument("--mix", type=LogNormalMix.parse, default=LogNormalMix(),
-                   help="length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)")
+    p = argparse.ArgumentParser(
+        prog="scripts/bench_window.py",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--policies",
+        type=policies,
+        default=policies("fixed,adaptive:75,adaptive:90,adaptive:99"),
+        help="comma-separated: fixed | adaptive[:percentile] (default fixed,adaptive:75,adaptive:90,adaptive:99)",
+    )
+    p.add_argument(
+        "--mix",
+        type=LogNormalMix.parse,
+        default=LogNormalMix(),
+        help="length mix 'median,sigma[,min,max]' (default 800,0.75,64,8192)",
+    )
     p.add_argument("--transfers", type=int, default=2000, help="transfers per endpoint run (default 2000)")
-    p.add_argument("--threads", type=int_list, default=[1, 4],
-                   help="concurrent pulls sharing the receive pool, comma-separated (default 1,4)")
-    p.add_argument("--plan-samples", type=int, default=100_000, help="lengths for the chunk_plan method (default 100000)")
+    p.add_argument(
+        "--threads",
+        type=int_list,
+        default=[1, 4],
+        help="concurrent pulls sharing the receive pool, comma-separated (default 1,4)",
+    )
+    p.add_argument(
+        "--plan-samples", type=int, default=100_000, help="lengths for the chunk_plan method (default 100000)"
+    )
     p.add_argument("--hidden", type=int, default=64, help="embedding width of the endpoint runs (default 64)")
     p.add_argument("--block-tokens", type=int, default=128, help="tokens per block (default 128)")
     p.add_argument("--window-tokens", type=int, default=1024, help="default (fixed) window (default 1024)")
     p.add_argument("--pool-blocks", type=int, default=64, help="receive pool blocks (default 64, as mm_language)")
-    p.add_argument("--adaptive-max-tokens", type=int, default=8192,
-                   help="upper bound of the adaptive window (default 8192)")
+    p.add_argument(
+        "--adaptive-max-tokens", type=int, default=8192, help="upper bound of the adaptive window (default 8192)"
+    )
     p.add_argument("--adaptive-min-samples", type=int, default=16, help="lengths seen before adapting (default 16)")
     p.add_argument("--no-hint-only", action="store_true", help="only the no-hint case")
     p.add_argument("--hint-only", action="store_true", help="only the hint case")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quick", action="store_true", help="CI size: 200 transfers, 1 thread, 10000 plan samples")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks",
-                   help="where window.json and window.png go (default docs/benchmarks)")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "docs" / "benchmarks",
+        help="where window.json and window.png go (default docs/benchmarks)",
+    )
     p.add_argument("--name", default="window", help="file name stem of the outputs (default window)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--markdown", action="store_true", help="print tables as markdown")
@@ -84,11 +108,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 ENDPOINT_COLUMNS = [
-    ("policy", "policy"), ("hint_label", "hint"), ("threads", "thr"),
-    ("continuation_rate", "cont. rate", ".1%"), ("continuations_per_transfer", "conts/xfer", ".3f"),
-    ("mean_window_blocks", "blocks held", ".2f"), ("mean_block_chunks", "block-chunks", ".2f"),
-    ("mean_unused_window_tokens", "unused win tok", ".0f"), ("block_token_seconds", "block-tok-s", ".1f"),
-    ("mean_transfer_ms", "xfer ms", ".2f"), ("final_window_tokens", "final window"),
+    ("policy", "policy"),
+    ("hint_label", "hint"),
+    ("threads", "thr"),
+    ("continuation_rate", "cont. rate", ".1%"),
+    ("continuations_per_transfer", "conts/xfer", ".3f"),
+    ("mean_window_blocks", "blocks held", ".2f"),
+    ("mean_block_chunks", "block-chunks", ".2f"),
+    ("mean_unused_window_tokens", "unused win tok", ".0f"),
+    ("block_token_seconds", "block-tok-s", ".1f"),
+    ("mean_transfer_ms", "xfer ms", ".2f"),
+    ("final_window_tokens", "final window"),
 ]
 PLAN_COLUMNS = [c for c in ENDPOINT_COLUMNS if c[0] not in ("threads", "block_token_seconds", "mean_transfer_ms")]
 
@@ -98,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from mmtransfer import TransferConfig
 
-    base = TransferConfig(block_tokens=args.block_tokens, default_window_tokens=args.window_tokens,
-                          pool_blocks=args.pool_blocks, max_embed_tokens=max(args.mix.max_tokens, 1),
-                          adaptive_max_window_tokens=args.adaptive_max_tokens,
-                          adaptive_min_samples=args.adaptive_min_samples)
+    base = TransferConfig(
+        block_tokens=args.block_tokens,
+        default_window_tokens=args.window_tokens,
+        pool_blocks=args.pool_blocks,
+        max_embed_tokens=max(args.mix.max_tokens, 1),
+        adaptive_max_window_tokens=args.adaptive_max_tokens,
+        adaptive_min_samples=args.adaptive_min_samples,
+    )
     hints = [h for h in (True, False) if not (args.hint_only and not h) and not (args.no_hint_only and h)]
     t0 = time.monotonic()
     lengths = args.mix.sample(args.transfers, seed=args.seed)
@@ -117,20 +151,32 @@ def main(argv: list[str] | None = None) -> int:
             row["hint_label"] = "yes" if hint else "no"
             plan_rows.append(row)
     info = machine_info()
-    print(f"length mix: {args.mix.describe()}; block {args.block_tokens} tokens, default window "
-          f"{args.window_tokens}, receive pool {args.pool_blocks} blocks, adaptive bound {args.adaptive_max_tokens}")
+    print(
+        f"length mix: {args.mix.describe()}; block {args.block_tokens} tokens, default window "
+        f"{args.window_tokens}, receive pool {args.pool_blocks} blocks, adaptive bound {args.adaptive_max_tokens}"
+    )
     print(f"\nreal endpoints ({args.transfers} transfers per run, hidden {args.hidden}):")
     print(table(endpoint_rows, ENDPOINT_COLUMNS, markdown=args.markdown))
     print(f"\nchunk_plan arithmetic ({args.plan_samples} lengths, no pool pressure):")
     print(table(plan_rows, PLAN_COLUMNS, markdown=args.markdown))
     print(f"\nmachine: {machine_line(info)}")
     payload = {
-        "benchmark": "window", "command": "scripts/bench_window.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": info, "mix": args.mix.to_dict(), "mix_summary": summarize(lengths),
-        "config": {"block_tokens": args.block_tokens, "default_window_tokens": args.window_tokens,
-                   "pool_blocks": args.pool_blocks, "adaptive_max_window_tokens": args.adaptive_max_tokens,
-                   "adaptive_min_samples": args.adaptive_min_samples, "hidden": args.hidden},
-        "endpoints": endpoint_rows, "chunk_plan": plan_rows, "elapsed_s": round(time.monotonic() - t0, 2),
+        "benchmark": "window",
+        "command": "scripts/bench_window.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": info,
+        "mix": args.mix.to_dict(),
+        "mix_summary": summarize(lengths),
+        "config": {
+            "block_tokens": args.block_tokens,
+            "default_window_tokens": args.window_tokens,
+            "pool_blocks": args.pool_blocks,
+            "adaptive_max_window_tokens": args.adaptive_max_tokens,
+            "adaptive_min_samples": args.adaptive_min_samples,
+            "hidden": args.hidden,
+        },
+        "endpoints": endpoint_rows,
+        "chunk_plan": plan_rows,
+        "elapsed_s": round(time.monotonic() - t0, 2),
     }
     print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
     if not args.no_plot:
@@ -155,9 +201,14 @@ def plot(rows: list[dict], args: argparse.Namespace, info: dict) -> Path:
             continue
         for i, policy in enumerate(dict.fromkeys(r["policy"] for r in sub)):
             for r in (r for r in sub if r["policy"] == policy):
-                ax.scatter(r["mean_window_blocks"], r["continuation_rate"] * 100, color=f"C{i}",
-                           marker=markers.get(r["threads"], "x"), s=50,
-                           label=f"{policy}, {r['threads']} thr")
+                ax.scatter(
+                    r["mean_window_blocks"],
+                    r["continuation_rate"] * 100,
+                    color=f"C{i}",
+                    marker=markers.get(r["threads"], "x"),
+                    s=50,
+                    label=f"{policy}, {r['threads']} thr",
+                )
         ax.set_xlabel("receive-window blocks held per transfer (mean)")
         ax.set_ylabel("transfers needing a continuation (%)")
         ax.set_title(f"length hint {'on (EMBED_REF carries N)' if hint == 'yes' else 'off (N unknown)'}", fontsize=10)

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "backends"))  # mm_remote, mm_triton.launcher (repository generation), also without the venv's .pth
+sys.path.insert(
+    0, str(ROOT / "backends")
+)  # mm_remote, mm_triton.launcher (repository generation), also without the venv's .pth
 ROLES = ("all", "encoder", "language")  # as mm_remote.repository.ROLES (imported lazily: --help needs no numpy)
 
 DESCRIPTION = """\
@@ -92,8 +94,12 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scripts/serve", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/serve",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_server_options(p.add_argument_group("server"))
     add_model_options(p.add_argument_group("model"))
     add_deployment_options(p.add_argument_group("split deployment and instances"))
@@ -101,95 +107,213 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_openai_arguments(p)
     add_demo_options(p.add_argument_group("demo"))
-    p.add_argument("triton_args", nargs=argparse.REMAINDER,
-                   help="after --: extra arguments for tritonserver")
+    p.add_argument("triton_args", nargs=argparse.REMAINDER, help="after --: extra arguments for tritonserver")
     return p
 
 
 def add_server_options(g) -> None:
-    g.add_argument("--role", choices=ROLES, default="all",
-                   help="all (default): one server; encoder: mm_encoder only; language: mm_language + mm_pipeline "
-                        "calling --encoder-url")
-    g.add_argument("--http-port", type=port, metavar="PORT", default=None,
-                   help="HTTP port (default: 8000; role encoder: 8010)")
-    g.add_argument("--grpc-port", type=port, metavar="PORT", default=None,
-                   help="gRPC port (default: 8001; role encoder: 8011)")
-    g.add_argument("--metrics-port", type=port, metavar="PORT", default=None,
-                   help="Prometheus metrics port (default: 8002; role encoder: 8012)")
-    g.add_argument("--port-base", type=port, metavar="PORT", default=None,
-                   help="HTTP on PORT, gRPC on PORT+1, metrics on PORT+2 (the --*-port options win)")
-    g.add_argument("--address", default="0.0.0.0",
-                   help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)")
-    g.add_argument("--model-repository", type=Path, action="append", default=None, metavar="DIR",
-                   help="model repository served as it is (default: the role's: model_repository/, "
-                        "model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several")
-    g.add_argument("--startup-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="how long to wait for all models to be ready (default: 600)")
-    g.add_argument("--log-file", type=Path, default=None, metavar="PATH",
-                   help="server log (default: .cache/logs/tritonserver-<http port>.log)")
+    g.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="all (default): one server; encoder: mm_encoder only; language: mm_language + mm_pipeline "
+        "calling --encoder-url",
+    )
+    g.add_argument(
+        "--http-port", type=port, metavar="PORT", default=None, help="HTTP port (default: 8000; role encoder: 8010)"
+    )
+    g.add_argument(
+        "--grpc-port", type=port, metavar="PORT", default=None, help="gRPC port (default: 8001; role encoder: 8011)"
+    )
+    g.add_argument(
+        "--metrics-port",
+        type=port,
+        metavar="PORT",
+        default=None,
+        help="Prometheus metrics port (default: 8002; role encoder: 8012)",
+    )
+    g.add_argument(
+        "--port-base",
+        type=port,
+        metavar="PORT",
+        default=None,
+        help="HTTP on PORT, gRPC on PORT+1, metrics on PORT+2 (the --*-port options win)",
+    )
+    g.add_argument(
+        "--address",
+        default="0.0.0.0",
+        help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)",
+    )
+    g.add_argument(
+        "--model-repository",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="model repository served as it is (default: the role's: model_repository/, "
+        "model_repositories/encoder_server/ or model_repositories/language_server/); repeat for several",
+    )
+    g.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for all models to be ready (default: 600)",
+    )
+    g.add_argument(
+        "--log-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="server log (default: .cache/logs/tritonserver-<http port>.log)",
+    )
     g.add_argument("--verbose", "-v", action="store_true", help="also stream the server log to the terminal")
-    g.add_argument("--no-watchdog", action="store_true",
-                   help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
-                        "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)")
-    g.add_argument("--max-restarts", type=int, default=10, metavar="N",
-                   help="start tritonserver again when it dies, at most N times (default: 10; 0: exit instead)")
+    g.add_argument(
+        "--no-watchdog",
+        action="store_true",
+        help="do not reload a model whose Python stub process died (tritonserver 2.51 does not restart "
+        "it; the watchdog needs --model-control-mode=explicit, see docs/RELIABILITY.md)",
+    )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        metavar="N",
+        help="start tritonserver again when it dies, at most N times (default: 10; 0: exit instead)",
+    )
 
 
 def add_model_options(m) -> None:
-    m.add_argument("--with-baseline", action="store_true",
-                   help="also load the monolithic baseline (mm_monolithic, mm_monolithic_stream; not loaded by "
-                        "default: it is a benchmark reference, not a service)")
-    m.add_argument("--checkpoint", type=Path, default=None, metavar="DIR",
-                   help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default")
+    m.add_argument(
+        "--with-baseline",
+        action="store_true",
+        help="also load the monolithic baseline (mm_monolithic, mm_monolithic_stream; not loaded by "
+        "default: it is a benchmark reference, not a service)",
+    )
+    m.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a Hugging Face Qwen2-VL checkpoint directory to serve instead of the tiny default",
+    )
     m.add_argument("--block-tokens", type=positive_int, default=None, metavar="N", help="tokens per pool block")
-    m.add_argument("--window-tokens", type=positive_int, default=None, metavar="N",
-                   help="default receive window in tokens")
+    m.add_argument(
+        "--window-tokens", type=positive_int, default=None, metavar="N", help="default receive window in tokens"
+    )
     m.add_argument("--pool-blocks", type=positive_int, default=None, metavar="N", help="blocks in each pool")
-    m.add_argument("--no-block-allocator", action="store_true",
-                   help="use index-based fixed slots instead of the block allocator")
-    m.add_argument("--encode-threads", type=int, default=None, metavar="N",
-                   help="threads encoding the images of one request (default 0 = auto: 1 on CPU, 4 on GPU)")
-    m.add_argument("--mm-processor-kwargs", type=processor_kwargs, default=None, metavar="JSON",
-                   help='image processor budget, e.g. \'{"max_pixels": 1003520, "min_pixels": 3136}\': images '
-                        "above max_pixels are resized to it (aspect ratio kept), as vLLM's --mm-processor-kwargs")
-    m.add_argument("--max-embed-tokens", type=int, default=None, metavar="N",
-                   help="per-image embedding-token budget (0 = the processor's maximum); images are resized to it")
+    m.add_argument(
+        "--no-block-allocator", action="store_true", help="use index-based fixed slots instead of the block allocator"
+    )
+    m.add_argument(
+        "--encode-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads encoding the images of one request (default 0 = auto: 1 on CPU, 4 on GPU)",
+    )
+    m.add_argument(
+        "--mm-processor-kwargs",
+        type=processor_kwargs,
+        default=None,
+        metavar="JSON",
+        help='image processor budget, e.g. \'{"max_pixels": 1003520, "min_pixels": 3136}\': images '
+        "above max_pixels are resized to it (aspect ratio kept), as vLLM's --mm-processor-kwargs",
+    )
+    m.add_argument(
+        "--max-embed-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="per-image embedding-token budget (0 = the processor's maximum); images are resized to it",
+    )
 
 
 def add_deployment_options(s) -> None:
-    s.add_argument("--encoder-url", action="append", default=None, metavar="HOST:PORT",
-                   help="role language: gRPC address of an encoder server; repeat (or comma-separate) for "
-                        "several, used round-robin")
-    s.add_argument("--encoder-timeout", type=float, default=None, metavar="SECONDS",
-                   help="role language: how long one call to an encoder server may take (default: 300)")
-    s.add_argument("--control-host", default=None, metavar="ADDR",
-                   help="interface the encoder instances' control endpoints bind (default: 127.0.0.1, this host "
-                        "only); 0.0.0.0 for all interfaces (then give --advertise-host)")
-    s.add_argument("--advertise-host", default=None, metavar="ADDR",
-                   help="address language servers reach the control endpoints at, put into every EMBED_REF "
-                        "(default: --control-host)")
-    s.add_argument("--control-port", type=int, default=None, metavar="PORT",
-                   help="first control port: encoder instance i binds PORT+i (default 0: any free port)")
-    s.add_argument("--encoder-instances", type=positive_int, default=None, metavar="N",
-                   help="mm_encoder instances (per GPU with --encoder-gpus); default: the repository's (1)")
-    s.add_argument("--language-instances", type=positive_int, default=None, metavar="N",
-                   help="mm_language instances (per GPU with --language-gpus); default: the repository's (1)")
-    s.add_argument("--pipeline-instances", type=positive_int, default=None, metavar="N",
-                   help="role language: instances of the BLS mm_pipeline (default: 2 x mm_language's)")
-    s.add_argument("--encoder-gpus", default=None, metavar="LIST",
-                   help="comma-separated GPUs for mm_encoder instances, e.g. 0,1 (default: CPU)")
-    s.add_argument("--language-gpus", default=None, metavar="LIST",
-                   help="comma-separated GPUs for mm_language instances, e.g. 2,3 (default: CPU)")
+    s.add_argument(
+        "--encoder-url",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="role language: gRPC address of an encoder server; repeat (or comma-separate) for "
+        "several, used round-robin",
+    )
+    s.add_argument(
+        "--encoder-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="role language: how long one call to an encoder server may take (default: 300)",
+    )
+    s.add_argument(
+        "--control-host",
+        default=None,
+        metavar="ADDR",
+        help="interface the encoder instances' control endpoints bind (default: 127.0.0.1, this host "
+        "only); 0.0.0.0 for all interfaces (then give --advertise-host)",
+    )
+    s.add_argument(
+        "--advertise-host",
+        default=None,
+        metavar="ADDR",
+        help="address language servers reach the control endpoints at, put into every EMBED_REF "
+        "(default: --control-host)",
+    )
+    s.add_argument(
+        "--control-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="first control port: encoder instance i binds PORT+i (default 0: any free port)",
+    )
+    s.add_argument(
+        "--encoder-instances",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="mm_encoder instances (per GPU with --encoder-gpus); default: the repository's (1)",
+    )
+    s.add_argument(
+        "--language-instances",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="mm_language instances (per GPU with --language-gpus); default: the repository's (1)",
+    )
+    s.add_argument(
+        "--pipeline-instances",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="role language: instances of the BLS mm_pipeline (default: 2 x mm_language's)",
+    )
+    s.add_argument(
+        "--encoder-gpus",
+        default=None,
+        metavar="LIST",
+        help="comma-separated GPUs for mm_encoder instances, e.g. 0,1 (default: CPU)",
+    )
+    s.add_argument(
+        "--language-gpus",
+        default=None,
+        metavar="LIST",
+        help="comma-separated GPUs for mm_language instances, e.g. 2,3 (default: CPU)",
+    )
 
 
 def add_demo_options(d) -> None:
-    d.add_argument("--demo", action="store_true",
-                   help="once ready, send a demo request (generated image + prompt) and print the answer")
-    d.add_argument("--exit", action="store_true",
-                   help="with --demo: stop the server after the demo; exit code is the demo's")
+    d.add_argument(
+        "--demo",
+        action="store_true",
+        help="once ready, send a demo request (generated image + prompt) and print the answer",
+    )
+    d.add_argument(
+        "--exit", action="store_true", help="with --demo: stop the server after the demo; exit code is the demo's"
+    )
     d.add_argument("--demo-prompt", default="Describe the image.", metavar="TEXT", help="the demo's prompt")
-    d.add_argument("--demo-max-tokens", type=positive_int, default=16, metavar="N",
-                   help="the demo's max tokens (default: 16)")
+    d.add_argument(
+        "--demo-max-tokens", type=positive_int, default=16, metavar="N", help="the demo's max tokens (default: 16)"
+    )
 
 
 PROCESSOR_KWARGS = ("max_pixels", "min_pixels")
@@ -225,8 +349,11 @@ def model_env(args) -> dict[str, str]:
 
         tiny = tiny_model_dir()
         if not tiny.is_dir():
-            print(f"serve: warning: the tiny model {tiny} does not exist (scripts/setup builds it once "
-                  "mm_models.build_tiny exists); the models may fail to load", file=sys.stderr)
+            print(
+                f"serve: warning: the tiny model {tiny} does not exist (scripts/setup builds it once "
+                "mm_models.build_tiny exists); the models may fail to load",
+                file=sys.stderr,
+            )
         env["MM_CHECKPOINT"] = str(tiny)
     if args.block_tokens is not None:
         env["MM_BLOCK_TOKENS"] = str(args.block_tokens)
@@ -277,14 +404,22 @@ def check_role_options(args) -> None:
     args.encoder_urls = []
     if args.role == "language":
         if not args.encoder_url:
-            fail("--role language needs --encoder-url HOST:PORT (the gRPC port of an encoder server, "
-                 "e.g. started with: scripts/serve --role encoder)")
+            fail(
+                "--role language needs --encoder-url HOST:PORT (the gRPC port of an encoder server, "
+                "e.g. started with: scripts/serve --role encoder)"
+            )
         try:
             args.encoder_urls = parse_encoder_urls(args.encoder_url)
         except ValueError as e:
             fail(f"--encoder-url: {e}")
-        for opt in ("control_host", "advertise_host", "control_port", "encoder_instances", "encoder_gpus",
-                    "encode_threads"):
+        for opt in (
+            "control_host",
+            "advertise_host",
+            "control_port",
+            "encoder_instances",
+            "encoder_gpus",
+            "encode_threads",
+        ):
             if getattr(args, opt) is not None:
                 fail(f"--{opt.replace('_', '-')} is for the encoder side (--role encoder or all), not --role language")
     else:
@@ -300,16 +435,20 @@ def check_role_options(args) -> None:
     if args.control_port is not None and not 0 <= args.control_port <= 65535:
         fail(f"--control-port {args.control_port}: not a port")
     if args.control_host in ("0.0.0.0", "::", "*") and not args.advertise_host:
-        fail(f"--control-host {args.control_host} binds every interface: give --advertise-host ADDR, the address "
-             "language servers reach this host at (it goes into every EMBED_REF)")
+        fail(
+            f"--control-host {args.control_host} binds every interface: give --advertise-host ADDR, the address "
+            "language servers reach this host at (it goes into every EMBED_REF)"
+        )
     for opt in ("encoder_gpus", "language_gpus"):
         try:
             setattr(args, opt, parse_gpus(getattr(args, opt)))
         except ValueError as e:
             fail(f"--{opt.replace('_', '-')}: {e}")
     if args.model_repository and any(getattr(args, o) is not None for o in LAYOUT_OPTIONS):
-        fail("--model-repository serves the given repositories as they are: instance and GPU options need the "
-             "generated one (leave --model-repository out)")
+        fail(
+            "--model-repository serves the given repositories as they are: instance and GPU options need the "
+            "generated one (leave --model-repository out)"
+        )
 
 
 def repositories(args, env: dict[str, str]) -> list[Path]:
@@ -323,11 +462,18 @@ def repositories(args, env: dict[str, str]) -> list[Path]:
     cache = Path(os.environ.get("MM_CACHE", ROOT / ".cache"))
     dest = cache / "repos" / f"{args.role}-{args.http_port}"
     try:
-        return [build_repository(
-            dest, args.role, encoder_instances=args.encoder_instances, language_instances=args.language_instances,
-            pipeline_instances=args.pipeline_instances, encoder_gpus=args.encoder_gpus,
-            language_gpus=args.language_gpus, checkpoint=env.get("MM_CHECKPOINT"),
-        )]
+        return [
+            build_repository(
+                dest,
+                args.role,
+                encoder_instances=args.encoder_instances,
+                language_instances=args.language_instances,
+                pipeline_instances=args.pipeline_instances,
+                encoder_gpus=args.encoder_gpus,
+                language_gpus=args.language_gpus,
+                checkpoint=env.get("MM_CHECKPOINT"),
+            )
+        ]
     except ValueError as e:
         raise SystemExit(f"serve: error: {e}") from None
 
@@ -364,8 +510,10 @@ def run_demo(server, args) -> int:
     from mm_client import ClientError, MMClient, demo_image
     from mm_client.demo import DEMO_SIZE
 
-    print(f"\n--- demo: {args.demo_prompt!r} + a generated {DEMO_SIZE[0]}x{DEMO_SIZE[1]} JPEG photo "
-          f"(max {args.demo_max_tokens} tokens)")
+    print(
+        f"\n--- demo: {args.demo_prompt!r} + a generated {DEMO_SIZE[0]}x{DEMO_SIZE[1]} JPEG photo "
+        f"(max {args.demo_max_tokens} tokens)"
+    )
     try:
         with MMClient(server.http_address, protocol="http", timeout_s=300) as client:
             result = client.generate([demo_image()], args.demo_prompt, max_tokens=args.demo_max_tokens)
@@ -420,12 +568,18 @@ def check_ports(args) -> dict[str, int]:
     check_host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
     for opt, p in ports.items():
         if not port_is_free(p, check_host) or (args.address in ("0.0.0.0", "") and not port_is_free(p, "0.0.0.0")):
-            raise SystemExit(f"serve: error: port {p} is already in use (another server running?); "
-                             f"choose another with {opt}")
-    if not args.no_openai and args.role != "encoder" and (
-            args.openai_port in ports.values() or not port_is_free(args.openai_port, check_host)):
-        raise SystemExit(f"serve: error: port {args.openai_port} is already in use; choose another with --openai-port "
-                         "(or --no-openai)")
+            raise SystemExit(
+                f"serve: error: port {p} is already in use (another server running?); choose another with {opt}"
+            )
+    if (
+        not args.no_openai
+        and args.role != "encoder"
+        and (args.openai_port in ports.values() or not port_is_free(args.openai_port, check_host))
+    ):
+        raise SystemExit(
+            f"serve: error: port {args.openai_port} is already in use; choose another with --openai-port "
+            "(or --no-openai)"
+        )
     return ports
 
 
@@ -440,8 +594,10 @@ def check_control_ports(args, repos: list[Path], ports: dict[str, int]) -> None:
     n = sum(instance_count(r, "mm_encoder") for r in repos if (Path(r) / "mm_encoder" / "config.pbtxt").is_file())
     for p in range(args.control_port, args.control_port + n):
         if p > 65535 or p in ports.values() or not port_is_free(p, control_host):
-            raise SystemExit(f"serve: error: control port {p} (--control-port {args.control_port} + instance) "
-                             "is in use or not a port; choose another --control-port")
+            raise SystemExit(
+                f"serve: error: control port {p} (--control-port {args.control_port} + instance) "
+                "is in use or not a port; choose another --control-port"
+            )
 
 
 def fresh_log_file(args) -> Path:
@@ -481,8 +637,10 @@ class Deployment:
         if args.verbose:
             threading.Thread(target=follow, args=(server.log_file, self.stop_follow), daemon=True).start()
         knobs = " ".join(f"{k}={v}" for k, v in self.env.items())
-        print(f"serve: starting tritonserver ({', '.join(str(r) for r in self.repos)}; {knobs}); "
-              f"log: {server.log_file}", flush=True)
+        print(
+            f"serve: starting tritonserver ({', '.join(str(r) for r in self.repos)}; {knobs}); log: {server.log_file}",
+            flush=True,
+        )
         t0 = time.monotonic()
         server.start()
         self.start_watchdog()
@@ -490,13 +648,18 @@ class Deployment:
             from mm_openai import launch
 
             token_file = client_token_file(server)
-            self.api = launch.start(args, server.grpc_url, server.log_file.parent, str(token_file) if token_file else "")
+            self.api = launch.start(
+                args, server.grpc_url, server.log_file.parent, str(token_file) if token_file else ""
+            )
         print(banner(server, args, time.monotonic() - t0, self.env), flush=True)
         if self.api is not None:
             print(launch.banner(self.api, args.served_model_name or launch.model_name(args)).lstrip("\n"), flush=True)
         if self.watchdog is not None:
-            print(f"  watchdog reloads a model whose stub process dies ({len(self.watchdog._known)} stubs watched; "
-                  "--no-watchdog to disable)", flush=True)
+            print(
+                f"  watchdog reloads a model whose stub process dies ({len(self.watchdog._known)} stubs watched; "
+                "--no-watchdog to disable)",
+                flush=True,
+            )
 
     def start_watchdog(self) -> None:
         if self.use_watchdog:
@@ -514,8 +677,11 @@ class Deployment:
         t0 = time.monotonic()
         self.server.start()
         client_token_file(self.server)  # the OpenAI front end re-reads it: the new server has a new token
-        print(f"serve: tritonserver restarted (restart {attempt}) and serving again in {time.monotonic() - t0:.1f} s "
-              f"(pid {self.server.pid})", flush=True)
+        print(
+            f"serve: tritonserver restarted (restart {attempt}) and serving again in {time.monotonic() - t0:.1f} s "
+            f"(pid {self.server.pid})",
+            flush=True,
+        )
         self.start_watchdog()
 
     def stop(self) -> None:
@@ -566,8 +732,11 @@ def serve_until_given_up(deployment: Deployment, args) -> int:
     for attempt in range(1, args.max_restarts + 2):
         while server.is_running():
             time.sleep(0.5)
-        print(f"serve: error: tritonserver exited unexpectedly (code {server.proc.returncode})\n"
-              f"{server.failure_report()}", file=sys.stderr)
+        print(
+            f"serve: error: tritonserver exited unexpectedly (code {server.proc.returncode})\n"
+            f"{server.failure_report()}",
+            file=sys.stderr,
+        )
         if attempt > args.max_restarts:
             print(f"serve: error: {args.max_restarts} restart(s) done (--max-restarts); giving up", file=sys.stderr)
             return 1
@@ -587,8 +756,11 @@ def client_token_file(server):
     try:
         return write_token_file(server.pid, f"openai-{os.getpid()}.key")
     except OSError as exc:
-        print(f"serve: warning: no internal token for the OpenAI front end ({exc}); streams go through "
-              "mm_pipeline_stream", file=sys.stderr)
+        print(
+            f"serve: warning: no internal token for the OpenAI front end ({exc}); streams go through "
+            "mm_pipeline_stream",
+            file=sys.stderr,
+        )
         return None
 
 
@@ -611,9 +783,17 @@ def main(argv=None) -> int:
     from mm_triton.launcher import TritonServer
 
     server = TritonServer(
-        repos, env=env, args=extra, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, host=args.address, log_file=fresh_log_file(args),
-        startup_timeout_s=args.startup_timeout, stop_timeout_s=30, exit_timeout_s=10,
+        repos,
+        env=env,
+        args=extra,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        host=args.address,
+        log_file=fresh_log_file(args),
+        startup_timeout_s=args.startup_timeout,
+        stop_timeout_s=30,
+        exit_timeout_s=10,
     )
     stop_on_signals()
     return run(Deployment(server, args, env, repos, use_watchdog=own_control and not args.no_watchdog), args)
@@ -630,7 +810,7 @@ def banner(server, args, elapsed: float, env: dict[str, str] | None = None) -> s
     models = [m if server.model_ready(m) else f"{m} (not ready)" for m in getattr(args, "loaded_models", [])]
     host = "localhost" if args.address in ("0.0.0.0", "127.0.0.1", "") else args.address
     text = f"""
-serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}); models: {', '.join(models) or '?'}
+serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}); models: {", ".join(models) or "?"}
   HTTP     {host}:{server.http_port}      (e.g. curl {host}:{server.http_port}/v2/health/ready)
   gRPC     {host}:{server.grpc_port}
   metrics  http://{host}:{server.metrics_port}/metrics
@@ -640,15 +820,20 @@ serve: tritonserver ready in {elapsed:.1f} s (role {args.role}, pid {server.pid}
         text += "\n  control  " + ("\n           ".join(f"{addr}  ({inst})" for inst, addr in endpoints) or "?")
         text += f"\n  use:     scripts/serve --role language --encoder-url {host}:{server.grpc_port}"
         if all("://127." in addr or "://localhost" in addr for _inst, addr in endpoints):
-            text += ("\n  note:    control endpoints are on loopback: only language servers on this host can pull; "
-                     "for other hosts use --control-host/--advertise-host (docs/DEPLOYMENT.md)")
+            text += (
+                "\n  note:    control endpoints are on loopback: only language servers on this host can pull; "
+                "for other hosts use --control-host/--advertise-host (docs/DEPLOYMENT.md)"
+            )
         return text
     if args.role == "language":
         text += f"\n  encoders {', '.join(args.encoder_urls)}"
-    return text + f"""
+    return (
+        text
+        + f"""
   try:     scripts/client --url {host}:{server.http_port} --demo-image --prompt "Describe the image."
            scripts/client --url {host}:{server.grpc_port} --protocol grpc --max-tokens 16 --prompt "Describe" \\
                photo.jpg"""
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ and memory growth (RSS of tritonserver + its stubs, mean of the first vs the las
 table and as JSON. Exit status 0 only when nothing leaked, no failure was unexpected, no answer was wrong and
 memory grew less than --max-rss-growth-mib.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,14 @@ for sub in ("backends", "benchmarks", "client"):
 KINDS = ("normal", "cancel", "timeout", "bad_input", "direct")
 DEFAULT_MIX = {"normal": 0.72, "cancel": 0.08, "timeout": 0.07, "bad_input": 0.10, "direct": 0.03}
 SERVER_ENV = {
-    "MM_POOL_BLOCKS": "64", "MM_MAX_EMBED_TOKENS": "4096", "MM_CACHE_BLOCKS": "16", "MM_DEFAULT_WINDOW_TOKENS": "256",
-    "MM_TTL_S": "8", "MM_PULL_TIMEOUT_S": "5", "MM_PULL_WAIT_S": "2", "MM_ALLOC_TIMEOUT_S": "3",
+    "MM_POOL_BLOCKS": "64",
+    "MM_MAX_EMBED_TOKENS": "4096",
+    "MM_CACHE_BLOCKS": "16",
+    "MM_DEFAULT_WINDOW_TOKENS": "256",
+    "MM_TTL_S": "8",
+    "MM_PULL_TIMEOUT_S": "5",
+    "MM_PULL_WAIT_S": "2",
+    "MM_ALLOC_TIMEOUT_S": "3",
     "MM_LOG_LEVEL": "WARNING",
 }
 PROMPTS = [b"Describe the image.", b"What is in the pictures?", b"Count the colours."]
@@ -62,8 +69,11 @@ CAUSES = [
     ("deadline", r"DEADLINE_EXCEEDED|[Dd]eadline [Ee]xceeded|timed out"),
     ("internal_refused", r"is an internal model"),
     ("stub_dead", r"is not healthy|\(stub_died\)"),
-    ("model_reloading", r"[Uu]nknown model|not ready|is not found|unavailable: model|Request for unknown|"
-                        r"model_reloading"),
+    (
+        "model_reloading",
+        r"[Uu]nknown model|not ready|is not found|unavailable: model|Request for unknown|"
+        r"model_reloading",
+    ),
     ("pool_exhausted", r"pool_exhausted|exhausted"),
     ("expired", r"\(expired\)|reclaimed: not pulled"),
     ("not_found", r"\(not_found\)|unknown transfer id"),
@@ -86,8 +96,16 @@ EXPECTED = {
 # retried without pausing would make thousands of requests per kill window
 RETRY_LATER = {"model_reloading", "stub_dead", "connection"}
 RETRY_BACKOFF_S = 0.5
-IN_KILL_WINDOW = {"stub_dead", "model_reloading", "pull_timeout", "not_found", "expired", "connection", "deadline",
-                  "pool_exhausted"}
+IN_KILL_WINDOW = {
+    "stub_dead",
+    "model_reloading",
+    "pull_timeout",
+    "not_found",
+    "expired",
+    "connection",
+    "deadline",
+    "pool_exhausted",
+}
 
 
 @dataclass
@@ -123,8 +141,12 @@ def register_stub_region(rs) -> str:
 
     region = next((s.shm_region for s in list_stubs(rs.server.pid).values() if s.shm_region), "none")
     body = json.dumps({"key": "/" + region, "offset": 0, "byte_size": 4096}).encode()
-    req = urllib.request.Request(f"http://{rs.http_address}/v2/systemsharedmemory/region/hostile/register",
-                                 data=body, method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://{rs.http_address}/v2/systemsharedmemory/region/hostile/register",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10):
             return "accepted_shm"
@@ -153,8 +175,12 @@ class Corpus:
         photos = [size for size in PHOTO_SIZES if size[0] * size[1] <= 2_000_000]
         sizes = [64, 256, 600, 1200]
         self.hot = [make_test_image(tokens=sizes[i % 4], seed=1000 + i) for i in range(4)]
-        self.cold = [demo_image(*rnd.choice(photos), seed=2000 + i) if i % 8 == 0 else
-                     make_test_image(tokens=rnd.choice(sizes), seed=2000 + i) for i in range(24)]
+        self.cold = [
+            demo_image(*rnd.choice(photos), seed=2000 + i)
+            if i % 8 == 0
+            else make_test_image(tokens=rnd.choice(sizes), seed=2000 + i)
+            for i in range(24)
+        ]
         # normal requests repeat these 40 inputs (1-3 images, some shared), so every answer can be compared
         # with the first answer to the same input: a block reused under a reader would show as a difference
         self.templates = [(tuple(self.pick(rnd)), rnd.choice(PROMPTS), rnd.choice([2, 4])) for _ in range(40)]
@@ -179,15 +205,23 @@ def bad_inputs(corpus: Corpus):
     def png_header(w: int, h: int) -> bytes:
         def chunk(kind: bytes, data: bytes) -> bytes:
             return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+        return (
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b"")
+        )
 
     good = corpus.hot[0]
     obj = np.object_
 
     def pipe(images, prompt=b"Describe", max_tokens=4, **override):
-        inputs = {"IMAGE": np.array(images, dtype=obj).reshape(len(images)), "PROMPT": np.array([prompt], dtype=obj),
-                  "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+        inputs = {
+            "IMAGE": np.array(images, dtype=obj).reshape(len(images)),
+            "PROMPT": np.array([prompt], dtype=obj),
+            "MAX_TOKENS": np.array([max_tokens], dtype=np.int32),
+        }
         inputs.update(override)
         return "mm_pipeline", {k: v for k, v in inputs.items() if v is not None}
 
@@ -197,13 +231,24 @@ def bad_inputs(corpus: Corpus):
     buf = io.BytesIO()
     Image.new("RGB", (1, 1000)).save(buf, "PNG")
     return [
-        pipe([good[: len(good) // 2]]), pipe([png_header(30000, 30000)]), pipe([b"not an image at all"]),
-        pipe([b""]), pipe([buf.getvalue()]), pipe([good], max_tokens=0), pipe([good], max_tokens=-5),
-        pipe([good], max_tokens=5000), pipe([good], prompt=b"<|image_pad|>"), pipe([good], prompt=b"  "),
-        pipe([good], prompt=b"\xff\xfe"), pipe([good], PROMPT=None), pipe([good] * 17),
+        pipe([good[: len(good) // 2]]),
+        pipe([png_header(30000, 30000)]),
+        pipe([b"not an image at all"]),
+        pipe([b""]),
+        pipe([buf.getvalue()]),
+        pipe([good], max_tokens=0),
+        pipe([good], max_tokens=-5),
+        pipe([good], max_tokens=5000),
+        pipe([good], prompt=b"<|image_pad|>"),
+        pipe([good], prompt=b"  "),
+        pipe([good], prompt=b"\xff\xfe"),
+        pipe([good], PROMPT=None),
+        pipe([good] * 17),
         pipe([good], PROMPT=np.array([1.0], dtype=np.float32)),
-        (FORGED_REF, None), (FORGED_REF, None),
-        lang(b"{not json"), lang(b'{"transfer_id": "x"}'),
+        (FORGED_REF, None),
+        (FORGED_REF, None),
+        lang(b"{not json"),
+        lang(b'{"transfer_id": "x"}'),
     ]
 
 
@@ -240,8 +285,13 @@ class Soak:
         rnd = random.Random(self.opts.seed * 1000 + index)
         grpc = grpcclient.InferenceServerClient(rs.grpc_url)
         http = httpclient.InferenceServerClient(rs.http_address, network_timeout=120, connection_timeout=30)
-        send = {"normal": self._send_normal, "cancel": self._send_cancel, "timeout": self._send_timeout,
-                "bad_input": self._send_bad_input, "direct": self._send_direct}
+        send = {
+            "normal": self._send_normal,
+            "cancel": self._send_cancel,
+            "timeout": self._send_timeout,
+            "bad_input": self._send_bad_input,
+            "direct": self._send_direct,
+        }
         self.rs = rs
         while not self.stop.is_set():
             kind = self._next_kind(rnd)
@@ -271,8 +321,11 @@ class Soak:
         from mm_bench.reliable import tensors
 
         images, prompt, mt = rnd.choice(corpus.templates)
-        inputs = {"IMAGE": np.array(images, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
-                  "MAX_TOKENS": np.array([mt], dtype=np.int32)}
+        inputs = {
+            "IMAGE": np.array(images, dtype=np.object_),
+            "PROMPT": np.array([prompt], dtype=np.object_),
+            "MAX_TOKENS": np.array([mt], dtype=np.int32),
+        }
         if rnd.random() < 0.5:
             out = grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
         else:
@@ -288,8 +341,10 @@ class Soak:
 
         from mm_bench.reliable import tensors
 
-        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                  "PROMPT": np.array([PROMPTS[0]], dtype=np.object_)}
+        inputs = {
+            "IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+            "PROMPT": np.array([PROMPTS[0]], dtype=np.object_),
+        }
         done = threading.Event()
         box: list = []
 
@@ -312,8 +367,10 @@ class Soak:
 
         from mm_bench.reliable import tensors
 
-        inputs = {"IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
-                  "PROMPT": np.array([PROMPTS[1]], dtype=np.object_)}
+        inputs = {
+            "IMAGE": np.array(corpus.pick(rnd), dtype=np.object_),
+            "PROMPT": np.array([PROMPTS[1]], dtype=np.object_),
+        }
         grpc.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=rnd.uniform(0.05, 0.3))
         return "ok", ""
 
@@ -329,8 +386,10 @@ class Soak:
             from mmtransfer.ref import new_transfer_id
 
             ref = EmbedRef(new_transfer_id(), self.encoder_address, 64).to_json().encode()
-            model, inputs = "mm_language", {"EMBED_REF": np.array([ref], dtype=np.object_),
-                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+            model, inputs = (
+                "mm_language",
+                {"EMBED_REF": np.array([ref], dtype=np.object_), "PROMPT": np.array([b"x"], dtype=np.object_)},
+            )
         grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
         return "accepted_bad_input", model  # a hostile input must never succeed
 
@@ -352,8 +411,10 @@ class Soak:
             from mmtransfer.ref import new_transfer_id
 
             refs = [EmbedRef(new_transfer_id(), "tcp://192.0.2.1:5555", 64).to_json().encode()] * 16
-            model, inputs = "mm_language", {"EMBED_REF": np.array(refs, dtype=np.object_),
-                                            "PROMPT": np.array([b"x"], dtype=np.object_)}
+            model, inputs = (
+                "mm_language",
+                {"EMBED_REF": np.array(refs, dtype=np.object_), "PROMPT": np.array([b"x"], dtype=np.object_)},
+            )
         grpc.infer(model, tensors(grpcclient, inputs), client_timeout=60)
         return "accepted_direct_call", model  # an internal model must never serve a client
 
@@ -382,13 +443,21 @@ class Soak:
             try:
                 waited = rs.wait_serving(180)
             except TimeoutError as exc:
-                self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1), "recovered": False,
-                                   "error": str(exc)})
+                self.kills.append(
+                    {"model": model, "pid": pid, "at_s": round(at, 1), "recovered": False, "error": str(exc)}
+                )
                 continue
-            self.kills.append({"model": model, "pid": pid, "at_s": round(at, 1), "signal": sig.name,
-                               "back_after_s": round(time.monotonic() - self.t0 - at, 1),
-                               "reload_s": round(rs.watchdog.restarts[-1].seconds, 1) if rs.watchdog.restarts else None,
-                               "waited_s": round(waited, 1)})
+            self.kills.append(
+                {
+                    "model": model,
+                    "pid": pid,
+                    "at_s": round(at, 1),
+                    "signal": sig.name,
+                    "back_after_s": round(time.monotonic() - self.t0 - at, 1),
+                    "reload_s": round(rs.watchdog.restarts[-1].seconds, 1) if rs.watchdog.restarts else None,
+                    "waited_s": round(waited, 1),
+                }
+            )
 
     def _sampler(self, rs) -> None:
         while not self.stop.wait(1.0):
@@ -406,22 +475,28 @@ class Soak:
             import numpy as np
             import tritonclient.grpc as grpcclient
 
+            from mm_bench.internal import with_token
             from mm_bench.reliable import tensors
 
-            from mm_bench.internal import with_token
-
             ref = grpcclient.InferenceServerClient(rs.grpc_url).infer(  # white-box: the encoder's address
-                "mm_encoder", tensors(grpcclient, with_token(rs, "mm_encoder",
-                                                             {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)})))
+                "mm_encoder",
+                tensors(
+                    grpcclient, with_token(rs, "mm_encoder", {"IMAGE": np.array([corpus.hot[0]], dtype=np.object_)})
+                ),
+            )
             self.encoder_address = json.loads(ref.as_numpy("EMBED_REF")[0])["address"]
             assert self.encoder_address.startswith("tcp://127.0.0.1:"), self.encoder_address
             bad = bad_inputs(corpus)
             start_stubs = rs.stubs()
             self.t0 = time.monotonic()
-            threads = [threading.Thread(target=self._worker, args=(i, rs, corpus, bad), daemon=True)
-                       for i in range(self.opts.concurrency)]
-            helpers = [threading.Thread(target=self._killer, args=(rs,), daemon=True),
-                       threading.Thread(target=self._sampler, args=(rs,), daemon=True)]
+            threads = [
+                threading.Thread(target=self._worker, args=(i, rs, corpus, bad), daemon=True)
+                for i in range(self.opts.concurrency)
+            ]
+            helpers = [
+                threading.Thread(target=self._killer, args=(rs,), daemon=True),
+                threading.Thread(target=self._sampler, args=(rs,), daemon=True),
+            ]
             for t in threads + helpers:
                 t.start()
             for t in threads:
@@ -461,8 +536,9 @@ class Soak:
         for (name, labels), value in metrics.items():
             if name == "mm_transfer_failures_total" and value:
                 d = dict(labels)
-                failures_metric[f"{d.get('model')}/{d.get('cause')}"] = failures_metric.get(
-                    f"{d.get('model')}/{d.get('cause')}", 0) + value
+                failures_metric[f"{d.get('model')}/{d.get('cause')}"] = (
+                    failures_metric.get(f"{d.get('model')}/{d.get('cause')}", 0) + value
+                )
         report = {
             "options": {**asdict(self.opts)},
             "machine": {"cpus": os.cpu_count(), "gpu": False},
@@ -481,12 +557,18 @@ class Soak:
             "kills": self.kills,
             "watchdog_restarts": restarts,
             "stubs_unexpectedly_changed": (stubs_end != start_stubs) and not self.kills,
-            "latency_ok_s": {"p50": round(ok_lat[len(ok_lat) // 2], 3) if ok_lat else None,
-                             "p95": round(ok_lat[int(len(ok_lat) * 0.95)], 3) if ok_lat else None},
+            "latency_ok_s": {
+                "p50": round(ok_lat[len(ok_lat) // 2], 3) if ok_lat else None,
+                "p95": round(ok_lat[int(len(ok_lat) * 0.95)], 3) if ok_lat else None,
+            },
             "throughput_rps": round(len(self.outcomes) / run_s, 2) if run_s else 0,
-            "rss_mib": {"first_quarter": round(first / 2**20, 1), "last_quarter": round(last / 2**20, 1),
-                        "growth": round((last - first) / 2**20, 1), "samples": len(rss),
-                        "max": round(max((v for _, v in rss), default=0) / 2**20, 1)},
+            "rss_mib": {
+                "first_quarter": round(first / 2**20, 1),
+                "last_quarter": round(last / 2**20, 1),
+                "growth": round((last - first) / 2**20, 1),
+                "samples": len(rss),
+                "max": round(max((v for _, v in rss), default=0) / 2**20, 1),
+            },
             "server_metrics": {
                 "transfers": metric_value(metrics, "mm_transfers_total", 0.0),
                 "continuations": metric_value(metrics, "mm_transfer_continuations_total", 0.0),
@@ -494,9 +576,14 @@ class Soak:
                 "failures": failures_metric,
             },
         }
-        report["passed"] = (leaked == 0 and not unexpected and report["wrong_outputs"] == 0 and hung == 0
-                            and report["rss_mib"]["growth"] < self.opts.max_rss_growth_mib
-                            and all(k.get("recovered", True) for k in self.kills))
+        report["passed"] = (
+            leaked == 0
+            and not unexpected
+            and report["wrong_outputs"] == 0
+            and hung == 0
+            and report["rss_mib"]["growth"] < self.opts.max_rss_growth_mib
+            and all(k.get("recovered", True) for k in self.kills)
+        )
         return report
 
 
@@ -535,22 +622,36 @@ def run_soak(opts: Options) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=3000, help="stop after this many requests (default 3000)")
     p.add_argument("--duration", type=float, default=900.0, metavar="S", help="or after this many seconds (900)")
     p.add_argument("--concurrency", type=int, default=8, help="client threads (8)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--kill-every", type=float, default=60.0, metavar="S",
-                   help="SIGKILL a random stub this often (0: never; default 60)")
+    p.add_argument(
+        "--kill-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="SIGKILL a random stub this often (0: never; default 60)",
+    )
     p.add_argument("--no-faults", action="store_true", help="normal requests only (a baseline)")
     p.add_argument("--max-rss-growth-mib", type=float, default=256.0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the report here too")
     p.add_argument("--log-file", type=Path, default=ROOT / ".cache" / "logs" / "soak-server.log")
     args = p.parse_args(argv)
     mix = {"normal": 1.0} if args.no_faults else dict(DEFAULT_MIX)
-    opts = Options(args.requests, args.duration, args.concurrency, args.seed,
-                   0.0 if args.no_faults else args.kill_every, mix, args.max_rss_growth_mib, str(args.log_file))
+    opts = Options(
+        args.requests,
+        args.duration,
+        args.concurrency,
+        args.seed,
+        0.0 if args.no_faults else args.kill_every,
+        mix,
+        args.max_rss_growth_mib,
+        str(args.log_file),
+    )
     args.log_file.parent.mkdir(parents=True, exist_ok=True)
     report = run_soak(opts)
     print(format_table(report))

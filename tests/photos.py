@@ -3,6 +3,7 @@
 Pictures are smooth (gradients, shapes, mild grain) so JPEG sizes are those of real photos (hundreds of KiB
 to a few MiB), not of per-pixel noise; each is deterministic for its seed.
 """
+
 from __future__ import annotations
 
 import io

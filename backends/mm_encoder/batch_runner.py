@@ -6,6 +6,7 @@ and drops whatever it had published; a failed tower call fails the requests that
 entry acquired for a request is either handed to a published transfer (released when that ends) or
 released here, on every path.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,9 @@ class _Work:
 
 
 class BatchRunner:
-    def __init__(self, vision: VisionEncoder, sender: SenderEndpoint, cache: EmbeddingCache,
-                 device: torch.device) -> None:
+    def __init__(
+        self, vision: VisionEncoder, sender: SenderEndpoint, cache: EmbeddingCache, device: torch.device
+    ) -> None:
         self.on_tower_call: Callable[[int], None] | None = None  # told the images of every tower call (a metric)
         self.vision = vision
         self.sender = sender
@@ -53,8 +55,9 @@ class BatchRunner:
             for job in jobs:
                 job.clock.add(Phase.QUEUE, started - job.enqueued)
                 if job.cancelled():
-                    job.finish(None, TransferCancelled(f"request {job.request_id or '-'} was cancelled before "
-                                                       "encoding"))
+                    job.finish(
+                        None, TransferCancelled(f"request {job.request_id or '-'} was cancelled before encoding")
+                    )
                     continue
                 job.clock.add(Phase.VISION, 0.0)  # every request reports every phase (0 when all cached)
                 works.append(self._look_up(job))
@@ -69,8 +72,9 @@ class BatchRunner:
                 entry = self.cache.acquire(im.key)
                 if entry is not None:
                     work.hits[i] = entry
-                    log.debug("request %s: embedding cache hit %s (%d tokens)", job.request_id, im.key[:12],
-                              entry.num_tokens)
+                    log.debug(
+                        "request %s: embedding cache hit %s (%d tokens)", job.request_id, im.key[:12], entry.num_tokens
+                    )
         return work
 
     def _encode(self, works: list[_Work]) -> list[_Work]:
@@ -95,8 +99,13 @@ class BatchRunner:
             return [w for w in works if id(w) not in failed]
         if self.on_tower_call is not None:
             self.on_tower_call(len(todo))
-        log.debug("vision tower: %d image(s) of %d request(s), %d tokens in %.1f ms", len(todo),
-                  len({id(w) for w, _ in todo}), sum(e.num_tokens for e in encoded), seconds * 1e3)
+        log.debug(
+            "vision tower: %d image(s) of %d request(s), %d tokens in %.1f ms",
+            len(todo),
+            len({id(w) for w, _ in todo}),
+            sum(e.num_tokens for e in encoded),
+            seconds * 1e3,
+        )
         for (w, i), enc in zip(todo, encoded):
             w.encoded[i] = enc
             w.job.images[i].inputs = None  # the pixels are not needed any more
@@ -114,11 +123,16 @@ class BatchRunner:
             self._fail(work, exc)
             return
         if job.cancelled():
-            self._fail(work, TransferCancelled(f"request {job.request_id or '-'} was cancelled; its "
-                                               f"{len(work.refs)} embedding(s) dropped"))
+            self._fail(
+                work,
+                TransferCancelled(
+                    f"request {job.request_id or '-'} was cancelled; its {len(work.refs)} embedding(s) dropped"
+                ),
+            )
             return
-        log.debug("request %s: %d image(s) -> %s tokens", job.request_id, len(work.refs),
-                  [r.num_tokens for r in work.refs])
+        log.debug(
+            "request %s: %d image(s) -> %s tokens", job.request_id, len(work.refs), [r.num_tokens for r in work.refs]
+        )
         job.finish(work.refs, None)
 
     def _publish_one(self, work: _Work, i: int) -> EmbedRef:
@@ -132,8 +146,13 @@ class BatchRunner:
             blocks, aux = self.sender.write_blocks(enc.embeds, extras)
             entry = self.cache.insert(job.images[i].key, blocks, aux.total_tokens, extras)
         try:
-            return self.sender.publish(entry.blocks, entry.num_tokens, entry.extras,
-                                       lambda _blocks, e=entry: self.cache.release(e), job.request_id)
+            return self.sender.publish(
+                entry.blocks,
+                entry.num_tokens,
+                entry.extras,
+                lambda _blocks, e=entry: self.cache.release(e),
+                job.request_id,
+            )
         except BaseException:
             self.cache.release(entry)
             raise

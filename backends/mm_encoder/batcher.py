@@ -7,6 +7,7 @@ later ones while their tokens fit ``max_batch_tokens`` and the oldest has waited
 service's) encodes, publishes and answers every job of the batch; it must not raise (a raise fails the
 batch's unanswered jobs). What is queued when the batcher closes is failed with ``closed_error``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,9 +75,14 @@ def take_batch(queue: deque[EncodeJob], max_tokens: int) -> list[EncodeJob]:
 
 
 class EncodeBatcher:
-    def __init__(self, run_batch: Callable[[list[EncodeJob]], None], max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 max_delay_s: float = DEFAULT_MAX_DELAY_MS / 1e3, name: str = "mm_encoder",
-                 closed_error: Callable[[], BaseException] = lambda: RuntimeError("the encoder is closing")) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[list[EncodeJob]], None],
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        max_delay_s: float = DEFAULT_MAX_DELAY_MS / 1e3,
+        name: str = "mm_encoder",
+        closed_error: Callable[[], BaseException] = lambda: RuntimeError("the encoder is closing"),
+    ) -> None:
         if max_batch_tokens < 1:
             raise ValueError(f"{name}: max_encode_batch_tokens must be >= 1, got {max_batch_tokens}")
         if not 0 <= max_delay_s <= 1.0:

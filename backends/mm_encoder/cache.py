@@ -5,6 +5,7 @@ block pool. Each transfer serving an entry holds a reference; an entry nobody
 references is idle and may be evicted (least recently used first) when the pool
 runs short or the cache is over its block budget. Blocks in flight are never evicted.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,5 @@
 """The encoder service: decode, validate, encode and publish images; no Triton inside."""
+
 from __future__ import annotations
 
 import io
@@ -15,12 +16,17 @@ from mm_models.data_url import unwrap_data_url
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
 from mm_models.qwen2vl import VisionEncoder
+from mm_triton.phases import Phase, PhaseClock
 from mmtransfer import (
-    BlockPool, ConfigError, EmbedRef, RequestTooLarge, SenderEndpoint, TransferCancelled, TransferConfig,
+    BlockPool,
+    ConfigError,
+    EmbedRef,
+    RequestTooLarge,
+    SenderEndpoint,
+    TransferCancelled,
+    TransferConfig,
     TransferObserver,
 )
-
-from mm_triton.phases import Phase, PhaseClock
 
 from .batch_runner import BatchRunner
 from .batcher import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_DELAY_MS, EncodeBatcher, EncodeJob, PreparedImage
@@ -37,6 +43,20 @@ def default_encode_threads(device: str) -> int:
     """Threads preprocessing the images of one request: 4 on a GPU (the CPU is otherwise idle), 1 on the
     CPU (torch's intra-op threads already use every core)."""
     return 4 if str(device).startswith("cuda") else 1
+
+
+def _check_config(name: str, config: TransferConfig, encode_threads: int) -> None:
+    """ConfigError at load time for a pool that cannot hold one largest embedding, or bad thread counts."""
+    if config.max_embed_blocks > config.pool_blocks:
+        raise ConfigError(
+            f"{name}: pool_blocks={config.pool_blocks} x block_tokens={config.block_tokens} cannot hold one "
+            f"embedding of max_embed_tokens={config.max_embed_tokens} (the largest image after resizing to "
+            "the budget); raise pool_blocks, or lower max_pixels / max_embed_tokens"
+        )
+    if not 0 <= encode_threads <= MAX_ENCODE_THREADS:
+        raise ConfigError(
+            f"{name}: encode_threads must be in [0, {MAX_ENCODE_THREADS}] (0 = automatic), got {encode_threads}"
+        )
 
 
 class EncoderService:
@@ -61,41 +81,56 @@ class EncoderService:
         applies ``config.max_embed_tokens`` to the checkpoint's processor bounds. ``on_downscaled(n)``: told
         how many images of a request were shrunk to fit the budget (a metric). ``max_encode_batch_tokens``
         and ``max_encode_delay_ms`` bound one tower call over several requests' images (batcher.py)."""
-        if config.max_embed_blocks > config.pool_blocks:
-            raise ConfigError(
-                f"{name}: pool_blocks={config.pool_blocks} x block_tokens={config.block_tokens} cannot hold one "
-                f"embedding of max_embed_tokens={config.max_embed_tokens} (the largest image after resizing to "
-                "the budget); raise pool_blocks, or lower max_pixels / max_embed_tokens"
-            )
-        if not 0 <= encode_threads <= MAX_ENCODE_THREADS:
-            raise ConfigError(f"{name}: encode_threads must be in [0, {MAX_ENCODE_THREADS}] (0 = automatic), "
-                              f"got {encode_threads}")
+        _check_config(name, config, encode_threads)
         self.config = config
         self.max_image_pixels = max_image_pixels
         self.encode_threads = encode_threads or default_encode_threads(device)
         self._device = torch.device(device)
-        self._executor = (ThreadPoolExecutor(self.encode_threads, thread_name_prefix=f"{name}-encode")
-                          if self.encode_threads > 1 else None)
+        self._executor = (
+            ThreadPoolExecutor(self.encode_threads, thread_name_prefix=f"{name}-encode")
+            if self.encode_threads > 1
+            else None
+        )
         # without an explicit budget, images are resized to what the pool config accepts
         self.geometry = geometry or ImageGeometry.from_model_dir(checkpoint).with_budget(config.max_embed_tokens)
         self._on_downscaled = on_downscaled
         self.vision = VisionEncoder.from_pretrained(checkpoint, device=device, geometry=self.geometry)
         self.pool = BlockPool(
-            config.pool_blocks, config.block_tokens, self.vision.hidden_size, self.vision.dtype, device,
-            block_allocator=config.use_block_allocator, slot_blocks=config.max_embed_blocks, name=f"{name}-pool",
+            config.pool_blocks,
+            config.block_tokens,
+            self.vision.hidden_size,
+            self.vision.dtype,
+            device,
+            block_allocator=config.use_block_allocator,
+            slot_blocks=config.max_embed_blocks,
+            name=f"{name}-pool",
         )
         self.sender = SenderEndpoint(self.pool, config, observer=observer, name=name)
         self.cache = EmbeddingCache(self.pool, min(cache_blocks, config.pool_blocks))
         self.runner = BatchRunner(self.vision, self.sender, self.cache, self._device)
-        self._batcher = EncodeBatcher(self.runner.run, max_encode_batch_tokens, max_encode_delay_ms / 1e3, name,
-                                      lambda: TransferCancelled(f"{name} is closing"))
-        log.info("%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)", name,
-                 checkpoint, device, config.pool_blocks, config.block_tokens,
-                 "blocks" if config.use_block_allocator else "fixed slots", self.sender.address,
-                 self.encode_threads)
+        self._batcher = EncodeBatcher(
+            self.runner.run,
+            max_encode_batch_tokens,
+            max_encode_delay_ms / 1e3,
+            name,
+            lambda: TransferCancelled(f"{name} is closing"),
+        )
+        kind = "blocks" if config.use_block_allocator else "fixed slots"
+        log.info(
+            "%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)",
+            name,
+            checkpoint,
+            device,
+            config.pool_blocks,
+            config.block_tokens,
+            kind,
+            self.sender.address,
+            self.encode_threads,
+        )
 
-    def encode(self, images: Sequence[bytes], request_id: str = "",
-               cancelled: Callable[[], bool] | None = None) -> list[EmbedRef]:
+    def encode(
+        self, images: Sequence[bytes], request_id: str = "", cancelled: Callable[[], bool] | None = None
+    ) -> list[EmbedRef]:
         """Encode every image of one request and wait; returns one EMBED_REF per image, in prompt order.
         The same path as :meth:`submit` (the images go through the tower with other requests' images)."""
         done = threading.Event()
@@ -111,9 +146,13 @@ class EncoderService:
             raise result["error"]
         return result["refs"]
 
-    def submit(self, images: Sequence[bytes], done: Callable[[list[EmbedRef] | None, BaseException | None,
-                                                              PhaseClock], None],
-               request_id: str = "", cancelled: Callable[[], bool] | None = None) -> None:
+    def submit(
+        self,
+        images: Sequence[bytes],
+        done: Callable[[list[EmbedRef] | None, BaseException | None, PhaseClock], None],
+        request_id: str = "",
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
         """Check, decode and preprocess one request's images on the calling thread, then queue them for the
         batcher thread, which runs the tower over them together with other requests' images, publishes them
         and calls ``done(refs, None, clock)`` (or ``done(None, error, clock)``) exactly once, from its thread
@@ -133,8 +172,9 @@ class EncoderService:
             prepared = self._decode_and_check(images)
         with clock.measure(Phase.PREPROCESS):
             self._preprocess(prepared)
-        job = EncodeJob(request_id, prepared, cancelled or (lambda: False),
-                        lambda refs, error: done(refs, error, clock), clock)
+        job = EncodeJob(
+            request_id, prepared, cancelled or (lambda: False), lambda refs, error: done(refs, error, clock), clock
+        )
         self._batcher.submit(job)
 
     def _decode_and_check(self, images: Sequence[bytes]) -> list[PreparedImage]:
@@ -195,7 +235,8 @@ class EncoderService:
         if tokens > self.config.max_embed_tokens:
             raise RequestTooLarge(
                 f"IMAGE[{index}]: {width}x{height} gives {tokens} embedding tokens, more than the "
-                f"configured maximum max_embed_tokens={self.config.max_embed_tokens}")
+                f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
+            )
 
     def _check_fits(self, sizes: list[tuple[int, str]]) -> None:
         """RequestTooLarge when the request's images (the same image counted once) can never be held by
@@ -207,12 +248,15 @@ class EncoderService:
                 raise RequestTooLarge(
                     f"IMAGE: the request's {len(unique)} image(s) need {need} blocks of {self.pool.block_tokens} "
                     f"tokens at once, more than the encoder's whole pool (pool_blocks={self.pool.total_blocks}): "
-                    "send fewer or smaller images, or raise pool_blocks")
+                    "send fewer or smaller images, or raise pool_blocks"
+                )
         else:
             slots = getattr(self.pool.allocator, "num_slots", len(unique))
             if len(unique) > slots:
-                raise RequestTooLarge(f"IMAGE: the request's {len(unique)} images need more fixed slots than the "
-                                      f"encoder's pool has ({slots})")
+                raise RequestTooLarge(
+                    f"IMAGE: the request's {len(unique)} images need more fixed slots than the "
+                    f"encoder's pool has ({slots})"
+                )
 
     def close(self) -> None:
         self._batcher.close()

@@ -11,6 +11,7 @@ a thread, Triton 2.51 never fails the requests in flight in the killed stub (the
 with mm_language), and in 2 of 4 runs tritonserver itself aborted (``boost::interprocess::lock_exception`` at
 the reload, heap corruption at shutdown; tests/integration/test_faults.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,28 +54,36 @@ class EncoderModel(ModelBase):
             config = config.replace(control_port=config.control_port + index)
         self.batching = self.int_param("max_encode_batch_tokens", DEFAULT_MAX_BATCH_TOKENS) > 0
         self.service = EncoderService(
-            self.checkpoint, config, self.device, name=self.instance_name,
+            self.checkpoint,
+            config,
+            self.device,
+            name=self.instance_name,
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
             encode_threads=self.int_param("encode_threads", 0),
             cache_blocks=self.int_param("cache_blocks", 0),
-            geometry=self.image_geometry, on_downscaled=self._resized,
+            geometry=self.image_geometry,
+            on_downscaled=self._resized,
             max_encode_batch_tokens=self.int_param("max_encode_batch_tokens", DEFAULT_MAX_BATCH_TOKENS) or 1,
             max_encode_delay_ms=self.int_param("max_encode_delay_ms", DEFAULT_MAX_DELAY_MS),
         )
-        self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool,
-                                     cache=self.service.cache)
+        self.metrics = TritonMetrics(
+            self.pb_utils, self.model_name, self.instance_name, self.service.pool, cache=self.service.cache
+        )
         self.phases = PhaseMetrics(self.pb_utils, self.model_name, self.instance_name, PHASES)
         self.service.sender.observer = self.metrics
         mf = self.pb_utils.MetricFamily
-        self._images_family = mf(name="mm_images_encoded_total", description="Images encoded and published",
-                                 kind=mf.COUNTER)
+        self._images_family = mf(
+            name="mm_images_encoded_total", description="Images encoded and published", kind=mf.COUNTER
+        )
         self._images = self._images_family.Metric(labels={"model": self.model_name, "instance": self.instance_name})
         self.gate = InternalGate.for_model(self.model_name, self.params, self.transfer_config.shared_secret)
         register_endpoint(self.service.sender.address)  # mm_language of this server trusts it (mm_language.trust)
-        self._batch_family = mf(name="mm_encode_batch_images", description="Images per vision tower call",
-                                kind=mf.HISTOGRAM)
-        batch = self._batch_family.Metric(labels={"model": self.model_name, "instance": self.instance_name},
-                                          buckets=[1, 2, 4, 8, 16, 32, 64])
+        self._batch_family = mf(
+            name="mm_encode_batch_images", description="Images per vision tower call", kind=mf.HISTOGRAM
+        )
+        batch = self._batch_family.Metric(
+            labels={"model": self.model_name, "instance": self.instance_name}, buckets=[1, 2, 4, 8, 16, 32, 64]
+        )
         self.service.runner.on_tower_call = batch.observe
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
@@ -86,8 +95,9 @@ class EncoderModel(ModelBase):
             done = self._answerer(sender, request_id)
             try:
                 self._admit(request)
-                self.service.submit(bytes_list(self.pb_utils, request, "IMAGE"), done, request_id,
-                                    self.cancellation_check(request))
+                self.service.submit(
+                    bytes_list(self.pb_utils, request, "IMAGE"), done, request_id, self.cancellation_check(request)
+                )
             except Exception as exc:  # refused before anything was queued or held: answer at once
                 done(None, exc, PhaseClock())
         return None
@@ -99,7 +109,9 @@ class EncoderModel(ModelBase):
             request_id = request.request_id() or uuid.uuid4().hex[:12]
             out: list[Any] = []
             ready = threading.Event()
-            answer = self._answerer(SimpleNamespace(send=lambda response, flags=0: out.append(response)), request_id)
+            answer = self._answerer(
+                SimpleNamespace(send=lambda response, flags=0, _out=out: _out.append(response)), request_id
+            )
 
             def done(refs, error, clock, _answer=answer, _ready=ready) -> None:
                 try:
@@ -109,13 +121,19 @@ class EncoderModel(ModelBase):
 
             try:
                 self._admit(request)
-                self.service.submit(bytes_list(self.pb_utils, request, "IMAGE"), done, request_id,
-                                    self.cancellation_check(request))
+                self.service.submit(
+                    bytes_list(self.pb_utils, request, "IMAGE"), done, request_id, self.cancellation_check(request)
+                )
             except Exception as exc:  # refused before anything was queued or held
                 done(None, exc, PhaseClock())
             ready.wait()  # the batcher thread encodes this request alone (nothing else is queued meanwhile)
-            responses.append(out[0] if out else self.pb_utils.InferenceResponse(
-                error=triton_error(self.pb_utils, RuntimeError("the encoder could not build its answer"))))
+            responses.append(
+                out[0]
+                if out
+                else self.pb_utils.InferenceResponse(
+                    error=triton_error(self.pb_utils, RuntimeError("the encoder could not build its answer"))
+                )
+            )
         return responses
 
     def _admit(self, request: Any) -> None:
@@ -127,6 +145,7 @@ class EncoderModel(ModelBase):
 
     def _answerer(self, sender: Any, request_id: str):
         """The request's ``done(refs, error, clock)``: one FINAL response, its metrics and phases."""
+
         def done(refs: list[EmbedRef] | None, error: BaseException | None, clock: PhaseClock) -> None:
             started = time.perf_counter()
             try:
@@ -139,7 +158,8 @@ class EncoderModel(ModelBase):
                     self._images.increment(len(refs or []))
                     payload = np.array([ref.to_json().encode() for ref in refs or []], dtype=np.object_)
                     response = self.pb_utils.InferenceResponse(
-                        output_tensors=[self.pb_utils.Tensor("EMBED_REF", payload)])
+                        output_tensors=[self.pb_utils.Tensor("EMBED_REF", payload)]
+                    )
                 sender.send(response, flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             except Exception:  # noqa: BLE001 - the client went away: nobody will pull its embeddings
                 log.exception("%s: request %s could not be answered", self.instance_name, request_id)
@@ -149,6 +169,7 @@ class EncoderModel(ModelBase):
             if error is None:
                 clock.add(Phase.RESPONSE, time.perf_counter() - started)
                 self.phases.observe(request_id, clock.seconds)
+
         return done
 
     def finalize(self) -> None:

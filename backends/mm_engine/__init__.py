@@ -3,6 +3,7 @@
 ``LLMEngine`` (engine.py) implements ``Engine``; ``EngineConfig`` (config.py) sizes it; ``EngineObserver``
 / ``EngineStats`` (stats.py) expose its metrics.
 """
+
 from .api import (
     Engine,
     EngineError,

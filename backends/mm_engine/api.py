@@ -17,6 +17,7 @@ Roles and their primitives (the rest of ``mm_engine`` implements them; read this
 
 This file holds only the contract: dataclasses, enums and ABCs, no implementation.
 """
+
 from __future__ import annotations
 
 import enum
@@ -81,15 +82,19 @@ class SamplingParams:
         problems = []
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             problems.append(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and 0.0 <= self.temperature <= 2.0):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and 0.0 <= self.temperature <= 2.0
+        ):
             problems.append(f"temperature must be in [0, 2], got {self.temperature!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             problems.append(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63
+        ):
             problems.append(f"seed must be an int in [0, 2**63), got {self.seed!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
             problems.append(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")

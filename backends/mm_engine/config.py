@@ -4,6 +4,7 @@ The names users set (config.pbtxt ``parameters`` or ``MM_<NAME>`` env, env wins)
 one exists, so ``max_num_seqs`` is the running-batch bound (``max_batch_size`` here, not to be confused
 with Triton's own top-level ``max_batch_size``, which stays 0 for these models).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,13 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name, low in (("max_batch_size", 1), ("max_seq_len", 2), ("max_num_batched_tokens", 1),
-                          ("max_queue_size", 1), ("loader_threads", 1)):
+        for name, low in (
+            ("max_batch_size", 1),
+            ("max_seq_len", 2),
+            ("max_num_batched_tokens", 1),
+            ("max_queue_size", 1),
+            ("loader_threads", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 problems.append(f"{PARAM_NAMES.get(name, name)} must be an int >= {low}, got {value!r}")
@@ -73,8 +79,9 @@ class EngineConfig:
         return self.max_batch_size * self.max_seq_len
 
     @classmethod
-    def from_params(cls, params: Mapping[str, str], device: str = "cpu",
-                    env: Mapping[str, str] = os.environ) -> EngineConfig:
+    def from_params(
+        cls, params: Mapping[str, str], device: str = "cpu", env: Mapping[str, str] = os.environ
+    ) -> EngineConfig:
         """Build from config.pbtxt ``parameters`` (string values) with ``MM_<NAME>`` env overrides (resolved by
         :mod:`mm_params`, the resolver every model uses).
 
@@ -90,7 +97,9 @@ class EngineConfig:
             slots = kwargs.get("max_batch_size", cls.max_batch_size)
             per_slot = total // slots if isinstance(slots, int) and slots > 0 else 0
             if "max_seq_len" in kwargs and kwargs["max_seq_len"] != per_slot:
-                raise ValueError(f"engine config: kv_cache_tokens {total} / max_num_seqs {slots} = {per_slot} "
-                                 f"disagrees with max_seq_len {kwargs['max_seq_len']}; give one of them")
+                raise ValueError(
+                    f"engine config: kv_cache_tokens {total} / max_num_seqs {slots} = {per_slot} "
+                    f"disagrees with max_seq_len {kwargs['max_seq_len']}; give one of them"
+                )
             kwargs["max_seq_len"] = per_slot
         return cls(**kwargs)  # type: ignore[arg-type]

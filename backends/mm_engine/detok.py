@@ -9,6 +9,7 @@ appears, the text is cut before it and the sequence ends. The concatenated delta
 Decoding follows vLLM's offsets scheme: the new text is ``decode(ids[prefix:]) - decode(ids[prefix:read])``,
 so each step decodes a few tokens, not the whole output.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,12 +44,12 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new, or an incomplete UTF-8 character: wait for more tokens
         start_search = max(0, len(self._text) - self._hold)
-        self._text += new_text[len(prefix_text):]
+        self._text += new_text[len(prefix_text) :]
         self._prefix = max(self._read, len(self._ids) - PREFIX_WINDOW)
         self._read = len(self._ids)
         if self._stop:
@@ -79,7 +80,7 @@ class IncrementalDetokenizer:
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self._emitted)
-        delta = self._text[self._emitted:upto]
+        delta = self._text[self._emitted : upto]
         self._emitted = upto
         return delta
 

@@ -10,6 +10,7 @@ Each iteration of the loop, between forwards:
   4. report: ``on_tokens`` per new token, ``on_finish`` / ``on_error`` and the slot freed when one ends.
 A prefill chunk is the longest time a running decode waits for (see docs for the measured bound).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,7 @@ from .detok import IncrementalDetokenizer
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Intake, Landed, WaitQueue
-from .sequence import Sequence, SeqState
+from .sequence import SeqState, Sequence
 from .slots import Move, SlotTable
 from .stats import EngineObserver, EngineStats, StepCounters
 from .validate import ModelLimits, check_images, check_request
@@ -46,19 +47,29 @@ IDLE_POLL_S = 0.02
 class LLMEngine(Engine):
     """The :class:`~mm_engine.api.Engine` over a Qwen2-VL HF model (full or language-only) and its tokenizer."""
 
-    def __init__(self, hf_model: Any, tokenizer: Any, config: EngineConfig,
-                 observer: EngineObserver | None = None, eos_token_ids: set[int] | None = None) -> None:
+    def __init__(
+        self,
+        hf_model: Any,
+        tokenizer: Any,
+        config: EngineConfig,
+        observer: EngineObserver | None = None,
+        eos_token_ids: set[int] | None = None,
+    ) -> None:
         max_pos = int(hf_model.config.text_config.max_position_embeddings)
         if config.max_seq_len > max_pos:
-            raise ValueError(f"engine config: max_seq_len {config.max_seq_len} exceeds the model's context "
-                             f"of {max_pos} tokens")
+            raise ValueError(
+                f"engine config: max_seq_len {config.max_seq_len} exceeds the model's context of {max_pos} tokens"
+            )
         self.config = config
         self._tokenizer = tokenizer
         self._runner = ModelRunner(hf_model, config.max_batch_size, config.max_seq_len)
         self._limits = ModelLimits(
-            vocab_size=self._runner.vocab_size, image_token_id=self._runner.image_token_id,
+            vocab_size=self._runner.vocab_size,
+            image_token_id=self._runner.image_token_id,
             hidden_size=self._runner.hidden_size,
-            merge_size=int(hf_model.config.vision_config.spatial_merge_size), max_seq_len=config.max_seq_len)
+            merge_size=int(hf_model.config.vision_config.spatial_merge_size),
+            max_seq_len=config.max_seq_len,
+        )
         self._eos = set(eos_token_ids) if eos_token_ids is not None else _eos_ids(hf_model)
         self._observer = observer or EngineObserver()
         self._counters = StepCounters()
@@ -69,13 +80,19 @@ class LLMEngine(Engine):
         self._intake = Intake(config.max_queue_size, config.loader_threads)
         self._thread = threading.Thread(target=self._run, name="mm-engine-loop", daemon=True)
         self._thread.start()
-        log.info("engine started: %d slots x %d tokens (%.1f MiB KV, %s), %d prefill tokens per step",
-                 config.max_batch_size, config.max_seq_len, self._runner.cache.nbytes / 2**20,
-                 self._runner.dtype, config.max_num_batched_tokens)
+        log.info(
+            "engine started: %d slots x %d tokens (%.1f MiB KV, %s), %d prefill tokens per step",
+            config.max_batch_size,
+            config.max_seq_len,
+            self._runner.cache.nbytes / 2**20,
+            self._runner.dtype,
+            config.max_num_batched_tokens,
+        )
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: EngineConfig, part: str = "language",
-                        observer: EngineObserver | None = None) -> LLMEngine:
+    def from_checkpoint(
+        cls, path: str | Path, config: EngineConfig, part: str = "language", observer: EngineObserver | None = None
+    ) -> LLMEngine:
         """Load ``part`` ("language", or "full" to share the model with a VisionEncoder) of a local
         checkpoint on ``config.device`` in ``config.dtype`` and start an engine over it."""
         from mm_models.qwen2vl import _loading
@@ -87,12 +104,20 @@ class LLMEngine(Engine):
     # ------------------------------------------------------------------ public API
     def submit(self, request: GenerationRequest, sink: ResponseSink) -> None:
         check_request(request, self._limits)
-        seq = Sequence(request=request, sink=sink, arrival=time.monotonic(),
-                       detok=IncrementalDetokenizer(self._tokenizer, request.sampling.stop),
-                       generator=make_generator(request.sampling))
+        seq = Sequence(
+            request=request,
+            sink=sink,
+            arrival=time.monotonic(),
+            detok=IncrementalDetokenizer(self._tokenizer, request.sampling.stop),
+            generator=make_generator(request.sampling),
+        )
         self._intake.offer(seq)
-        log.debug("request %s admitted: %d prompt tokens, %d images", request.request_id,
-                  len(request.prompt_ids), len(request.image_token_counts))
+        log.debug(
+            "request %s admitted: %d prompt tokens, %d images",
+            request.request_id,
+            len(request.prompt_ids),
+            len(request.image_token_counts),
+        )
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._intake.close()
@@ -100,8 +125,9 @@ class LLMEngine(Engine):
             self._thread.join(timeout_s)
 
     def stats(self) -> EngineStats:
-        return self._counters.snapshot(running=self._slots.used, waiting=self._intake.waiting,
-                                       slots_total=self._slots.capacity)
+        return self._counters.snapshot(
+            running=self._slots.used, waiting=self._intake.waiting, slots_total=self._slots.capacity
+        )
 
     @property
     def running(self) -> bool:
@@ -229,7 +255,7 @@ class LLMEngine(Engine):
         return end - start
 
     def _decode(self) -> None:
-        rows = [self._by_row[owner] for owner in self._slots.owners()[:self._slots.decoding]]  # type: ignore[index]
+        rows = [self._by_row[owner] for owner in self._slots.owners()[: self._slots.decoding]]  # type: ignore[index]
         tokens = [s.output[-1] for s in rows]
         lens = [s.cached_len for s in rows]
         deltas = [s.rope_delta for s in rows]
@@ -276,10 +302,15 @@ class LLMEngine(Engine):
             self._end_ok(seq, reason)
 
     def _end_ok(self, seq: Sequence, reason: FinishReason) -> None:
-        out = GenerationOutput(request_id=seq.id, token_ids=list(seq.output), text=seq.detok.text,
-                               finish_reason=reason, prompt_tokens=seq.prompt_len,
-                               completion_tokens=len(seq.output),
-                               image_tokens=tuple(int(n) for n in seq.request.image_token_counts))
+        out = GenerationOutput(
+            request_id=seq.id,
+            token_ids=list(seq.output),
+            text=seq.detok.text,
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=len(seq.output),
+            image_tokens=tuple(int(n) for n in seq.request.image_token_counts),
+        )
         self._release(seq)
         self._counters.finished(reason.value, self._observer)
         seq.timing.finished = seq.last_token_at  # type: ignore[union-attr]
@@ -343,8 +374,7 @@ class LLMEngine(Engine):
         log.info("engine stopped")
 
     def _report_gauges(self) -> None:
-        _safe(self._observer.on_gauges, self._slots.used, self._intake.waiting, self._slots.used,
-              self._slots.capacity)
+        _safe(self._observer.on_gauges, self._slots.used, self._intake.waiting, self._slots.used, self._slots.capacity)
 
 
 _END_MESSAGES = {

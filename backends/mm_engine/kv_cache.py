@@ -19,6 +19,7 @@ The object doubles as the ``cache`` argument of the HF text model: its attention
 :meth:`update` with the new keys/values of the step, and get back the keys/values to attend over.
 :meth:`plan_prefill` / :meth:`plan_decode` say, before each forward, where those rows go.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,15 +42,15 @@ class KVGeometry:
     @classmethod
     def from_text_config(cls, cfg: Any) -> KVGeometry:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(num_layers=int(cfg.num_hidden_layers), kv_heads=int(cfg.num_key_value_heads),
-                   head_dim=int(head_dim))
+        return cls(num_layers=int(cfg.num_hidden_layers), kv_heads=int(cfg.num_key_value_heads), head_dim=int(head_dim))
 
 
 class SlotKVCache:
     """Preallocated slot cache; also the per-forward ``cache`` object handed to the HF modules."""
 
-    def __init__(self, geometry: KVGeometry, slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+    def __init__(
+        self, geometry: KVGeometry, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         shape = (slots, geometry.kv_heads, max_len, geometry.head_dim)
         self.geometry = geometry
         self.slots = slots
@@ -82,18 +83,19 @@ class SlotKVCache:
         self._plan = None
 
     # ------------------------------------------------------------------ HF Cache protocol (the used part)
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values ``[b, kv_heads, q, head_dim]``; return the ones to attend over."""
         if self._plan is None:
             raise RuntimeError("SlotKVCache.update without a plan")
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self._plan[0] == "prefill":
             _, row, start, length = self._plan
-            k[row, :, start:start + length] = key_states[0]
-            v[row, :, start:start + length] = value_states[0]
+            k[row, :, start : start + length] = key_states[0]
+            v[row, :, start : start + length] = value_states[0]
             end = start + length
-            return k[row:row + 1, :, :end], v[row:row + 1, :, :end]
+            return k[row : row + 1, :, :end], v[row : row + 1, :, :end]
         _, batch, rows, positions, kv_len = self._plan
         # advanced indices split by a slice: the indexed shape is [batch, kv_heads, head_dim]
         k[rows, :, positions] = key_states[:, :, 0]

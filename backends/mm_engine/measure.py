@@ -9,6 +9,7 @@ batch 1 with the near-tie rule). Not a test: figures for the docs and the GPU ch
 device (seconds; no checkpoint written; a 1-block vision tower, unused: image embeddings are random), with
 the tokenizer of ``--tokenizer`` (the tiny checkpoint); ``--layers`` shortens it for CPU runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,9 @@ def build_random_2b(tokenizer_dir: Path, device: str, dtype: torch.dtype, layers
             model = Qwen2VLForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
-                                               pad_token_id=ids[ENDOFTEXT], do_sample=False)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT], do_sample=False
+    )
     return model, tok
 
 
@@ -73,8 +75,10 @@ def decode_step_ms(model: Any, batches: list[int], prompt_len: int, steps: int) 
     runner = ModelRunner(model, max(batches), prompt_len + max(batches) + steps + 2)
     gen = torch.Generator().manual_seed(0)
     for row in range(max(batches)):
-        ids = [t if t != runner.image_token_id else 5
-               for t in torch.randint(10, 900, (prompt_len + row,), generator=gen).tolist()]
+        ids = [
+            t if t != runner.image_token_id else 5
+            for t in torch.randint(10, 900, (prompt_len + row,), generator=gen).tolist()
+        ]
         runner.prefill(row, runner.prepare(ids, []), 0, len(ids))
     out = {}
     for batch in batches:
@@ -110,8 +114,9 @@ class _Sink:
 def prefill_stall(model: Any, tok: Any, device: str, running: int, join_len: int, chunk: int) -> dict[str, float]:
     """Run ``running`` decoding sequences, let one ``join_len``-token prompt join; the longest gap
     between two tokens of the running ones while it prefills, vs their median gap."""
-    cfg = EngineConfig(max_batch_size=running + 1, max_seq_len=join_len + 600, device=device,
-                       max_num_batched_tokens=chunk or join_len)
+    cfg = EngineConfig(
+        max_batch_size=running + 1, max_seq_len=join_len + 600, device=device, max_num_batched_tokens=chunk or join_len
+    )
     engine = LLMEngine(model, tok, cfg)
     try:
         sinks = [_Sink() for _ in range(running)]
@@ -132,10 +137,14 @@ def prefill_stall(model: Any, tok: Any, device: str, running: int, join_len: int
     for s in sinks:
         for a, b in zip(s.times, s.times[1:]):
             (gaps_during if b > t_join and a < t_first else gaps_before if b <= t_join else []).append(b - a)
-    return {"chunk": chunk or join_len, "join_len": join_len, "running": running,
-            "itl_median_ms": 1000 * statistics.median(gaps_before),
-            "max_gap_during_join_ms": 1000 * max(gaps_during, default=0.0),
-            "join_ttft_ms": 1000 * (t_first - t_join)}
+    return {
+        "chunk": chunk or join_len,
+        "join_len": join_len,
+        "running": running,
+        "itl_median_ms": 1000 * statistics.median(gaps_before),
+        "max_gap_during_join_ms": 1000 * max(gaps_during, default=0.0),
+        "join_ttft_ms": 1000 * (t_first - t_join),
+    }
 
 
 class _FixedLoader(ImageLoader):
@@ -168,9 +177,16 @@ def exactness(model: Any, tok: Any, device: str, n: int) -> dict[str, Any]:
     lm = LanguageModel(model, tok, torch.device(device))
     cases = _exact_inputs(lm, n)
     hf = [lm.generate(p, ims, mt) for p, ims, mt in cases]
-    requests = [GenerationRequest(f"x{i}", lm.build_input_ids(p, [im.num_tokens for im in ims]),
-                                  [im.num_tokens for im in ims], _FixedLoader(ims) if ims else None,
-                                  SamplingParams(max_tokens=mt)) for i, (p, ims, mt) in enumerate(cases)]
+    requests = [
+        GenerationRequest(
+            f"x{i}",
+            lm.build_input_ids(p, [im.num_tokens for im in ims]),
+            [im.num_tokens for im in ims],
+            _FixedLoader(ims) if ims else None,
+            SamplingParams(max_tokens=mt),
+        )
+        for i, (p, ims, mt) in enumerate(cases)
+    ]
     results = {}
     for name, slots in (("batch1", 1), ("batched", n)):
         engine = LLMEngine(model, tok, EngineConfig(max_batch_size=slots, max_seq_len=4096, device=device))
@@ -189,10 +205,14 @@ def exactness(model: Any, tok: Any, device: str, n: int) -> dict[str, Any]:
         k = next((j for j, (a, b) in enumerate(zip(one, many)) if a != b), None)
         if k is not None:
             divergences.append({"case": i, "step": k, "batch1_top2_gap": gaps[i][k]})
-    return {"n": n, "batch1_equal_hf": sum(a == b for a, b in zip(results["batch1"], hf, strict=True)),
-            "batched_equal_batch1": n - len(divergences), "divergences": divergences,
-            "divergences_within_rule": all(d["batch1_top2_gap"] < NEAR_TIE_GAP for d in divergences),
-            "near_tie_gap": NEAR_TIE_GAP}
+    return {
+        "n": n,
+        "batch1_equal_hf": sum(a == b for a, b in zip(results["batch1"], hf, strict=True)),
+        "batched_equal_batch1": n - len(divergences),
+        "divergences": divergences,
+        "divergences_within_rule": all(d["batch1_top2_gap"] < NEAR_TIE_GAP for d in divergences),
+        "near_tie_gap": NEAR_TIE_GAP,
+    }
 
 
 def _greedy_gaps(model: Any, request: GenerationRequest, steps: int) -> list[float]:
@@ -235,18 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = LanguageModel.from_pretrained(args.model, device=args.device, dtype=dtype)
         model, tok = model.hf_model, model.tokenizer
-    report: dict[str, Any] = {"model": args.model, "device": args.device, "dtype": args.dtype,
-                              "torch": torch.__version__, "load_s": round(time.monotonic() - t0, 1)}
+    report: dict[str, Any] = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "load_s": round(time.monotonic() - t0, 1),
+    }
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     import transformers
 
     report["transformers"] = transformers.__version__
     sections = {
-        "decode_step_ms": lambda: decode_step_ms(model, [int(b) for b in args.batches.split(",")],
-                                                 args.prompt_len, args.steps),
-        "prefill_stall": lambda: [prefill_stall(model, tok, args.device, args.stall_running,
-                                                args.stall_join_len, int(c)) for c in args.chunks.split(",")],
+        "decode_step_ms": lambda: decode_step_ms(
+            model, [int(b) for b in args.batches.split(",")], args.prompt_len, args.steps
+        ),
+        "prefill_stall": lambda: [
+            prefill_stall(model, tok, args.device, args.stall_running, args.stall_join_len, int(c))
+            for c in args.chunks.split(",")
+        ],
     }
     if args.exact:
         sections["exactness"] = lambda: exactness(model, tok, args.device, args.exact)

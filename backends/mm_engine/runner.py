@@ -15,6 +15,7 @@ mask per layer type (a dict, which the HF model uses as is instead of building i
   ``[0, lens[b]]``; the mask is None when all rows have the same length (always at B = 1, so batch 1
   runs exactly HF's attention call).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -51,8 +52,10 @@ class ModelRunner:
         text_cfg = cfg.text_config
         layer_types = list(getattr(text_cfg, "layer_types", None) or ["full_attention"])
         if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"the engine supports full attention only; the checkpoint has layer types "
-                             f"{sorted(set(layer_types))} (use_sliding_window must be false)")
+            raise ValueError(
+                f"the engine supports full attention only; the checkpoint has layer types "
+                f"{sorted(set(layer_types))} (use_sliding_window must be false)"
+            )
         self._model = hf_model
         self._mm = hf_model.model
         self._lm = hf_model.model.language_model
@@ -90,10 +93,10 @@ class ModelRunner:
             embeds = self._embed(ids)[0]
             if images:
                 rows = torch.cat([im.embeds.to(device=self.device, dtype=embeds.dtype) for im in images], dim=0)
-                embeds = embeds.masked_scatter(image_mask_cpu[0].to(self.device).unsqueeze(-1)
-                                               .expand_as(embeds), rows)
-        return PreparedPrompt(embeds=embeds, positions=positions[:, 0].to(self.device),
-                              rope_delta=int(deltas.reshape(-1)[0]))
+                embeds = embeds.masked_scatter(image_mask_cpu[0].to(self.device).unsqueeze(-1).expand_as(embeds), rows)
+        return PreparedPrompt(
+            embeds=embeds, positions=positions[:, 0].to(self.device), rope_delta=int(deltas.reshape(-1)[0])
+        )
 
     # ------------------------------------------------------------------ forwards
     def prefill(self, row: int, prompt: PreparedPrompt, start: int, end: int) -> torch.Tensor | None:
@@ -107,8 +110,9 @@ class ModelRunner:
             mask = (kv <= q).view(1, 1, length, end)
         self.cache.plan_prefill(row, start, length)
         try:
-            hidden = self._forward(prompt.embeds[start:end].unsqueeze(0),
-                                   prompt.positions[:, start:end].unsqueeze(1), mask)
+            hidden = self._forward(
+                prompt.embeds[start:end].unsqueeze(0), prompt.positions[:, start:end].unsqueeze(1), mask
+            )
         finally:
             self.cache.clear_plan()
         if end < prompt.length:
@@ -138,9 +142,13 @@ class ModelRunner:
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         with torch.inference_mode():
-            out = self._lm(inputs_embeds=embeds, position_ids=positions,
-                           attention_mask={t: mask for t in self._layer_types},
-                           use_cache=True, **{self._cache_kw: self.cache})
+            out = self._lm(
+                inputs_embeds=embeds,
+                position_ids=positions,
+                attention_mask={t: mask for t in self._layer_types},
+                use_cache=True,
+                **{self._cache_kw: self.cache},
+            )
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

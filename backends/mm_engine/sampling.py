@@ -5,6 +5,7 @@ takes). Sampled rows apply temperature, then top-k, then top-p (nucleus, keeping
 and draw with the sequence's own ``torch.Generator`` on the CPU: the draw depends only on the row's
 logits and the sequence's seed, never on the batch mates or the device's RNG.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -24,8 +25,9 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return gen
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
+def sample(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> list[int]:
     """Next token of each row of ``logits`` [B, vocab] (float32)."""
     if logits.ndim != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError(f"logits {tuple(logits.shape)} vs {len(params)} params / {len(generators)} generators")

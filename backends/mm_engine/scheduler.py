@@ -7,6 +7,7 @@
 - The loop thread drains both (:meth:`Intake.take`) and keeps the sequences that wait for a slot in a
   :class:`WaitQueue`: ready ones join the batch first come, first served, when a slot is free.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from mm_models.qwen2vl import EncodedImage
 
 from .api import EngineError, ErrorCause
-from .sequence import Sequence, SeqState
+from .sequence import SeqState, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ class Intake:
             if self._closing:
                 raise EngineError(ErrorCause.SHUTDOWN, "the language engine is shutting down")
             if self._waiting >= self._max_waiting:
-                raise EngineError(ErrorCause.QUEUE_FULL,
-                                  f"engine queue full: {self._waiting} requests waiting (max_queue_size "
-                                  f"{self._max_waiting}); retry later")
+                raise EngineError(
+                    ErrorCause.QUEUE_FULL,
+                    f"engine queue full: {self._waiting} requests waiting (max_queue_size "
+                    f"{self._max_waiting}); retry later",
+                )
             self._waiting += 1
             self._new.append(seq)
             self._cond.notify()

@@ -1,4 +1,5 @@
 """Sequence: one request's state inside the engine, from submit to its final sink call."""
+
 from __future__ import annotations
 
 import enum

@@ -7,6 +7,7 @@ row leaves, the table fills the hole by moving the last row of its group there (
 prefilling row into the hole that leaves at the group boundary); the caller copies the KV rows the
 returned :class:`Move` list names, in order. Not thread-safe: only the engine loop thread uses it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable

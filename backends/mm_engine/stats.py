@@ -5,6 +5,7 @@ gauges) and passes it to the engine; every method is called on the engine loop t
 and must not raise (the engine logs and ignores an exception). :meth:`LLMEngine.stats` returns an
 :class:`EngineStats` at any time from any thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,9 +86,16 @@ class StepCounters:
 
     def snapshot(self, running: int, waiting: int, slots_total: int) -> EngineStats:
         with self._lock:
-            return EngineStats(running=running, waiting=waiting, slots_used=running, slots_total=slots_total,
-                               steps=self.steps, prompt_tokens=self._prompt, generation_tokens=self._generated,
-                               finished=dict(self._finished))
+            return EngineStats(
+                running=running,
+                waiting=waiting,
+                slots_used=running,
+                slots_total=slots_total,
+                steps=self.steps,
+                prompt_tokens=self._prompt,
+                generation_tokens=self._generated,
+                finished=dict(self._finished),
+            )
 
 
 def _call(fn: Callable[[int], None] | Callable[[str], None], arg: Any) -> None:

@@ -4,6 +4,7 @@ The engine stamps a :class:`SequenceTiming` as a sequence moves (``time.monotoni
 to :meth:`~mm_engine.stats.EngineObserver.on_sequence_timing` when the sequence finished normally. The
 arithmetic lives here, free of threads and Triton, so it is unit-tested on its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 """Boundary checks: a request at submit, and the images a loader produced. EngineError INVALID,
 naming the input."""
+
 from __future__ import annotations
 
 import math
@@ -66,11 +67,16 @@ def check_request(request: object, limits: ModelLimits) -> GenerationRequest:
         raise _invalid(rid, f"{len(counts)} images in the prompt but no ImageLoader")
     need = len(ids) + request.sampling.max_tokens
     if need > limits.max_seq_len:
-        raise _invalid(rid, f"{len(ids)} prompt tokens + max_tokens {request.sampling.max_tokens} = {need} "
-                            f"exceeds the engine's max_seq_len {limits.max_seq_len}")
-    if request.deadline is not None and (isinstance(request.deadline, bool)
-                                         or not isinstance(request.deadline, (int, float))
-                                         or not math.isfinite(request.deadline)):
+        raise _invalid(
+            rid,
+            f"{len(ids)} prompt tokens + max_tokens {request.sampling.max_tokens} = {need} "
+            f"exceeds the engine's max_seq_len {limits.max_seq_len}",
+        )
+    if request.deadline is not None and (
+        isinstance(request.deadline, bool)
+        or not isinstance(request.deadline, (int, float))
+        or not math.isfinite(request.deadline)
+    ):
         raise _invalid(rid, f"deadline must be a finite time.monotonic() value, got {request.deadline!r}")
     if not callable(request.cancelled):
         raise _invalid(rid, "cancelled must be a callable")
@@ -95,8 +101,11 @@ def check_images(request: GenerationRequest, images: object, limits: ModelLimits
         except ValueError as e:
             raise _invalid(rid, f"image {i}: {e}") from None
         if emb.shape[0] != expected or expected != count:
-            raise _invalid(rid, f"image {i}: {emb.shape[0]} rows, grid {tuple(im.grid_thw)} implies {expected}, "
-                                f"the prompt has {count} pads")
+            raise _invalid(
+                rid,
+                f"image {i}: {emb.shape[0]} rows, grid {tuple(im.grid_thw)} implies {expected}, "
+                f"the prompt has {count} pads",
+            )
         if emb.shape[1] != limits.hidden_size:
             raise _invalid(rid, f"image {i}: width {emb.shape[1]} != the model's hidden size {limits.hidden_size}")
     return images

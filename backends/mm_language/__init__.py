@@ -1,4 +1,5 @@
 """Language side (receiver): EMBED_REFs -> pull (loader threads) -> the language engine -> text."""
+
 from .loader import PullLoader
 from .service import LanguageService
 

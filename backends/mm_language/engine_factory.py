@@ -1,4 +1,5 @@
 """This instance's engine from its config.pbtxt parameters (``MM_<NAME>`` environment variables override)."""
+
 from __future__ import annotations
 
 import logging
@@ -20,9 +21,13 @@ def warn_if_an_image_cannot_fit(config: EngineConfig, max_image_tokens: int, nam
     """Say at load time when one largest image (after resizing to the budget) cannot fit a KV slot: such
     requests would be refused as too long, which the budget is meant to prevent."""
     if max_image_tokens >= config.max_seq_len:
-        log.warning("%s: one image may take %d embedding tokens but a KV slot holds %d (max_seq_len): requests "
-                    "with such images will be refused; raise max_seq_len or lower max_pixels / max_embed_tokens",
-                    name, max_image_tokens, config.max_seq_len)
+        log.warning(
+            "%s: one image may take %d embedding tokens but a KV slot holds %d (max_seq_len): requests "
+            "with such images will be refused; raise max_seq_len or lower max_pixels / max_embed_tokens",
+            name,
+            max_image_tokens,
+            config.max_seq_len,
+        )
 
 
 def model_dtype(config: EngineConfig) -> str | None:
@@ -30,7 +35,8 @@ def model_dtype(config: EngineConfig) -> str | None:
     return None if config.dtype == "auto" else config.dtype
 
 
-def make_engine(hf_model: Any, tokenizer: Any, config: EngineConfig,
-                observer: EngineObserver | None = None) -> LLMEngine:
+def make_engine(
+    hf_model: Any, tokenizer: Any, config: EngineConfig, observer: EngineObserver | None = None
+) -> LLMEngine:
     """Start the engine loop over ``hf_model`` (language-only or the full model) and its tokenizer."""
     return LLMEngine(hf_model, tokenizer, config, observer=observer)

@@ -4,6 +4,7 @@ Pulls of different requests run on different loader threads and overlap the engi
 Receiver is thread-safe. Whatever has not been pulled when the request ends early (a failed pull, a
 cancellation, a deadline, the engine closing) is aborted on its sender, so no encoder block waits for its TTL.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,15 +49,16 @@ class PullLoader(ImageLoader):
             raise ProtocolError(f"EMBED_REF[{index}]: the sender sent no grid_thw for the image")
         rows = int(received.embedding.shape[0])
         if rows != ref.num_tokens:
-            raise ProtocolError(f"EMBED_REF[{index}]: the embedding has {rows} tokens, its EMBED_REF said "
-                                f"{ref.num_tokens}")
+            raise ProtocolError(
+                f"EMBED_REF[{index}]: the embedding has {rows} tokens, its EMBED_REF said {ref.num_tokens}"
+            )
         self.records.append(received.record)
         return EncodedImage(embeds=received.embedding, grid_thw=tuple(int(v) for v in grid))
 
     def abort(self, reason: str) -> None:
         with self._lock:
             self._aborted = True
-            rest = self._refs[self._next:]
+            rest = self._refs[self._next :]
             self._next = len(self._refs)
         for ref in rest:
             try:

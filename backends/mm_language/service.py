@@ -3,6 +3,7 @@
 A request becomes a :class:`~mm_engine.api.GenerationRequest` whose :class:`~.loader.PullLoader` pulls the
 EMBED_REFs on an engine loader thread; the engine batches it with the others between decode steps.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,14 +42,26 @@ class LanguageService:
         warn_if_an_image_cannot_fit(self.engine_config, config.max_embed_tokens, name)
         self.lm = LanguageModel.from_pretrained(checkpoint, device=device, dtype=model_dtype(self.engine_config))
         self.pool = BlockPool(
-            config.pool_blocks, config.block_tokens, self.lm.hidden_size, self.lm.dtype, device,
-            block_allocator=config.use_block_allocator, slot_blocks=min(config.window_blocks, config.pool_blocks),
+            config.pool_blocks,
+            config.block_tokens,
+            self.lm.hidden_size,
+            self.lm.dtype,
+            device,
+            block_allocator=config.use_block_allocator,
+            slot_blocks=min(config.window_blocks, config.pool_blocks),
             name=f"{name}-pool",
         )
         self.receiver = Receiver(self.pool, config, observer=observer, name=name)
         self.engine = make_engine(self.lm.hf_model, self.lm.tokenizer, self.engine_config, engine_observer)
-        log.info("%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens", name, checkpoint, device,
-                 config.pool_blocks, config.block_tokens, config.default_window_tokens)
+        log.info(
+            "%s: checkpoint %s on %s, pool %d x %d tokens, window %d tokens",
+            name,
+            checkpoint,
+            device,
+            config.pool_blocks,
+            config.block_tokens,
+            config.default_window_tokens,
+        )
 
     def parse_refs(self, raw: Sequence[bytes | str]) -> list[EmbedRef]:
         """Validate every EMBED_REF before anything is pulled; ValueError names the bad one."""
@@ -62,20 +75,34 @@ class LanguageService:
                 raise ValueError(f"EMBED_REF[{i}]: {exc}") from None
             if not 1 <= ref.num_tokens <= self.config.max_embed_tokens:
                 # the engine lays out the prompt (and reserves its KV room) before the pull: it needs the length
-                raise ValueError(f"EMBED_REF[{i}]: num_tokens must be in [1, max_embed_tokens="
-                                 f"{self.config.max_embed_tokens}], got {ref.num_tokens}")
+                raise ValueError(
+                    f"EMBED_REF[{i}]: num_tokens must be in [1, max_embed_tokens="
+                    f"{self.config.max_embed_tokens}], got {ref.num_tokens}"
+                )
             refs.append(ref)
         return refs
 
-    def build_request(self, request_id: str, raw_refs: Sequence[bytes | str], prompt: str | ChatMessages,
-                      sampling: SamplingParams, deadline: float | None) -> GenerationRequest:
+    def build_request(
+        self,
+        request_id: str,
+        raw_refs: Sequence[bytes | str],
+        prompt: str | ChatMessages,
+        sampling: SamplingParams,
+        deadline: float | None,
+    ) -> GenerationRequest:
         """The engine's request for validated inputs; the prompt's image pad runs take each ref's length."""
         refs = self.parse_refs(raw_refs)
         counts = [ref.num_tokens for ref in refs]
         prompt_ids = self.lm.build_input_ids(prompt, counts)
         loader = PullLoader(self.receiver, refs, request_id) if refs else None
-        return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, image_token_counts=counts,
-                                 images=loader, sampling=sampling, deadline=deadline)
+        return GenerationRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            image_token_counts=counts,
+            images=loader,
+            sampling=sampling,
+            deadline=deadline,
+        )
 
     def abort_all(self, raw_refs: Sequence[bytes | str], reason: str) -> None:
         for raw in raw_refs:

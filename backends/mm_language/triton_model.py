@@ -4,6 +4,7 @@ Inputs: EMBED_REF, PROMPT and the generation inputs of :mod:`mm_triton.generatio
 Outputs: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS (the stream: deltas, the last three
 on its FINAL response).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,14 @@ class LanguageModelTriton(EngineModel):
 
     def setup(self) -> None:
         self.setup_engine_model()
-        self.service = LanguageService(self.checkpoint, self.transfer_config, self.params, self.device,
-                                       name=self.instance_name, engine_observer=self.engine_metrics)
+        self.service = LanguageService(
+            self.checkpoint,
+            self.transfer_config,
+            self.params,
+            self.device,
+            name=self.instance_name,
+            engine_observer=self.engine_metrics,
+        )
         self.metrics = TritonMetrics(self.pb_utils, self.model_name, self.instance_name, self.service.pool)
         self.service.receiver.observer = self.metrics
         self.engine = self.service.engine

@@ -14,6 +14,7 @@ Trusted are:
 The check is per ref, on the parsed address only (no DNS); an untrusted ref fails the request with INVALID_ARG
 and nothing is pulled or aborted. The number of refs per request is bounded before parsing (16, as images).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,6 @@ from typing import Mapping, Sequence
 
 from mm_triton.access import register_endpoint, registry_dir  # noqa: F401 - register_endpoint re-exported
 from mmtransfer import EmbedRef
-
 
 
 def _patterns(raw: str) -> tuple[set[str], set[str]]:
@@ -42,7 +42,7 @@ class TrustedEndpoints:
         self._known: set[str] = set()
 
     @classmethod
-    def for_model(cls, params: Mapping[str, str]) -> "TrustedEndpoints":
+    def for_model(cls, params: Mapping[str, str]) -> TrustedEndpoints:
         configured = os.environ.get("MM_TRUSTED_ENCODERS") or params.get("trusted_encoders") or ""
         return cls(registry_dir(), configured)
 
@@ -76,8 +76,10 @@ class TrustedEndpoints:
             except Exception:  # noqa: BLE001 - reported by LanguageService.parse_refs
                 continue
             if not self.trusted(address):
-                raise ValueError(f"EMBED_REF[{i}]: endpoint {address} is not one of this server's encoders "
-                                 "(trusted_encoders): refused before any connection")
+                raise ValueError(
+                    f"EMBED_REF[{i}]: endpoint {address} is not one of this server's encoders "
+                    "(trusted_encoders): refused before any connection"
+                )
 
     def only_trusted(self, raw_refs: Sequence[bytes | str]) -> list[bytes | str]:
         out = []

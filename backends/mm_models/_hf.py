@@ -31,8 +31,10 @@ def model_dir(path: str | os.PathLike[str]) -> Path:
     """
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ValueError(f"model directory {str(p)!r} does not exist or is not a directory "
-                         "(only local checkpoint directories are supported; the model hub is never used)")
+        raise ValueError(
+            f"model directory {str(p)!r} does not exist or is not a directory "
+            "(only local checkpoint directories are supported; the model hub is never used)"
+        )
     if not (p / CONFIG_FILE).is_file():
         raise ValueError(f"model directory {str(p)!r} has no {CONFIG_FILE}: not a checkpoint directory")
     return p.resolve()

@@ -146,7 +146,7 @@ def _parse_part(part: object, where: str, role: str, counter: _Counter) -> dict[
         return {"type": "text", "text": counter.text(part["text"], f"{where}.text")}
     if kind == "image":
         if set(part) != {"type"}:
-            raise ValueError(f"{where}: an image part is {{\"type\": \"image\"}} (the image itself goes in IMAGE)")
+            raise ValueError(f'{where}: an image part is {{"type": "image"}} (the image itself goes in IMAGE)')
         if role != "user":
             raise ValueError(f"{where}: images are allowed in user messages only, not {role!r}")
         counter.images += 1
@@ -186,8 +186,10 @@ def render_chat(tokenizer: Any, conversation: str | ChatMessages, num_images: in
     if conversation.num_images != num_images:
         raise ValueError(f"MESSAGES: {conversation.num_images} image part(s) but {num_images} image(s) given")
     text = tokenizer.apply_chat_template(
-        [dict(m) for m in conversation.messages], chat_template=chat_template_of(tokenizer),
-        add_generation_prompt=True, tokenize=False,
+        [dict(m) for m in conversation.messages],
+        chat_template=chat_template_of(tokenizer),
+        add_generation_prompt=True,
+        tokenize=False,
     )
     if not isinstance(text, str):  # a template/tokenizer that ignores tokenize=False
         raise ValueError(f"the chat template rendered {type(text).__name__}, not text")

@@ -112,7 +112,8 @@ class ImageGeometry:
             raise ValueError(
                 f"image budget of {budget} pixels ({budget // (self.factor * self.factor)} tokens) is below "
                 f"min_pixels={floor} (one token is {self.factor}x{self.factor} pixels): raise max_pixels / "
-                "max_embed_tokens or lower min_pixels")
+                "max_embed_tokens or lower min_pixels"
+            )
         return dataclasses.replace(self, min_pixels=floor, max_pixels=budget)
 
     def processor_kwargs(self) -> dict[str, int]:

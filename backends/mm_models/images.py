@@ -13,7 +13,14 @@ logger = logging.getLogger(__name__)
 
 #: Errors Pillow raises on corrupt or truncated data while reading headers or decoding.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    TypeError,
+    KeyError,
+    struct.error,
 )
 
 
@@ -52,9 +59,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         if width < 1 or height < 1:
             raise ValueError(f"image has an empty size {width}x{height}")
         if width * height > max_pixels:
-            raise ValueError(
-                f"image is {width}x{height} = {width * height} pixels, more than the allowed {max_pixels}"
-            )
+            raise ValueError(f"image is {width}x{height} = {width * height} pixels, more than the allowed {max_pixels}")
         try:
             img.load()
             rgb = _to_rgb(ImageOps.exif_transpose(img))

@@ -40,20 +40,38 @@ FORMAT_VERSION = 1
 #: Image geometry of the released models: 14-pixel patches, 2x2 merge -> 28x28 pixels per token,
 #: at most 12845056 pixels = 16384 tokens per image, at least 56x56 pixels = 4 tokens.
 IMAGE_PROCESSOR: dict[str, int] = {
-    "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16384,
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "min_pixels": 56 * 56,
+    "max_pixels": 28 * 28 * 16384,
 }
 
 _VISION_COMMON: dict[str, Any] = {
-    "depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_act": "quick_gelu", "in_channels": 3,
-    "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "initializer_range": 0.02,
+    "depth": 32,
+    "embed_dim": 1280,
+    "num_heads": 16,
+    "mlp_ratio": 4,
+    "hidden_act": "quick_gelu",
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "initializer_range": 0.02,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     "qwen2-vl-2b": {
         "text": {
-            "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-            "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-            "vocab_size": 151936, "initializer_range": 0.02,
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": 151936,
+            "initializer_range": 0.02,
             "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
         },
         "vision": {**_VISION_COMMON, "hidden_size": 1536},
@@ -61,9 +79,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "qwen2-vl-7b": {
         "text": {
-            "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-            "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-            "vocab_size": 152064, "initializer_range": 0.02,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "vocab_size": 152064,
+            "initializer_range": 0.02,
             "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
         },
         "vision": {**_VISION_COMMON, "hidden_size": 3584},
@@ -118,15 +142,24 @@ def hf_config(cfg: dict[str, Any], special_ids: dict[str, int], dtype: str = "bf
     return Qwen2VLConfig(
         text_config={**cfg["text"], "bos_token_id": None, "eos_token_id": ids[IM_END], "pad_token_id": ids[ENDOFTEXT]},
         vision_config=dict(cfg["vision"]),
-        image_token_id=ids[IMAGE_PAD], video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START], vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=cfg["tie_word_embeddings"], dtype=dtype,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=cfg["tie_word_embeddings"],
+        dtype=dtype,
     )
 
 
 def _fingerprint(preset: str, overrides: dict[str, Any], seed: int, dtype: str) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "preset": preset, "overrides": overrides, "seed": seed, "dtype": dtype,
-            "image_processor": IMAGE_PROCESSOR}
+    return {
+        "format": FORMAT_VERSION,
+        "preset": preset,
+        "overrides": overrides,
+        "seed": seed,
+        "dtype": dtype,
+        "image_processor": IMAGE_PROCESSOR,
+    }
 
 
 def is_complete(out_dir: Path, preset: str, overrides: dict[str, Any], seed: int, dtype: str) -> bool:
@@ -136,11 +169,18 @@ def is_complete(out_dir: Path, preset: str, overrides: dict[str, Any], seed: int
         return False
     want = _fingerprint(preset, overrides, seed, dtype)
     return all(info.get(k) == v for k, v in want.items()) and all(
-        (Path(out_dir) / f).is_file() for f in info.get("files", []))
+        (Path(out_dir) / f).is_file() for f in info.get("files", [])
+    )
 
 
-def build_sized_checkpoint(out_dir: str | Path, preset: str = "qwen2-vl-2b", *, seed: int = 0,
-                           dtype: str = "bfloat16", overrides: dict[str, Any] | None = None) -> Path:
+def build_sized_checkpoint(
+    out_dir: str | Path,
+    preset: str = "qwen2-vl-2b",
+    *,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overrides: dict[str, Any] | None = None,
+) -> Path:
     """Write a random-weights checkpoint of ``preset`` to ``out_dir``; returns the resolved path."""
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -174,8 +214,9 @@ def build_sized_checkpoint(out_dir: str | Path, preset: str = "qwen2-vl-2b", *, 
             model = Qwen2VLForConditionalGeneration(config).eval()
         finally:
             torch.set_default_dtype(previous)
-    model.generation_config = GenerationConfig(eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
-                                               pad_token_id=ids[ENDOFTEXT], do_sample=False)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT], do_sample=False
+    )
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("initialised %s (%.2fB parameters, %s) in %.1fs", preset, n_params / 1e9, dtype, time.monotonic() - t0)
 
@@ -221,26 +262,45 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mm_models.sized", description=__doc__.split("\n\n")[0],
+        prog="python -m mm_models.sized",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="presets:\n" + "\n".join(
+        epilog="presets:\n"
+        + "\n".join(
             f"  {name}: ~{parameter_count(preset_config(name)) / 1e9:.1f}B parameters, LM hidden "
-            f"{p['text']['hidden_size']} x {p['text']['num_hidden_layers']} layers, vision {p['vision']['embed_dim']} x "
-            f"{p['vision']['depth']} blocks" for name, p in PRESETS.items()))
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2-vl-2b", help="architecture (default qwen2-vl-2b)")
+            f"{p['text']['hidden_size']} x {p['text']['num_hidden_layers']} layers, "
+            f"vision {p['vision']['embed_dim']} x {p['vision']['depth']} blocks"
+            for name, p in PRESETS.items()
+        ),
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="qwen2-vl-2b", help="architecture (default qwen2-vl-2b)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to create")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
-                        help="weight dtype (default bfloat16)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="weight dtype (default bfloat16)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     parser.add_argument("--num-layers", type=int, help="override text.num_hidden_layers (smaller, faster builds)")
     parser.add_argument("--vision-depth", type=int, help="override vision.depth")
-    parser.add_argument("--set", type=_parse_override, action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="any other override, e.g. --set text.vocab_size=4096 (JSON values)")
+    parser.add_argument(
+        "--set",
+        type=_parse_override,
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="any other override, e.g. --set text.vocab_size=4096 (JSON values)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the config and size estimate only")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     overrides = dict(args.set)
     if args.num_layers is not None:
         overrides["text.num_hidden_layers"] = args.num_layers
@@ -253,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = parameter_count(cfg)
     nbytes = size * (4 if args.dtype == "float32" else 2)
-    print(f"{args.preset}{' with ' + json.dumps(overrides) if overrides else ''}: ~{size / 1e9:.2f}B parameters, "
-          f"~{nbytes / 2**30:.1f} GiB as {args.dtype}")
+    print(
+        f"{args.preset}{' with ' + json.dumps(overrides) if overrides else ''}: ~{size / 1e9:.2f}B parameters, "
+        f"~{nbytes / 2**30:.1f} GiB as {args.dtype}"
+    )
     if args.dry_run:
         try:
             print(json.dumps(cfg, indent=2))

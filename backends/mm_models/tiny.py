@@ -83,11 +83,19 @@ def recipe_id(seed: int, corpus: Path | None = None) -> str:
     tokenizer corpus and seed. A checkpoint whose marker holds another fingerprint is stale."""
     corpus_path = Path(corpus) if corpus is not None else DEFAULT_CORPUS
     h = hashlib.sha256()
-    h.update(json.dumps({
-        "format": FORMAT_VERSION, "seed": seed, "text": TEXT_CONFIG, "vision": VISION_CONFIG,
-        "vocab": TOKENIZER_VOCAB_SIZE,
-        "geometry": [PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, MIN_PIXELS, MAX_PIXELS],
-    }, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "format": FORMAT_VERSION,
+                "seed": seed,
+                "text": TEXT_CONFIG,
+                "vision": VISION_CONFIG,
+                "vocab": TOKENIZER_VOCAB_SIZE,
+                "geometry": [PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE, MIN_PIXELS, MAX_PIXELS],
+            },
+            sort_keys=True,
+        ).encode()
+    )
     try:
         h.update(corpus_path.read_bytes())
     except OSError:
@@ -120,10 +128,12 @@ def _train_tokenizer(corpus: Path) -> Any:
 
     raw = Tokenizer(models.BPE())
     raw.normalizer = normalizers.NFC()
-    raw.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TOKENIZER_VOCAB_SIZE,
@@ -154,8 +164,13 @@ def _build_model(tok: Any, seed: int) -> Any:
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = Qwen2VLConfig(
-        text_config={**TEXT_CONFIG, "vocab_size": len(tok), "bos_token_id": None,
-                     "eos_token_id": ids[IM_END], "pad_token_id": ids[ENDOFTEXT]},
+        text_config={
+            **TEXT_CONFIG,
+            "vocab_size": len(tok),
+            "bos_token_id": None,
+            "eos_token_id": ids[IM_END],
+            "pad_token_id": ids[ENDOFTEXT],
+        },
         vision_config=dict(VISION_CONFIG),
         image_token_id=ids[IMAGE_PAD],
         video_token_id=ids[VIDEO_PAD],
@@ -169,7 +184,9 @@ def _build_model(tok: Any, seed: int) -> Any:
         model = Qwen2VLForConditionalGeneration(config).to(torch.float32)  # type: ignore[arg-type]
         model.eval()
     model.generation_config = GenerationConfig(
-        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]], pad_token_id=ids[ENDOFTEXT], do_sample=False,
+        eos_token_id=[ids[IM_END], ids[ENDOFTEXT]],
+        pad_token_id=ids[ENDOFTEXT],
+        do_sample=False,
     )
     return model
 
@@ -178,8 +195,11 @@ def _save_image_processor(out: Path) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     ip = Qwen2VLImageProcessorPil(
-        min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=PATCH_SIZE,
-        merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
+        min_pixels=MIN_PIXELS,
+        max_pixels=MAX_PIXELS,
+        patch_size=PATCH_SIZE,
+        merge_size=MERGE_SIZE,
+        temporal_patch_size=TEMPORAL_PATCH_SIZE,
     )
     ip.save_pretrained(out)
     # Also write the pre-5.x top-level keys that released Qwen2-VL checkpoints carry.
@@ -206,8 +226,9 @@ def build_tiny_checkpoint(out_dir: Path, seed: int = 0, corpus: Path | None = No
         logger.debug("tiny checkpoint already complete in %s", out)
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and _read_marker(out) is None)):
-        raise ValueError(f"{str(out)!r} exists and is not a tiny checkpoint made by mm_models; "
-                         "remove it or choose another directory")
+        raise ValueError(
+            f"{str(out)!r} exists and is not a tiny checkpoint made by mm_models; remove it or choose another directory"
+        )
     corpus_path = Path(corpus) if corpus is not None else DEFAULT_CORPUS
     if not corpus_path.is_file():
         raise ValueError(f"tokenizer training corpus {str(corpus_path)!r} not found")

@@ -7,6 +7,7 @@ checkpoint is loaded once; its vision tower runs in the request's :class:`Vision
 thread (while other sequences decode), its language model in the engine. The greedy tokens equal the
 pipeline's (both are checked against the same oracle, ``mm_models.qwen2vl.MonolithicModel``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ from mm_models.chat import ChatMessages
 from mm_models.data_url import unwrap_data_url
 from mm_models.geometry import ImageGeometry
 from mm_models.images import decode_image
-from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder
-from mm_models.qwen2vl import _loading
+from mm_models.qwen2vl import EncodedImage, LanguageModel, VisionEncoder, _loading
 from mm_triton.phases import Phase, PhaseClock
 from mmtransfer import TransferCancelled
 
@@ -40,8 +40,13 @@ class RequestTooLarge(ValueError):
 class VisionLoader(ImageLoader):
     """Runs the vision tower on a request's decoded images (engine loader thread)."""
 
-    def __init__(self, encoder: VisionEncoder, images: Sequence[Image.Image], clock: PhaseClock | None = None,
-                 report: Callable[[PhaseClock], None] | None = None) -> None:
+    def __init__(
+        self,
+        encoder: VisionEncoder,
+        images: Sequence[Image.Image],
+        clock: PhaseClock | None = None,
+        report: Callable[[PhaseClock], None] | None = None,
+    ) -> None:
         """``clock``: the request's phases so far (image decode); ``report(clock)`` gets it back with
         preprocess and vision added once every image is encoded."""
         self._encoder = encoder
@@ -101,8 +106,9 @@ class MonolithicService:
         self.engine = make_engine(model, self.lm.tokenizer, self.engine_config, engine_observer)
         log.info("%s: checkpoint %s on %s (colocated, no transfer)", name, checkpoint, device)
 
-    def check_images(self, images: Sequence[bytes],
-                     clock: PhaseClock | None = None) -> tuple[list[Image.Image], list[int]]:
+    def check_images(
+        self, images: Sequence[bytes], clock: PhaseClock | None = None
+    ) -> tuple[list[Image.Image], list[int]]:
         """Decode and validate every image before any model work; ValueError names the bad one.
         ``clock`` (optional) gets the time spent as ``image_decode``."""
         with (clock or PhaseClock()).measure(Phase.IMAGE_DECODE):
@@ -134,17 +140,30 @@ class MonolithicService:
             self._on_downscaled(downscaled)
         return decoded, counts
 
-    def build_request(self, request_id: str, decoded: Sequence[Image.Image], counts: Sequence[int],
-                      prompt: str | ChatMessages, sampling: SamplingParams, deadline: float | None,
-                      clock: PhaseClock | None = None,
-                      report: Callable[[PhaseClock], None] | None = None) -> GenerationRequest:
+    def build_request(
+        self,
+        request_id: str,
+        decoded: Sequence[Image.Image],
+        counts: Sequence[int],
+        prompt: str | ChatMessages,
+        sampling: SamplingParams,
+        deadline: float | None,
+        clock: PhaseClock | None = None,
+        report: Callable[[PhaseClock], None] | None = None,
+    ) -> GenerationRequest:
         """The engine's request for images already checked by :meth:`check_images`; ``clock`` and
         ``report``: see :class:`VisionLoader`."""
         counts = list(counts)
         prompt_ids = self.lm.build_input_ids(prompt, counts)
         loader = VisionLoader(self.vision, decoded, clock, report) if decoded else None  # text-only: none
-        return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, image_token_counts=counts,
-                                 images=loader, sampling=sampling, deadline=deadline)
+        return GenerationRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            image_token_counts=counts,
+            images=loader,
+            sampling=sampling,
+            deadline=deadline,
+        )
 
     def close(self) -> None:
         self.engine.close()

@@ -1,5 +1,6 @@
 """Triton model ``mm_monolithic``: IMAGE, PROMPT and the generation inputs -> TEXT, TOKEN_IDS, FINISH_REASON,
 PROMPT_TOKENS, COMPLETION_TOKENS (no transfer; the same engine as mm_language)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,15 +20,27 @@ INPUTS = ("IMAGE", "PROMPT", "MESSAGES", "MAX_TOKENS", "TEMPERATURE", "TOP_P", "
 
 class MonolithicModelTriton(EngineModel):
     load_phase = None  # the VisionLoader reports image_decode, preprocess and vision itself
-    phases_run = (Phase.QUEUE, Phase.IMAGE_DECODE, Phase.PREPROCESS, Phase.VISION, Phase.SLOT_WAIT,
-                  Phase.PREFILL, Phase.DECODE, Phase.RESPONSE)
+    phases_run = (
+        Phase.QUEUE,
+        Phase.IMAGE_DECODE,
+        Phase.PREPROCESS,
+        Phase.VISION,
+        Phase.SLOT_WAIT,
+        Phase.PREFILL,
+        Phase.DECODE,
+        Phase.RESPONSE,
+    )
 
     def setup(self) -> None:
         self.setup_engine_model()
         self.service = MonolithicService(
-            self.checkpoint, self.params, self.device, name=self.instance_name,
+            self.checkpoint,
+            self.params,
+            self.device,
+            name=self.instance_name,
             max_image_pixels=self.int_param("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
-            engine_observer=self.engine_metrics, geometry=self.image_geometry,
+            engine_observer=self.engine_metrics,
+            geometry=self.image_geometry,
             on_downscaled=ResizedImagesCounter(self.pb_utils, self.model_name, self.instance_name),
         )
         self.engine = self.service.engine
@@ -40,6 +53,13 @@ class MonolithicModelTriton(EngineModel):
         clock = PhaseClock()
         decoded, counts = self.service.check_images(images, clock)  # image errors first, as the pipeline's
         inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
-        return self.service.build_request(request_id, decoded, counts, inputs.prompt, inputs.sampling,
-                                          inputs.deadline, clock,
-                                          lambda c: self.phase_metrics.observe(request_id, c.seconds))
+        return self.service.build_request(
+            request_id,
+            decoded,
+            counts,
+            inputs.prompt,
+            inputs.sampling,
+            inputs.deadline,
+            clock,
+            lambda c: self.phase_metrics.observe(request_id, c.seconds),
+        )

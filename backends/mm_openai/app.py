@@ -61,15 +61,17 @@ def error_response(err: APIError, request_id: str | None = None) -> JSONResponse
 
 
 def usage_of(delta: Delta, completion_tokens: int) -> Usage:
-    return Usage(delta.prompt_tokens or 0,
-                 delta.completion_tokens if delta.completion_tokens is not None else completion_tokens)
+    return Usage(
+        delta.prompt_tokens or 0, delta.completion_tokens if delta.completion_tokens is not None else completion_tokens
+    )
 
 
 class ChatHandler:
     """One chat-completion request, from body to answer; metrics and logs carry its request id."""
 
-    def __init__(self, config: ServerConfig, backend: TritonBackend, fetcher: ImageFetcher,
-                 metrics: APIMetrics) -> None:
+    def __init__(
+        self, config: ServerConfig, backend: TritonBackend, fetcher: ImageFetcher, metrics: APIMetrics
+    ) -> None:
         self.config, self.backend, self.fetcher, self.metrics = config, backend, fetcher, metrics
 
     async def __call__(self, request: Request) -> Response:
@@ -78,15 +80,24 @@ class ChatHandler:
         self.metrics.in_flight.inc()
         streaming = False
         try:
-            chat = parse_body(await read_body(request, self.config.max_body_bytes), self.config.max_tokens_limit,
-                              self.config.max_images)
+            chat = parse_body(
+                await read_body(request, self.config.max_body_bytes),
+                self.config.max_tokens_limit,
+                self.config.max_images,
+            )
             if chat.model != self.config.served_model_name:
                 raise model_not_found(chat.model)
             images = await asyncio.gather(*(self._image(src.url, src.param) for src in chat.images))
             inputs = build_inputs(images, chat.messages.to_json(), chat.sampling)
             ids = CompletionIds(f"chatcmpl-{rid}", self.config.served_model_name)
-            log.info("request %s: %d message(s), %d image(s), stream=%s, %s", rid, len(chat.messages.messages),
-                     len(images), chat.stream, chat.sampling)
+            log.info(
+                "request %s: %d message(s), %d image(s), stream=%s, %s",
+                rid,
+                len(chat.messages.messages),
+                len(images),
+                chat.stream,
+                chat.sampling,
+            )
             if chat.stream:
                 response = await self._stream(rid, ids, chat, inputs, t0)
                 streaming = True
@@ -94,8 +105,9 @@ class ChatHandler:
             delta = await self.backend.complete(rid, inputs, chat.sampling.max_tokens)
             usage = usage_of(delta, len(delta.token_ids))
             self._done(rid, 200, t0, False, usage)
-            return JSONResponse(completion(ids, delta.text, delta.finish_reason or "stop", usage),
-                                headers={"x-request-id": rid})
+            return JSONResponse(
+                completion(ids, delta.text, delta.finish_reason or "stop", usage), headers={"x-request-id": rid}
+            )
         except APIError as err:
             self._done(rid, err.status, t0, False, None, err.message)
             return error_response(err, rid)
@@ -129,11 +141,13 @@ class ChatHandler:
             raise
         self.metrics.ttft.observe(time.monotonic() - t0)
         body = self._sse(rid, ids, chat.include_usage, first, pieces, t0)
-        return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={"x-request-id": rid, "cache-control": "no-cache"})
+        return StreamingResponse(
+            body, media_type="text/event-stream", headers={"x-request-id": rid, "cache-control": "no-cache"}
+        )
 
-    async def _sse(self, rid: str, ids: CompletionIds, include_usage: bool, first: Delta,
-                   pieces: AsyncIterator[Delta], t0: float) -> AsyncIterator[bytes]:
+    async def _sse(
+        self, rid: str, ids: CompletionIds, include_usage: bool, first: Delta, pieces: AsyncIterator[Delta], t0: float
+    ) -> AsyncIterator[bytes]:
         status, usage, n_tokens, delta = 499, None, 0, first
         try:
             yield sse(chunk(ids, {"role": "assistant", "content": ""}, None, include_usage))
@@ -173,33 +187,61 @@ class ChatHandler:
         if error:
             log.info("request %s: %d in %.0f ms: %s", rid, status, elapsed * 1000, error)
         else:
-            log.info("request %s: %d in %.0f ms%s", rid, status, elapsed * 1000,
-                     f", {usage.prompt_tokens}+{usage.completion_tokens} tokens" if usage else "")
+            log.info(
+                "request %s: %d in %.0f ms%s",
+                rid,
+                status,
+                elapsed * 1000,
+                f", {usage.prompt_tokens}+{usage.completion_tokens} tokens" if usage else "",
+            )
 
 
-def create_app(config: ServerConfig) -> FastAPI:
-    metrics = APIMetrics()
-    started = int(time.time())
+def _lifespan(config: ServerConfig, metrics: APIMetrics):
+    """The app's life: the Triton backend and the image fetcher open while it serves, closed after."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        models = TritonModels(config.triton_model, config.triton_stream_model, config.triton_encoder_model,
-                              config.triton_language_stream_model, config.stream_via, config.internal_token_file)
+        models = TritonModels(
+            config.triton_model,
+            config.triton_stream_model,
+            config.triton_encoder_model,
+            config.triton_language_stream_model,
+            config.stream_via,
+            config.internal_token_file,
+        )
         backend = TritonBackend(config.triton_url, models, config.request_timeout_s, config.triton_concurrency)
-        fetcher = ImageFetcher(FetchPolicy(config.image_url_hosts, config.image_url_loopback,
-                                           config.max_image_bytes, config.image_fetch_timeout_s))
+        fetcher = ImageFetcher(
+            FetchPolicy(
+                config.image_url_hosts, config.image_url_loopback, config.max_image_bytes, config.image_fetch_timeout_s
+            )
+        )
         app.state.chat = ChatHandler(config, backend, fetcher, metrics)
         app.state.backend = backend
-        log.info("OpenAI API for model %r on Triton %s (%s; streams via %s)", config.served_model_name,
-                 config.triton_url, config.triton_model, config.stream_via)
+        log.info(
+            "OpenAI API for model %r on Triton %s (%s; streams via %s)",
+            config.served_model_name,
+            config.triton_url,
+            config.triton_model,
+            config.stream_via,
+        )
         try:
             yield
         finally:
             await fetcher.aclose()
             await backend.close()
 
-    app = FastAPI(title="mm-disagg OpenAI-compatible API", lifespan=lifespan, openapi_url=None, docs_url=None,
-                  redoc_url=None)
+    return lifespan
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    metrics = APIMetrics()
+    app = FastAPI(
+        title="mm-disagg OpenAI-compatible API",
+        lifespan=_lifespan(config, metrics),
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.metrics = metrics
 
     @app.exception_handler(StarletteHTTPException)
@@ -211,6 +253,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:
         return await request.app.state.chat(request)
+
+    _add_model_routes(app, config, metrics)
+    return app
+
+
+def _add_model_routes(app: FastAPI, config: ServerConfig, metrics: APIMetrics) -> None:
+    """/v1/models, /health and /metrics."""
+    started = int(time.time())
 
     def model_card() -> dict[str, Any]:
         return {"id": config.served_model_name, "object": "model", "created": started, "owned_by": "mm-disagg"}
@@ -237,5 +287,3 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app

@@ -50,8 +50,14 @@ class ServerConfig:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         if self.stream_via not in ("direct", "ensemble"):
             problems.append(f"stream_via must be direct or ensemble, got {self.stream_via!r}")
-        for name in ("triton_url", "served_model_name", "triton_model", "triton_stream_model",
-                     "triton_encoder_model", "triton_language_stream_model"):
+        for name in (
+            "triton_url",
+            "served_model_name",
+            "triton_model",
+            "triton_stream_model",
+            "triton_encoder_model",
+            "triton_language_stream_model",
+        ):
             if not getattr(self, name).strip():
                 problems.append(f"{name} must not be empty")
         for host in self.image_url_hosts:

@@ -36,8 +36,7 @@ import httpx
 from .errors import APIError, bad_request, too_large
 
 log = logging.getLogger(__name__)
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
-                       re.I)
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def decode_data_url(url: str, max_bytes: int, param: str) -> bytes:
         raise bad_request(f"{param}: a data: URL must be data:<type>;base64,<data>", param)
     if m.group("mime") and not m.group("mime").lower().startswith(("image/", "application/octet-stream")):
         raise bad_request(f"{param}: data: URL of type {m.group('mime')!r}, not an image", param)
-    payload = url[m.end():]
+    payload = url[m.end() :]
     if len(payload) > (max_bytes * 4) // 3 + 4:
         raise too_large(f"{param}: image larger than {max_bytes} bytes", param)
     try:
@@ -100,8 +99,9 @@ class ImageFetcher:
 
     def __init__(self, policy: FetchPolicy) -> None:
         self.policy = policy
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, cookies=None,
-                                         timeout=httpx.Timeout(policy.timeout_s))
+        self._client = httpx.AsyncClient(
+            follow_redirects=False, trust_env=False, cookies=None, timeout=httpx.Timeout(policy.timeout_s)
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -113,8 +113,9 @@ class ImageFetcher:
         try:
             return await asyncio.wait_for(self._fetch(url, param), self.policy.timeout_s)
         except asyncio.TimeoutError:
-            raise bad_request(f"{param}: fetching the image took longer than {self.policy.timeout_s} s", param,
-                              "image_fetch_failed") from None
+            raise bad_request(
+                f"{param}: fetching the image took longer than {self.policy.timeout_s} s", param, "image_fetch_failed"
+            ) from None
 
     async def _fetch(self, url: str, param: str) -> bytes:
         target, host = await self._checked_target(url, param)
@@ -124,8 +125,9 @@ class ImageFetcher:
             async with self._client.stream("GET", target, headers=headers, extensions=extensions) as resp:
                 if resp.status_code != 200:
                     where = " (redirects are not followed)" if 300 <= resp.status_code < 400 else ""
-                    raise bad_request(f"{param}: fetching the image gave HTTP {resp.status_code}{where}", param,
-                                      "image_fetch_failed")
+                    raise bad_request(
+                        f"{param}: fetching the image gave HTTP {resp.status_code}{where}", param, "image_fetch_failed"
+                    )
                 declared = resp.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > self.policy.max_bytes:
                     raise too_large(f"{param}: image larger than {self.policy.max_bytes} bytes", param)
@@ -136,8 +138,9 @@ class ImageFetcher:
                         raise too_large(f"{param}: image larger than {self.policy.max_bytes} bytes", param)
                     chunks.append(chunk)
         except httpx.HTTPError as exc:
-            raise bad_request(f"{param}: fetching the image failed: {type(exc).__name__}", param,
-                              "image_fetch_failed") from None
+            raise bad_request(
+                f"{param}: fetching the image failed: {type(exc).__name__}", param, "image_fetch_failed"
+            ) from None
         return b"".join(chunks)
 
     async def _checked_target(self, url: str, param: str) -> tuple[str, str]:
@@ -163,8 +166,13 @@ class ImageFetcher:
             why = check_address(addr, allowed, self.policy.allow_loopback)
             if why:
                 log.info("image URL refused: %s (%s resolves to %s: %s)", url[:200], host, addr, why)
-                raise APIError(400, f"{param}: image URL not allowed: {why}", "invalid_request_error", param,
-                               "image_url_not_allowed")
+                raise APIError(
+                    400,
+                    f"{param}: image URL not allowed: {why}",
+                    "invalid_request_error",
+                    param,
+                    "image_url_not_allowed",
+                )
         ip = ipaddress.ip_address(addrs[0].split("%", 1)[0])
         netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
         host_header = parts.netloc.rsplit("@", 1)[-1]

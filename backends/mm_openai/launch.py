@@ -15,15 +15,32 @@ DEFAULT_PORT = ServerConfig.port
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("OpenAI-compatible API (backends/mm_openai, docs/OPENAI.md)")
-    g.add_argument("--openai-port", type=int, default=DEFAULT_PORT, metavar="PORT",
-                   help=f"port of the OpenAI API server (default: {DEFAULT_PORT})")
+    g.add_argument(
+        "--openai-port",
+        type=int,
+        default=DEFAULT_PORT,
+        metavar="PORT",
+        help=f"port of the OpenAI API server (default: {DEFAULT_PORT})",
+    )
     g.add_argument("--no-openai", action="store_true", help="do not start the OpenAI API server")
-    g.add_argument("--triton-url", default=None, metavar="HOST:PORT",
-                   help="serve ONLY the OpenAI API, in front of this (remote) Triton's gRPC endpoint")
-    g.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="model name of the API (default: the checkpoint directory's name)")
-    g.add_argument("--image-url-hosts", default=None, metavar="LIST",
-                   help="hosts whose http(s) image URLs the API may fetch (default: loopback only)")
+    g.add_argument(
+        "--triton-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve ONLY the OpenAI API, in front of this (remote) Triton's gRPC endpoint",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="model name of the API (default: the checkpoint directory's name)",
+    )
+    g.add_argument(
+        "--image-url-hosts",
+        default=None,
+        metavar="LIST",
+        help="hosts whose http(s) image URLs the API may fetch (default: loopback only)",
+    )
 
 
 def api_args(args: argparse.Namespace, triton_url: str, token_file: str = "") -> list[str]:
@@ -49,8 +66,12 @@ def start(args: argparse.Namespace, triton_url: str, log_dir: Path, token_file: 
         return None
     log_dir.mkdir(parents=True, exist_ok=True)
     host = args.address or "0.0.0.0"
-    api = APIServerProcess(api_args(args, triton_url, token_file), host, args.openai_port,
-                           log_file=log_dir / f"openai-{args.openai_port}.log")
+    api = APIServerProcess(
+        api_args(args, triton_url, token_file),
+        host,
+        args.openai_port,
+        log_file=log_dir / f"openai-{args.openai_port}.log",
+    )
     try:
         return api.start()
     except APIServerError as exc:
@@ -60,9 +81,11 @@ def start(args: argparse.Namespace, triton_url: str, log_dir: Path, token_file: 
 def banner(api: APIServerProcess | None, model: str) -> str:
     if api is None:
         return ""
-    return (f"\n  OpenAI   {api.url}/v1   (model {model!r}; log {api.log_file})"
-            f"\n           curl {api.url}/v1/chat/completions -H 'content-type: application/json' "
-            f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+    return (
+        f"\n  OpenAI   {api.url}/v1   (model {model!r}; log {api.log_file})"
+        f"\n           curl {api.url}/v1/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
+    )
 
 
 def run_alone(args: argparse.Namespace) -> int:

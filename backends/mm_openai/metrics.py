@@ -21,14 +21,25 @@ class APIMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mm_openai_requests", "API requests answered, by HTTP status",
-                                ["endpoint", "status"], registry=r)
-        self.duration = Histogram("mm_openai_request_duration_seconds", "Request to last byte",
-                                  ["endpoint", "stream"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("mm_openai_time_to_first_token_seconds", "Stream requests: time to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "mm_openai_requests", "API requests answered, by HTTP status", ["endpoint", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "mm_openai_request_duration_seconds",
+            "Request to last byte",
+            ["endpoint", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mm_openai_time_to_first_token_seconds",
+            "Stream requests: time to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("mm_openai_requests_in_flight", "Requests being answered", registry=r)
         self.prompt_tokens = Counter("mm_openai_prompt_tokens", "Prompt tokens of answered requests", registry=r)
         self.completion_tokens = Counter("mm_openai_completion_tokens", "Tokens generated", registry=r)
-        self.image_fetches = Counter("mm_openai_image_fetches", "http(s) image URLs by outcome", ["outcome"],
-                                     registry=r)
+        self.image_fetches = Counter(
+            "mm_openai_image_fetches", "http(s) image URLs by outcome", ["outcome"], registry=r
+        )

@@ -24,8 +24,15 @@ class APIServerProcess:
     ``stop()`` sends SIGTERM, then SIGKILL after ``stop_timeout_s``.
     """
 
-    def __init__(self, args: Sequence[str], host: str, port: int, log_file: Path | None = None,
-                 env: dict[str, str] | None = None, python: str = sys.executable) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        host: str,
+        port: int,
+        log_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+    ) -> None:
         self.args, self.host, self.port, self.log_file = list(args), host, port, log_file
         self.env = {**os.environ, **(env or {})}
         self.python = python
@@ -40,8 +47,9 @@ class APIServerProcess:
         cmd = [self.python, "-m", "mm_openai", "--host", self.host, "--port", str(self.port), *self.args]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         finally:
             if self.log_file:
                 out.close()

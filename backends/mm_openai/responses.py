@@ -14,8 +14,11 @@ class Usage:
     completion_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 @dataclass
@@ -29,18 +32,31 @@ class CompletionIds:
 
 def completion(ids: CompletionIds, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
     return {
-        "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
+        "id": ids.id,
+        "object": "chat.completion",
+        "created": ids.created,
+        "model": ids.model,
         "system_fingerprint": None,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": usage.as_dict(),
     }
 
 
-def chunk(ids: CompletionIds, delta: dict[str, Any], finish_reason: str | None = None,
-          include_usage: bool = False) -> dict[str, Any]:
+def chunk(
+    ids: CompletionIds, delta: dict[str, Any], finish_reason: str | None = None, include_usage: bool = False
+) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": ids.model,
+        "id": ids.id,
+        "object": "chat.completion.chunk",
+        "created": ids.created,
+        "model": ids.model,
         "system_fingerprint": None,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
@@ -50,8 +66,15 @@ def chunk(ids: CompletionIds, delta: dict[str, Any], finish_reason: str | None =
 
 
 def usage_chunk(ids: CompletionIds, usage: Usage) -> dict[str, Any]:
-    return {"id": ids.id, "object": "chat.completion.chunk", "created": ids.created, "model": ids.model,
-            "system_fingerprint": None, "choices": [], "usage": usage.as_dict()}
+    return {
+        "id": ids.id,
+        "object": "chat.completion.chunk",
+        "created": ids.created,
+        "model": ids.model,
+        "system_fingerprint": None,
+        "choices": [],
+        "usage": usage.as_dict(),
+    }
 
 
 def sse(obj: dict[str, Any]) -> bytes:

@@ -123,8 +123,12 @@ def parse_body(raw: bytes, max_tokens_limit: int, max_images: int) -> ChatReques
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
     return ChatRequest(
-        model=body.model, messages=chat, images=tuple(images), sampling=_sampling(body, max_tokens_limit),
-        stream=body.stream, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        model=body.model,
+        messages=chat,
+        images=tuple(images),
+        sampling=_sampling(body, max_tokens_limit),
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
 
@@ -132,7 +136,9 @@ def _validation_error(exc: ValidationError) -> APIError:
     """The most specific problem pydantic found (deepest field), named the way OpenAI names params."""
     errors = exc.errors(include_url=False)
     if errors[0].get("type") == "json_invalid":
-        return bad_request(f"the request body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}".rstrip(": "))
+        return bad_request(
+            f"the request body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}".rstrip(": ")
+        )
     by_param: dict[str, list[str]] = {}
     for err in errors:
         by_param.setdefault(_param(err.get("loc", ())), []).append(err["msg"])
@@ -173,7 +179,7 @@ def _refuse_unsupported(body: ChatCompletionBody) -> None:
     if body.tools or body.functions or body.tool_choice not in (None, "none"):
         raise bad_request("tools: tool and function calling are not supported", "tools")
     if body.response_format and body.response_format.get("type") != "text":
-        raise bad_request("response_format: only {\"type\": \"text\"} is supported", "response_format")
+        raise bad_request('response_format: only {"type": "text"} is supported', "response_format")
 
 
 def _convert_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], list[ImageSource]]:
@@ -183,8 +189,9 @@ def _convert_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], li
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
         if msg.content is None:
-            raise bad_request(f"messages[{i}].content: required (tool calls are not supported)",
-                              f"messages[{i}].content")
+            raise bad_request(
+                f"messages[{i}].content: required (tool calls are not supported)", f"messages[{i}].content"
+            )
         if isinstance(msg.content, str):
             out.append({"role": role, "content": msg.content})
             continue
@@ -202,8 +209,11 @@ def _convert_messages(messages: list[Message]) -> tuple[list[dict[str, Any]], li
 def _sampling(body: ChatCompletionBody, max_tokens_limit: int) -> Sampling:
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    if body.max_tokens is not None and body.max_completion_tokens is not None and \
-            body.max_tokens != body.max_completion_tokens:
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
         raise bad_request("max_tokens and max_completion_tokens differ; give one", "max_completion_tokens")
     if max_tokens is not None and not 1 <= max_tokens <= max_tokens_limit:
         raise bad_request(f"{name}: must be in [1, {max_tokens_limit}], got {max_tokens}", name)

@@ -23,7 +23,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from .errors import APIError, from_triton, unavailable
+from .errors import APIError, from_triton
 from .schema import Sampling
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ def build_inputs(images: Sequence[bytes], messages_json: str, sampling: Sampling
         ("IMAGE", np.array(list(images), dtype=np.object_).reshape(len(images)), "BYTES"),
         ("MESSAGES", np.array([messages_json.encode("utf-8")], dtype=np.object_), "BYTES"),
     ]
-    scalars = (("MAX_TOKENS", sampling.max_tokens, np.int32, "INT32"), ("TOP_K", sampling.top_k, np.int32, "INT32"),
-               ("SEED", sampling.seed, np.int64, "INT64"))
+    scalars = (
+        ("MAX_TOKENS", sampling.max_tokens, np.int32, "INT32"),
+        ("TOP_K", sampling.top_k, np.int32, "INT32"),
+        ("SEED", sampling.seed, np.int64, "INT64"),
+    )
     for name, value, dtype, triton_type in scalars:
         if value is not None:
             tensors.append((name, np.array([value], dtype=dtype), triton_type))
@@ -146,8 +149,12 @@ class TritonBackend:
         if time.monotonic() - at <= 5.0:
             return route
         m = self.models
-        if (m.stream_via == "direct" and self._token() and await self._ready(m.encoder)
-                and await self._ready(m.language_stream)):
+        if (
+            m.stream_via == "direct"
+            and self._token()
+            and await self._ready(m.encoder)
+            and await self._ready(m.language_stream)
+        ):
             route = StreamRoute.DIRECT
         elif await self._ready(m.pipeline_stream):
             route = StreamRoute.ENSEMBLE
@@ -158,8 +165,9 @@ class TritonBackend:
         self._route = (time.monotonic(), route)
         return route
 
-    async def complete(self, request_id: str, inputs: list[grpcclient.InferInput],
-                       max_tokens: int | None = None) -> Delta:
+    async def complete(
+        self, request_id: str, inputs: list[grpcclient.InferInput], max_tokens: int | None = None
+    ) -> Delta:
         """The whole answer. A model without a FINISH_REASON output (older repositories) gets one
         inferred: "length" when it produced ``max_tokens`` tokens, else "stop"."""
         async with self._slots:
@@ -201,13 +209,15 @@ class TritonBackend:
         refs = np.zeros((0,), dtype=np.object_)
         if image.shape()[0] > 0:
             refs = (await self._infer(self.models.encoder, [image, self._token_input()], request_id)).as_numpy(
-                "EMBED_REF")
+                "EMBED_REF"
+            )
         ref_input = grpcclient.InferInput("EMBED_REF", list(refs.shape), "BYTES")
         ref_input.set_data_from_numpy(refs)
         return [ref_input, self._token_input()] + [t for t in inputs if t.name() != "IMAGE"]
 
-    async def stream(self, request_id: str, inputs: list[grpcclient.InferInput],
-                     max_tokens: int | None = None) -> AsyncIterator[Delta]:
+    async def stream(
+        self, request_id: str, inputs: list[grpcclient.InferInput], max_tokens: int | None = None
+    ) -> AsyncIterator[Delta]:
         """The pieces of one streamed answer; closing the iterator early cancels the gRPC call."""
         route = await self.stream_route()
         if route is StreamRoute.UNARY:

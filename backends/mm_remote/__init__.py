@@ -5,6 +5,7 @@ round-robin with fail-over; ``triton_model`` is the BLS model that runs it and t
 ``mm_language``; ``repository`` generates the model repositories ``scripts/serve --role`` serves.
 Nothing here imports torch: a pipeline instance is a light process.
 """
+
 from .encoders import EncoderCallError, RemoteEncoders, parse_encoder_urls
 
 __all__ = ["EncoderCallError", "RemoteEncoders", "parse_encoder_urls"]

@@ -9,6 +9,7 @@ is tried; it is tried last for ``cooldown_s`` afterwards. A request the encoder 
 not retried: its error comes back as it is, naming the server. A call that times out is not retried
 either (the encoder may still finish it; what it publishes is reclaimed after its ``ttl_s``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,7 @@ def parse_encoder_urls(value: str | Iterable[str]) -> list[str]:
             if not url:
                 continue
             if url.startswith("grpc://"):
-                url = url[len("grpc://"):]
+                url = url[len("grpc://") :]
             m = _URL.fullmatch(url)
             if not m or not 1 <= int(m.group(1)) <= 65535:
                 raise ValueError(f"encoder URL {raw.strip()!r}: expected HOST:PORT (the encoder server's gRPC port)")
@@ -162,9 +163,8 @@ class RemoteEncoders:
         raise EncoderCallError("UNAVAILABLE", f"no encoder server could take the request: {'; '.join(skipped)}")
 
     def _call(self, url: str, images: np.ndarray, request_id: str) -> np.ndarray:
-        from tritonclient.utils import InferenceServerException
-
         import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
 
         tensor = grpcclient.InferInput("IMAGE", [int(images.shape[0])], "BYTES")
         tensor.set_data_from_numpy(images)
@@ -175,15 +175,21 @@ class RemoteEncoders:
             inputs.append(token)
         try:
             result = self._clients[url].infer(
-                self.model, inputs, outputs=[grpcclient.InferRequestedOutput("EMBED_REF")],
-                request_id=request_id, client_timeout=self.timeout_s,
+                self.model,
+                inputs,
+                outputs=[grpcclient.InferRequestedOutput("EMBED_REF")],
+                request_id=request_id,
+                client_timeout=self.timeout_s,
             )
         except InferenceServerException as exc:
             raise _classify(url, self.model, self.timeout_s, exc) from None
         refs = result.as_numpy("EMBED_REF")
         if refs is None or refs.dtype != np.object_ or refs.reshape(-1).shape[0] != images.shape[0]:
-            raise EncoderCallError("INTERNAL", f"encoder server {url}: {self.model} returned "
-                                   f"{None if refs is None else refs.shape} EMBED_REF for {images.shape[0]} image(s)")
+            raise EncoderCallError(
+                "INTERNAL",
+                f"encoder server {url}: {self.model} returned "
+                f"{None if refs is None else refs.shape} EMBED_REF for {images.shape[0]} image(s)",
+            )
         refs = refs.reshape(-1)
         if any(not isinstance(r, (bytes, bytearray)) or len(r) > MAX_REF_BYTES for r in refs):
             raise EncoderCallError("INTERNAL", f"encoder server {url}: malformed EMBED_REF")
@@ -228,15 +234,20 @@ def _classify(url: str, model: str, timeout_s: float, exc: Any) -> EncoderCallEr
     status = str(exc.status() or "").replace("StatusCode.", "")
     message = _first_line(exc.message() or str(exc))
     if status == "DEADLINE_EXCEEDED":
-        return EncoderCallError("UNAVAILABLE", f"encoder server {url} did not answer within {timeout_s:g} s "
-                                               f"(encoder_timeout_s)")
+        return EncoderCallError(
+            "UNAVAILABLE", f"encoder server {url} did not answer within {timeout_s:g} s (encoder_timeout_s)"
+        )
     code = _CODES.get(status, "INTERNAL")
     unknown_model = status == "NOT_FOUND" or "unknown model" in message.lower()
     if status == "UNAVAILABLE" or unknown_model:
         if unknown_model:
             detail = f"no model {model} there ({message})"
-        elif "failed to connect" in message.lower() or "connection refused" in message.lower() \
-                or "dns" in message.lower() or "unreachable" in message.lower():
+        elif (
+            "failed to connect" in message.lower()
+            or "connection refused" in message.lower()
+            or "dns" in message.lower()
+            or "unreachable" in message.lower()
+        ):
             detail = f"unreachable ({message})"
         else:
             detail = message

@@ -10,6 +10,7 @@ The sources serve as they are (``tritonserver --model-repository model_repositor
 ``config.pbtxt`` rewritten from its source (instance groups, parameters) and its version directory
 ``1`` as a symlink to the source's, so the model code is never duplicated.
 """
+
 from __future__ import annotations
 
 import os
@@ -81,8 +82,11 @@ def build_repository(
     """
     source = source_repository(role)
     dest = Path(dest)
-    for name, value in (("encoder_instances", encoder_instances), ("language_instances", language_instances),
-                        ("pipeline_instances", pipeline_instances)):
+    for name, value in (
+        ("encoder_instances", encoder_instances),
+        ("language_instances", language_instances),
+        ("pipeline_instances", pipeline_instances),
+    ):
         if value is not None and not 1 <= int(value) <= MAX_INSTANCES:
             raise ValueError(f"{name} must be in [1, {MAX_INSTANCES}], got {value}")
     chosen = _chosen_models(source, models)
@@ -119,8 +123,12 @@ def _fresh_destination(dest: Path, source: Path, role: str) -> None:
     (dest / MARKER).write_text(f"generated from {source} (role {role}); regenerated on every start\n")
 
 
-def _model_config(src_dir: Path, layout: tuple[int | None, Sequence[int] | None] | None, checkpoint: str,
-                  parameters: Mapping[str, str]):
+def _model_config(
+    src_dir: Path,
+    layout: tuple[int | None, Sequence[int] | None] | None,
+    checkpoint: str,
+    parameters: Mapping[str, str],
+):
     """The source's config with the instance layout (instances, gpus), the checkpoint and ``parameters`` set."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
@@ -143,7 +151,8 @@ def _write_model(model_dir: Path, src_dir: Path, config, role: str) -> None:
     (model_dir / "1").symlink_to(src_dir / "1", target_is_directory=True)
     (model_dir / "config.pbtxt").write_text(
         f"# Generated from {src_dir / 'config.pbtxt'} (role {role}); edit that file, not this one.\n"
-        + text_format.MessageToString(config))
+        + text_format.MessageToString(config)
+    )
 
 
 def _rewrite_instances(path: Path, count: int) -> None:
@@ -166,8 +175,9 @@ def _set_instances(config, count: int, gpus: Sequence[int] | None) -> None:
     del config.instance_group[:]
     if gpus:
         for gpu in gpus:  # one group per GPU: instance names stay unique (<model>_<group>_<i>)
-            config.instance_group.add(count=int(count), kind=model_config_pb2.ModelInstanceGroup.KIND_GPU,
-                                      gpus=[int(gpu)])
+            config.instance_group.add(
+                count=int(count), kind=model_config_pb2.ModelInstanceGroup.KIND_GPU, gpus=[int(gpu)]
+            )
     else:
         config.instance_group.add(count=int(count), kind=model_config_pb2.ModelInstanceGroup.KIND_CPU)
 

@@ -15,6 +15,7 @@ Parameters (``MM_<NAME>`` environment variables override them, as for the other 
 No torch here: an instance of this model only waits on the encoder server and on ``mm_language``,
 so it is cheap to run several (each one carries one request at a time).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,26 +66,49 @@ class RemotePipelineModel(ModelBase):
         self._counters: dict[tuple[str, str], Any] = {}
         index = instance_index(self.model_config, self.instance_name)
         self.encoders = RemoteEncoders(
-            knobs.str("encoder_urls", ""), knobs.str("encoder_model", DEFAULT_ENCODER_MODEL), timeout_s, start=index,
-            observer=self._count, token=remote_token,
+            knobs.str("encoder_urls", ""),
+            knobs.str("encoder_model", DEFAULT_ENCODER_MODEL),
+            timeout_s,
+            start=index,
+            observer=self._count,
+            token=remote_token,
         )
         self._setup_metrics()
         for url, problem in self.encoders.check().items():
             if problem:
-                log.warning("%s: encoder server %s: %s (requests get UNAVAILABLE until it is up)",
-                            self.instance_name, url, problem)
-        log.info("%s: encoder server(s) %s (model %s, timeout %g s), language model %s", self.instance_name,
-                 ", ".join(self.encoders.urls), self.encoders.model, timeout_s, self.language_model)
+                log.warning(
+                    "%s: encoder server %s: %s (requests get UNAVAILABLE until it is up)",
+                    self.instance_name,
+                    url,
+                    problem,
+                )
+        log.info(
+            "%s: encoder server(s) %s (model %s, timeout %g s), language model %s",
+            self.instance_name,
+            ", ".join(self.encoders.urls),
+            self.encoders.model,
+            timeout_s,
+            self.language_model,
+        )
 
     def _setup_metrics(self) -> None:
         mf = self.pb_utils.MetricFamily
-        family = mf(name="mm_remote_encoder_requests_total",
-                    description="Requests sent to remote encoder servers, by server and outcome", kind=mf.COUNTER)
+        family = mf(
+            name="mm_remote_encoder_requests_total",
+            description="Requests sent to remote encoder servers, by server and outcome",
+            kind=mf.COUNTER,
+        )
         self._families.append(family)
         for url in self.encoders.urls:
             for outcome in ("ok", "unavailable", "error"):
-                self._counters[(url, outcome)] = family.Metric(labels={
-                    "model": self.model_name, "instance": self.instance_name, "encoder": url, "outcome": outcome})
+                self._counters[(url, outcome)] = family.Metric(
+                    labels={
+                        "model": self.model_name,
+                        "instance": self.instance_name,
+                        "encoder": url,
+                        "outcome": outcome,
+                    }
+                )
 
     def _count(self, url: str, outcome: str) -> None:
         counter = self._counters.get((url, outcome))
@@ -116,8 +140,9 @@ class RemotePipelineModel(ModelBase):
                 register_endpoint(address)
         inputs = [pb.Tensor("EMBED_REF", refs), prompt, token_tensor(pb, self._token)]
         inputs += [max_tokens] if max_tokens is not None else []
-        language_request = pb.InferenceRequest(model_name=self.language_model, inputs=inputs,
-                                               requested_output_names=list(OUTPUTS), request_id=request_id)
+        language_request = pb.InferenceRequest(
+            model_name=self.language_model, inputs=inputs, requested_output_names=list(OUTPUTS), request_id=request_id
+        )
         response = language_request.exec()
         if response.has_error():
             error = response.error()

@@ -19,6 +19,7 @@ internal model also accepts HMAC-SHA256(secret, "mm-internal-call/v1"), which bo
 
 No secret is ever in a command line, in an environment variable, in a log line or in an error message.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,7 +82,7 @@ def _read_private(path: Path) -> str:
 def process_start(pid: int) -> str:
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
-        return text[text.rfind(")") + 2:].split()[19]
+        return text[text.rfind(")") + 2 :].split()[19]
     except (OSError, IndexError):
         return "0"
 
@@ -129,7 +130,9 @@ def per_server_secret(server_pid: int | None = None, base: Path | None = None) -
 
 # ---- the registry of this server's encoder endpoints (read by mm_language.trust) ---------------------------
 def registry_dir(server_pid: int | None = None, base: Path | None = None) -> Path:
-    directory = private_dir(Path(tempfile.gettempdir()) if base is None else base) / f"endpoints-{server_key(server_pid)}"
+    directory = (
+        private_dir(Path(tempfile.gettempdir()) if base is None else base) / f"endpoints-{server_key(server_pid)}"
+    )
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
 
@@ -141,7 +144,6 @@ def register_endpoint(address: str, directory: Path | None = None) -> None:
     tmp = directory / f".{name}.{os.getpid()}"
     tmp.write_text(address)
     os.replace(tmp, directory / name)
-
 
 
 def server_token(env: Mapping[str, str] = os.environ) -> str:
@@ -163,7 +165,7 @@ def token_of_server(server_pid: int) -> str:
     prefix = SECRET_FILE_ENV.encode() + b"="
     for item in environ:
         if item.startswith(prefix) and len(item) > len(prefix):
-            return _read_private(Path(item[len(prefix):].decode()))
+            return _read_private(Path(item[len(prefix) :].decode()))
     return per_server_secret(server_pid)
 
 
@@ -198,7 +200,7 @@ class InternalGate:
         self._tokens = [t.encode() for t in tokens if t]  # none: open
 
     @classmethod
-    def for_model(cls, model_name: str, params: Mapping[str, str], shared_secret: str) -> "InternalGate":
+    def for_model(cls, model_name: str, params: Mapping[str, str], shared_secret: str) -> InternalGate:
         mode = (os.environ.get("MM_INTERNAL_ACCESS") or params.get("internal_access") or "closed").lower()
         if mode not in ("closed", "shared_secret", "open"):
             raise ValueError(f"parameter internal_access: {mode!r} is not closed, shared_secret or open")
@@ -227,4 +229,5 @@ class InternalGate:
         if not self.allows(pb_utils, request):
             raise InternalCallRefused(
                 f"{self.model_name} is an internal model and does not serve client requests: "
-                "send them to the public pipeline (mm_pipeline or mm_pipeline_stream)")
+                "send them to the public pipeline (mm_pipeline or mm_pipeline_stream)"
+            )

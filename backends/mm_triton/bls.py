@@ -1,4 +1,5 @@
 """Helpers for the models that call other models by BLS (the public pipelines)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,16 @@ def code_name(pb: Any, error: Any, message: str) -> str:
     name = "INTERNAL"
     try:
         code = error.code()
-        for candidate in ("INVALID_ARG", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED", "ALREADY_EXISTS", "CANCELLED",
-                          "INTERNAL", "UNKNOWN"):
+        for candidate in (
+            "INVALID_ARG",
+            "UNAVAILABLE",
+            "NOT_FOUND",
+            "UNSUPPORTED",
+            "ALREADY_EXISTS",
+            "CANCELLED",
+            "INTERNAL",
+            "UNKNOWN",
+        ):
             if getattr(pb.TritonError, candidate, object()) == code:
                 name = candidate
                 break
@@ -29,8 +38,13 @@ def code_name(pb: Any, error: Any, message: str) -> str:
 
 # What Triton answers a BLS call while the called model is being reloaded (the watchdog) or its stub is dead:
 # the request was fine, so the client gets UNAVAILABLE ("retry"), not INTERNAL.
-_STEP_DOWN = ("Request for unknown model", "has no available versions", "is not ready", "is not healthy",
-              "Stub process")
+_STEP_DOWN = (
+    "Request for unknown model",
+    "has no available versions",
+    "is not ready",
+    "is not healthy",
+    "Stub process",
+)
 
 
 def forwarded_error(pb: Any, error: Any) -> Any:

@@ -14,6 +14,7 @@ the pool fit, the context) is checked by the encoder and the language model, sti
     prompt / messages     128 KiB    max_prompt_bytes (raw bytes, before UTF-8 decoding)
     MAX_TOKENS            [1, 1024]  max_tokens_limit
 """
+
 from __future__ import annotations
 
 import io
@@ -49,7 +50,7 @@ class RequestBounds:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_params(cls, int_param: Callable[[str, int], int]) -> "RequestBounds":
+    def from_params(cls, int_param: Callable[[str, int], int]) -> RequestBounds:
         """From a model's parameters through ``ModelBase.int_param`` (``MM_<NAME>`` env first)."""
         return cls(
             max_image_bytes=int_param("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES),
@@ -95,12 +96,15 @@ def check_images(images: list[bytes], bounds: RequestBounds) -> None:
         except ValueError as exc:
             raise ValueError(f"IMAGE[{i}]: {exc}") from None
         if size is not None and size[0] * size[1] > bounds.max_image_pixels:
-            raise ValueError(f"IMAGE[{i}]: image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
-                             f"the allowed {bounds.max_image_pixels}")
+            raise ValueError(
+                f"IMAGE[{i}]: image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than "
+                f"the allowed {bounds.max_image_pixels}"
+            )
 
 
-def check_request(pb: Any, request: Any, bounds: RequestBounds, input_names: tuple[str, ...],
-                  require_image: bool = True) -> None:
+def check_request(
+    pb: Any, request: Any, bounds: RequestBounds, input_names: tuple[str, ...], require_image: bool = True
+) -> None:
     """ValueError (INVALID_ARG) naming the first input that breaks a bound; ``input_names`` are the inputs the
     model declares (their bytes are summed)."""
     arrays = {name: _raw(pb, request, name) for name in input_names}
@@ -113,8 +117,9 @@ def check_request(pb: Any, request: Any, bounds: RequestBounds, input_names: tup
     if image is not None:
         if image.dtype != np.object_:
             raise ValueError(f"input IMAGE must be BYTES, got {image.dtype}")
-        check_images([bytes(x) if isinstance(x, (bytes, bytearray)) else str(x).encode()
-                      for x in image.reshape(-1)], bounds)
+        check_images(
+            [bytes(x) if isinstance(x, (bytes, bytearray)) else str(x).encode() for x in image.reshape(-1)], bounds
+        )
     texts = [name for name in TEXT_INPUTS if arrays.get(name) is not None]
     if not texts:
         raise ValueError("input PROMPT is required (or MESSAGES, a chat)")

@@ -10,6 +10,7 @@ The watchdog, which runs next to the server as the same user, reads the per-serv
 loading API (``pb_utils.unload_model`` / ``load_model``, explicit model control). No credential is on a command
 line or in an environment variable. Only models of this model's repository can be reloaded, never itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,10 @@ class ControlModel:
     pb_utils: Any = None  # set by model.py
 
     def initialize(self, args: dict[str, str]) -> None:
-        logging.basicConfig(level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=os.environ.get("MM_LOG_LEVEL", "INFO").upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         self.model_name = args["model_name"]
         self.gate = InternalGate(self.model_name, server_token())  # always closed, whatever the config
         repository = Path(args["model_repository"]).resolve().parent
@@ -46,8 +49,11 @@ class ControlModel:
             try:
                 self.gate.check(pb, request)
                 result = self.handle(one_string(pb, request, "ACTION"), one_string(pb, request, "MODEL"))
-                responses.append(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("RESULT", np.array([result.encode()], dtype=np.object_))]))
+                responses.append(
+                    pb.InferenceResponse(
+                        output_tensors=[pb.Tensor("RESULT", np.array([result.encode()], dtype=np.object_))]
+                    )
+                )
             except Exception as exc:  # every request gets an answer
                 log.warning("%s: %s", self.model_name, exc)
                 responses.append(pb.InferenceResponse(error=triton_error(pb, exc)))

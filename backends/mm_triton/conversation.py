@@ -1,4 +1,5 @@
 """The MESSAGES input: a chat instead of PROMPT (mm_models.chat has the wire shape and the rules)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -15,6 +15,7 @@
 All of them come from the engine's own :class:`~mm_engine.stats.EngineObserver` hooks, called on its loop
 thread.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,14 @@ OUTCOMES = tuple(r.value for r in FinishReason) + tuple(c.value for c in ErrorCa
 class EngineMetrics(EngineObserver):
     """The engine's observer: every hook updates a Triton metric (under a lock: hooks may come from threads)."""
 
-    def __init__(self, pb_utils: Any, model: str, instance: str, phases: PhaseMetrics | None = None,
-                 load_phase: Phase | None = None) -> None:
+    def __init__(
+        self,
+        pb_utils: Any,
+        model: str,
+        instance: str,
+        phases: PhaseMetrics | None = None,
+        load_phase: Phase | None = None,
+    ) -> None:
         """``phases``: where the engine's per-sequence phases go; its image load is ``load_phase``."""
         mf = pb_utils.MetricFamily
         self._phases = phases
@@ -50,15 +57,22 @@ class EngineMetrics(EngineObserver):
             self._families.append(mf(name=name, description=help_, kind=kind))
             return self._families[-1].Metric(labels=labels, **kw)
 
-        self._ttft = metric("mm_engine_ttft_seconds", "Time from submit to a sequence's first token",
-                            mf.HISTOGRAM, buckets=TTFT_BUCKETS)
-        self._itl = metric("mm_engine_inter_token_seconds", "Time between successive tokens of a sequence",
-                           mf.HISTOGRAM, buckets=ITL_BUCKETS)
+        self._ttft = metric(
+            "mm_engine_ttft_seconds", "Time from submit to a sequence's first token", mf.HISTOGRAM, buckets=TTFT_BUCKETS
+        )
+        self._itl = metric(
+            "mm_engine_inter_token_seconds",
+            "Time between successive tokens of a sequence",
+            mf.HISTOGRAM,
+            buckets=ITL_BUCKETS,
+        )
         self._running = metric("mm_engine_running_sequences", "Sequences in the running batch", mf.GAUGE)
         self._waiting = metric("mm_engine_waiting_sequences", "Admitted sequences not running yet", mf.GAUGE)
         self._slots = metric("mm_engine_kv_slots_used", "KV cache slots held by sequences", mf.GAUGE)
         self._slots_total = metric("mm_engine_kv_slots_total", "KV cache slots preallocated", mf.GAUGE)
-        self._prompt = metric("mm_engine_prompt_tokens_total", "Prompt tokens prefilled (image tokens included)", mf.COUNTER)
+        self._prompt = metric(
+            "mm_engine_prompt_tokens_total", "Prompt tokens prefilled (image tokens included)", mf.COUNTER
+        )
         self._generated = metric("mm_engine_generated_tokens_total", "Tokens generated", mf.COUNTER)
         requests = mf(name="mm_engine_requests_total", description="Ended sequences by outcome", kind=mf.COUNTER)
         self._families.append(requests)

@@ -7,6 +7,7 @@ FINAL response (non-decoupled model) or one response per token (decoupled model,
 ``model_transaction_policy { decoupled: true }``). A request refused before or at ``submit`` (bad input,
 queue full, shutting down) is answered at once, with its embeddings freed by ``build_request``'s caller.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,9 @@ class EngineModel(ModelBase):
             max_prompt_bytes=self.int_param("max_prompt_bytes", DEFAULT_MAX_PROMPT_BYTES),
         )
         self.phase_metrics = PhaseMetrics(self.pb_utils, self.model_name, self.instance_name, self.phases_run)
-        self.engine_metrics = EngineMetrics(self.pb_utils, self.model_name, self.instance_name,
-                                            self.phase_metrics, self.load_phase)
+        self.engine_metrics = EngineMetrics(
+            self.pb_utils, self.model_name, self.instance_name, self.phase_metrics, self.load_phase
+        )
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
         """Read and validate one Triton request; raise ValueError (INVALID_ARG) naming the bad input."""
@@ -66,8 +68,9 @@ class EngineModel(ModelBase):
         for request in requests:
             arrived = time.monotonic()
             request_id = request.request_id() or uuid.uuid4().hex[:12]
-            sink = sink_cls(self.pb_utils, request, request_id, self.cancellation_check(request),
-                            phases=self.phase_metrics)
+            sink = sink_cls(
+                self.pb_utils, request, request_id, self.cancellation_check(request), phases=self.phase_metrics
+            )
             try:
                 generation = self.build_request(request, request_id, arrived)
                 generation.cancelled = sink.cancelled

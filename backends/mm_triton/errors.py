@@ -12,14 +12,19 @@ queue_full, queue_timeout, deadline, shutdown -> UNAVAILABLE "unavailable (<caus
 CANCELLED; image_load -> the code of the loader's own exception (a transfer error or a bad image);
 internal -> INTERNAL.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from mm_engine.api import EngineError, ErrorCause
-
 from mmtransfer import (
-    AuthenticationError, FailureCause, PoolExhausted, TransferCancelled, TransferError, TransferNotFound,
+    AuthenticationError,
+    FailureCause,
+    PoolExhausted,
+    TransferCancelled,
+    TransferError,
+    TransferNotFound,
     TransferTimeout,
 )
 

@@ -12,6 +12,7 @@
 
 Every error is a ValueError whose message starts with the input's name (INVALID_ARG at the boundary).
 """
+
 from __future__ import annotations
 
 import time
@@ -67,7 +68,9 @@ def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = F
     return value
 
 
-def read_generation_inputs(pb: Any, request: Any, limits: InputLimits, arrived: float | None = None) -> GenerationInputs:
+def read_generation_inputs(
+    pb: Any, request: Any, limits: InputLimits, arrived: float | None = None
+) -> GenerationInputs:
     """All of the above from one Triton request; ValueError naming the first bad input."""
     prompt = read_messages(pb, request, limits.max_prompt_bytes)
     if prompt is None:
@@ -87,9 +90,12 @@ def read_generation_inputs(pb: Any, request: Any, limits: InputLimits, arrived: 
             raise ValueError(f"STOP[{i}]: must be 1..{MAX_STOP_BYTES} bytes of UTF-8")
     timeout_ms = _in_range("TIMEOUT_MS", optional_int(pb, request, "TIMEOUT_MS"), 1, MAX_TIMEOUT_MS)
     sampling = SamplingParams(
-        max_tokens=int(max_tokens), temperature=0.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else int(top_k),
-        seed=None if seed is None else int(seed), stop=tuple(stop),
+        max_tokens=int(max_tokens),
+        temperature=0.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        top_k=0 if top_k is None else int(top_k),
+        seed=None if seed is None else int(seed),
+        stop=tuple(stop),
     )
     start = time.monotonic() if arrived is None else arrived
     deadline = None if timeout_ms is None else start + timeout_ms / 1000.0

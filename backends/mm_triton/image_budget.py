@@ -6,6 +6,7 @@ checkpoint's own preprocessing geometry by :meth:`ImageGeometry.with_budget`. Th
 model and the monolithic baseline resolve the same values from the same sources, so all three preprocess
 an image to the same pixels and agree on the largest embedding.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,14 +24,15 @@ def budget_parameter(params: Mapping[str, str], name: str, env: Mapping[str, str
     return Params(params, env).int(name, 0, low=0)
 
 
-def resolve_image_geometry(checkpoint: str | Path, params: Mapping[str, str],
-                           env: Mapping[str, str] = os.environ) -> ImageGeometry:
+def resolve_image_geometry(
+    checkpoint: str | Path, params: Mapping[str, str], env: Mapping[str, str] = os.environ
+) -> ImageGeometry:
     """The checkpoint's geometry under this server's budget (see the module docstring)."""
     values = {name: budget_parameter(params, name, env) for name in BUDGET_PARAMETERS}
     try:
         return ImageGeometry.from_model_dir(checkpoint).with_budget(
-            max_tokens=values["max_embed_tokens"], max_pixels=values["max_pixels"],
-            min_pixels=values["min_pixels"])
+            max_tokens=values["max_embed_tokens"], max_pixels=values["max_pixels"], min_pixels=values["min_pixels"]
+        )
     except ValueError as exc:
         raise ValueError(f"image budget {values}: {exc}") from None
 
@@ -40,8 +42,11 @@ class ResizedImagesCounter:
 
     def __init__(self, pb_utils: Any, model: str, instance: str) -> None:
         mf = pb_utils.MetricFamily
-        self._family = mf(name="mm_images_resized_total", kind=mf.COUNTER,
-                          description="Images downscaled to the per-image budget (max_pixels / max_embed_tokens)")
+        self._family = mf(
+            name="mm_images_resized_total",
+            kind=mf.COUNTER,
+            description="Images downscaled to the per-image budget (max_pixels / max_embed_tokens)",
+        )
         self._metric = self._family.Metric(labels={"model": model, "instance": instance})
 
     def __call__(self, n: int) -> None:

@@ -8,6 +8,7 @@ same tritonserver, read from ``/proc`` like the watchdog does); a monitor thread
 several instances the request may have run on a live one: it is failed anyway (retryable), and its late answer
 is dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,7 @@ log = logging.getLogger(__name__)
 class Answer:
     """One client request's response sender; the first FINAL answer wins (worker or monitor)."""
 
-    def __init__(self, pb_utils: Any, sender: Any, request_id: str,
-                 on_final: Callable[[], None] | None = None) -> None:
+    def __init__(self, pb_utils: Any, sender: Any, request_id: str, on_final: Callable[[], None] | None = None) -> None:
         self._pb = pb_utils
         self._sender = sender
         self.request_id = request_id
@@ -60,8 +60,9 @@ class _Entry:
 
 
 class StepMonitor:
-    def __init__(self, pb_utils: Any, interval_s: float = 0.25,
-                 stubs_of: Callable[[], dict[int, Stub]] | None = None) -> None:
+    def __init__(
+        self, pb_utils: Any, interval_s: float = 0.25, stubs_of: Callable[[], dict[int, Stub]] | None = None
+    ) -> None:
         self._pb = pb_utils
         self.interval_s = interval_s
         self._stubs_of = stubs_of or (lambda: list_stubs(os.getppid()))
@@ -93,11 +94,14 @@ class StepMonitor:
                 continue
             self.leave(key)
             err = self._pb.TritonError
-            message = (f"unavailable (stub_died): {entry.model} instance {dead[0].instance} died while serving this "
-                       "request; retry")
+            message = (
+                f"unavailable (stub_died): {entry.model} instance {dead[0].instance} died while serving this "
+                "request; retry"
+            )
             code = getattr(err, "UNAVAILABLE", None)
-            entry.answer.send(self._pb.InferenceResponse(error=err(message, code) if code is not None else err(message)),
-                              final=True)
+            entry.answer.send(
+                self._pb.InferenceResponse(error=err(message, code) if code is not None else err(message)), final=True
+            )
             log.warning("request %s: %s", entry.answer.request_id, message)
             failed += 1
         return failed

@@ -3,6 +3,7 @@
 Every model creates the same families (same names, help and kind), labelled by model
 and instance, so the encoder and the language model report side by side.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,7 @@ class TritonMetrics(TransferObserver):
         conts = family("mm_transfer_continuations_total", "Continuation pulls beyond each first chunk", mf.COUNTER)
         nbytes = family("mm_transfer_bytes_total", "Embedding bytes moved by pulls", mf.COUNTER)
         failures = family("mm_transfer_failures_total", "Failed transfers by cause", mf.COUNTER)
-        latency = family("mm_transfer_latency_seconds", "Time from first pull to assembled embedding",
-                         mf.HISTOGRAM)
+        latency = family("mm_transfer_latency_seconds", "Time from first pull to assembled embedding", mf.HISTOGRAM)
         used = family("mm_pool_blocks_used", "Pool blocks held by requests and transfers", mf.GAUGE)
         total = family("mm_pool_blocks_total", "Pool blocks preallocated", mf.GAUGE)
         self._transfers = transfers.Metric(labels=labels)

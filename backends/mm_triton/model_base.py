@@ -8,6 +8,7 @@ Every parameter goes through one resolver, ``self.resolver`` (:class:`mm_params.
 checkpoint are resolved the first time a model asks for them, so a model that needs neither (the language
 server's BLS ``mm_pipeline``) never imports torch or the transfer library.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,10 @@ class ModelBase:
         self.model_config = json.loads(args["model_config"])
         self.params = model_parameters(self.model_config)
         self.resolver = Params(self.params)
-        logging.basicConfig(level=self.resolver.str("log_level", "INFO").upper(),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=self.resolver.str("log_level", "INFO").upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.device = instance_device(args)

@@ -1,4 +1,5 @@
 """Reading a model's config.pbtxt ``parameters``, its instance's place, and where its checkpoint lives."""
+
 from __future__ import annotations
 
 import re
@@ -45,7 +46,7 @@ def instance_index(model_config: Mapping[str, Any], instance_name: str, device_i
         count = int(group.get("count", 1) or 1)
         gpus = [int(g) for g in group.get("gpus") or []]
         name = str(group.get("name", ""))
-        tail = instance_name[len(name) + 1:] if name and instance_name.startswith(name + "_") else ""
+        tail = instance_name[len(name) + 1 :] if name and instance_name.startswith(name + "_") else ""
         if tail.isdigit():
             gpu_pos = gpus.index(device_id) if device_id is not None and device_id in gpus else 0
             return offset + gpu_pos * count + int(tail)

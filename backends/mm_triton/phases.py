@@ -10,6 +10,7 @@ first pull issued -> last landed, continuations included), ``slot_wait`` (ready 
 its ``nv_inference_queue_duration_us``; the benchmark reads both. Each model reports the phases it runs;
 every report is also logged at debug with the request id.
 """
+
 from __future__ import annotations
 
 import enum
@@ -25,8 +26,29 @@ from mm_engine.timing import SequenceTiming
 log = logging.getLogger(__name__)
 PHASE_METRIC = "mm_phase_seconds"
 # 0.5 ms .. 60 s: a publish of a small embedding to the decode of 1024 tokens on a CPU
-PHASE_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
-                 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+PHASE_BUCKETS = [
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+]
 
 
 class Phase(enum.Enum):
@@ -82,12 +104,17 @@ class PhaseMetrics:
     def __init__(self, pb_utils: Any, model: str, instance: str, phases: Iterable[Phase] = tuple(Phase)) -> None:
         """``phases``: the ones this model runs (only those get a histogram); others are ignored."""
         mf = pb_utils.MetricFamily
-        self._family = mf(name=PHASE_METRIC, description="Seconds a request spent in each phase",
-                          kind=mf.HISTOGRAM)  # kept: a family must outlive its metrics
+        self._family = mf(
+            name=PHASE_METRIC, description="Seconds a request spent in each phase", kind=mf.HISTOGRAM
+        )  # kept: a family must outlive its metrics
         self._model = model
         self._lock = threading.Lock()
-        self._hist = {p: self._family.Metric(labels={"model": model, "instance": instance, "phase": p.value},
-                                             buckets=PHASE_BUCKETS) for p in phases}
+        self._hist = {
+            p: self._family.Metric(
+                labels={"model": model, "instance": instance, "phase": p.value}, buckets=PHASE_BUCKETS
+            )
+            for p in phases
+        }
 
     def observe(self, request_id: str, seconds: Mapping[Phase, float]) -> None:
         """Record one request's phases (never raises: timing must not fail a request)."""

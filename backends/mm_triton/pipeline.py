@@ -18,6 +18,7 @@ once with UNAVAILABLE (queue_full). A cancellation seen before the encoder step 
 seen after it makes ``mm_language`` free the embeddings at once (``MM_ABANDON``). A step whose stub dies fails
 the request with UNAVAILABLE (stub_died) at once (:mod:`mm_triton.inflight`); Triton 2.51 would never answer it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,6 +49,7 @@ DEFAULT_MAX_INFLIGHT = 256
 
 class PipelineModel(ModelBase):
     needs_checkpoint = False
+
     def setup(self) -> None:
         policy = self.model_config.get("model_transaction_policy") or {}
         self.decoupled = bool(policy.get("decoupled", False))
@@ -55,8 +57,9 @@ class PipelineModel(ModelBase):
         default_language = "mm_language_stream" if self.decoupled else "mm_language"
         self.language_model = self.params.get("language_model") or default_language
         self.bounds = RequestBounds.from_params(self.int_param)
-        self.limits = InputLimits(max_tokens_limit=self.bounds.max_tokens_limit,
-                                  max_prompt_bytes=self.bounds.max_prompt_bytes)
+        self.limits = InputLimits(
+            max_tokens_limit=self.bounds.max_tokens_limit, max_prompt_bytes=self.bounds.max_prompt_bytes
+        )
         self._token = server_token()
         max_inflight = self.int_param("max_inflight", DEFAULT_MAX_INFLIGHT)
         if max_inflight < 1:
@@ -65,8 +68,13 @@ class PipelineModel(ModelBase):
         self._max_inflight = max_inflight
         self._closing = False
         self._monitor = StepMonitor(self.pb_utils)
-        log.info("%s: %s -> %s, at most %d requests in flight", self.instance_name, self.encoder_model,
-                 self.language_model, max_inflight)
+        log.info(
+            "%s: %s -> %s, at most %d requests in flight",
+            self.instance_name,
+            self.encoder_model,
+            self.language_model,
+            max_inflight,
+        )
 
     # ---- Triton entry points -----------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
@@ -74,16 +82,23 @@ class PipelineModel(ModelBase):
             request_id = request.request_id() or uuid.uuid4().hex[:12]
             if self._closing or not self._slots.acquire(blocking=False):
                 answer = Answer(self.pb_utils, request.get_response_sender(), request_id)
-                answer.send(self.pb_utils.InferenceResponse(error=self._unavailable(
-                    f"unavailable (queue_full): {self.model_name} has {self._max_inflight} requests in flight "
-                    "(max_inflight)")), final=True)
+                answer.send(
+                    self.pb_utils.InferenceResponse(
+                        error=self._unavailable(
+                            f"unavailable (queue_full): {self.model_name} has {self._max_inflight} requests in flight "
+                            "(max_inflight)"
+                        )
+                    ),
+                    final=True,
+                )
                 continue
             # the slot is freed when the request is answered, by the worker or by the step monitor
             answer = Answer(self.pb_utils, request.get_response_sender(), request_id, on_final=self._slots.release)
             # a thread per request (bounded by the slots), not a pool: a step whose stub died never returns,
             # and its thread must not take a pool worker with it (the monitor answers such a request)
-            threading.Thread(target=self._serve, args=(request, answer), name=f"{self.instance_name}-{request_id}",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(request, answer), name=f"{self.instance_name}-{request_id}", daemon=True
+            ).start()
         return None
 
     def finalize(self) -> None:
@@ -118,9 +133,16 @@ class PipelineModel(ModelBase):
         token = token_tensor(pb, self._token)
         if cancelled():
             raise TransferCancelled(f"request {request_id} was cancelled before encoding")
-        encoded = self._step(answer, pb.InferenceRequest(
-            model_name=self.encoder_model, inputs=[pb.get_input_tensor_by_name(request, "IMAGE"), token],
-            requested_output_names=["EMBED_REF"], request_id=request_id), self.encoder_model)
+        encoded = self._step(
+            answer,
+            pb.InferenceRequest(
+                model_name=self.encoder_model,
+                inputs=[pb.get_input_tensor_by_name(request, "IMAGE"), token],
+                requested_output_names=["EMBED_REF"],
+                request_id=request_id,
+            ),
+            self.encoder_model,
+        )
         if encoded.has_error():
             answer.send(pb.InferenceResponse(error=forwarded_error(pb, encoded.error())), final=True)
             return
@@ -132,13 +154,15 @@ class PipelineModel(ModelBase):
         if self.decoupled:  # its errors come back as data (mm_triton.sinks.StreamSink)
             inputs.append(pb.Tensor(ERRORS_INBAND_INPUT, np.array([True])))
             wanted = wanted + [ERROR_OUTPUT]
-        language = pb.InferenceRequest(model_name=self.language_model, inputs=inputs, requested_output_names=wanted,
-                                       request_id=request_id)
+        language = pb.InferenceRequest(
+            model_name=self.language_model, inputs=inputs, requested_output_names=wanted, request_id=request_id
+        )
         if not self.decoupled:
             reply = self._step(answer, language, self.language_model)
             error = forwarded_error(pb, reply.error()) if reply.has_error() else None
-            answer.send(pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error),
-                        final=True)
+            answer.send(
+                pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error), final=True
+            )
             return
         self._relay_stream(language, answer)
 

@@ -2,17 +2,19 @@
 
 - :class:`UnarySink` (non-decoupled model, ``mm_language`` / ``mm_monolithic``): ONE response when the
   sequence ends, flagged FINAL: TEXT, TOKEN_IDS, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS,
-  IMAGE_TOKENS. Triton 2.51 lets a non-decoupled Python model return None from ``execute`` and answer later this way (ENVIRONMENT.md),
-  which keeps HTTP, unary gRPC, perf_analyzer and ensembles working with many requests in flight.
+  IMAGE_TOKENS. Triton 2.51 lets a non-decoupled Python model return None from ``execute`` and answer later
+  this way (ENVIRONMENT.md), which keeps HTTP, unary gRPC, perf_analyzer and ensembles working with many
+  requests in flight.
 - :class:`StreamSink` (decoupled model, ``mm_language_stream``): one response per ``on_tokens`` (TEXT and
   TOKEN_IDS deltas), then a last data response carrying whatever text the detokenizer still held back, the
-  finish reason and the token counts (IMAGE_TOKENS too), flagged FINAL. FINAL never travels on an empty response: Triton drops
-  it unless the client enabled empty final responses.
+  finish reason and the token counts (IMAGE_TOKENS too), flagged FINAL. FINAL never travels on an empty
+  response: Triton drops it unless the client enabled empty final responses.
 
 Both turn a failed send (the client went away) into a cancellation that the engine sees at its next step.
 Sinks never raise (the engine's contract). Token timings and counts are the engine's own (its observer,
 :mod:`mm_triton.engine_metrics`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +36,14 @@ log = logging.getLogger(__name__)
 
 
 class _SinkBase(ResponseSink):
-    def __init__(self, pb_utils: Any, request: Any, request_id: str, client_cancelled: Callable[[], bool],
-                 phases: PhaseMetrics | None = None) -> None:
+    def __init__(
+        self,
+        pb_utils: Any,
+        request: Any,
+        request_id: str,
+        client_cancelled: Callable[[], bool],
+        phases: PhaseMetrics | None = None,
+    ) -> None:
         self._pb = pb_utils
         self._phases = phases  # the final answer's build + send time is the request's ``response`` phase
         self._sender = request.get_response_sender()
@@ -92,7 +100,6 @@ class _SinkBase(ResponseSink):
     def _send_error(self, exc: BaseException) -> None:
         self._send(self._pb.InferenceResponse(error=triton_error(self._pb, exc)), final=True)
 
-
     def _record_response(self, started: float) -> None:
         if self._phases is not None:
             self._phases.observe(self.request_id, {Phase.RESPONSE: time.perf_counter() - started})
@@ -123,8 +130,14 @@ class StreamSink(_SinkBase):
             return
         name, prefix = error_code_name(exc)
         text = f"{name}\t{prefix}: {exc.__cause__ if _is_image_load(exc) else exc}"
-        self._send(self._pb.InferenceResponse(output_tensors=[
-            self._tensor(ERROR_OUTPUT, np.array([text.encode("utf-8", "replace")], dtype=np.object_))]), final=True)
+        self._send(
+            self._pb.InferenceResponse(
+                output_tensors=[
+                    self._tensor(ERROR_OUTPUT, np.array([text.encode("utf-8", "replace")], dtype=np.object_))
+                ]
+            ),
+            final=True,
+        )
 
     def __init__(self, pb_utils: Any, request: Any, *args: Any, **kw: Any) -> None:
         super().__init__(pb_utils, request, *args, **kw)
@@ -145,7 +158,7 @@ class StreamSink(_SinkBase):
         try:
             started = time.perf_counter()
             streamed = "".join(self._streamed_text)
-            text_rest = output.text[len(streamed):] if output.text.startswith(streamed) else ""
+            text_rest = output.text[len(streamed) :] if output.text.startswith(streamed) else ""
             n = len(self._streamed_ids)
             ids_rest = list(output.token_ids[n:]) if list(output.token_ids[:n]) == self._streamed_ids else []
             tensors = [self._text(text_rest), self._ids(ids_rest), *self._summary(output)]

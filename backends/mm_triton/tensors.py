@@ -1,4 +1,5 @@
 """Reading request inputs with clear errors instead of crashes on odd shapes or dtypes."""
+
 from __future__ import annotations
 
 from typing import Any

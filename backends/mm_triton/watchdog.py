@@ -25,6 +25,7 @@ or as a program next to a running server: ``python -m mm_triton.watchdog --pid P
 A legacy ``token`` (``server_args(token)``, ``MM_WATCHDOG_TOKEN``) reloads through the repository API instead;
 its value is then on the server's command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,15 +80,19 @@ def server_args(token: str | None = None, models: list[str] | None = None) -> li
     closed = f"{CLOSED_HEADER}={secrets.token_hex(16)}\n"
     loads = ["--load-model=*"] if models is None else [f"--load-model={m}" for m in models]
     if token is None:
-        restricted = [f"--http-restricted-api=model-repository,shared-memory:{closed}",
-                      f"--grpc-restricted-protocol=model-repository,shared-memory:{closed}"]
+        restricted = [
+            f"--http-restricted-api=model-repository,shared-memory:{closed}",
+            f"--grpc-restricted-protocol=model-repository,shared-memory:{closed}",
+        ]
     else:
         if any(c in token for c in " ,:=") or len(token) < 16:
             raise ValueError("watchdog token: at least 16 characters, no spaces, commas, colons or '='")
-        restricted = [f"--http-restricted-api=model-repository:{HEADER}={token}",
-                      f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
-                      f"--http-restricted-api=shared-memory:{closed}",
-                      f"--grpc-restricted-protocol=shared-memory:{closed}"]
+        restricted = [
+            f"--http-restricted-api=model-repository:{HEADER}={token}",
+            f"--grpc-restricted-protocol=model-repository:{HEADER}={token}",
+            f"--http-restricted-api=shared-memory:{closed}",
+            f"--grpc-restricted-protocol=shared-memory:{closed}",
+        ]
     return ["--model-control-mode=explicit", *loads, *restricted]
 
 
@@ -119,8 +124,9 @@ def list_stubs(server_pid: int) -> dict[int, Stub]:
             continue
         model = Path(argv[1]).parent.parent.name  # <repo>/<model>/<version>/model.py
         region = argv[2]
-        out[child.pid] = Stub(child.pid, model, argv[8], child.start_time,
-                              region if SHM_PREFIX_RE.fullmatch(region) else "")
+        out[child.pid] = Stub(
+            child.pid, model, argv[8], child.start_time, region if SHM_PREFIX_RE.fullmatch(region) else ""
+        )
     return out
 
 
@@ -151,8 +157,15 @@ def alive(stub: Stub) -> bool:
 class StubWatchdog:
     """Polls the stubs of one tritonserver process; reloads a model when one of its stubs died."""
 
-    def __init__(self, server_pid: int, http_address: str, token: str | None = None, interval_s: float = 0.5,
-                 load_timeout_s: float = 300.0, stop_grace_s: float | None = None) -> None:
+    def __init__(
+        self,
+        server_pid: int,
+        http_address: str,
+        token: str | None = None,
+        interval_s: float = 0.5,
+        load_timeout_s: float = 300.0,
+        stop_grace_s: float | None = None,
+    ) -> None:
         if stop_grace_s is None:
             stop_grace_s = float(os.environ.get("MM_STUB_STOP_GRACE_S") or DEFAULT_STOP_GRACE_S)
         self.stop_grace_s = stop_grace_s  # a stub stopped this long is killed and restarted
@@ -170,7 +183,7 @@ class StubWatchdog:
         self._lock = threading.Lock()
 
     # ---- life cycle ---------------------------------------------------------------------------
-    def start(self) -> "StubWatchdog":
+    def start(self) -> StubWatchdog:
         self._known = list_stubs(self.server_pid)
         if not self._known:
             log.warning("watchdog: tritonserver %d has no Python-backend stubs (yet)", self.server_pid)
@@ -184,7 +197,7 @@ class StubWatchdog:
         if self._thread is not None:
             self._thread.join(timeout=self.load_timeout_s + 5)
 
-    def __enter__(self) -> "StubWatchdog":
+    def __enter__(self) -> StubWatchdog:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -215,8 +228,9 @@ class StubWatchdog:
                 # a dead server unlinks nothing: its stubs' /dev/shm regions would stay until reboot
                 freed = sum(remove_region(stub.shm_region) for stub in self._known.values() if not alive(stub))
                 self.shm_freed_bytes += freed
-                log.info("watchdog: tritonserver %d is gone (%d bytes of /dev/shm removed); stopping",
-                         self.server_pid, freed)
+                log.info(
+                    "watchdog: tritonserver %d is gone (%d bytes of /dev/shm removed); stopping", self.server_pid, freed
+                )
                 return
             try:
                 self.check_once()
@@ -257,8 +271,12 @@ class StubWatchdog:
                 continue
             since = self._stopped_since.setdefault(pid, now)
             if now - since >= self.stop_grace_s:
-                log.warning("watchdog: stub of %s (%s) stopped for %.1fs: killing it to restart it",
-                            stub.instance, stub.model, now - since)
+                log.warning(
+                    "watchdog: stub of %s (%s) stopped for %.1fs: killing it to restart it",
+                    stub.instance,
+                    stub.model,
+                    now - since,
+                )
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -292,22 +310,33 @@ class StubWatchdog:
     def _control_reload(self, model: str) -> None:
         if model == CONTROL_MODEL:
             raise RuntimeError(f"{CONTROL_MODEL} cannot reload itself: restart the server (scripts/serve does)")
-        body = json.dumps({"inputs": [
-            {"name": name, "shape": [1], "datatype": "BYTES", "data": [value]}
-            for name, value in (("ACTION", "reload"), ("MODEL", model), ("MM_INTERNAL_TOKEN", self._control_token()))
-        ]}).encode()
+        body = json.dumps(
+            {
+                "inputs": [
+                    {"name": name, "shape": [1], "datatype": "BYTES", "data": [value]}
+                    for name, value in (
+                        ("ACTION", "reload"),
+                        ("MODEL", model),
+                        ("MM_INTERNAL_TOKEN", self._control_token()),
+                    )
+                ]
+            }
+        ).encode()
         url = f"http://{self.http_address}/v2/models/{CONTROL_MODEL}/infer"
         req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.load_timeout_s) as r:
                 r.read()
         except urllib.error.HTTPError as exc:
-            raise RuntimeError(f"reload {model}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
+            raise RuntimeError(
+                f"reload {model}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:300]}"
+            ) from None
 
     def _repository_call(self, model: str, op: str) -> None:
         url = f"http://{self.http_address}/v2/repository/models/{model}/{op}"
-        req = urllib.request.Request(url, data=b"{}", method="POST", headers={HEADER: self.token,
-                                                                             "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url, data=b"{}", method="POST", headers={HEADER: self.token, "Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.load_timeout_s) as r:
                 r.read()

@@ -10,12 +10,25 @@ Reading order (README.md beside this file has the message sequence and each role
   sender*.py             SenderEndpoint and its transfer table, channel table, serve path, server loop
   receiver*.py           Receiver and its links, sockets and the one pull loop
 """
+
 from .config import TransferConfig
 from .enums import ErrorCode, FailureCause, Landing, TransferState, Transport, WindowPolicyKind
 from .errors import (
-    AuthenticationError, ChannelError, ConfigError, PoolExhausted, ProtocolError, RemoteError, RequestTooLarge,
-    TransferAborted, TransferCancelled, TransferError, TransferExpired, TransferNotFound, TransferTimeout,
-    TransportUnavailable, VersionMismatch,
+    AuthenticationError,
+    ChannelError,
+    ConfigError,
+    PoolExhausted,
+    ProtocolError,
+    RemoteError,
+    RequestTooLarge,
+    TransferAborted,
+    TransferCancelled,
+    TransferError,
+    TransferExpired,
+    TransferNotFound,
+    TransferTimeout,
+    TransportUnavailable,
+    VersionMismatch,
 )
 from .observer import TransferObserver, TransferRecord
 from .pool import BlockPool, dtype_from_name
@@ -27,10 +40,38 @@ from .transports.negotiate import negotiate
 from .wire import Aux
 
 __all__ = [
-    "AuthenticationError", "Aux", "BlockPool", "ChannelError", "ConfigError", "EmbedRef", "ErrorCode",
-    "FailureCause", "Landing", "PoolExhausted", "ProtocolError", "Received", "Receiver", "RemoteError",
-    "RequestTooLarge", "SenderEndpoint", "TransferAborted", "TransferCancelled", "TransferConfig", "TransferError",
-    "TransferExpired", "TransferNotFound", "TransferObserver", "TransferRecord", "TransferState",
-    "TransferTimeout", "Transport", "TransportUnavailable", "VersionMismatch", "WindowPolicyKind",
-    "dtype_from_name", "nccl_lib", "negotiate", "new_transfer_id",
+    "AuthenticationError",
+    "Aux",
+    "BlockPool",
+    "ChannelError",
+    "ConfigError",
+    "EmbedRef",
+    "ErrorCode",
+    "FailureCause",
+    "Landing",
+    "PoolExhausted",
+    "ProtocolError",
+    "Received",
+    "Receiver",
+    "RemoteError",
+    "RequestTooLarge",
+    "SenderEndpoint",
+    "TransferAborted",
+    "TransferCancelled",
+    "TransferConfig",
+    "TransferError",
+    "TransferExpired",
+    "TransferNotFound",
+    "TransferObserver",
+    "TransferRecord",
+    "TransferState",
+    "TransferTimeout",
+    "Transport",
+    "TransportUnavailable",
+    "VersionMismatch",
+    "WindowPolicyKind",
+    "dtype_from_name",
+    "nccl_lib",
+    "negotiate",
+    "new_transfer_id",
 ]

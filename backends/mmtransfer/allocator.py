@@ -9,6 +9,7 @@ lock). Both allocators share one contract:
 * ``free(ids)`` takes back exactly what one ``alloc`` returned; double frees, ids
   out of range and ids never handed out raise ``ValueError`` and change nothing.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -91,9 +92,7 @@ class FixedSlotAllocator:
 
     def __init__(self, total_blocks: int, slot_blocks: int) -> None:
         if not 1 <= slot_blocks <= total_blocks:
-            raise ValueError(
-                f"slot_blocks must be in [1, total_blocks={total_blocks}], got {slot_blocks}"
-            )
+            raise ValueError(f"slot_blocks must be in [1, total_blocks={total_blocks}], got {slot_blocks}")
         self.total_blocks = total_blocks
         self.slot_blocks = slot_blocks
         self.num_slots = total_blocks // slot_blocks

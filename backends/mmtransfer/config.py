@@ -5,6 +5,7 @@ variables named ``MM_<FIELD NAME IN CAPITALS>`` override them (for example
 ``MM_BLOCK_TOKENS=64``), so one repository can be served with other knobs without
 editing files.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -100,11 +101,18 @@ class TransferConfig:
                 raise ConfigError(f"{name} must be in (0, 86400] seconds, got {value!r}")
         if not self.control_host:
             raise ConfigError("control_host must not be empty")
-        if not isinstance(self.shared_secret, str) or (self.shared_secret and (
-                len(self.shared_secret) < MIN_SECRET_CHARS or len(self.shared_secret) > 4096
-                or any(not " " < c <= "~" for c in self.shared_secret))):
-            raise ConfigError(f"shared_secret must be empty (no authentication) or {MIN_SECRET_CHARS} to 4096 "
-                              "printable characters without spaces (e.g. `openssl rand -hex 32`)")
+        if not isinstance(self.shared_secret, str) or (
+            self.shared_secret
+            and (
+                len(self.shared_secret) < MIN_SECRET_CHARS
+                or len(self.shared_secret) > 4096
+                or any(not " " < c <= "~" for c in self.shared_secret)
+            )
+        ):
+            raise ConfigError(
+                f"shared_secret must be empty (no authentication) or {MIN_SECRET_CHARS} to 4096 "
+                "printable characters without spaces (e.g. `openssl rand -hex 32`)"
+            )
 
     @property
     def auth_key(self) -> bytes | None:
@@ -124,13 +132,13 @@ class TransferConfig:
     def reachable_host(self) -> str:
         return self.advertise_host or self.control_host
 
-    def replace(self, **changes: Any) -> "TransferConfig":
+    def replace(self, **changes: Any) -> TransferConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_mapping(
         cls, params: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
-    ) -> "TransferConfig":
+    ) -> TransferConfig:
         """Build from string parameters (config.pbtxt), then apply ``MM_*`` overrides from env
         (resolved by :mod:`mm_params`, the resolver every model uses).
 

@@ -4,6 +4,7 @@
 the same UUID in every process, whatever CUDA_VISIBLE_DEVICES says), plus a host id, so
 that a sender and a receiver can tell "same GPU" / "other GPU" / "no GPU" apart.
 """
+
 from __future__ import annotations
 
 import socket
@@ -32,7 +33,7 @@ class DeviceInfo:
     def is_cuda(self) -> bool:
         return self.kind == "cuda"
 
-    def same_gpu(self, other: "DeviceInfo") -> bool:
+    def same_gpu(self, other: DeviceInfo) -> bool:
         return self.is_cuda and other.is_cuda and self.uuid == other.uuid and self.host == other.host
 
 
@@ -41,8 +42,10 @@ def device_uuid(device: torch.device) -> str:
     uuid = getattr(props, "uuid", None)
     if uuid is not None:
         return str(uuid)
-    return (f"pci:{getattr(props, 'pci_domain_id', 0)}:{getattr(props, 'pci_bus_id', 0)}:"
-            f"{getattr(props, 'pci_device_id', 0)}")
+    return (
+        f"pci:{getattr(props, 'pci_domain_id', 0)}:{getattr(props, 'pci_bus_id', 0)}:"
+        f"{getattr(props, 'pci_device_id', 0)}"
+    )
 
 
 def device_info(device: torch.device) -> DeviceInfo:

@@ -6,6 +6,7 @@ frames; ``FailureCause`` labels a failed transfer for metrics (``mm_transfer_fai
 is the ``cause`` of every ``TransferError``. All are ``str`` enums, so a member compares equal to
 its name (``Transport.HOST == "host"``) and prints as it is written on the wire.
 """
+
 from __future__ import annotations
 
 from enum import Enum, IntEnum
@@ -76,7 +77,7 @@ class FailureCause(_Named):
     INTERNAL = "internal"
 
     @classmethod
-    def of(cls, value: object) -> "FailureCause":
+    def of(cls, value: object) -> FailureCause:
         """The member for a cause or its name; anything unknown counts as ``INTERNAL``."""
         try:
             return cls(value)

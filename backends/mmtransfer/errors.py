@@ -3,6 +3,7 @@
 Every ``TransferError`` carries a ``cause`` (``enums.FailureCause``), safe to use as a metrics
 label, so failures are counted by cause without parsing messages.
 """
+
 from __future__ import annotations
 
 from .enums import ErrorCode, FailureCause

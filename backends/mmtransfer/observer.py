@@ -1,4 +1,5 @@
 """Hooks through which endpoints report what happened (metrics live outside the library)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ An allocation is a list of block ids; token ``t`` of an allocation lives in bloc
 contiguous: copies go segment by segment (``segments``), merging neighbouring
 blocks, so there is no external fragmentation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,9 +75,7 @@ class BlockPool:
         self.storage = torch.empty((num_blocks, block_tokens, hidden), dtype=dtype, device=device)
         self._rows = self.storage.view(num_blocks * block_tokens, hidden)
         self.allocator: Allocator = (
-            BlockAllocator(num_blocks)
-            if block_allocator
-            else FixedSlotAllocator(num_blocks, slot_blocks or num_blocks)
+            BlockAllocator(num_blocks) if block_allocator else FixedSlotAllocator(num_blocks, slot_blocks or num_blocks)
         )
         self._cond = threading.Condition()
         # Called with a block count when an allocation would wait; returns True if it freed

@@ -7,6 +7,7 @@ transport) never bootstraps: its pulls use the host link. One on a GPU bootstrap
 each sender endpoint on first use: NCCL for another GPU, CUDA IPC for the same GPU, or the host
 link when the sender has no GPU.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -32,8 +33,14 @@ __all__ = ["Received", "Receiver"]
 class Receiver:
     """Pulls embeddings into this instance's pool; safe to call from several threads."""
 
-    def __init__(self, pool: BlockPool, config: TransferConfig, *, observer: TransferObserver | None = None,
-                 name: str = "receiver") -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        config: TransferConfig,
+        *,
+        observer: TransferObserver | None = None,
+        name: str = "receiver",
+    ) -> None:
         self.pool = pool
         self._config = config
         self.observer = observer or TransferObserver()
@@ -58,8 +65,10 @@ class Receiver:
         """True when pulls may go over a GPU channel: this pool is on CUDA and the transport is not
         forced to host, or a GPU transport is forced (a CPU pool then gets a clear error)."""
         transport = self.config.transport
-        return (self.pool.device.type == "cuda" and transport is not Transport.HOST) or \
-            transport in (Transport.NCCL, Transport.CUDA_IPC)
+        return (self.pool.device.type == "cuda" and transport is not Transport.HOST) or transport in (
+            Transport.NCCL,
+            Transport.CUDA_IPC,
+        )
 
     def link_for(self, address: str) -> ReceiverLink:
         """The link pulls from ``address`` use: the host link, or a channel bootstrapped on first use."""
@@ -84,11 +93,13 @@ class Receiver:
         except Reopen:
             return self._run(ref, request_id, self.link_for(ref.address), cancelled, retry=False)
 
-    def _run(self, ref: EmbedRef, request_id: str, link: ReceiverLink, cancelled: Callable[[], bool] | None,
-             retry: bool) -> Received:
+    def _run(
+        self, ref: EmbedRef, request_id: str, link: ReceiverLink, cancelled: Callable[[], bool] | None, retry: bool
+    ) -> Received:
         with use_device(self.pool.device):
-            ctx = PullContext(self.pool, self.config, self.sockets, self.links, self.observer, self.window_policy,
-                              self.name)
+            ctx = PullContext(
+                self.pool, self.config, self.sockets, self.links, self.observer, self.window_policy, self.name
+            )
             return PullRun(ctx, ref, request_id, link, cancelled).run(retry)
 
     def abort(self, ref: EmbedRef, reason: str) -> None:
@@ -105,10 +116,8 @@ class Receiver:
         self.sockets.close()
         self._ctx.term()
 
-    def __enter__(self) -> "Receiver":
+    def __enter__(self) -> Receiver:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-

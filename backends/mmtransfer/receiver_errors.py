@@ -1,4 +1,5 @@
 """ERROR frames as the receiver raises them: by wire code, never by message text."""
+
 from __future__ import annotations
 
 from . import wire

@@ -3,6 +3,7 @@ sender negotiates the transport), kept while they work, given up (and the sender
 CLOSE) when they break; the next pull then bootstraps a new one. A pair that negotiated the host
 transport keeps the shared host link, so it is not asked again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,9 @@ class LinkTable:
         with self._lock:
             if self._links.get(link.address) is link:
                 del self._links[link.address]
-        log.warning("%s: %s channel %s to %s given up: %s", self.name, link.kind.value, link.link_id[:8],
-                    link.address, reason)
+        log.warning(
+            "%s: %s channel %s to %s given up: %s", self.name, link.kind.value, link.link_id[:8], link.address, reason
+        )
         link.close()
         if sock is not None:
             self._send_close(sock, link, reason)
@@ -84,8 +86,9 @@ class LinkTable:
 
     def _send_close(self, sock: zmq.Socket, link: ReceiverLink, reason: str) -> None:
         try:
-            sock.send(wire.encode(wire.Close(link.link_id, wire.printable(reason, 256)), self.config.auth_key),
-                      zmq.NOBLOCK)
+            sock.send(
+                wire.encode(wire.Close(link.link_id, wire.printable(reason, 256)), self.config.auth_key), zmq.NOBLOCK
+            )
         except (zmq.ZMQError, ProtocolError):
             pass
 
@@ -94,8 +97,14 @@ class LinkTable:
         cfg = self.config
         sock = self.sockets.connect(address, linger_ms=0)
         try:
-            sock.send(wire.encode(wire.Bootstrap(channel_id, cfg.transport, mine.kind, mine.uuid[:64], mine.host[:128],
-                                                 os.getpid() & 0x7FFFFFFF), cfg.auth_key))
+            sock.send(
+                wire.encode(
+                    wire.Bootstrap(
+                        channel_id, cfg.transport, mine.kind, mine.uuid[:64], mine.host[:128], os.getpid() & 0x7FFFFFFF
+                    ),
+                    cfg.auth_key,
+                )
+            )
             if not sock.poll(int(cfg.bootstrap_timeout_s * 1000)):
                 raise TransferTimeout(f"no BOOTSTRAP answer from {address} within {cfg.bootstrap_timeout_s:.0f}s")
             return wire.decode(sock.recv_multipart(copy=True)[0], cfg.auth_key)
@@ -112,12 +121,14 @@ class LinkTable:
         if not isinstance(msg, wire.BootstrapAck) or msg.channel != channel_id:
             raise ProtocolError(f"expected BOOTSTRAP_ACK for channel {channel_id[:8]}, got {type(msg).__name__}")
         if self.config.transport not in (Transport.AUTO, msg.transport):
-            raise TransportUnavailable(f"asked for {self.config.transport.value!r}, sender chose "
-                                       f"{msg.transport.value!r}")
+            raise TransportUnavailable(
+                f"asked for {self.config.transport.value!r}, sender chose {msg.transport.value!r}"
+            )
         if msg.transport is Transport.HOST:
             log.info("%s: sender at %s (%s) uses the host transport", self.name, address, msg.device_kind)
             return self.host_link
-        link = connect_receiver_link(msg.transport, channel_id, self.pool, address, msg,
-                                     self.config.bootstrap_timeout_s)
+        link = connect_receiver_link(
+            msg.transport, channel_id, self.pool, address, msg, self.config.bootstrap_timeout_s
+        )
         log.info("%s: %s channel %s to %s open", self.name, msg.transport.value, channel_id[:8], address)
         return link

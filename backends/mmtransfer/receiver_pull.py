@@ -11,6 +11,7 @@ bounding the bytes in flight. A CUDA event on the link's stream says when the em
 Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing
 is in doubt is drained (bounded) and given up.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,7 +27,13 @@ from . import wire
 from .config import TransferConfig
 from .enums import ErrorCode, FailureCause, Landing, TransferState
 from .errors import (
-    ChannelError, ProtocolError, RemoteError, RequestTooLarge, TransferCancelled, TransferError, TransferTimeout,
+    ChannelError,
+    ProtocolError,
+    RemoteError,
+    RequestTooLarge,
+    TransferCancelled,
+    TransferError,
+    TransferTimeout,
 )
 from .observer import TransferObserver, TransferRecord
 from .pool import DTYPE_NAMES, BlockPool, Segment
@@ -78,8 +85,9 @@ class Reopen(Exception):
 class PullRun:
     """The state of one pull; ``run`` once."""
 
-    def __init__(self, ctx: PullContext, ref: EmbedRef, request_id: str, link: ReceiverLink,
-                 cancelled: Callable[[], bool] | None) -> None:
+    def __init__(
+        self, ctx: PullContext, ref: EmbedRef, request_id: str, link: ReceiverLink, cancelled: Callable[[], bool] | None
+    ) -> None:
         self.ctx, self.ref, self.request_id, self.link, self.cancelled = ctx, ref, request_id, link, cancelled
         self.key = ctx.config.auth_key
         self.state = TransferState.BOOTSTRAPPING
@@ -152,11 +160,22 @@ class PullRun:
 
     def _send_pull(self) -> None:
         if self.cancelled is not None and self.cancelled():
-            raise TransferCancelled(f"request {self.request_id or '-'} was cancelled; transfer "
-                                    f"{self.ref.transfer_id} given up")
+            raise TransferCancelled(
+                f"request {self.request_id or '-'} was cancelled; transfer {self.ref.transfer_id} given up"
+            )
         link = self.link
-        pull = wire.Pull(self.ref.transfer_id, self.seq, self.sent, self.capacity, link.kind, self.request_id[:128],
-                         channel=link.link_id, count=0 if link.pipelined else 1, runs=self.runs, op_seq=link.ops)
+        pull = wire.Pull(
+            self.ref.transfer_id,
+            self.seq,
+            self.sent,
+            self.capacity,
+            link.kind,
+            self.request_id[:128],
+            channel=link.link_id,
+            count=0 if link.pipelined else 1,
+            runs=self.runs,
+            op_seq=link.ops,
+        )
         self.sock.send(wire.encode(pull, self.key))
         self.outstanding, self.answered = True, 0
         self.marks.setdefault("sent", time.perf_counter())
@@ -194,11 +213,13 @@ class PullRun:
             raise ProtocolError(f"aux total {aux.total_tokens} != chunk total {chunk.total_tokens}")
         pool = ctx.pool
         if aux.hidden != pool.hidden or aux.dtype != DTYPE_NAMES[pool.dtype]:
-            raise ProtocolError(f"embedding is [{aux.hidden}] {aux.dtype}, this pool holds [{pool.hidden}] "
-                                f"{DTYPE_NAMES[pool.dtype]}")
+            raise ProtocolError(
+                f"embedding is [{aux.hidden}] {aux.dtype}, this pool holds [{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
+            )
         if aux.total_tokens > ctx.config.max_embed_tokens:
-            raise RequestTooLarge(f"embedding of {aux.total_tokens} tokens exceeds "
-                                  f"max_embed_tokens={ctx.config.max_embed_tokens}")
+            raise RequestTooLarge(
+                f"embedding of {aux.total_tokens} tokens exceeds max_embed_tokens={ctx.config.max_embed_tokens}"
+            )
         self.aux = aux
         self.out = torch.empty((aux.total_tokens, pool.hidden), dtype=pool.dtype, device=pool.device)
         stream = self.link.stream
@@ -206,16 +227,29 @@ class PullRun:
         self.gpu_start = record_event(stream, pool.device, timing=True)
         self.state = TransferState.TRANSFERRING
         if aux.total_tokens > self.capacity:
-            log.info("%s: request %s transfer %s needs continuation: %d/%d tokens (%d more chunk(s))", ctx.name,
-                     self.request_id, self.ref.transfer_id, self.capacity, aux.total_tokens,
-                     math.ceil(aux.total_tokens / self.capacity) - 1)
+            log.info(
+                "%s: request %s transfer %s needs continuation: %d/%d tokens (%d more chunk(s))",
+                ctx.name,
+                self.request_id,
+                self.ref.transfer_id,
+                self.capacity,
+                aux.total_tokens,
+                math.ceil(aux.total_tokens / self.capacity) - 1,
+            )
 
     def _check_chunk(self, chunk: wire.Chunk) -> None:
         total = self.aux.total_tokens
-        if chunk.offset != self.sent or chunk.total_tokens != total or chunk.num_tokens > self.capacity \
-                or self.sent + chunk.num_tokens > total or (chunk.offset and chunk.aux is not None):
-            raise ProtocolError(f"chunk {chunk.seq} at {chunk.offset}+{chunk.num_tokens}/{chunk.total_tokens}, "
-                                f"expected {self.sent}/{total} within {self.capacity}")
+        if (
+            chunk.offset != self.sent
+            or chunk.total_tokens != total
+            or chunk.num_tokens > self.capacity
+            or self.sent + chunk.num_tokens > total
+            or (chunk.offset and chunk.aux is not None)
+        ):
+            raise ProtocolError(
+                f"chunk {chunk.seq} at {chunk.offset}+{chunk.num_tokens}/{chunk.total_tokens}, "
+                f"expected {self.sent}/{total} within {self.capacity}"
+            )
         if self.link.names_pieces:
             wire.check_pieces(chunk.pieces, chunk.num_tokens, self.runs)
         elif chunk.pieces:
@@ -260,13 +294,31 @@ class PullRun:
         self.clean = self._finish()
         self.state = TransferState.SUCCESS
         ctx.window_policy.observe(total)
-        record = TransferRecord(self.ref.transfer_id, self.request_id, total, total * ctx.pool.bytes_per_token,
-                                self.seq, len(self.window), time.monotonic() - self.start, ready_s, link.kind.value)
+        record = TransferRecord(
+            self.ref.transfer_id,
+            self.request_id,
+            total,
+            total * ctx.pool.bytes_per_token,
+            self.seq,
+            len(self.window),
+            time.monotonic() - self.start,
+            ready_s,
+            link.kind.value,
+        )
         ctx.observer.transfer_completed(record)
         if self.seq > 1:
-            log.info("%s: request %s transfer %s done over %s: %d tokens in %d chunks (%d continuations), "
-                     "usable after %.2f ms", ctx.name, self.request_id, self.ref.transfer_id, link.kind.value, total,
-                     self.seq, self.seq - 1, ready_s * 1e3)
+            log.info(
+                "%s: request %s transfer %s done over %s: %d tokens in %d chunks (%d continuations), "
+                "usable after %.2f ms",
+                ctx.name,
+                self.request_id,
+                self.ref.transfer_id,
+                link.kind.value,
+                total,
+                self.seq,
+                self.seq - 1,
+                ready_s * 1e3,
+            )
         timings = {k: round((v - self.t0) * 1e6, 1) for k, v in self.marks.items()}
         gpu_us = elapsed_us(self.gpu_start, landed)  # first receive posted -> last byte landed, on the GPU
         if gpu_us is not None:
@@ -309,8 +361,15 @@ class PullRun:
         self._abort(str(exc) if typed else f"receiver error: {type(exc).__name__}")
         ctx.observer.transfer_failed(exc.cause if typed else FailureCause.INTERNAL)
         if typed:
-            log.warning("%s: request %s transfer %s failed in state %s over %s: %s", ctx.name, self.request_id,
-                        self.ref.transfer_id, self.state.name, link.kind.value, exc)
+            log.warning(
+                "%s: request %s transfer %s failed in state %s over %s: %s",
+                ctx.name,
+                self.request_id,
+                self.ref.transfer_id,
+                self.state.name,
+                link.kind.value,
+                exc,
+            )
 
     def _abort(self, reason: str) -> None:
         if self.state < TransferState.WAITING_FOR_INPUT or self.sock is None:

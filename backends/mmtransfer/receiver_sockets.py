@@ -6,6 +6,7 @@ that carries payload (the host link) allows one window of bytes per message, so 
 its pull and closed after it. ZeroMQ drops a peer that sends more than a socket's limit: a rogue or
 broken "sender" cannot make this process buffer arbitrary amounts.
 """
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """EMBED_REF: the small handle that travels through Triton instead of the embedding."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ class EmbedRef:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, data: str | bytes) -> "EmbedRef":
+    def from_json(cls, data: str | bytes) -> EmbedRef:
         """Parse and validate; raises ProtocolError with a message fit for an API user."""
         if isinstance(data, (bytes, bytearray)):
             if len(data) > MAX_REF_BYTES:
@@ -54,8 +55,10 @@ class EmbedRef:
         if not isinstance(obj, dict) or set(obj) != {"transfer_id", "address", "num_tokens", "version"}:
             raise ProtocolError("EMBED_REF: expected fields transfer_id, address, num_tokens, version")
         if obj["version"] != PROTOCOL_VERSION:
-            raise VersionMismatch(f"EMBED_REF: version {obj['version']!r}, expected {PROTOCOL_VERSION} (encoder and "
-                                  "language model of different releases?)")
+            raise VersionMismatch(
+                f"EMBED_REF: version {obj['version']!r}, expected {PROTOCOL_VERSION} (encoder and "
+                "language model of different releases?)"
+            )
         if not isinstance(obj["transfer_id"], str) or not _TID.fullmatch(obj["transfer_id"]):
             raise ProtocolError("EMBED_REF: transfer_id must be 32 lowercase hex digits")
         if not isinstance(obj["address"], str) or not _ADDRESS.fullmatch(obj["address"]):

@@ -9,6 +9,7 @@ entries, TTL, deferred frees), the channel table (``sender_channels.py``: GPU li
 id), the serve path (``sender_serve.py``: one path answering every PULL over any link) and the
 server loop (``sender_server.py``: the ZeroMQ socket and its thread).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 class SenderEndpoint:
     """Serves the embeddings of one encoder instance to any number of receivers."""
 
-    def __init__(self, pool: BlockPool, config: TransferConfig, *, observer: TransferObserver | None = None,
-                 name: str = "sender") -> None:
+    def __init__(
+        self, pool: BlockPool, config: TransferConfig, *, observer: TransferObserver | None = None, name: str = "sender"
+    ) -> None:
         self.pool = pool
         self._config = config
         self._observer = observer or TransferObserver()
@@ -45,8 +47,12 @@ class SenderEndpoint:
         self.loop = ServerLoop(config, name, pool.device)
         self.server = PullServer(pool, config, self.table, self.channels, self.loop.outbox, name)
         self.loop.start(self.server.dispatch, self.server.tick)
-        log.info("%s: serving pulls at %s%s", name, self.address,
-                 " (control frames authenticated with the shared secret)" if config.auth_key else "")
+        log.info(
+            "%s: serving pulls at %s%s",
+            name,
+            self.address,
+            " (control frames authenticated with the shared secret)" if config.auth_key else "",
+        )
 
     @property
     def config(self) -> TransferConfig:
@@ -124,8 +130,14 @@ class SenderEndpoint:
             raise
         return blocks, aux
 
-    def publish(self, blocks: list[int], num_tokens: int, extras: dict[str, list[int]] | None,
-                release: Callable[[list[int]], None], request_id: str = "") -> EmbedRef:
+    def publish(
+        self,
+        blocks: list[int],
+        num_tokens: int,
+        extras: dict[str, list[int]] | None,
+        release: Callable[[list[int]], None],
+        request_id: str = "",
+    ) -> EmbedRef:
         """Serve an embedding that already sits in ``blocks`` of this pool (e.g. cached).
 
         The endpoint does not own the blocks: ``release(blocks)`` is called exactly once
@@ -143,8 +155,9 @@ class SenderEndpoint:
             raise
         return ref
 
-    def register(self, embedding: torch.Tensor, extras: dict[str, list[int]] | None = None,
-                 request_id: str = "") -> EmbedRef:
+    def register(
+        self, embedding: torch.Tensor, extras: dict[str, list[int]] | None = None, request_id: str = ""
+    ) -> EmbedRef:
         """``reserve`` + ``fill``: returns the EMBED_REF for a ready embedding."""
         ref = self.reserve(request_id, int(embedding.shape[0]) if embedding.dim() == 2 else 0)
         self.fill(ref.transfer_id, embedding, extras)
@@ -174,7 +187,7 @@ class SenderEndpoint:
         self.channels.close_all()
         self.loop.close()
 
-    def __enter__(self) -> "SenderEndpoint":
+    def __enter__(self) -> SenderEndpoint:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -5,6 +5,7 @@ communicator aborted): a receiver that went away without a CLOSE (killed) must n
 resources here forever, and one that comes back after a long pause finds its channel unknown and
 reopens it transparently. With ``MAX_CHANNELS`` open, the least recently used idle one makes room.
 """
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ anything was sent, or an ordered link's pairing would break), then per chunk ask
 send its pieces and answers with a CHUNK carrying the link's payload frames, if any. One event
 from the link covers the sends of the PULL; the blocks are not freed before it completes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,15 @@ class PlannedChunk:
 
 
 class PullServer:
-    def __init__(self, pool: BlockPool, config: TransferConfig, table: TransferTable, channels: ChannelTable,
-                 outbox: Outbox, name: str) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        config: TransferConfig,
+        table: TransferTable,
+        channels: ChannelTable,
+        outbox: Outbox,
+        name: str,
+    ) -> None:
         self.pool = pool
         self.config = config
         self.table = table
@@ -110,8 +118,9 @@ class PullServer:
     def on_bootstrap(self, identity: bytes, msg: wire.Bootstrap) -> None:
         mine = self.device_info
         try:
-            choice = negotiate(self.config.transport, msg.transport, mine, DeviceInfo(msg.device_kind,
-                                                                                       msg.device_uuid, msg.host))
+            choice = negotiate(
+                self.config.transport, msg.transport, mine, DeviceInfo(msg.device_kind, msg.device_uuid, msg.host)
+            )
         except TransferError as exc:
             self.outbox.error(identity, "", 0, ErrorCode.UNAVAILABLE, str(exc))
             return
@@ -124,25 +133,42 @@ class PullServer:
                 link = self.channels.open(choice, msg.channel, self.config.bootstrap_timeout_s)
             except Exception as exc:
                 log.warning("%s: cannot open a %s channel: %s", self.name, choice.value, exc)
-                self.outbox.error(identity, "", 0, ErrorCode.UNAVAILABLE,
-                                  f"cannot open a {choice.value} channel: {type(exc).__name__}: {exc}")
+                self.outbox.error(
+                    identity,
+                    "",
+                    0,
+                    ErrorCode.UNAVAILABLE,
+                    f"cannot open a {choice.value} channel: {type(exc).__name__}: {exc}",
+                )
                 return
             extra = link.ack_fields()
-            log.info("%s: opening %s channel %s for a receiver on %s %s", self.name, choice.value, msg.channel[:8],
-                     msg.device_kind, msg.device_uuid)
+            log.info(
+                "%s: opening %s channel %s for a receiver on %s %s",
+                self.name,
+                choice.value,
+                msg.channel[:8],
+                msg.device_kind,
+                msg.device_uuid,
+            )
         ack = wire.BootstrapAck(msg.channel, choice, mine.kind, mine.uuid[:64], mine.host[:128], **extra)
         self.outbox.send(identity, ack)
 
     def reply_unknown(self, identity: bytes, tid: str, seq: int) -> None:
         ending = self.table.ending(tid)
         if ending == EXPIRED:
-            self.outbox.error(identity, tid, seq, ErrorCode.EXPIRED,
-                              f"transfer reclaimed: not pulled within ttl_s={self.config.ttl_s:g}s")
+            self.outbox.error(
+                identity,
+                tid,
+                seq,
+                ErrorCode.EXPIRED,
+                f"transfer reclaimed: not pulled within ttl_s={self.config.ttl_s:g}s",
+            )
         elif ending:
             self.outbox.error(identity, tid, seq, ErrorCode.NOT_FOUND, f"unknown transfer id: it was {ending}")
         else:
-            self.outbox.error(identity, tid, seq, ErrorCode.NOT_FOUND,
-                              "unknown transfer id (never registered, finished, or expired)")
+            self.outbox.error(
+                identity, tid, seq, ErrorCode.NOT_FOUND, "unknown transfer id (never registered, finished, or expired)"
+            )
 
     def _serve_pending(self) -> None:
         if not self._pending:
@@ -151,13 +177,23 @@ class PullServer:
         for item in self._pending:
             entry = self.table.get(item.pull.transfer_id)
             if entry is None:
-                self.outbox.error(item.identity, item.pull.transfer_id, item.pull.seq, ErrorCode.NOT_FOUND,
-                                  "unknown transfer id: the embedding was dropped before it was ready")
+                self.outbox.error(
+                    item.identity,
+                    item.pull.transfer_id,
+                    item.pull.seq,
+                    ErrorCode.NOT_FOUND,
+                    "unknown transfer id: the embedding was dropped before it was ready",
+                )
             elif entry.state != TransferState.WAITING_FOR_INPUT:
                 self.serve(item.identity, item.pull, entry)
             elif now >= item.give_up_at:
-                self.outbox.error(item.identity, item.pull.transfer_id, item.pull.seq, ErrorCode.TIMEOUT,
-                                  f"embedding not ready within {self.config.pull_wait_s:.1f}s")
+                self.outbox.error(
+                    item.identity,
+                    item.pull.transfer_id,
+                    item.pull.seq,
+                    ErrorCode.TIMEOUT,
+                    f"embedding not ready within {self.config.pull_wait_s:.1f}s",
+                )
             else:
                 still.append(item)
         self._pending = still
@@ -170,8 +206,13 @@ class PullServer:
             raise RuntimeError("transfer has no aux record")
         tid, total, cap = pull.transfer_id, aux.total_tokens, pull.capacity_tokens
         if pull.sent_tokens >= total:
-            self.outbox.error(identity, tid, pull.seq, ErrorCode.BAD_REQUEST,
-                              f"sent_tokens {pull.sent_tokens} is not below the total {total}")
+            self.outbox.error(
+                identity,
+                tid,
+                pull.seq,
+                ErrorCode.BAD_REQUEST,
+                f"sent_tokens {pull.sent_tokens} is not below the total {total}",
+            )
             return
         link = self._link(identity, pull)
         if link is None:
@@ -180,9 +221,14 @@ class PullServer:
         if pull.count:
             offsets = offsets[: pull.count]
         if (pull.count and len(offsets) != pull.count) or (pull.runs and sum(pull.runs) != cap):
-            self.outbox.error(identity, tid, pull.seq, ErrorCode.BAD_REQUEST,
-                              f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
-                              f"of capacity {cap} from token {pull.sent_tokens} of {total}")
+            self.outbox.error(
+                identity,
+                tid,
+                pull.seq,
+                ErrorCode.BAD_REQUEST,
+                f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
+                f"of capacity {cap} from token {pull.sent_tokens} of {total}",
+            )
             return
         link.last_used = time.monotonic()
         try:
@@ -198,8 +244,15 @@ class PullServer:
                 self.channels.close(pull.channel, f"send failed: {exc}")
                 raise
             pieces = tuple(planned.pieces) if link.names_pieces else ()
-            chunk = wire.Chunk(tid, pull.seq + i, planned.offset, planned.num_tokens, total,
-                               aux if planned.offset == 0 else None, pieces)
+            chunk = wire.Chunk(
+                tid,
+                pull.seq + i,
+                planned.offset,
+                planned.num_tokens,
+                total,
+                aux if planned.offset == 0 else None,
+                pieces,
+            )
             self.outbox.send(identity, chunk, payload)
         event = link.record()
         self.table.touch(entry, None if event is None else InFlight(event, link.link_id))
@@ -209,38 +262,50 @@ class PullServer:
         tid, seq = pull.transfer_id, pull.seq
         if not pull.channel:
             if pull.transport is not Transport.HOST or pull.count != 1:
-                self.outbox.error(identity, tid, seq, ErrorCode.BAD_REQUEST,
-                                  f"transport {pull.transport.value!r} (count {pull.count}) without a channel is "
-                                  "not served here (host, count 1)")
+                self.outbox.error(
+                    identity,
+                    tid,
+                    seq,
+                    ErrorCode.BAD_REQUEST,
+                    f"transport {pull.transport.value!r} (count {pull.count}) without a channel is "
+                    "not served here (host, count 1)",
+                )
                 return None
             return self.host_link
         link = self.channels.get(pull.channel)
         if link is None:
-            self.outbox.error(identity, tid, seq, ErrorCode.UNKNOWN_CHANNEL,
-                              f"unknown channel {pull.channel[:8]} (closed or never opened here): bootstrap again")
+            self.outbox.error(
+                identity,
+                tid,
+                seq,
+                ErrorCode.UNKNOWN_CHANNEL,
+                f"unknown channel {pull.channel[:8]} (closed or never opened here): bootstrap again",
+            )
             return None
         problem = ""
         if link.kind is not pull.transport:
             problem = f"channel {pull.channel[:8]} is {link.kind.value!r}, the PULL says {pull.transport.value!r}"
         elif link.ordered and pull.op_seq != link.ops:
-            problem = (f"channel {pull.channel[:8]} out of order: the receiver posted {pull.op_seq} chunk(s), "
-                       f"this sender {link.ops}; the channel is given up")
+            problem = (
+                f"channel {pull.channel[:8]} out of order: the receiver posted {pull.op_seq} chunk(s), "
+                f"this sender {link.ops}; the channel is given up"
+            )
         if problem:
             self.channels.close(pull.channel, problem)
             self.outbox.error(identity, tid, seq, ErrorCode.UNAVAILABLE, problem)
             return None
         return link
 
-    def _plans(self, link: SenderLink, pull: wire.Pull, entry: Entry, offsets: list[int], total: int
-               ) -> Iterator[PlannedChunk]:
+    def _plans(
+        self, link: SenderLink, pull: wire.Pull, entry: Entry, offsets: list[int], total: int
+    ) -> Iterator[PlannedChunk]:
         """Each chunk's pieces: the sender's block runs cut at the receiver's window runs."""
         cap, limit = pull.capacity_tokens, wire.MAX_PIECES if link.names_pieces else 1 << 62
 
         def plan(offset: int) -> PlannedChunk:
             n = wire.chunk_tokens(total, offset, cap)
             segs = self.pool.segments(entry.blocks, n, offset)
-            return PlannedChunk(offset, n, wire.split_pieces([(s.pool_row, s.length) for s in segs], pull.runs,
-                                                             limit))
+            return PlannedChunk(offset, n, wire.split_pieces([(s.pool_row, s.length) for s in segs], pull.runs, limit))
 
         # A chunk has at most (its blocks + 1) sender runs, cut at most len(runs) more times; when
         # that bound fits, no plan can fail, so each chunk is planned just before it is sent (the

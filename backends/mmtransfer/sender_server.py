@@ -5,6 +5,7 @@ A malformed or forged frame is answered with ERROR (``bad_request``, ``version``
 ``unauthenticated``) and the loop keeps serving; rejected frames are counted and logged at most
 five per 10 s. Inbound messages over ``MAX_INBOUND_BYTES`` are refused by the socket itself.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,8 +83,9 @@ class ServerLoop:
         self._thread: threading.Thread | None = None
 
     def start(self, dispatch: Dispatch, tick: Callable[[], None]) -> None:
-        self._thread = threading.Thread(target=self._run, args=(dispatch, tick), name=f"{self.name}-control",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(dispatch, tick), name=f"{self.name}-control", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -154,8 +156,9 @@ class ServerLoop:
         start, count = self._reject_log
         if now - start > _REJECT_LOG_EVERY_S:
             if count > 5:
-                log.warning("%s: %d more control frame(s) rejected in the last %.0fs", self.name, count - 5,
-                            _REJECT_LOG_EVERY_S)
+                log.warning(
+                    "%s: %d more control frame(s) rejected in the last %.0fs", self.name, count - 5, _REJECT_LOG_EVERY_S
+                )
             start, count = now, 0
         count += 1
         self._reject_log = (start, count)

@@ -7,6 +7,7 @@ before the receiver finished, or at ``close``. Blocks that a GPU link's sends ma
 are freed once those sends completed (a CUDA event, polled by the server thread: the free is
 deferred, never a blocking sync), or after ``pull_timeout_s`` once their channel was aborted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -149,8 +150,14 @@ class TransferTable:
         for entry in expired:
             nblocks = len(entry.blocks)
             self.release(entry)
-            log.warning("%s: transfer %s (request %s) not pulled within TTL %.1fs; reclaimed %d block(s)",
-                        self.name, entry.transfer_id, entry.request_id, self.ttl_s, nblocks)
+            log.warning(
+                "%s: transfer %s (request %s) not pulled within TTL %.1fs; reclaimed %d block(s)",
+                self.name,
+                entry.transfer_id,
+                entry.request_id,
+                self.ttl_s,
+                nblocks,
+            )
             self.observer.transfer_failed(FailureCause.TTL)
             self.observer.pool_changed()
 
@@ -181,9 +188,14 @@ class TransferTable:
                 if completed(item.in_flight.event):
                     freed.append(item)
                 elif now - item.since > timeout_s:
-                    log.warning("%s: sends on %d block(s) not complete after %.0fs (pull_timeout_s); aborting "
-                                "channel %s and freeing them", self.name, len(item.blocks), now - item.since,
-                                item.in_flight.link_id[:8])
+                    log.warning(
+                        "%s: sends on %d block(s) not complete after %.0fs (pull_timeout_s); aborting "
+                        "channel %s and freeing them",
+                        self.name,
+                        len(item.blocks),
+                        now - item.since,
+                        item.in_flight.link_id[:8],
+                    )
                     stuck.add(item.in_flight.link_id)
                     freed.append(item)
                 else:
@@ -200,7 +212,8 @@ class TransferTable:
         """Sends still in flight on the link (blocks waiting for their completion)."""
         with self.lock:
             return any(d.in_flight.link_id == link_id for d in self._deferred) or any(
-                e.in_flight is not None and e.in_flight.link_id == link_id for e in self.entries.values())
+                e.in_flight is not None and e.in_flight.link_id == link_id for e in self.entries.values()
+            )
 
     def close(self) -> None:
         """Free every block still held (the server thread has stopped: nothing reads them)."""

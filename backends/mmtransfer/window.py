@@ -5,6 +5,7 @@ length hint when that is smaller). The adaptive policy learns from the lengths i
 has received: it offers a high percentile of recent lengths, bounded, so that most
 embeddings arrive in one chunk without holding blocks that are rarely filled.
 """
+
 from __future__ import annotations
 
 import math

@@ -20,13 +20,18 @@ import numpy as np
 from PIL import Image
 
 from mm_models.geometry import ImageGeometry
-from mm_params import tiny_model_dir
 from mm_models.tiny import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+from mm_params import tiny_model_dir
 
 default_tiny_dir = tiny_model_dir  # ``$MM_TINY_MODEL``, else the tree's .cache/models/tiny-qwen2-vl
 
-TINY_GEOMETRY = ImageGeometry(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
-                              min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+TINY_GEOMETRY = ImageGeometry(
+    patch_size=PATCH_SIZE,
+    merge_size=MERGE_SIZE,
+    temporal_patch_size=TEMPORAL_PATCH_SIZE,
+    min_pixels=MIN_PIXELS,
+    max_pixels=MAX_PIXELS,
+)
 
 
 def geometry(model_dir: str | os.PathLike[str] | None = None) -> ImageGeometry:
@@ -45,9 +50,16 @@ def tokens_for_image_size(model_dir: str | os.PathLike[str] | None, width: int, 
     return geometry(model_dir).tokens_for(width, height)
 
 
-def make_test_image(width: int | None = None, height: int | None = None, *, tokens: int | None = None,
-                    seed: int = 0, model_dir: str | os.PathLike[str] | None = None,
-                    fmt: str = "PNG", cell: int = 4) -> bytes:
+def make_test_image(
+    width: int | None = None,
+    height: int | None = None,
+    *,
+    tokens: int | None = None,
+    seed: int = 0,
+    model_dir: str | os.PathLike[str] | None = None,
+    fmt: str = "PNG",
+    cell: int = 4,
+) -> bytes:
     """Encoded bytes of a deterministic random image.
 
     Give either ``width`` and ``height`` (pixels) or ``tokens`` (size from :func:`image_size_for_tokens`
@@ -81,8 +93,9 @@ def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def token_table(model_dir: str | os.PathLike[str] | None = None,
-                targets: tuple[int, ...] = (64, 256, 1024, 1025, 2049, 3001, 4096)) -> list[tuple[int, int, int, int]]:
+def token_table(
+    model_dir: str | os.PathLike[str] | None = None, targets: tuple[int, ...] = (64, 256, 1024, 1025, 2049, 3001, 4096)
+) -> list[tuple[int, int, int, int]]:
     """Rows (target_tokens, width, height, actual_tokens) for the given targets."""
     g = geometry(model_dir)
     rows = []

@@ -5,6 +5,7 @@ token, read the way the watchdog reads it (the per-server file of that tritonser
 
     inputs = with_token(server, "mm_encoder", {"IMAGE": images})
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping

@@ -6,6 +6,7 @@ documents and large screenshots of several thousand). The default mix (median 80
 [64, 8192]) has p50 800, p90 ~2100, p99 ~4600 tokens and ~37 % of images above the default
 1024-token receive window.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,14 +53,16 @@ class LogNormalMix:
         return float(min(max(value, self.min_tokens), self.max_tokens))
 
     def describe(self) -> str:
-        return (f"log-normal(median {self.median:g}, sigma {self.sigma:g}) tokens, clipped to "
-                f"[{self.min_tokens}, {self.max_tokens}]")
+        return (
+            f"log-normal(median {self.median:g}, sigma {self.sigma:g}) tokens, clipped to "
+            f"[{self.min_tokens}, {self.max_tokens}]"
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def parse(cls, text: str) -> "LogNormalMix":
+    def parse(cls, text: str) -> LogNormalMix:
         """``"median,sigma[,min,max]"`` (the scripts' --mix option)."""
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if len(parts) not in (2, 4):
@@ -77,7 +80,13 @@ def summarize(lengths) -> dict:
         return {"count": 0}
     p = np.percentile(arr, [10, 50, 90, 99])
     return {
-        "count": int(arr.size), "mean": float(arr.mean()), "min": int(arr.min()), "max": int(arr.max()),
-        "p10": float(p[0]), "p50": float(p[1]), "p90": float(p[2]), "p99": float(p[3]),
+        "count": int(arr.size),
+        "mean": float(arr.mean()),
+        "min": int(arr.min()),
+        "max": int(arr.max()),
+        "p10": float(p[0]),
+        "p50": float(p[1]),
+        "p90": float(p[2]),
+        "p99": float(p[3]),
         "share_above_1024": float((arr > 1024).mean()),
     }

@@ -6,6 +6,7 @@ workers sending ``requests`` requests in total, or an open loop of Poisson arriv
 The result has the fields of :func:`mm_bench.perf.summarize_profile` (throughput over the span from the first
 request to the last response, latency percentiles, errors, TOKEN_IDS per input), so the reports are alike.
 """
+
 from __future__ import annotations
 
 import random
@@ -55,8 +56,9 @@ def closed_loop(call: Call, steps: int, concurrency: int, requests: int, timeout
     return summarize(records, timed_out=any(t.is_alive() for t in threads))
 
 
-def open_loop(call: Call, steps: int, rate: float, requests: int, timeout_s: float, seed: int = 0,
-              max_workers: int = 64) -> dict:
+def open_loop(
+    call: Call, steps: int, rate: float, requests: int, timeout_s: float, seed: int = 0, max_workers: int = 64
+) -> dict:
     """Poisson arrivals at ``rate``/s (exponential gaps, seeded), each request sent at its arrival time."""
     if rate <= 0 or requests < 1 or steps < 1:
         raise ValueError("rate must be > 0, requests and steps >= 1")
@@ -88,11 +90,17 @@ def summarize(records: list, timed_out: bool = False) -> dict:
     if ok:
         lat = np.array([(r[2] - r[1]) / 1e6 for r in ok])
         span_s = (max(r[2] for r in ok) - min(r[1] for r in ok)) / 1e9
-        out.update({
-            "throughput": len(ok) / span_s if span_s > 0 else None, "span_s": span_s,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "avg_ms": float(lat.mean()), "max_ms": float(lat.max()),
-        })
+        out.update(
+            {
+                "throughput": len(ok) / span_s if span_s > 0 else None,
+                "span_s": span_s,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p90_ms": float(np.percentile(lat, 90)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "avg_ms": float(lat.mean()),
+                "max_ms": float(lat.max()),
+            }
+        )
     tokens: dict[str, set] = {}
     for step, _t0, _t1, ids, _err in ok:
         tokens.setdefault(f"step{step:03d}", set()).add(tuple(ids))

@@ -7,6 +7,7 @@ that does not fit (no skipping ahead: a server serves requests in arrival order)
 many embeddings the pool held concurrently. Internal waste per request = tokens allocated - tokens used
 (block mode: the unused tail of the last block; slot mode: the unused part of the max-size slot).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,16 @@ def make_pool(geom: PoolGeometry, block_allocator: bool, slot_tokens: int):
     slot_blocks = math.ceil(slot_tokens / geom.block_tokens)
     if geom.num_blocks < max(1, slot_blocks if not block_allocator else 1):
         raise ValueError(f"pool of {geom.num_blocks} blocks is smaller than one slot of {slot_blocks} blocks")
-    return BlockPool(geom.num_blocks, geom.block_tokens, geom.hidden, dtype_from_name(geom.dtype),
-                     torch.device("meta"), block_allocator=block_allocator, slot_blocks=slot_blocks,
-                     name="bench-block" if block_allocator else "bench-slots")
+    return BlockPool(
+        geom.num_blocks,
+        geom.block_tokens,
+        geom.hidden,
+        dtype_from_name(geom.dtype),
+        torch.device("meta"),
+        block_allocator=block_allocator,
+        slot_blocks=slot_blocks,
+        name="bench-block" if block_allocator else "bench-slots",
+    )
 
 
 def fill_once(pool, lengths: np.ndarray) -> tuple[int, int, int]:
@@ -80,8 +88,14 @@ def waste_per_request(pool, lengths: np.ndarray) -> np.ndarray:
     return np.array([_allocated_tokens(pool, pool.blocks_for(int(n))) - int(n) for n in lengths], dtype=np.int64)
 
 
-def compare(geom: PoolGeometry, mix: LogNormalMix, slot_tokens: int, trials: int = 200, seed: int = 0,
-            waste_samples: int = 100_000) -> dict:
+def compare(
+    geom: PoolGeometry,
+    mix: LogNormalMix,
+    slot_tokens: int,
+    trials: int = 200,
+    seed: int = 0,
+    waste_samples: int = 100_000,
+) -> dict:
     """One row of the memory table: mean concurrent embeddings per mode, their ratio, and waste."""
     block_pool = make_pool(geom, True, slot_tokens)
     slot_pool = make_pool(geom, False, slot_tokens)
@@ -100,11 +114,17 @@ def compare(geom: PoolGeometry, mix: LogNormalMix, slot_tokens: int, trials: int
     waste_s = waste_per_request(slot_pool, sample)
     mean_b, mean_s = float(np.mean(counts["block"])), float(np.mean(counts["slot"]))
     return {
-        "pool_mib": geom.pool_bytes / 2**20, "pool_blocks": geom.num_blocks, "block_tokens": geom.block_tokens,
-        "hidden": geom.hidden, "dtype": geom.dtype, "slot_tokens": slot_tokens,
+        "pool_mib": geom.pool_bytes / 2**20,
+        "pool_blocks": geom.num_blocks,
+        "block_tokens": geom.block_tokens,
+        "hidden": geom.hidden,
+        "dtype": geom.dtype,
+        "slot_tokens": slot_tokens,
         "slots": slot_pool.allocator.num_slots,
-        "block_fit_mean": mean_b, "block_fit_min": int(np.min(counts["block"])),
-        "slot_fit_mean": mean_s, "slot_fit_min": int(np.min(counts["slot"])),
+        "block_fit_mean": mean_b,
+        "block_fit_min": int(np.min(counts["block"])),
+        "slot_fit_mean": mean_s,
+        "slot_fit_min": int(np.min(counts["slot"])),
         "ratio": mean_b / mean_s if mean_s else math.inf,
         "block_token_utilisation": float(np.mean(utilisation["block"])),
         "slot_token_utilisation": float(np.mean(utilisation["slot"])),

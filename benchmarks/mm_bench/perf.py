@@ -5,6 +5,7 @@ Input data: perf_analyzer's JSON format, one entry ("step") per request, taken r
 For a BYTES input, ``b64`` holds the *serialized* tensor: each element is a 4-byte little-endian length
 followed by its bytes (plain base64 of a PNG is read as a length of 0x474E5089 and refused).
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,13 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
-LATENCY_COLUMNS = {"p50": "p50 latency", "p90": "p90 latency", "p95": "p95 latency", "p99": "p99 latency",
-                   "avg": "Avg latency"}
+LATENCY_COLUMNS = {
+    "p50": "p50 latency",
+    "p90": "p90 latency",
+    "p95": "p95 latency",
+    "p99": "p99 latency",
+    "avg": "Avg latency",
+}
 
 
 def serialize_bytes_tensor(elements: Sequence[bytes]) -> bytes:
@@ -61,10 +67,21 @@ def find_perf_analyzer() -> str | None:
 
 
 def command(
-    perf_analyzer: str, model: str, url: str, input_data: str | os.PathLike, csv_path: str | os.PathLike, *,
-    protocol: str = "grpc", concurrency: int | None = None, request_rate: float | None = None,
-    request_count: int = 32, percentile: int = 99, max_threads: int | None = None,
-    distribution: str = "poisson", profile_export: str | os.PathLike | None = None, extra: Sequence[str] = (),
+    perf_analyzer: str,
+    model: str,
+    url: str,
+    input_data: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    *,
+    protocol: str = "grpc",
+    concurrency: int | None = None,
+    request_rate: float | None = None,
+    request_count: int = 32,
+    percentile: int = 99,
+    max_threads: int | None = None,
+    distribution: str = "poisson",
+    profile_export: str | os.PathLike | None = None,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     """The perf_analyzer command for one load point: a fixed --request-count (bounded run time, no
     stability search) at one concurrency (closed loop) or one request rate (open loop)."""
@@ -72,8 +89,23 @@ def command(
         raise ValueError("give exactly one of concurrency and request_rate")
     if request_count < 1:
         raise ValueError("request_count must be >= 1")
-    cmd = [perf_analyzer, "-m", model, "-i", protocol, "-u", url, "--input-data", str(input_data),
-           "--request-count", str(request_count), "--percentile", str(percentile), "-f", str(csv_path)]
+    cmd = [
+        perf_analyzer,
+        "-m",
+        model,
+        "-i",
+        protocol,
+        "-u",
+        url,
+        "--input-data",
+        str(input_data),
+        "--request-count",
+        str(request_count),
+        "--percentile",
+        str(percentile),
+        "-f",
+        str(csv_path),
+    ]
     if profile_export is not None:
         cmd += ["--profile-export-file", str(profile_export)]
     if concurrency is not None:
@@ -100,8 +132,19 @@ def parse_csv(text: str) -> dict:
         if row.get(column):
             out[f"{key}_ms"] = float(row[column]) / 1000.0
     if "avg_ms" not in out:
-        parts = [c for c in ("Client Send", "Network+Server Send/Recv", "Server Queue", "Server Compute Input",
-                             "Server Compute Infer", "Server Compute Output", "Client Recv") if row.get(c)]
+        parts = [
+            c
+            for c in (
+                "Client Send",
+                "Network+Server Send/Recv",
+                "Server Queue",
+                "Server Compute Input",
+                "Server Compute Infer",
+                "Server Compute Output",
+                "Client Recv",
+            )
+            if row.get(c)
+        ]
         if parts:
             out["avg_ms"] = sum(float(row[c]) for c in parts) / 1000.0
     for key, column in (("server_queue_ms", "Server Queue"), ("server_infer_ms", "Server Compute Infer")):
@@ -144,10 +187,16 @@ def summarize_profile(export: Mapping, input_key: str = "IMAGE") -> dict:
     if latencies:
         lat = np.array(latencies)
         span_s = (max(ends) - min(starts)) / 1e9
-        out.update({
-            "throughput": len(latencies) / span_s if span_s > 0 else None, "span_s": span_s,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "avg_ms": float(lat.mean()), "max_ms": float(lat.max()),
-        })
+        out.update(
+            {
+                "throughput": len(latencies) / span_s if span_s > 0 else None,
+                "span_s": span_s,
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p90_ms": float(np.percentile(lat, 90)),
+                "p99_ms": float(np.percentile(lat, 99)),
+                "avg_ms": float(lat.mean()),
+                "max_ms": float(lat.max()),
+            }
+        )
     out["token_ids"] = {k: [list(t) for t in sorted(v)] for k, v in tokens.items()}
     return out

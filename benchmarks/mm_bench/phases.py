@@ -6,6 +6,7 @@ requests were observed, their mean and their p50 (linear inside the histogram bu
 ``histogram_quantile``). Triton's own queue (before ``execute``) comes from its per-model
 ``nv_inference_queue_duration_us`` / ``nv_inference_request_success`` counters, as phase ``triton_queue``.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,11 +55,16 @@ def phase_breakdown(before: Metrics, after: Metrics) -> dict[str, dict[str, dict
         if count <= 0:
             continue
         total = deltas["_sum"].get((model, phase, ""), 0.0)
-        buckets = sorted(((float(le), c) for (m, p, le), c in deltas["_bucket"].items() if m == model and p == phase),
-                         key=lambda x: x[0])
+        buckets = sorted(
+            ((float(le), c) for (m, p, le), c in deltas["_bucket"].items() if m == model and p == phase),
+            key=lambda x: x[0],
+        )
         p50 = quantile_from_buckets(buckets, 0.5)
-        out[model][phase] = {"count": count, "mean_ms": 1e3 * total / count,
-                             "p50_ms": None if p50 is None else 1e3 * p50}
+        out[model][phase] = {
+            "count": count,
+            "mean_ms": 1e3 * total / count,
+            "p50_ms": None if p50 is None else 1e3 * p50,
+        }
     _add_triton_queue(before, after, out)
     return dict(out)
 
@@ -80,8 +86,19 @@ def _add_triton_queue(before: Metrics, after: Metrics, out: dict) -> None:
             out[model]["triton_queue"] = {"count": n, "mean_ms": mean_us / 1e3, "p50_ms": None}
 
 
-ORDER = ("triton_queue", "queue", "image_decode", "preprocess", "vision", "publish", "transfer", "slot_wait",
-         "prefill", "decode", "response")
+ORDER = (
+    "triton_queue",
+    "queue",
+    "image_decode",
+    "preprocess",
+    "vision",
+    "publish",
+    "transfer",
+    "slot_wait",
+    "prefill",
+    "decode",
+    "response",
+)
 
 
 def format_breakdown(breakdown: Mapping[str, Mapping[str, Mapping[str, float | None]]]) -> list[str]:

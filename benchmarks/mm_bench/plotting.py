@@ -1,4 +1,5 @@
 """Matplotlib (headless Agg backend) helpers for the benchmark figures."""
+
 from __future__ import annotations
 
 import os

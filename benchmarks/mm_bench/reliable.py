@@ -6,6 +6,7 @@ dtype or shape: what scripts/soak.py runs against, and the reliability tests too
         rs.wait_serving()                                       # the watchdog reloaded it
         assert rs.wait_pools_empty() == {}                      # every pool whole again
 """
+
 from __future__ import annotations
 
 import os
@@ -15,10 +16,10 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from mm_params import tiny_model_dir
 from mm_triton import procfs
 from mm_triton.launcher import TritonServer
 from mm_triton.prometheus import metric_value, parse_metrics
-from mm_params import tiny_model_dir
 from mm_triton.server_env import DEFAULT_MODEL_REPOSITORY
 
 PIPELINE_MODELS = ("mm_encoder", "mm_language", "mm_pipeline")
@@ -37,8 +38,14 @@ def watchdog_server_args(models: Iterable[str] | None) -> list[str]:
 class ReliableServer:
     """A tritonserver of ``model_repository/`` with the tiny model and a StubWatchdog."""
 
-    def __init__(self, env: Mapping[str, str] | None = None, models: Iterable[str] | None = PIPELINE_MODELS,
-                 log_file: str | os.PathLike | None = None, watchdog: bool = True, **kw: Any) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        models: Iterable[str] | None = PIPELINE_MODELS,
+        log_file: str | os.PathLike | None = None,
+        watchdog: bool = True,
+        **kw: Any,
+    ) -> None:
         args = list(kw.pop("args", ()))
         if watchdog:
             args += watchdog_server_args(models)
@@ -46,13 +53,14 @@ class ReliableServer:
             args += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in models]
         full_env = {"MM_CHECKPOINT": str(TINY_MODEL), **(env or {})}
         kw.setdefault("startup_timeout_s", 300)
-        self.server = TritonServer(kw.pop("model_repository", DEFAULT_MODEL_REPOSITORY), env=full_env, args=args,
-                                   log_file=log_file, **kw)
+        self.server = TritonServer(
+            kw.pop("model_repository", DEFAULT_MODEL_REPOSITORY), env=full_env, args=args, log_file=log_file, **kw
+        )
         self.watchdog = None
         self._use_watchdog = watchdog
 
     # ---- life ------------------------------------------------------------------------------------------
-    def start(self) -> "ReliableServer":
+    def start(self) -> ReliableServer:
         self.server.start()
         if self._use_watchdog:
             from mm_triton.watchdog import StubWatchdog
@@ -66,7 +74,7 @@ class ReliableServer:
             self.watchdog.stop()
         self.server.stop()
 
-    def __enter__(self) -> "ReliableServer":
+    def __enter__(self) -> ReliableServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -145,10 +153,13 @@ def tensors(module: Any, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, 
     return out
 
 
-def pipeline_inputs(images: list[bytes], prompt: bytes = b"Describe the image.", max_tokens: int | None = 4
-                    ) -> dict[str, np.ndarray]:
-    inputs = {"IMAGE": np.array(images, dtype=np.object_).reshape(len(images)),
-              "PROMPT": np.array([prompt], dtype=np.object_)}
+def pipeline_inputs(
+    images: list[bytes], prompt: bytes = b"Describe the image.", max_tokens: int | None = 4
+) -> dict[str, np.ndarray]:
+    inputs = {
+        "IMAGE": np.array(images, dtype=np.object_).reshape(len(images)),
+        "PROMPT": np.array([prompt], dtype=np.object_),
+    }
     if max_tokens is not None:
         inputs["MAX_TOKENS"] = np.array([max_tokens], dtype=np.int32)
     return inputs

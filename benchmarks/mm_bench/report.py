@@ -1,8 +1,8 @@
 """Result files and tables: every result JSON says which machine and commit it came from."""
+
 from __future__ import annotations
 
 import argparse
-
 import datetime as _dt
 import json
 import os
@@ -40,10 +40,20 @@ def _mem_total_gib() -> float | None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -90,9 +100,11 @@ def machine_info() -> dict[str, Any]:
 def machine_line(info: Mapping[str, Any]) -> str:
     gpus = ", ".join(info.get("gpus") or []) or "no GPU"
     vm = ", " + info["hypervisor"] + " VM" if info.get("hypervisor") else ""
-    return (f"{info.get('nproc')} CPU cores ({info.get('cpu_model')}{vm}), "
-            f"{info.get('mem_total_gib')} GiB RAM, {gpus}; Python {info.get('python')}, torch {info.get('torch', '?')}; "
-            f"commit {info.get('git_commit') or '?'}; {info.get('utc')}")
+    return (
+        f"{info.get('nproc')} CPU cores ({info.get('cpu_model')}{vm}), "
+        f"{info.get('mem_total_gib')} GiB RAM, {gpus}; Python {info.get('python')}, torch {info.get('torch', '?')}; "
+        f"commit {info.get('git_commit') or '?'}; {info.get('utc')}"
+    )
 
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
@@ -129,8 +141,9 @@ def _cell(value: Any, fmt: str | None) -> str:
     return str(value)
 
 
-def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str] | tuple[str, str, str]],
-          markdown: bool = False) -> str:
+def table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str] | tuple[str, str, str]], markdown: bool = False
+) -> str:
     """Render rows as an aligned text table (or a GitHub markdown table).
 
     ``columns``: (key, header) or (key, header, format spec, e.g. ".1f").
@@ -138,7 +151,10 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str] |
     heads = [c[1] for c in columns]
     body = [[_cell(r.get(c[0]), c[2] if len(c) > 2 else None) for c in columns] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(heads))) + "|"]
+        lines = [
+            "| " + " | ".join(heads) + " |",
+            "|" + "|".join("---:" if i else "---" for i in range(len(heads))) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(heads)]

@@ -1,4 +1,5 @@
 """Background samplers for a benchmark run: process memory (/proc) and Prometheus metrics."""
+
 from __future__ import annotations
 
 import os
@@ -9,13 +10,12 @@ from typing import Callable, Mapping
 
 from mm_triton import procfs
 
-
 # ---------------------------------------------------------------------------------------- processes
 descendants = procfs.descendants  # ``root`` and every live process below it (tritonserver and its stubs)
 
 
 def process_label(pid: int) -> str:
-    """"tritonserver", the model name of a Python-backend stub, or the command name."""
+    """ "tritonserver", the model name of a Python-backend stub, or the command name."""
     argv = procfs.cmdline(pid)
     if argv is None:
         return "?"
@@ -68,7 +68,7 @@ class MemorySampler:
             self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         self.sample()
         self._thread.start()
         return self
@@ -79,10 +79,12 @@ class MemorySampler:
         self.sample()
 
     def result(self) -> dict:
-        return {"peak_rss_mib": round(self.peak_rss_mib, 1),
-                "peak_pss_mib": round(self.peak_pss_mib, 1) if self.peak_pss_mib is not None else None,
-                "peak_rss_by_process_mib": {k: round(v, 1) for k, v in sorted(self.peak_by_label.items())},
-                "samples": self.samples}
+        return {
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "peak_pss_mib": round(self.peak_pss_mib, 1) if self.peak_pss_mib is not None else None,
+            "peak_rss_by_process_mib": {k: round(v, 1) for k, v in sorted(self.peak_by_label.items())},
+            "samples": self.samples,
+        }
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -103,8 +105,12 @@ def metric_sum(metrics: Metrics, name: str, **labels: str) -> float:
 class PoolSampler:
     """Polls the metrics endpoint; keeps the max and mean of ``mm_pool_blocks_used`` per model."""
 
-    def __init__(self, fetch: Callable[[], Metrics], models: tuple[str, ...] = ("mm_encoder", "mm_language"),
-                 interval_s: float = 0.25) -> None:
+    def __init__(
+        self,
+        fetch: Callable[[], Metrics],
+        models: tuple[str, ...] = ("mm_encoder", "mm_language"),
+        interval_s: float = 0.25,
+    ) -> None:
         self.fetch = fetch
         self.models = models
         self.interval_s = interval_s
@@ -134,7 +140,7 @@ class PoolSampler:
             self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "PoolSampler":
+    def __enter__(self) -> PoolSampler:
         self._thread.start()
         return self
 
@@ -147,7 +153,8 @@ class PoolSampler:
         for model in self.models:
             total = self.total[model]
             out[model] = {
-                "blocks_total": total, "max_used": self.max_used[model],
+                "blocks_total": total,
+                "max_used": self.max_used[model],
                 "max_utilisation": self.max_used[model] / total if total else None,
                 "mean_utilisation": (self.sum_used[model] / self.samples / total) if total and self.samples else None,
             }
@@ -164,8 +171,13 @@ def gpu_memory_used_mib() -> dict[int, float] | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [exe, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     used: dict[int, float] = {}
@@ -204,7 +216,7 @@ class GpuMemorySampler:
             self.sample()
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> "GpuMemorySampler":
+    def __enter__(self) -> GpuMemorySampler:
         self.sample()
         self._thread.start()
         return self
@@ -215,10 +227,12 @@ class GpuMemorySampler:
         self.sample()
 
     def result(self) -> dict:
-        return {"peak_used_mib": {str(g): round(v, 1) for g, v in sorted(self.peak.items())},
-                "baseline_mib": {str(g): round(v, 1) for g, v in sorted(self.baseline.items())},
-                "peak_server_mib": {str(g): round(v - self.baseline.get(g, 0.0), 1) for g, v in sorted(self.peak.items())},
-                "samples": self.samples}
+        return {
+            "peak_used_mib": {str(g): round(v, 1) for g, v in sorted(self.peak.items())},
+            "baseline_mib": {str(g): round(v, 1) for g, v in sorted(self.baseline.items())},
+            "peak_server_mib": {str(g): round(v - self.baseline.get(g, 0.0), 1) for g, v in sorted(self.peak.items())},
+            "samples": self.samples,
+        }
 
 
 def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.1) -> bool:
@@ -255,7 +269,7 @@ class CpuAccount:
     def __init__(self, server_pid: int = 0) -> None:
         self.server_pid = server_pid
 
-    def __enter__(self) -> "CpuAccount":
+    def __enter__(self) -> CpuAccount:
         import resource
 
         self._t0 = time.monotonic()
@@ -278,8 +292,12 @@ class CpuAccount:
         t = os.times()
         me = t.user + t.system - self._self0
         self.cores = {
-            "total": busy / dt, "server": server / dt, "load_generator": client / dt, "bench": me / dt,
-            "other": max(0.0, busy - server - client - me) / dt, "nproc": os.cpu_count(),
+            "total": busy / dt,
+            "server": server / dt,
+            "load_generator": client / dt,
+            "bench": me / dt,
+            "other": max(0.0, busy - server - client - me) / dt,
+            "nproc": os.cpu_count(),
         }
 
     def result(self) -> dict:

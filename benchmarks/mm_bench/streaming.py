@@ -5,6 +5,7 @@ response arrived. perf_analyzer's ``--streaming`` profile export gives exactly t
 request is the summary carrying FINISH_REASON: dropped, it holds no token); the in-process load generator
 (:func:`closed_loop`, :func:`open_loop`) records it from the engine's ``on_tokens`` calls.
 """
+
 from __future__ import annotations
 
 import random
@@ -45,13 +46,20 @@ def summarize(records: Sequence[Record]) -> dict:
     itl = [(b - a) / 1e6 for r in ok for a, b in zip(r[1], r[1][1:])]
     latency = [(r[1][-1] - r[0]) / 1e6 for r in ok]
     tokens = sum(len(r[1]) for r in ok)
-    out.update({
-        "span_s": span_s, "rps": len(ok) / span_s if span_s > 0 else None,
-        "tokens_per_s": tokens / span_s if span_s > 0 else None, "tokens_per_request": tokens / len(ok),
-        "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
-        "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
-        "latency_p50_ms": _pct(latency, 50), "latency_p99_ms": _pct(latency, 99),
-    })
+    out.update(
+        {
+            "span_s": span_s,
+            "rps": len(ok) / span_s if span_s > 0 else None,
+            "tokens_per_s": tokens / span_s if span_s > 0 else None,
+            "tokens_per_request": tokens / len(ok),
+            "ttft_p50_ms": _pct(ttft, 50),
+            "ttft_p99_ms": _pct(ttft, 99),
+            "itl_p50_ms": _pct(itl, 50),
+            "itl_p99_ms": _pct(itl, 99),
+            "latency_p50_ms": _pct(latency, 50),
+            "latency_p99_ms": _pct(latency, 99),
+        }
+    )
     return out
 
 

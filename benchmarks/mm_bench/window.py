@@ -12,6 +12,7 @@ Blocks held: mean receive-window blocks per transfer; block-chunks: window block
 stays allocated for every chunk round trip); block-token-seconds (endpoint runs): window tokens x
 transfer time, summed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,7 @@ class PolicySpec:
         return "fixed" if self.kind == "fixed" else f"adaptive p{self.percentile:g}"
 
     @classmethod
-    def parse(cls, text: str) -> "PolicySpec":
+    def parse(cls, text: str) -> PolicySpec:
         kind, _, pct = text.strip().partition(":")
         if kind == "fixed" and not pct:
             return cls("fixed")
@@ -69,8 +70,8 @@ def _summary(chunks: np.ndarray, blocks: np.ndarray, block_tokens: int, lengths:
 def plan_policy(base_config, spec: PolicySpec, lengths: Sequence[int], hint: bool) -> dict:
     """Arithmetic only: the window the receiver would offer for each length (online learning), the
     chunks ``chunk_plan`` gives for it, capped by the pool like ``BlockPool.alloc_wait``."""
-    from mmtransfer.wire import chunk_plan
     from mmtransfer.window import make_window_policy
+    from mmtransfer.wire import chunk_plan
 
     config = spec.config(base_config)
     policy = make_window_policy(config)
@@ -83,8 +84,9 @@ def plan_policy(base_config, spec: PolicySpec, lengths: Sequence[int], hint: boo
         policy.observe(n)
     lengths_arr = np.asarray(lengths, dtype=np.int64)
     out = _summary(np.array(chunks), np.array(blocks), config.block_tokens, lengths_arr)
-    out.update({"policy": spec.label, "hint": hint, "method": "chunk_plan",
-                "final_window_tokens": policy.window_tokens(0)})
+    out.update(
+        {"policy": spec.label, "hint": hint, "method": "chunk_plan", "final_window_tokens": policy.window_tokens(0)}
+    )
     return out
 
 
@@ -104,8 +106,15 @@ class _Collector:
         pass
 
 
-def run_endpoints(base_config, spec: PolicySpec, lengths: Sequence[int], hint: bool, hidden: int = 64,
-                  threads: int = 1, verify: bool = True) -> dict:
+def run_endpoints(
+    base_config,
+    spec: PolicySpec,
+    lengths: Sequence[int],
+    hint: bool,
+    hidden: int = 64,
+    threads: int = 1,
+    verify: bool = True,
+) -> dict:
     """Move every length through a real SenderEndpoint -> Receiver pair in this process."""
     import torch
 
@@ -153,15 +162,21 @@ def run_endpoints(base_config, spec: PolicySpec, lengths: Sequence[int], hint: b
     blocks = np.array([r.window_blocks for r in recs])
     toks = np.array([r.tokens for r in recs])
     out = _summary(chunks, blocks, config.block_tokens, toks)
-    out.update({
-        "policy": spec.label, "hint": hint, "method": f"endpoints (hidden {hidden}, {threads} thread(s))",
-        "threads": threads, "elapsed_s": elapsed,
-        "block_token_seconds": float(sum(r.window_blocks * config.block_tokens * r.latency_s for r in recs)),
-        "mean_transfer_ms": float(np.mean([r.latency_s for r in recs]) * 1e3),
-        "p99_transfer_ms": float(np.percentile([r.latency_s for r in recs], 99) * 1e3),
-        "final_window_tokens": receiver.window_policy.window_tokens(0),
-        "receiver_blocks_leaked": recv_pool.used_blocks, "sender_blocks_leaked": sender_pool.used_blocks,
-    })
+    out.update(
+        {
+            "policy": spec.label,
+            "hint": hint,
+            "method": f"endpoints (hidden {hidden}, {threads} thread(s))",
+            "threads": threads,
+            "elapsed_s": elapsed,
+            "block_token_seconds": float(sum(r.window_blocks * config.block_tokens * r.latency_s for r in recs)),
+            "mean_transfer_ms": float(np.mean([r.latency_s for r in recs]) * 1e3),
+            "p99_transfer_ms": float(np.percentile([r.latency_s for r in recs], 99) * 1e3),
+            "final_window_tokens": receiver.window_policy.window_tokens(0),
+            "receiver_blocks_leaked": recv_pool.used_blocks,
+            "sender_blocks_leaked": sender_pool.used_blocks,
+        }
+    )
     return out
 
 

@@ -1,12 +1,12 @@
 """Client for the disaggregated multimodal pipeline served by Triton (ensemble ``mm_pipeline``).
 
-    from mm_client import MMClient
-    with MMClient("localhost:8000", protocol="http") as client:
-        result = client.generate(["photo.jpg"], "Describe the image.", max_tokens=32)
-        print(result.text, result.token_ids, result.latency_s)
-    with MMClient("localhost:8001", protocol="grpc") as client:       # token streaming (mm_pipeline_stream)
-        for chunk in client.stream(["photo.jpg"], "Describe the image.", max_tokens=32):
-            print(chunk.text, end="", flush=True)
+from mm_client import MMClient
+with MMClient("localhost:8000", protocol="http") as client:
+    result = client.generate(["photo.jpg"], "Describe the image.", max_tokens=32)
+    print(result.text, result.token_ids, result.latency_s)
+with MMClient("localhost:8001", protocol="grpc") as client:       # token streaming (mm_pipeline_stream)
+    for chunk in client.stream(["photo.jpg"], "Describe the image.", max_tokens=32):
+        print(chunk.text, end="", flush=True)
 """
 
 from .client import DEFAULT_MODEL, DEFAULT_PORTS, DEFAULT_STREAM_MODEL, GenerateResult, MMClient, StreamChunk

@@ -18,7 +18,7 @@ EPILOG = f"""\
 examples:
   mm-client --prompt "Describe" photo.png
   mm-client --url localhost:8000 --protocol http --max-tokens 16 --prompt "Describe" img1.png img2.jpg
-  mm-client --protocol grpc --demo-image --json          # gRPC on localhost:{DEFAULT_PORTS['grpc']}, generated image
+  mm-client --protocol grpc --demo-image --json          # gRPC on localhost:{DEFAULT_PORTS["grpc"]}, generated image
   mm-client --ready                                      # exit 0 if the server serves {DEFAULT_MODEL}
   mm-client --stream --demo-image                        # gRPC streaming ({DEFAULT_STREAM_MODEL}): tokens as they come
 
@@ -63,28 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="image file(s) (PNG, JPEG, ...), sent as encoded bytes in this order")
-    p.add_argument("--url", default=None,
-                   help=f"server host:port (default: localhost:{DEFAULT_PORTS['http']} for http, "
-                        f"localhost:{DEFAULT_PORTS['grpc']} for grpc)")
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="image file(s) (PNG, JPEG, ...), sent as encoded bytes in this order"
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help=f"server host:port (default: localhost:{DEFAULT_PORTS['http']} for http, "
+        f"localhost:{DEFAULT_PORTS['grpc']} for grpc)",
+    )
     p.add_argument("--protocol", "-i", choices=("http", "grpc"), default="http", help="transport (default: http)")
     p.add_argument("--prompt", "-p", default=DEFAULT_PROMPT, help=f"the text prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--max-tokens", "-n", type=positive_int, default=None,
-                   help="maximum new tokens (default: the server's default)")
-    p.add_argument("--demo-image", action="store_true",
-                   help="also send a generated demo picture (first), so no file is needed")
+    p.add_argument(
+        "--max-tokens", "-n", type=positive_int, default=None, help="maximum new tokens (default: the server's default)"
+    )
+    p.add_argument(
+        "--demo-image", action="store_true", help="also send a generated demo picture (first), so no file is needed"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of plain text")
-    p.add_argument("--timeout", type=positive_float, default=120.0, metavar="SECONDS",
-                   help="request timeout in seconds (default: 120)")
+    p.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="request timeout in seconds (default: 120)",
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name to call (default: {DEFAULT_MODEL})")
-    p.add_argument("--stream", action="store_true",
-                   help=f"stream tokens as they are generated (gRPC streaming to {DEFAULT_STREAM_MODEL}; implies "
-                        "--protocol grpc, default port 8001)")
-    p.add_argument("--stream-model", default=DEFAULT_STREAM_MODEL,
-                   help=f"model name for --stream (default: {DEFAULT_STREAM_MODEL})")
-    p.add_argument("--ready", action="store_true",
-                   help="only check that the server is ready and serves the model; exit 0 (ready) or 3")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help=f"stream tokens as they are generated (gRPC streaming to {DEFAULT_STREAM_MODEL}; implies "
+        "--protocol grpc, default port 8001)",
+    )
+    p.add_argument(
+        "--stream-model",
+        default=DEFAULT_STREAM_MODEL,
+        help=f"model name for --stream (default: {DEFAULT_STREAM_MODEL})",
+    )
+    p.add_argument(
+        "--ready",
+        action="store_true",
+        help="only check that the server is ready and serves the model; exit 0 (ready) or 3",
+    )
     return p
 
 
@@ -110,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if client.is_ready():
                 print(f"ready: {client.display_url} serves {args.model}")
                 return EXIT_OK
-            return _error(f"{client.display_url} ({args.protocol}) is not ready or does not serve {args.model}"
-                          "; start a server with ./scripts/serve", EXIT_UNAVAILABLE)
+            return _error(
+                f"{client.display_url} ({args.protocol}) is not ready or does not serve {args.model}"
+                "; start a server with ./scripts/serve",
+                EXIT_UNAVAILABLE,
+            )
 
         images: list = []
         if args.demo_image:
@@ -125,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.stream:
                 printer = None if args.json else (lambda chunk: print(chunk.text, end="", flush=True))
-                result = client.generate_stream(images, args.prompt, max_tokens=args.max_tokens, on_chunk=printer,
-                                                model=args.stream_model)
+                result = client.generate_stream(
+                    images, args.prompt, max_tokens=args.max_tokens, on_chunk=printer, model=args.stream_model
+                )
             else:
                 result = client.generate(images, args.prompt, max_tokens=args.max_tokens)
         except InvalidInput as e:

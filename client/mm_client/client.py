@@ -59,9 +59,15 @@ class GenerateResult:
     ttft_s: float | None = None  # streaming only: time to the first token
 
     def to_dict(self) -> dict:
-        out = {"text": self.text, "token_ids": list(self.token_ids), "latency_s": self.latency_s,
-               "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
-               "completion_tokens": self.completion_tokens, "image_tokens": list(self.image_tokens)}
+        out = {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "latency_s": self.latency_s,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "image_tokens": list(self.image_tokens),
+        }
         if self.ttft_s is not None:
             out["ttft_s"] = self.ttft_s
         return out
@@ -83,10 +89,13 @@ class StreamChunk:
 def _sampling_arrays(temperature, top_p, top_k, seed, stop, timeout_ms) -> list[tuple[str, np.ndarray, str]]:
     """The optional generation inputs that were given (checked by the server; only types are fixed here)."""
     out = []
-    for name, value, dtype, np_type in (("TEMPERATURE", temperature, "FP32", np.float32),
-                                        ("TOP_P", top_p, "FP32", np.float32), ("TOP_K", top_k, "INT32", np.int32),
-                                        ("SEED", seed, "INT64", np.int64),
-                                        ("TIMEOUT_MS", timeout_ms, "INT32", np.int32)):
+    for name, value, dtype, np_type in (
+        ("TEMPERATURE", temperature, "FP32", np.float32),
+        ("TOP_P", top_p, "FP32", np.float32),
+        ("TOP_K", top_k, "INT32", np.int32),
+        ("SEED", seed, "INT64", np.int64),
+        ("TIMEOUT_MS", timeout_ms, "INT32", np.int32),
+    ):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InvalidInput(f"{name.lower()} must be a number, not {value!r}")
@@ -110,9 +119,12 @@ def _summary(response) -> dict:
     reason = _first(response, "FINISH_REASON")
     prompt_tokens, completion_tokens = _first(response, "PROMPT_TOKENS"), _first(response, "COMPLETION_TOKENS")
     image_tokens = response.as_numpy("IMAGE_TOKENS")
-    return {"finish_reason": reason.decode() if isinstance(reason, bytes) else str(reason or ""),
-            "prompt_tokens": int(prompt_tokens or 0), "completion_tokens": int(completion_tokens or 0),
-            "image_tokens": [int(n) for n in image_tokens.reshape(-1)] if image_tokens is not None else []}
+    return {
+        "finish_reason": reason.decode() if isinstance(reason, bytes) else str(reason or ""),
+        "prompt_tokens": int(prompt_tokens or 0),
+        "completion_tokens": int(completion_tokens or 0),
+        "image_tokens": [int(n) for n in image_tokens.reshape(-1)] if image_tokens is not None else [],
+    }
 
 
 def _text_of(response) -> str:
@@ -134,7 +146,7 @@ def normalize_url(url: str, protocol: str) -> tuple[str, bool]:
     for scheme in ("http://", "https://", "grpc://", "grpcs://"):
         if u.lower().startswith(scheme):
             ssl = scheme in ("https://", "grpcs://")
-            u = u[len(scheme):]
+            u = u[len(scheme) :]
             break
     u = u.rstrip("/")
     if not u or "/" in u:
@@ -182,8 +194,9 @@ class MMClient:
     model:     the ensemble's name.
     """
 
-    def __init__(self, url: str = "localhost:8000", protocol: str = "http", timeout_s: float = 120.0,
-                 model: str = DEFAULT_MODEL) -> None:
+    def __init__(
+        self, url: str = "localhost:8000", protocol: str = "http", timeout_s: float = 120.0, model: str = DEFAULT_MODEL
+    ) -> None:
         protocol = protocol.lower()
         if protocol not in PROTOCOLS:
             raise InvalidInput(f"protocol must be 'http' or 'grpc', not {protocol!r}")
@@ -204,7 +217,8 @@ class MMClient:
                     import tritonclient.http as mod
 
                     self._client = mod.InferenceServerClient(
-                        self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s, ssl=self._ssl)
+                        self.url, connection_timeout=self.timeout_s, network_timeout=self.timeout_s, ssl=self._ssl
+                    )
                 else:
                     import tritonclient.grpc as mod
 
@@ -223,8 +237,9 @@ class MMClient:
         if model not in cache:
             try:
                 meta = client.get_model_metadata(model)
-                declared = {o["name"] for o in meta["outputs"]} if isinstance(meta, dict) else {
-                    o.name for o in meta.outputs}
+                declared = (
+                    {o["name"] for o in meta["outputs"]} if isinstance(meta, dict) else {o.name for o in meta.outputs}
+                )
             except Exception:  # noqa: BLE001 - metadata is an optimisation; infer reports real errors
                 return SUMMARY_OUTPUTS
             cache[model] = tuple(n for n in SUMMARY_OUTPUTS if n in declared)
@@ -238,7 +253,7 @@ class MMClient:
                 pass
             self._client = None
 
-    def __enter__(self) -> "MMClient":
+    def __enter__(self) -> MMClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -269,8 +284,14 @@ class MMClient:
                 return ServerUnavailable(self.display_url, self.protocol, _short(message))
             if "DEADLINE_EXCEEDED" in status or (not status and "timed out" in message.lower()):
                 return ClientTimeout(f"no answer from {self.display_url} within {self.timeout_s:g} s")
-            bad = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "UNIMPLEMENTED",
-                   "RESOURCE_EXHAUSTED")
+            bad = (
+                "INVALID_ARGUMENT",
+                "NOT_FOUND",
+                "FAILED_PRECONDITION",
+                "OUT_OF_RANGE",
+                "UNIMPLEMENTED",
+                "RESOURCE_EXHAUSTED",
+            )
             if status.startswith("4") or any(b in status for b in bad):
                 if "unknown model" in message.lower() or "is not found" in message.lower():
                     message += f" (is the model repository with '{self.model}' being served?)"
@@ -288,15 +309,18 @@ class MMClient:
         try:
             c = self._connect()
             if self.protocol == "grpc":
-                return bool(c.is_server_ready(client_timeout=self.timeout_s)
-                            and c.is_model_ready(self.model, client_timeout=self.timeout_s))
+                return bool(
+                    c.is_server_ready(client_timeout=self.timeout_s)
+                    and c.is_model_ready(self.model, client_timeout=self.timeout_s)
+                )
             return bool(c.is_server_ready() and c.is_model_ready(self.model))
         except Exception:
             return False
 
     @staticmethod
-    def _arrays(images: Sequence[ImageInput], prompt: str, max_tokens: int | None,
-                sampling: dict) -> list[tuple[str, np.ndarray, str]]:
+    def _arrays(
+        images: Sequence[ImageInput], prompt: str, max_tokens: int | None, sampling: dict
+    ) -> list[tuple[str, np.ndarray, str]]:
         """Validated request arrays (nothing is sent); InvalidInput names the problem."""
         if isinstance(images, (bytes, bytearray, memoryview, str, os.PathLike)):
             images = [images]
@@ -304,8 +328,9 @@ class MMClient:
             raise InvalidInput("at least one image is required")
         if not isinstance(prompt, str):
             raise InvalidInput("prompt must be a string")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens
-                                       or not 1 <= max_tokens <= 2**31 - 1):
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or not 1 <= max_tokens <= 2**31 - 1
+        ):
             raise InvalidInput(f"max_tokens must be a positive integer, not {max_tokens!r}")
         unknown = set(sampling) - {"temperature", "top_p", "top_k", "seed", "stop", "timeout_ms"}
         if unknown:
@@ -313,11 +338,15 @@ class MMClient:
         blobs = [read_image(img) for img in images]
         image_arr = np.empty(len(blobs), dtype=np.object_)
         image_arr[:] = blobs
-        arrays = [("IMAGE", image_arr, "BYTES"), ("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES")]
+        arrays = [
+            ("IMAGE", image_arr, "BYTES"),
+            ("PROMPT", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+        ]
         if max_tokens is not None:
             arrays.append(("MAX_TOKENS", np.array([int(max_tokens)], dtype=np.int32), "INT32"))
-        arrays += _sampling_arrays(*(sampling.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                                                 "timeout_ms")))
+        arrays += _sampling_arrays(
+            *(sampling.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "timeout_ms"))
+        )
         return arrays
 
     @staticmethod
@@ -332,8 +361,9 @@ class MMClient:
             inputs.append(inp)
         return inputs
 
-    def generate(self, images: Sequence[ImageInput], prompt: str, max_tokens: int | None = None,
-                 **sampling) -> GenerateResult:
+    def generate(
+        self, images: Sequence[ImageInput], prompt: str, max_tokens: int | None = None, **sampling
+    ) -> GenerateResult:
         """Send images (encoded bytes or file paths) and a prompt; return the generated text and token ids.
         ``sampling``: temperature, top_p, top_k, seed, stop (str or list), timeout_ms (server-side deadline)."""
         arrays = self._arrays(images, prompt, max_tokens, sampling)
@@ -342,8 +372,9 @@ class MMClient:
         http = self.protocol == "http"
         inputs = self._inputs(mod, arrays, binary=http)
         names = ("TEXT", "TOKEN_IDS") + self._summary_outputs(c, self.model)
-        outputs = [mod.InferRequestedOutput(n, binary_data=True) if http else mod.InferRequestedOutput(n)
-                   for n in names]
+        outputs = [
+            mod.InferRequestedOutput(n, binary_data=True) if http else mod.InferRequestedOutput(n) for n in names
+        ]
         t0 = time.perf_counter()
         try:
             if self.protocol == "grpc":
@@ -355,11 +386,18 @@ class MMClient:
         latency = time.perf_counter() - t0
         if _first(response, "TEXT") is None:
             raise ServerError(f"the response of '{self.model}' has no TEXT output")
-        return GenerateResult(text=_text_of(response), token_ids=_ids_of(response), latency_s=latency,
-                              **_summary(response))
+        return GenerateResult(
+            text=_text_of(response), token_ids=_ids_of(response), latency_s=latency, **_summary(response)
+        )
 
-    def stream(self, images: Sequence[ImageInput], prompt: str, max_tokens: int | None = None,
-               model: str = DEFAULT_STREAM_MODEL, **sampling) -> Iterator[StreamChunk]:
+    def stream(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        max_tokens: int | None = None,
+        model: str = DEFAULT_STREAM_MODEL,
+        **sampling,
+    ) -> Iterator[StreamChunk]:
         """Token streaming over gRPC (``mm_pipeline_stream``): yields a :class:`StreamChunk` per response as it
         arrives, the last with ``final=True``. Leaving the loop early cancels the stream."""
         if self.protocol != "grpc":
@@ -373,8 +411,9 @@ class MMClient:
         outputs = [mod.InferRequestedOutput(n) for n in ("TEXT", "TOKEN_IDS") + self._summary_outputs(client, model)]
         finished = False
         try:
-            client.start_stream(callback=lambda result, error: answers.put((result, error)),
-                                stream_timeout=self.timeout_s)
+            client.start_stream(
+                callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s
+            )
             client.async_stream_infer(model, inputs, outputs=outputs)
             deadline = time.monotonic() + self.timeout_s
             while not finished:
@@ -398,8 +437,15 @@ class MMClient:
                 pass
             client.close()
 
-    def generate_stream(self, images: Sequence[ImageInput], prompt: str, max_tokens: int | None = None,
-                        on_chunk=None, model: str = DEFAULT_STREAM_MODEL, **sampling) -> GenerateResult:
+    def generate_stream(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        max_tokens: int | None = None,
+        on_chunk=None,
+        model: str = DEFAULT_STREAM_MODEL,
+        **sampling,
+    ) -> GenerateResult:
         """:meth:`stream` collected into a GenerateResult (with ``ttft_s``); ``on_chunk(chunk)`` sees each."""
         t0 = time.perf_counter()
         text, ids, ttft, summary = [], [], None, {}
@@ -411,10 +457,14 @@ class MMClient:
             if on_chunk is not None:
                 on_chunk(chunk)
             if chunk.final:
-                summary = dict(finish_reason=chunk.finish_reason, prompt_tokens=chunk.prompt_tokens,
-                               completion_tokens=chunk.completion_tokens)
-        return GenerateResult(text="".join(text), token_ids=ids, latency_s=time.perf_counter() - t0, ttft_s=ttft,
-                              **summary)
+                summary = dict(
+                    finish_reason=chunk.finish_reason,
+                    prompt_tokens=chunk.prompt_tokens,
+                    completion_tokens=chunk.completion_tokens,
+                )
+        return GenerateResult(
+            text="".join(text), token_ids=ids, latency_s=time.perf_counter() - t0, ttft_s=ttft, **summary
+        )
 
 
 def _short(msg: str, limit: int = 200) -> str:

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import io
 
-
 DEMO_SIZE = (1024, 768)  # an ordinary photo size
 
 
 #: Ordinary photo sizes (width x height): webcams and old phones, laptop screens, DSLR and phone cameras
 #: in both orientations, a panorama. Benchmarks and the soak cycle through them.
-PHOTO_SIZES = ((640, 480), (800, 600), (1024, 768), (1280, 720), (1600, 1200), (1920, 1080), (2048, 1536),
-               (3024, 4032), (4032, 3024), (3000, 800))
+PHOTO_SIZES = (
+    (640, 480),
+    (800, 600),
+    (1024, 768),
+    (1280, 720),
+    (1600, 1200),
+    (1920, 1080),
+    (2048, 1536),
+    (3024, 4032),
+    (4032, 3024),
+    (3000, 800),
+)
 
 
 def demo_image(width: int = DEMO_SIZE[0], height: int = DEMO_SIZE[1], fmt: str = "JPEG", seed: int = 0) -> bytes:
@@ -34,8 +43,10 @@ def demo_image(width: int = DEMO_SIZE[0], height: int = DEMO_SIZE[1], fmt: str =
     draw.ellipse([sun_x, r, sun_x + 2 * r, 3 * r], fill=(255, 215, 0))
     hx, hw, hh = width // 4, width // 4, height // 4
     draw.rectangle([hx, ground - hh, hx + hw, ground], fill=(180, 60, 50))
-    draw.polygon([(hx - hw // 8, ground - hh), (hx + hw // 2, ground - hh - hh // 2), (hx + hw + hw // 8, ground - hh)],
-                 fill=(120, 40, 30))
+    draw.polygon(
+        [(hx - hw // 8, ground - hh), (hx + hw // 2, ground - hh - hh // 2), (hx + hw + hw // 8, ground - hh)],
+        fill=(120, 40, 30),
+    )
     draw.rectangle([hx + hw // 2 - hw // 10, ground - hh // 2, hx + hw // 2 + hw // 10, ground], fill=(90, 50, 20))
     if seed:
         img = _grain(img, seed)

@@ -1,6 +1,7 @@
 """Device diagnostics (cheap): the real cause of a failing model import, and the control plane's
 latencies (ZeroMQ DEALER/ROUTER round trip between two processes over TCP loopback: blocking poll vs
 spinning, and a fresh socket's connect + first round trip).   python scripts/device/diag.py"""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -79,6 +80,7 @@ if __name__ == "__main__":
             traceback.print_exc(limit=30)
     try:
         from transformers import Qwen2VLForConditionalGeneration  # noqa: F401
+
         print("Qwen2VLForConditionalGeneration ok")
     except Exception as exc:
         print("Qwen2VLForConditionalGeneration FAILED:", repr(exc), "cause:", repr(exc.__cause__))

@@ -1,4 +1,5 @@
 """A GPU sender endpoint in its own process that can be told to misbehave (tests/gpu/test_faults_gpu.py)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """A sender endpoint on a chosen GPU in its own process, driven over queues (GPU tests, benchmark)."""
+
 from __future__ import annotations
 
 import os
@@ -85,9 +86,11 @@ class SenderProcess:
 
         ctx = mp.get_context("spawn")
         self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=gpu_sender_main,
-                                args=(self.commands, self.replies, config, blocks, hidden, dtype_name, device),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=gpu_sender_main,
+            args=(self.commands, self.replies, config, blocks, hidden, dtype_name, device),
+            daemon=True,
+        )
         self.proc.start()
         kind, self.address = self.replies.get(timeout=timeout_s)
         assert kind == "ready", (kind, self.address)

@@ -1,6 +1,7 @@
 """``scripts/serve.py ARGS`` as a subprocess for GPU tests (the same idea as ``Served`` in
 tests/integration/test_instances.py, which imports tritonclient.http and so cannot be imported on the GPU
 machine): its own process group, dies with the test process, ready when it prints "tritonserver ready"."""
+
 from __future__ import annotations
 
 import os
@@ -15,23 +16,37 @@ from pathlib import Path
 from harness import REPO_ROOT, child_setup, free_run, kill_group, parse_metrics
 
 
-
-
 class Served:
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None,
-                 timeout_s: float = 150) -> None:
+    def __init__(
+        self, name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 150
+    ) -> None:
         base = free_run(3)
         self.name = name
         self.http_port, self.grpc_port, self.metrics_port = base, base + 1, base + 2
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = log_dir / f"serve-{name}.log"
         self.log_file.unlink(missing_ok=True)
-        self.cmd = [sys.executable, "scripts/serve.py", *args, "--address", "127.0.0.1", "--port-base", str(base),
-                    "--log-file", str(self.log_file)]
+        self.cmd = [
+            sys.executable,
+            "scripts/serve.py",
+            *args,
+            "--address",
+            "127.0.0.1",
+            "--port-base",
+            str(base),
+            "--log-file",
+            str(self.log_file),
+        ]
         parent = os.getpid()
-        self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, **(env or {})},
-                                     preexec_fn=lambda: child_setup(parent, True))
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            preexec_fn=lambda: child_setup(parent, True),
+        )
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -39,8 +54,10 @@ class Served:
         while not self._ready.wait(0.2):
             if self.proc.poll() is not None or time.monotonic() - t0 > timeout_s:
                 self.stop()
-                raise RuntimeError(f"{' '.join(self.cmd)} did not start:\n{self.output}\n--- log tail:\n"
-                                   + "\n".join(self.log_text().splitlines()[-40:]))
+                raise RuntimeError(
+                    f"{' '.join(self.cmd)} did not start:\n{self.output}\n--- log tail:\n"
+                    + "\n".join(self.log_text().splitlines()[-40:])
+                )
         self.startup_s = time.monotonic() - t0
 
     def _read(self) -> None:

@@ -12,6 +12,7 @@ communicator. The same mechanism is unit-tested on the CPU with the in-process N
 
 Skipped without CUDA (tests/conftest.py) and with fewer than two GPUs.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -21,8 +22,7 @@ import time
 import pytest
 import torch
 
-from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, dtype_from_name
-from mmtransfer import ChannelError
+from mmtransfer import BlockPool, ChannelError, EmbedRef, Receiver, TransferConfig, dtype_from_name
 from mmtransfer.receiver_pull import PullRun
 
 from ._fault_procs import fault_sender_main
@@ -35,8 +35,16 @@ HIDDEN, DTYPE, TIMEOUT_S = 1024, "bfloat16", 3.0
 
 
 def _config(**kw) -> TransferConfig:
-    base = dict(block_tokens=128, default_window_tokens=1024, pool_blocks=64, max_embed_tokens=16384,
-                use_size_hint=False, pull_timeout_s=TIMEOUT_S, bootstrap_timeout_s=120, ttl_s=60)
+    base = dict(
+        block_tokens=128,
+        default_window_tokens=1024,
+        pool_blocks=64,
+        max_embed_tokens=16384,
+        use_size_hint=False,
+        pull_timeout_s=TIMEOUT_S,
+        bootstrap_timeout_s=120,
+        ttl_s=60,
+    )
     base.update(kw)
     return TransferConfig(**base)
 
@@ -45,8 +53,11 @@ class FaultSender:
     def __init__(self) -> None:
         ctx = mp.get_context("spawn")
         self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=fault_sender_main, daemon=True,
-                                args=(self.commands, self.replies, _config(), 512, HIDDEN, DTYPE, "cuda:0"))
+        self.proc = ctx.Process(
+            target=fault_sender_main,
+            daemon=True,
+            args=(self.commands, self.replies, _config(), 512, HIDDEN, DTYPE, "cuda:0"),
+        )
         self.proc.start()
         kind, self.address = self.replies.get(timeout=120)
         assert kind == "ready", (kind, self.address)
@@ -141,8 +152,11 @@ def test_a_receiver_that_vanishes_mid_transfer_leaves_nothing_behind(sender, mon
         rx.links._links.clear()  # dead: no CLOSE at close()
         rx.close()
         assert pool.used_blocks == 0
-        fresh = Receiver(BlockPool(64, 128, HIDDEN, dtype_from_name(DTYPE), "cuda:1", name="rx-new"),
-                         _config(transport="nccl"), name="rx-new")
+        fresh = Receiver(
+            BlockPool(64, 128, HIDDEN, dtype_from_name(DTYPE), "cuda:1", name="rx-new"),
+            _config(transport="nccl"),
+            name="rx-new",
+        )
         try:
             for seed in (8, 9):
                 _pull_ok(sender, fresh, seed)

@@ -4,6 +4,7 @@ need 1, 2 and 5+ continuations.
 
 The model repository is a variant of model_repository/ made in a temporary directory: the same files,
 with KIND_GPU instance groups on the chosen GPUs (parameters unchanged)."""
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,15 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 def gpu_repository(dest: Path, encoder_gpu: int, language_gpu: int) -> Path:
     """Copy mm_encoder, mm_language, mm_pipeline with instance_group KIND_GPU on the given GPUs."""
     for name, gpu in (("mm_encoder", encoder_gpu), ("mm_language", language_gpu), ("mm_pipeline", None)):
-        shutil.copytree(DEFAULT_MODEL_REPOSITORY / name, dest / name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(DEFAULT_MODEL_REPOSITORY / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         if gpu is None:
             continue
         cfg = dest / name / "config.pbtxt"
-        text, n = re.subn(r"instance_group\s*\[[^\]]*\]",
-                          f"instance_group [ {{ count: 1, kind: KIND_GPU, gpus: [ {gpu} ] }} ]", cfg.read_text())
+        text, n = re.subn(
+            r"instance_group\s*\[[^\]]*\]",
+            f"instance_group [ {{ count: 1, kind: KIND_GPU, gpus: [ {gpu} ] }} ]",
+            cfg.read_text(),
+        )
         assert n == 1, f"no instance_group in {cfg}"
         cfg.write_text(text)
     return dest
@@ -47,8 +50,10 @@ def gpu_repository(dest: Path, encoder_gpu: int, language_gpu: int) -> Path:
 def images(tiny_model_dir):
     from mm_bench.images import make_test_image
 
-    return {name: make_test_image(tokens=tokens, seed=seed, model_dir=tiny_model_dir)
-            for name, (tokens, seed) in IMAGES.items()}
+    return {
+        name: make_test_image(tokens=tokens, seed=seed, model_dir=tiny_model_dir)
+        for name, (tokens, seed) in IMAGES.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +64,9 @@ def image_tokens(images, tiny_model_dir):
 
     from mm_bench.images import tokens_for_image_size
 
-    return {name: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(data)).size)
-            for name, data in images.items()}
+    return {
+        name: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(data)).size) for name, data in images.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +75,10 @@ def oracle(tiny_model_dir):
     from mm_models.images import decode_image
     from mm_models.qwen2vl import MonolithicModel
 
-    models = {"cuda": MonolithicModel.from_pretrained(tiny_model_dir, device="cuda:0"),
-              "cpu": MonolithicModel.from_pretrained(tiny_model_dir)}
+    models = {
+        "cuda": MonolithicModel.from_pretrained(tiny_model_dir, device="cuda:0"),
+        "cpu": MonolithicModel.from_pretrained(tiny_model_dir),
+    }
     cache: dict = {}
 
     def expected(image_bytes: list[bytes], device: str = "cuda") -> list[int]:
@@ -84,8 +92,13 @@ def oracle(tiny_model_dir):
 
 
 def _generate(server, image_list: list[bytes]) -> list[int]:
-    out = infer(server.http_address, "mm_pipeline", {"IMAGE": image_list, "PROMPT": [PROMPT.encode()]},
-                {"MAX_TOKENS": [MAX_TOKENS]}, outputs=["TEXT", "TOKEN_IDS"])
+    out = infer(
+        server.http_address,
+        "mm_pipeline",
+        {"IMAGE": image_list, "PROMPT": [PROMPT.encode()]},
+        {"MAX_TOKENS": [MAX_TOKENS]},
+        outputs=["TEXT", "TOKEN_IDS"],
+    )
     return [int(x) for x in out["TOKEN_IDS"]]
 
 
@@ -102,8 +115,12 @@ def gpu_server(request, tmp_path_factory, tiny_model_dir):
     repo = gpu_repository(tmp_path_factory.mktemp(request.param), enc, lang)
     log_dir = Path(os.environ.get("MM_GPU_LOG_DIR", tmp_path_factory.getbasetemp()))
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = TritonServer(repo, env={"MM_CHECKPOINT": str(tiny_model_dir), "MM_LOG_LEVEL": "INFO", **NCCL_ENV},
-                          log_file=log_dir / f"triton-{request.param}.log", startup_timeout_s=300)
+    server = TritonServer(
+        repo,
+        env={"MM_CHECKPOINT": str(tiny_model_dir), "MM_LOG_LEVEL": "INFO", **NCCL_ENV},
+        log_file=log_dir / f"triton-{request.param}.log",
+        startup_timeout_s=300,
+    )
     with server:
         server.expected_transport = transport
         yield server

@@ -17,6 +17,7 @@ continuations counted by mm_language equal ceil(tokens / 1024) - 1 per image.
 Needs 2 GPUs, the Triton bundle, tritonclient.grpc (the language server's mm_pipeline calls the encoder
 server over gRPC) and the tiny checkpoint; scripts/device/gpu_suite.sh provides them (stage ``scaleout``).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,13 +43,32 @@ PROMPT = "Describe the image."
 MAX_TOKENS = 6
 WINDOW = 1024
 IMAGES = {"small": (96, 41), "one_cont": (1500, 42), "two_cont": (2500, 43), "three_cont": (4000, 44)}
-MIX = ["small", "three_cont", "one_cont", "small", "two_cont", "one_cont", "small", "two_cont", "three_cont", "small",
-       "one_cont", "small"] * 2  # 24 concurrent requests
+MIX = [
+    "small",
+    "three_cont",
+    "one_cont",
+    "small",
+    "two_cont",
+    "one_cont",
+    "small",
+    "two_cont",
+    "three_cont",
+    "small",
+    "one_cont",
+    "small",
+] * 2  # 24 concurrent requests
 
 
 class Layout:
-    def __init__(self, name: str, servers: list[Served], entries: list[Served], languages: list[Served],
-                 language_gpus: list[int], transports: set[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        servers: list[Served],
+        entries: list[Served],
+        languages: list[Served],
+        language_gpus: list[int],
+        transports: set[str],
+    ) -> None:
         self.name, self.servers, self.entries, self.languages = name, servers, entries, languages
         self.language_gpus, self.transports = language_gpus, transports
 
@@ -109,17 +129,28 @@ def layout(request, tiny_model_dir, tmp_path_factory):
             enc = Served("split-encoder-gpu0", ["--role", "encoder", "--encoder-gpus", "0", *common], log_dir, env)
             started.append(enc)
             for gpu in (1, 0):
-                started.append(Served(f"split-language-gpu{gpu}", ["--role", "language", "--language-gpus", str(gpu),
-                                                                   "--encoder-url", enc.grpc_url, *common],
-                                      log_dir, env))
+                started.append(
+                    Served(
+                        f"split-language-gpu{gpu}",
+                        ["--role", "language", "--language-gpus", str(gpu), "--encoder-url", enc.grpc_url, *common],
+                        log_dir,
+                        env,
+                    )
+                )
             lay = Layout("split", started, started[1:], started[1:], [1, 0], {"nccl", "cuda_ipc"})
         else:
-            one = Served("one-server-2x2", ["--role", "all", "--encoder-gpus", "0,1", "--language-gpus", "1,0",
-                                            *common], log_dir, env)
+            one = Served(
+                "one-server-2x2",
+                ["--role", "all", "--encoder-gpus", "0,1", "--language-gpus", "1,0", *common],
+                log_dir,
+                env,
+            )
             started.append(one)
             lay = Layout("one-server-2x2", started, [one], [one], [1, 0], {"nccl", "cuda_ipc"})
-        print(f"{request.param}: servers up in {time.monotonic() - t0:.1f} s "
-              f"({', '.join(f'{s.name} {s.startup_s:.1f} s' for s in started)})")
+        print(
+            f"{request.param}: servers up in {time.monotonic() - t0:.1f} s "
+            f"({', '.join(f'{s.name} {s.startup_s:.1f} s' for s in started)})"
+        )
         yield lay
         for s in started:
             assert _pools_empty(s), f"{s}: mm_pool_blocks_used not back to 0 at the end"
@@ -145,8 +176,13 @@ def clean(layout):
 
 
 def _generate(server: Served, image_list: list[bytes]) -> list[int]:
-    out = infer(server.http_address, "mm_pipeline", {"IMAGE": image_list, "PROMPT": [PROMPT.encode()]},
-                {"MAX_TOKENS": [MAX_TOKENS]}, outputs=["TEXT", "TOKEN_IDS"])
+    out = infer(
+        server.http_address,
+        "mm_pipeline",
+        {"IMAGE": image_list, "PROMPT": [PROMPT.encode()]},
+        {"MAX_TOKENS": [MAX_TOKENS]},
+        outputs=["TEXT", "TOKEN_IDS"],
+    )
     return [int(x) for x in out["TOKEN_IDS"]]
 
 
@@ -156,7 +192,9 @@ def _check(got: list[int], image_list: list[bytes], oracle, layout: Layout, what
         if got == oracle(image_list, device):
             return
     cpu = oracle(image_list, "cpu")
-    assert got == cpu, f"{what}: {got} != the monolithic model's on {devices} ({oracle(image_list, devices[0])}) or CPU ({cpu})"
+    assert got == cpu, (
+        f"{what}: {got} != the monolithic model's on {devices} ({oracle(image_list, devices[0])}) or CPU ({cpu})"
+    )
 
 
 def _per_instance(metrics, name: str, model: str) -> dict[str, float]:
@@ -220,7 +258,8 @@ def test_gpu_transports_carried_the_bytes(clean):
     embeddings of several chunks, 'done over <transport>: N tokens')."""
     logs = "\n".join(s.log_text() for s in clean.languages)
     seen = set(re.findall(r"done over (\w+): \d+ tokens", logs)) | set(
-        re.findall(r": (\w+) channel [0-9a-f]+ to \S+ open", logs))
+        re.findall(r": (\w+) channel [0-9a-f]+ to \S+ open", logs)
+    )
     print(f"{clean.name}: transports seen {sorted(seen)}")
     assert "host" not in seen, "an embedding went over the host transport between GPU instances"
     assert clean.transports <= seen, f"expected {sorted(clean.transports)}, saw {sorted(seen)}"

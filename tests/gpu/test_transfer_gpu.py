@@ -3,6 +3,7 @@ GPU 1 (NCCL) and on GPU 0 (CUDA IPC). Bit-exact reassembly for bf16 and fp16, co
 and many chunks, both landing modes, fragmented pools on both sides, concurrency, clear errors.
 
 Skipped without CUDA (tests/conftest.py); the NCCL cases skip with fewer than two GPUs."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,7 @@ import threading
 import pytest
 import torch
 
-from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, dtype_from_name
-from mmtransfer import TransportUnavailable
+from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, TransportUnavailable, dtype_from_name
 
 from ._procs import SenderProcess, embedding_for
 
@@ -31,8 +31,15 @@ def _gpus() -> int:
 
 
 def _config(**kw) -> TransferConfig:
-    base = dict(block_tokens=128, default_window_tokens=WINDOW, pool_blocks=64, max_embed_tokens=32768,
-                use_size_hint=False, pull_timeout_s=60, bootstrap_timeout_s=120)
+    base = dict(
+        block_tokens=128,
+        default_window_tokens=WINDOW,
+        pool_blocks=64,
+        max_embed_tokens=32768,
+        use_size_hint=False,
+        pull_timeout_s=60,
+        bootstrap_timeout_s=120,
+    )
     base.update(kw)
     return TransferConfig(**base)
 

@@ -1,5 +1,6 @@
 """SHORT smoke test of scripts/bench_pipeline.py: a real tritonserver, perf_analyzer, metrics and memory
 sampling, table/JSON/PNG (about 30 s; the full sweep is for docs/BENCHMARKS.md, not CI)."""
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,32 @@ def perf_analyzer():
 
 def test_bench_pipeline_smoke(perf_analyzer, tiny_model_dir, tmp_path, capsys):
     # 3 images of 1100-1500 tokens: every transfer needs exactly one continuation at the 1024 window
-    rc = bench_pipeline.main([
-        "--models", "mm_pipeline", "--concurrency", "2", "--request-rates", "none", "--images", "3",
-        "--mix", "1300,0.1,1100,1500", "--requests", "6", "--max-tokens", "2", "--checkpoint", str(tiny_model_dir),
-        "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--name", "smoke",
-    ])
+    rc = bench_pipeline.main(
+        [
+            "--models",
+            "mm_pipeline",
+            "--concurrency",
+            "2",
+            "--request-rates",
+            "none",
+            "--images",
+            "3",
+            "--mix",
+            "1300,0.1,1100,1500",
+            "--requests",
+            "6",
+            "--max-tokens",
+            "2",
+            "--checkpoint",
+            str(tiny_model_dir),
+            "--out-dir",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--name",
+            "smoke",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     data = json.loads((tmp_path / "smoke.json").read_text())
@@ -44,7 +66,8 @@ def test_bench_pipeline_smoke(perf_analyzer, tiny_model_dir, tmp_path, capsys):
     assert row["continuation_ratio"] == pytest.approx(1.0) and row["transfers"] == 6
     assert row["pools"]["mm_encoder"]["blocks_total"] == 256 and row["pools"]["mm_language"]["blocks_total"] == 64
     assert row["peak_rss_mib"] > 100 and {"tritonserver", "mm_encoder", "mm_language"} <= set(
-        row["memory"]["peak_rss_by_process_mib"])
+        row["memory"]["peak_rss_by_process_mib"]
+    )
     assert data["token_agreement"]["consistent_within_model"] is True
     assert data["machine"]["nproc"] >= 1
     assert (tmp_path / "smoke.png").stat().st_size > 10_000

@@ -4,6 +4,7 @@ One server for the module, sized small so the bounds are reached with a handful 
 sequence (max_num_seqs=1), two admitted waiting (max_queue_size=2), at most 0.5 s waiting for a slot
 (max_queue_delay_s). Every refusal is UNAVAILABLE naming its cause; every ended sequence frees its KV slot
 and its pool blocks (mm_engine_kv_slots_used and mm_pool_blocks_used back to 0)."""
+
 from __future__ import annotations
 
 import queue
@@ -16,10 +17,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from internal import internal_token
 from harness import DEFAULT_MODEL_REPOSITORY, TritonServer, metric_value
-from mm_client import MMClient, ServerBusy
+from internal import internal_token
 from mm_bench.images import make_test_image
+from mm_client import MMClient, ServerBusy
 
 pytestmark = pytest.mark.integration
 LONG = 1024  # max tokens: ~2 s of decoding for the tiny model on 2 CPU cores
@@ -28,11 +29,17 @@ LONG = 1024  # max tokens: ~2 s of decoding for the tiny model on 2 CPU cores
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("admission") / "server.log"
-    env = {"MM_CHECKPOINT": str(tiny_model_dir), "MM_MAX_NUM_SEQS": "1", "MM_MAX_QUEUE_SIZE": "2",
-           "MM_MAX_QUEUE_DELAY_S": "0.5"}
+    env = {
+        "MM_CHECKPOINT": str(tiny_model_dir),
+        "MM_MAX_NUM_SEQS": "1",
+        "MM_MAX_QUEUE_SIZE": "2",
+        "MM_MAX_QUEUE_DELAY_S": "0.5",
+    }
     # the pipelines are BLS models: Triton does not know what they call, so their steps are listed too
-    args = ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in (
-        "mm_encoder", "mm_language", "mm_language_stream", "mm_pipeline", "mm_pipeline_stream")]
+    args = ["--model-control-mode=explicit"] + [
+        f"--load-model={m}"
+        for m in ("mm_encoder", "mm_language", "mm_language_stream", "mm_pipeline", "mm_pipeline_stream")
+    ]
     with TritonServer(DEFAULT_MODEL_REPOSITORY, env=env, args=args, log_file=log, startup_timeout_s=300) as s:
         yield s
 
@@ -50,8 +57,11 @@ def _wait_idle(server, timeout_s: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         m = server.metrics()
-        held = sum(v for (name, _), v in m.items() if name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used",
-                                                               "mm_engine_waiting_sequences"))
+        held = sum(
+            v
+            for (name, _), v in m.items()
+            if name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_waiting_sequences")
+        )
         if held == 0 or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
@@ -59,8 +69,12 @@ def _wait_idle(server, timeout_s: float = 20.0) -> dict:
 
 def _assert_idle(server) -> None:
     m = _wait_idle(server)
-    for name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_running_sequences",
-                 "mm_engine_waiting_sequences"):
+    for name in (
+        "mm_pool_blocks_used",
+        "mm_engine_kv_slots_used",
+        "mm_engine_running_sequences",
+        "mm_engine_waiting_sequences",
+    ):
         assert sum(v for (n, _), v in m.items() if n == name) == 0, name
 
 
@@ -76,6 +90,7 @@ def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
 def test_queue_full_and_queue_timeout_are_unavailable_naming_the_cause(server, image):
     """7 long requests at once: one runs, two wait (and give up after max_queue_delay_s), the rest are
     refused at once (queue_full); nothing is held afterwards."""
+
     def one(i: int) -> str:
         time.sleep(0.03 * i)
         with MMClient(server.grpc_url, protocol="grpc", timeout_s=120) as client:
@@ -123,8 +138,11 @@ def _embed_ref(server, image) -> np.ndarray:
 
 
 def _grpc_inputs(refs: np.ndarray, max_tokens: int, server=None) -> list:
-    arrays = [("EMBED_REF", refs, "BYTES"), ("PROMPT", np.array([b"Describe the image."], dtype=np.object_), "BYTES"),
-              ("MAX_TOKENS", np.array([max_tokens], dtype=np.int32), "INT32")]
+    arrays = [
+        ("EMBED_REF", refs, "BYTES"),
+        ("PROMPT", np.array([b"Describe the image."], dtype=np.object_), "BYTES"),
+        ("MAX_TOKENS", np.array([max_tokens], dtype=np.int32), "INT32"),
+    ]
     if server is not None:
         arrays.append(("MM_INTERNAL_TOKEN", np.array([internal_token(server).encode()], dtype=np.object_), "BYTES"))
     inputs = []
@@ -139,10 +157,14 @@ def test_cancelling_a_direct_call_frees_the_slot_at_the_next_step(server, image)
     before = _outcome(server, "cancelled")
     client = grpcclient.InferenceServerClient(server.grpc_url)
     answers: queue.Queue = queue.Queue()
-    ctx = client.async_infer("mm_language", _grpc_inputs(_embed_ref(server, image), LONG, server),
-                             callback=lambda result, error: answers.put(error))
-    assert _wait_for(lambda: metric_value(server.metrics(), "mm_engine_running_sequences", 0.0,
-                                          model="mm_language") == 1)
+    ctx = client.async_infer(
+        "mm_language",
+        _grpc_inputs(_embed_ref(server, image), LONG, server),
+        callback=lambda result, error: answers.put(error),
+    )
+    assert _wait_for(
+        lambda: metric_value(server.metrics(), "mm_engine_running_sequences", 0.0, model="mm_language") == 1
+    )
     t0 = time.monotonic()
     ctx.cancel()
     error = answers.get(timeout=30)
@@ -184,6 +206,8 @@ def test_an_abandoned_ensemble_stream_runs_to_its_bound_and_frees_everything(ser
     client.close()
     ended = lambda o: _outcome(server, o, "mm_language_stream") > before[o]  # noqa: E731
     assert _wait_for(lambda: ended("cancelled") or ended("length"), timeout_s=30)
-    print(f"ensemble stream closed by the client: ended as {'cancelled' if ended('cancelled') else 'length'} "
-          f"after {time.monotonic() - t0:.2f} s")
+    print(
+        f"ensemble stream closed by the client: ended as {'cancelled' if ended('cancelled') else 'length'} "
+        f"after {time.monotonic() - t0:.2f} s"
+    )
     _assert_idle(server)

@@ -1,6 +1,7 @@
 """The language engine through a real tritonserver (the session server of model_repository/): the correctness
 oracle under in-flight batching for mm_pipeline AND the streaming path, streaming over gRPC and HTTP SSE,
 throughput that grows with concurrency, and perf_analyzer in streaming mode against mm_pipeline_stream."""
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,18 @@ import tritonclient.http as httpclient
 from harness import metric_value
 from internal import internal_token, with_token
 from mm_bench import perf
-from mm_client import MMClient
 from mm_bench.images import make_test_image
+from mm_client import MMClient
 
 pytestmark = pytest.mark.integration
 # name -> (embedding tokens, seed); at the default 1024-token window: no continuation, one, two
 IMAGES = {"small": (96, 21), "one_cont": (1500, 22), "two_cont": (2500, 23)}
-PROMPTS = ["Hi", "Describe the image.", "What is unusual here? Answer in one long, detailed sentence please.",
-           "List three colours you can see, then say which one covers the largest area of the picture."]
+PROMPTS = [
+    "Hi",
+    "Describe the image.",
+    "What is unusual here? Answer in one long, detailed sentence please.",
+    "List three colours you can see, then say which one covers the largest area of the picture.",
+]
 IMAGE_SETS = [[], ["small"], ["one_cont"], ["two_cont"], ["small", "one_cont"], ["two_cont", "small", "small"]]
 MAX_TOKENS = [1, 3, 8, 13, 21]
 PATHS = ["unary-http", "unary-grpc", "stream-grpc"]
@@ -39,8 +44,11 @@ def images(tiny_model_dir):
 
 def _language_direct(server, model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
     """A request without images goes to the language model itself (the ensembles need at least one image)."""
-    arrays = {"EMBED_REF": np.array([], dtype=np.object_), "PROMPT": np.array([prompt.encode()], dtype=np.object_),
-              "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+    arrays = {
+        "EMBED_REF": np.array([], dtype=np.object_),
+        "PROMPT": np.array([prompt.encode()], dtype=np.object_),
+        "MAX_TOKENS": np.array([max_tokens], dtype=np.int32),
+    }
     arrays = with_token(server, model, arrays)  # white-box: the internal models refuse clients
     outputs = ("TEXT", "TOKEN_IDS", "FINISH_REASON", "COMPLETION_TOKENS")
     if not stream:
@@ -51,8 +59,11 @@ def _language_direct(server, model: str, prompt: str, max_tokens: int, stream: b
             t.set_data_from_numpy(arr)
             inputs.append(t)
         r = client.infer(model, inputs)
-        return {"ids": r.as_numpy("TOKEN_IDS").tolist(), "reason": r.as_numpy("FINISH_REASON")[0].decode(),
-                "completion": int(r.as_numpy("COMPLETION_TOKENS")[0])}
+        return {
+            "ids": r.as_numpy("TOKEN_IDS").tolist(),
+            "reason": r.as_numpy("FINISH_REASON")[0].decode(),
+            "completion": int(r.as_numpy("COMPLETION_TOKENS")[0]),
+        }
     got = _stream_raw(server, model, arrays, outputs)
     return {"ids": got["ids"], "reason": got["reason"], "completion": got["completion"]}
 
@@ -77,8 +88,12 @@ def _stream_raw(server, model: str, arrays: dict, outputs) -> dict:
             ids += result.as_numpy("TOKEN_IDS").tolist()
             reason = result.as_numpy("FINISH_REASON")
             if reason is not None:
-                return {"ids": ids, "reason": reason[0].decode(), "responses": responses,
-                        "completion": int(result.as_numpy("COMPLETION_TOKENS")[0])}
+                return {
+                    "ids": ids,
+                    "reason": reason[0].decode(),
+                    "responses": responses,
+                    "completion": int(result.as_numpy("COMPLETION_TOKENS")[0]),
+                }
     finally:
         client.stop_stream()
         client.close()
@@ -98,8 +113,12 @@ def _one(server, images, spec: dict) -> dict:
             r = client.generate_stream(blobs, spec["prompt"], max_tokens=spec["max_tokens"])
         else:
             r = client.generate(blobs, spec["prompt"], max_tokens=spec["max_tokens"])
-    return {"ids": r.token_ids, "reason": r.finish_reason, "completion": r.completion_tokens,
-            "prompt_tokens": r.prompt_tokens}
+    return {
+        "ids": r.token_ids,
+        "reason": r.finish_reason,
+        "completion": r.completion_tokens,
+        "prompt_tokens": r.prompt_tokens,
+    }
 
 
 def _wait_idle(server, timeout_s: float = 20.0) -> dict:
@@ -117,9 +136,16 @@ def test_oracle_under_batching_for_the_pipeline_and_the_stream(mm_server, images
     """24 concurrent requests (0..3 images, some needing 1-2 continuations; mixed prompts, max tokens, arrival
     times and answer paths) give exactly the greedy tokens of the monolithic model run on each alone."""
     rnd = random.Random(12)
-    specs = [{"images": IMAGE_SETS[i % len(IMAGE_SETS)], "prompt": PROMPTS[i % len(PROMPTS)],
-              "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)], "path": PATHS[i % len(PATHS)],
-              "delay": rnd.uniform(0, 1.5)} for i in range(24)]
+    specs = [
+        {
+            "images": IMAGE_SETS[i % len(IMAGE_SETS)],
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": MAX_TOKENS[i % len(MAX_TOKENS)],
+            "path": PATHS[i % len(PATHS)],
+            "delay": rnd.uniform(0, 1.5),
+        }
+        for i in range(24)
+    ]
     before = mm_server.metrics()
     with ThreadPoolExecutor(len(specs)) as pool:
         results = list(pool.map(lambda s: _one(mm_server, images, s), specs))
@@ -131,19 +157,24 @@ def test_oracle_under_batching_for_the_pipeline_and_the_stream(mm_server, images
     after = _wait_idle(mm_server)
     for name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used"):
         assert sum(v for (n, _), v in after.items() if n == name) == 0, name
-    conts = metric_value(after, "mm_transfer_continuations_total", model="mm_language_stream") + metric_value(
-        after, "mm_transfer_continuations_total", model="mm_language") - metric_value(
-        before, "mm_transfer_continuations_total", model="mm_language_stream") - metric_value(
-        before, "mm_transfer_continuations_total", model="mm_language")
+    conts = (
+        metric_value(after, "mm_transfer_continuations_total", model="mm_language_stream")
+        + metric_value(after, "mm_transfer_continuations_total", model="mm_language")
+        - metric_value(before, "mm_transfer_continuations_total", model="mm_language_stream")
+        - metric_value(before, "mm_transfer_continuations_total", model="mm_language")
+    )
     assert conts >= 8  # the batch really mixed pulls that needed continuations
 
 
 def test_stream_sends_one_response_per_token_and_final_on_the_last(mm_server, images, monolithic_tokens):
-    arrays = {"IMAGE": np.array([images["one_cont"]], dtype=np.object_),
-              "PROMPT": np.array([b"Describe the image."], dtype=np.object_),
-              "MAX_TOKENS": np.array([6], dtype=np.int32)}
-    got = _stream_raw(mm_server, "mm_pipeline_stream", arrays, ("TEXT", "TOKEN_IDS", "FINISH_REASON",
-                                                                "COMPLETION_TOKENS"))
+    arrays = {
+        "IMAGE": np.array([images["one_cont"]], dtype=np.object_),
+        "PROMPT": np.array([b"Describe the image."], dtype=np.object_),
+        "MAX_TOKENS": np.array([6], dtype=np.int32),
+    }
+    got = _stream_raw(
+        mm_server, "mm_pipeline_stream", arrays, ("TEXT", "TOKEN_IDS", "FINISH_REASON", "COMPLETION_TOKENS")
+    )
     expected = monolithic_tokens([images["one_cont"]], "Describe the image.", 6)
     assert got["ids"] == expected
     assert got["responses"] == len(expected) + 1  # one per token, then the summary (FINAL, never empty)
@@ -159,13 +190,18 @@ def test_http_generate_stream_sse(mm_server, images, monolithic_tokens):
     token_in = httpclient.InferInput("MM_INTERNAL_TOKEN", [1], "BYTES")
     token_in.set_data_from_numpy(np.array([token.encode()], dtype=np.object_))
     ref = client.infer("mm_encoder", [image, token_in]).as_numpy("EMBED_REF")[0].decode()
-    body = json.dumps({"EMBED_REF": [ref], "PROMPT": "Describe the image.", "MAX_TOKENS": 5,
-                       "MM_INTERNAL_TOKEN": token}).encode()
-    req = urllib.request.Request(f"http://{mm_server.http_address}/v2/models/mm_language_stream/generate_stream",
-                                 data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"EMBED_REF": [ref], "PROMPT": "Describe the image.", "MAX_TOKENS": 5, "MM_INTERNAL_TOKEN": token}
+    ).encode()
+    req = urllib.request.Request(
+        f"http://{mm_server.http_address}/v2/models/mm_language_stream/generate_stream",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
-        events = [json.loads(line[len("data: "):]) for line in r.read().decode().splitlines()
-                  if line.startswith("data: ")]
+        events = [
+            json.loads(line[len("data: ") :]) for line in r.read().decode().splitlines() if line.startswith("data: ")
+        ]
     ids = []
     for e in events:
         ids += e["TOKEN_IDS"] if isinstance(e["TOKEN_IDS"], list) else [e["TOKEN_IDS"]]
@@ -199,8 +235,17 @@ def test_perf_analyzer_streaming_against_mm_pipeline_stream(mm_server, images, t
         pytest.skip("perf_analyzer is not installed (tritonclient 2.51 wheel)")
     data = perf.write_input_data(tmp_path / "in.json", [perf.request_entry([images["small"]], "Describe", 4)])
     export = tmp_path / "profile.json"
-    cmd = perf.command(pa, "mm_pipeline_stream", mm_server.grpc_url, data, tmp_path / "out.csv", concurrency=2,
-                       request_count=8, profile_export=export, extra=["--streaming"])
+    cmd = perf.command(
+        pa,
+        "mm_pipeline_stream",
+        mm_server.grpc_url,
+        data,
+        tmp_path / "out.csv",
+        concurrency=2,
+        request_count=8,
+        profile_export=export,
+        extra=["--streaming"],
+    )
     from harness import server_env  # perf_analyzer needs the wheel's libcudart on LD_LIBRARY_PATH
 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=server_env())

@@ -7,6 +7,7 @@ backends/mm_triton/watchdog.py). After every test: no stub died that was not mea
 Knobs (env): pools of 24 blocks x 128 tokens (an encoder holds two 1200-token images at a time), window
 128 tokens (10 chunks per such image), alloc_timeout_s 2, pull_timeout_s 2, pull_wait_s 1, ttl_s 4.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,19 +27,25 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from harness import free_port
+from internal import with_token
 from mm_bench.images import make_test_image
 from mmtransfer import EmbedRef
 from mmtransfer.ref import new_transfer_id
-from internal import with_token
 from reliability import ReliableServer, error_text, pipeline_inputs, tensors
 
 pytestmark = pytest.mark.integration
 
 TTL_S, PULL_TIMEOUT_S, ALLOC_TIMEOUT_S = 4.0, 2.0, 2.0
 ENV = {
-    "MM_POOL_BLOCKS": "24", "MM_MAX_EMBED_TOKENS": "3072", "MM_CACHE_BLOCKS": "12", "MM_DEFAULT_WINDOW_TOKENS": "128",
-    "MM_TTL_S": str(TTL_S), "MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_PULL_WAIT_S": "1",
-    "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S), "MM_SHARED_SECRET": secrets.token_hex(16),
+    "MM_POOL_BLOCKS": "24",
+    "MM_MAX_EMBED_TOKENS": "3072",
+    "MM_CACHE_BLOCKS": "12",
+    "MM_DEFAULT_WINDOW_TOKENS": "128",
+    "MM_TTL_S": str(TTL_S),
+    "MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S),
+    "MM_PULL_WAIT_S": "1",
+    "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S),
+    "MM_SHARED_SECRET": secrets.token_hex(16),
     "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
 }
 BIG = 1200  # tokens: 10 blocks of 128, 10 chunks through a 128-token window
@@ -49,7 +56,8 @@ FAULT_ERRORS = re.compile(
     r"is not healthy|unavailable \((timeout|not_found|expired|pool_exhausted|channel|stub_died|model_reloading)\)|"
     r"cancelled|"
     r"[Uu]nknown model|not ready|unavailable|Socket closed|failed to connect|Deadline|Connection reset|"
-    r"Broken pipe|EOF")
+    r"Broken pipe|EOF"
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,9 @@ def rs_unbatched(request):
     """The same server with the encoder answering from execute() (max_encode_batch_tokens 0: no batching)."""
     from conftest import LOG_DIR
 
-    server = ReliableServer(env={**ENV, "MM_MAX_ENCODE_BATCH_TOKENS": "0"},
-                            log_file=LOG_DIR / "test_faults-unbatched-server.log")
+    server = ReliableServer(
+        env={**ENV, "MM_MAX_ENCODE_BATCH_TOKENS": "0"}, log_file=LOG_DIR / "test_faults-unbatched-server.log"
+    )
     with server:
         server.start_pids = server.stubs()
         yield server
@@ -101,8 +110,11 @@ def _encode(rs, images: list[bytes]) -> list[bytes]:
 
 
 def _language(rs, refs: list[bytes], max_tokens: int = 2, client_timeout: float | None = None) -> list[int]:
-    inputs = {"EMBED_REF": np.array(refs, dtype=np.object_), "PROMPT": np.array([PROMPT], dtype=np.object_),
-              "MAX_TOKENS": np.array([max_tokens], dtype=np.int32)}
+    inputs = {
+        "EMBED_REF": np.array(refs, dtype=np.object_),
+        "PROMPT": np.array([PROMPT], dtype=np.object_),
+        "MAX_TOKENS": np.array([max_tokens], dtype=np.int32),
+    }
     inputs = with_token(rs, "mm_language", inputs)
     result = _grpc(rs).infer("mm_language", tensors(grpcclient, inputs), client_timeout=client_timeout)
     return result.as_numpy("TOKEN_IDS").tolist()
@@ -127,8 +139,14 @@ def test_far_more_concurrent_large_requests_than_the_pools_hold(rs, images, smal
     pool exhaustion; nothing deadlocks (encoder pool full of published embeddings waiting for the single
     language instance, the cache reclaimer, the language window), memory stays bounded, pools end whole."""
     seeds = list(images)
-    sets = [[images[seeds[0]]], [images[seeds[1]]], [images[seeds[2]], images[seeds[3]]], [images[seeds[0]]],
-            [images[seeds[4]]], [images[seeds[1]], images[seeds[0]]]]
+    sets = [
+        [images[seeds[0]]],
+        [images[seeds[1]]],
+        [images[seeds[2]], images[seeds[3]]],
+        [images[seeds[0]]],
+        [images[seeds[4]]],
+        [images[seeds[1]], images[seeds[0]]],
+    ]
     reference = [_pipeline(rs, s) for s in sets]  # one at a time first: the expected tokens
     rss_before = rs.rss_bytes()
     outcomes: list[tuple[str, str]] = []
@@ -150,8 +168,10 @@ def test_far_more_concurrent_large_requests_than_the_pools_hold(rs, images, smal
     assert sum(kind == "ok" for kind, _ in outcomes) >= len(outcomes) // 2
     assert elapsed < 150, f"24 requests took {elapsed:.0f}s"
     growth = rs.rss_bytes() - rss_before
-    print(f"pool exhaustion: {len(outcomes) - len(errors)}/{len(outcomes)} served, {len(errors)} UNAVAILABLE, "
-          f"{elapsed:.1f}s, RSS {rss_before >> 20} -> {(rss_before + growth) >> 20} MiB")
+    print(
+        f"pool exhaustion: {len(outcomes) - len(errors)}/{len(outcomes)} served, {len(errors)} UNAVAILABLE, "
+        f"{elapsed:.1f}s, RSS {rss_before >> 20} -> {(rss_before + growth) >> 20} MiB"
+    )
     assert growth < 400 << 20, f"server + stubs grew by {growth >> 20} MiB"
     _healthy(rs, small_image)
 
@@ -225,18 +245,26 @@ def _busy_language(rs) -> threading.Thread:
     time.sleep(0.3)
     return t
 
-
     _healthy(rs, small_image)
 
 
 # grpc_deadline / http_disconnect relied on mm_language serving one request at a time (the client gave up while
 # queued behind a busy instance); the engine answers them before the client gives up, so they no longer test
 # what they say. Known, to be rewritten with the engine's own queue (issue 14).
-_OBSOLETE = pytest.mark.xfail(reason="premise (serial mm_language) removed by the engine; rewrite pending", strict=False)
+_OBSOLETE = pytest.mark.xfail(
+    reason="premise (serial mm_language) removed by the engine; rewrite pending", strict=False
+)
 
 
-@pytest.mark.parametrize("how", ["grpc_cancel_at_once", "grpc_cancel_queued", pytest.param("grpc_deadline", marks=_OBSOLETE),
-                                 pytest.param("http_disconnect", marks=_OBSOLETE)])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "grpc_cancel_at_once",
+        "grpc_cancel_queued",
+        pytest.param("grpc_deadline", marks=_OBSOLETE),
+        pytest.param("http_disconnect", marks=_OBSOLETE),
+    ],
+)
 def test_clients_that_give_up_leave_nothing_behind(rs, images, small_image, how):
     """mm_pipeline requests given up by their clients: cancelled during the encoder step (the ensemble then
     never runs mm_language: the TTL reclaims what was published), cancelled while queued for mm_language, a
@@ -283,11 +311,20 @@ def _traffic(rs, images, stop: threading.Event, outcomes: list) -> None:
 # KNOWN RISK (issue 13): killing the batching encoder's stub made tritonserver itself abort in 2 of 4 runs
 # (boost::interprocess::lock_exception at the reload; heap corruption at shutdown); scripts/serve restarts it.
 # With max_encode_batch_tokens 0 (answers returned by execute()) the kill is handled as before: mm_encoder_unbatched.
-@pytest.mark.parametrize("model", [
-    pytest.param("mm_encoder", marks=pytest.mark.xfail(
-        reason="a killed stub answering from a thread may take tritonserver 2.51 down with it (issue 13)",
-        strict=False)),
-    "mm_encoder_unbatched", "mm_language"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(
+            "mm_encoder",
+            marks=pytest.mark.xfail(
+                reason="a killed stub answering from a thread may take tritonserver 2.51 down with it (issue 13)",
+                strict=False,
+            ),
+        ),
+        "mm_encoder_unbatched",
+        "mm_language",
+    ],
+)
 def test_a_stub_killed_under_traffic(request, images, small_image, model):
     """SIGKILL a stub while requests stream through (transfers of 10 chunks in flight). Affected requests fail
     clearly and within pull_timeout_s (plus the reload); an embedding published for the killed language
@@ -326,8 +363,10 @@ def test_a_stub_killed_under_traffic(request, images, small_image, model):
         assert rs.metric("mm_transfer_failures_total", model="mm_encoder", cause="ttl") >= ttl_before + 1
     rs.start_pids = rs.stubs()
     _healthy(rs, small_image, expect_restarts=True)
-    print(f"{model} killed: {len(errors)} request(s) failed, reloaded in {rs.watchdog.restarts[-1].seconds:.1f}s, "
-          f"serving again after {recovered:.1f}s")
+    print(
+        f"{model} killed: {len(errors)} request(s) failed, reloaded in {rs.watchdog.restarts[-1].seconds:.1f}s, "
+        f"serving again after {recovered:.1f}s"
+    )
 
 
 # ---- 5. stopped stubs and what a restart leaves behind ------------------------------------------------------
@@ -363,9 +402,11 @@ def test_a_stopped_stub_is_killed_and_restarted_before_triton_gives_up(rs, image
     assert all(FAULT_ERRORS.search(m) for m in errors), errors
     rs.start_pids = rs.stubs()
     _healthy(rs, small_image, expect_restarts=True)
-    print(f"encoder stub stopped: killed after {rs.watchdog.stop_grace_s:.0f}s, reloaded in "
-          f"{rs.watchdog.restarts[-1].seconds:.1f}s, serving again {serving_after:.1f}s after the stop "
-          f"(+{recovered:.1f}s settle); {len(errors)} request(s) failed")
+    print(
+        f"encoder stub stopped: killed after {rs.watchdog.stop_grace_s:.0f}s, reloaded in "
+        f"{rs.watchdog.restarts[-1].seconds:.1f}s, serving again {serving_after:.1f}s after the stop "
+        f"(+{recovered:.1f}s settle); {len(errors)} request(s) failed"
+    )
 
 
 def test_stub_kills_leave_no_shm_residue(rs, small_image):
@@ -389,5 +430,7 @@ def test_stub_kills_leave_no_shm_residue(rs, small_image):
     assert all(Path("/dev/shm", r).exists() for r in live)  # the live stubs' regions are untouched
     rs.start_pids = rs.stubs()
     _healthy(rs, small_image, expect_restarts=True)
-    print(f"{kills} stub kills: {len(dead_regions)} dead regions, 0 left, "
-          f"{(rs.watchdog.shm_freed_bytes - freed_before) / 2**20:.1f} MiB removed from /dev/shm")
+    print(
+        f"{kills} stub kills: {len(dead_regions)} dead regions, 0 left, "
+        f"{(rs.watchdog.shm_freed_bytes - freed_before) / 2**20:.1f} MiB removed from /dev/shm"
+    )

@@ -14,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mm_triton.procfs import proc_stat
 from harness import (
     REPO_ROOT,
     TritonServer,
     TritonStartError,
-    group_members,
     free_port,
+    group_members,
     metric_value,
     parse_metrics,
     port_is_free,
     write_fake_pipeline_repo,
     write_identity_repo,
 )
+from mm_triton.procfs import proc_stat
 
 
 def _pid_alive(pid: int) -> bool:
@@ -79,8 +79,12 @@ def test_server_starts_infers_and_stops(identity_repo, tmp_path):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    server = TritonServer(identity_repo, env={"HARNESS_ECHO_ENV": "hello-from-env"},
-                          args=["--log-verbose=0"], log_file=tmp_path / "server.log")
+    server = TritonServer(
+        identity_repo,
+        env={"HARNESS_ECHO_ENV": "hello-from-env"},
+        args=["--log-verbose=0"],
+        log_file=tmp_path / "server.log",
+    )
     with server:
         assert server.is_running()
         ports = (server.http_port, server.grpc_port, server.metrics_port)
@@ -143,8 +147,9 @@ def test_server_stopped_when_test_body_raises(identity_repo, tmp_path):
 
 @pytest.mark.integration
 def test_start_failure_reports_log_tail(identity_repo, tmp_path):
-    server = TritonServer(identity_repo, env={"HARNESS_FAIL_INIT": "marker-1234"},
-                          log_file=tmp_path / "server.log", startup_timeout_s=60)
+    server = TritonServer(
+        identity_repo, env={"HARNESS_FAIL_INIT": "marker-1234"}, log_file=tmp_path / "server.log", startup_timeout_s=60
+    )
     t0 = time.monotonic()
     with pytest.raises(TritonStartError) as exc:
         server.start()
@@ -178,7 +183,7 @@ def test_fixture_factory_and_parent_death(identity_repo, triton_server, tmp_path
     code = f"""
 import sys, time
 from mm_triton.launcher import TritonServer
-s = TritonServer({str(identity_repo)!r}, log_file={str(tmp_path / 'orphan.log')!r}).start()
+s = TritonServer({str(identity_repo)!r}, log_file={str(tmp_path / "orphan.log")!r}).start()
 print(s.pid, s.http_port, flush=True)
 time.sleep(600)
 """
@@ -248,13 +253,38 @@ def test_client_cli_against_fake_pipeline(fake_pipeline, tmp_path):
     from mm_client import demo_image
 
     img.write_bytes(demo_image(32, 32, fmt="JPEG"))
-    r = _run(["bash", "scripts/client", "--url", fake_pipeline.http_address, "--max-tokens", "3",
-              "--prompt", "Describe", "--demo-image", str(img), "--json"])
+    r = _run(
+        [
+            "bash",
+            "scripts/client",
+            "--url",
+            fake_pipeline.http_address,
+            "--max-tokens",
+            "3",
+            "--prompt",
+            "Describe",
+            "--demo-image",
+            str(img),
+            "--json",
+        ]
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["token_ids"] == [0, 1, 2] and out["images"] == 2 and out["text"].startswith("images=2 ")
-    r = _run([sys.executable, "-m", "mm_client.cli", "--url", fake_pipeline.grpc_url, "--protocol", "grpc",
-              "--prompt", "FAIL now", str(img)])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "mm_client.cli",
+            "--url",
+            fake_pipeline.grpc_url,
+            "--protocol",
+            "grpc",
+            "--prompt",
+            "FAIL now",
+            str(img),
+        ]
+    )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "bad prompt: FAIL now" in r.stderr
     r = _run([sys.executable, "-m", "mm_client.cli", "--url", fake_pipeline.http_address, "--ready"])
@@ -269,9 +299,31 @@ def test_serve_demo_exit(tmp_path):
     while len({h, g, m}) < 3:
         g, m = free_port(), free_port()
     log = tmp_path / "serve.log"
-    r = _run(["bash", "scripts/serve", "--model-repository", str(repo), "--address", "127.0.0.1",
-              "--http-port", str(h), "--grpc-port", str(g), "--metrics-port", str(m), "--demo", "--exit",
-              "--demo-max-tokens", "7", "--pool-blocks", "3", "--log-file", str(log)], timeout=300)
+    r = _run(
+        [
+            "bash",
+            "scripts/serve",
+            "--model-repository",
+            str(repo),
+            "--address",
+            "127.0.0.1",
+            "--http-port",
+            str(h),
+            "--grpc-port",
+            str(g),
+            "--metrics-port",
+            str(m),
+            "--demo",
+            "--exit",
+            "--demo-max-tokens",
+            "7",
+            "--pool-blocks",
+            "3",
+            "--log-file",
+            str(log),
+        ],
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tritonserver ready" in r.stdout
     assert "--- answer (7 tokens" in r.stdout and "prompt=Describe the image. max_tokens=7" in r.stdout
@@ -286,9 +338,22 @@ def test_serve_demo_failure_and_sigterm(tmp_path):
     h, g, m = free_port(), free_port(), free_port()
     while len({h, g, m}) < 3:
         g, m = free_port(), free_port()
-    common = ["bash", "scripts/serve", "--model-repository", str(repo), "--address", "127.0.0.1",
-              "--http-port", str(h), "--grpc-port", str(g), "--metrics-port", str(m),
-              "--log-file", str(tmp_path / "serve.log")]
+    common = [
+        "bash",
+        "scripts/serve",
+        "--model-repository",
+        str(repo),
+        "--address",
+        "127.0.0.1",
+        "--http-port",
+        str(h),
+        "--grpc-port",
+        str(g),
+        "--metrics-port",
+        str(m),
+        "--log-file",
+        str(tmp_path / "serve.log"),
+    ]
     r = _run(common + ["--demo", "--exit", "--demo-prompt", "FAIL demo"], timeout=300)
     assert r.returncode == 1
     assert "demo FAILED" in r.stderr and "bad prompt: FAIL demo" in r.stderr
@@ -319,8 +384,21 @@ def test_serve_demo_failure_and_sigterm(tmp_path):
 
 @pytest.mark.integration
 def test_serve_port_in_use_is_clear(fake_pipeline, tmp_path):
-    r = _run(["bash", "scripts/serve", "--model-repository", str(tmp_path), "--address", "127.0.0.1",
-              "--http-port", str(fake_pipeline.http_port), "--grpc-port", str(free_port()),
-              "--metrics-port", str(free_port())])
+    r = _run(
+        [
+            "bash",
+            "scripts/serve",
+            "--model-repository",
+            str(tmp_path),
+            "--address",
+            "127.0.0.1",
+            "--http-port",
+            str(fake_pipeline.http_port),
+            "--grpc-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+        ]
+    )
     assert r.returncode != 0
     assert f"port {fake_pipeline.http_port} is already in use" in r.stderr

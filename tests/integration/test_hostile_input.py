@@ -7,6 +7,7 @@ and shapes, missing inputs, and forged or malformed EMBED_REFs, including addres
 answers (bounded by pull_timeout_s). Each gets a clear error of the right kind quickly, no stub process
 dies (same pids before and after), nothing leaks, and the server keeps answering correctly.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,12 @@ def rs():
     from conftest import LOG_DIR
 
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    env = {"MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S), "MM_TTL_S": str(TTL_S), "MM_POOL_BLOCKS": "128",
-           "MM_TRUSTED_ENCODERS": f"{TRUSTED_HOST}:*"}
+    env = {
+        "MM_PULL_TIMEOUT_S": str(PULL_TIMEOUT_S),
+        "MM_TTL_S": str(TTL_S),
+        "MM_POOL_BLOCKS": "128",
+        "MM_TRUSTED_ENCODERS": f"{TRUSTED_HOST}:*",
+    }
     models = PIPELINE_MODELS + ("mm_language_stream", "mm_pipeline_stream")
     with ReliableServer(env=env, models=models, log_file=LOG_DIR / "test_hostile_input-server.log") as server:
         server.start_pids = server.stubs()
@@ -66,6 +71,7 @@ def _png(width: int, height: int, mode: str = "RGB", fmt: str = "PNG", **save) -
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A small, valid-looking PNG that declares width x height: the classic decompression bomb header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -74,8 +80,14 @@ def _png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def _http(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-          timeout_s: float = 60, token: bool = True) -> httpclient.InferResult:
+def _http(
+    rs,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    dtypes: dict[str, str] | None = None,
+    timeout_s: float = 60,
+    token: bool = True,
+) -> httpclient.InferResult:
     inputs = with_token(rs, model, inputs) if token else inputs  # white-box calls of the internal models
     client = httpclient.InferenceServerClient(rs.http_address, network_timeout=timeout_s, connection_timeout=timeout_s)
     try:
@@ -84,8 +96,7 @@ def _http(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] 
         client.close()
 
 
-def _grpc(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None,
-          token: bool = True):
+def _grpc(rs, model: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str] | None = None, token: bool = True):
     inputs = with_token(rs, model, inputs) if token else inputs
     client = grpcclient.InferenceServerClient(rs.grpc_url)
     try:
@@ -122,7 +133,10 @@ def _junk(n: int, seed: int) -> bytes:
 # ---- images ------------------------------------------------------------------------------------------
 IMAGE_CASES = {
     # name: (bytes, expected message)
-    "bomb_header_30000x30000": (lambda: _png_header_only(30000, 30000), "too large to decode safely|more than the allowed"),
+    "bomb_header_30000x30000": (
+        lambda: _png_header_only(30000, 30000),
+        "too large to decode safely|more than the allowed",
+    ),
     "bomb_header_66000x1": (lambda: _png_header_only(66000, 1000), "too large|more than the allowed"),
     "bomb_real_8001x8000_png": (lambda: _png(8001, 8000), "more than the allowed 64000000"),
     "empty_bytes": (lambda: b"", "empty \\(0 bytes\\)"),
@@ -142,15 +156,25 @@ def test_hostile_images_get_a_clear_invalid_arg(rs, good, case):
     data = make()
     _refused(_http, rs, "mm_pipeline", pipeline_inputs([data]), match=f"IMAGE\\[0\\].*({message})", within_s=10)
     # and with a good image before it: the whole request is refused, the good one not left published
-    _refused(_grpc, rs, "mm_pipeline", pipeline_inputs([good, data]), match=f"IMAGE\\[1\\].*({message})",
-             within_s=10)
+    _refused(_grpc, rs, "mm_pipeline", pipeline_inputs([good, data]), match=f"IMAGE\\[1\\].*({message})", within_s=10)
     _still_fine(rs, good)
 
 
 def test_odd_but_valid_images_are_served(rs, good):
-    images = [_png(1, 1), _png(2, 199), _png(64, 48, "L"), _png(64, 48, "RGBA"), _png(40, 40, "I;16"),
-              _png(40, 40, "1"), _png(40, 40, "P"), _png(48, 32, fmt="GIF"), _png(48, 32, fmt="BMP"),
-              _png(48, 32, fmt="WEBP"), _png(48, 32, fmt="TIFF"), make_test_image(tokens=64, seed=2, fmt="JPEG")]
+    images = [
+        _png(1, 1),
+        _png(2, 199),
+        _png(64, 48, "L"),
+        _png(64, 48, "RGBA"),
+        _png(40, 40, "I;16"),
+        _png(40, 40, "1"),
+        _png(40, 40, "P"),
+        _png(48, 32, fmt="GIF"),
+        _png(48, 32, fmt="BMP"),
+        _png(48, 32, fmt="WEBP"),
+        _png(48, 32, fmt="TIFF"),
+        make_test_image(tokens=64, seed=2, fmt="JPEG"),
+    ]
     for data in images:
         out = _grpc(rs, "mm_pipeline", pipeline_inputs([data], max_tokens=1))
         assert out.as_numpy("TOKEN_IDS").shape == (1,)
@@ -166,20 +190,27 @@ def test_too_many_images_and_too_many_tokens_together(rs, good):
 
 
 # ---- prompts and MAX_TOKENS -------------------------------------------------------------------------
-@pytest.mark.parametrize("prompt, message", [
-    (b"\xff\xfe\xfd not utf-8", "PROMPT is not valid UTF-8"),
-    ("look: <|image_pad|><|vision_start|>".encode(), "reserved vision token"),
-    (b"x" * (200 * 1024), "max_prompt_bytes"),
-    (b"\t\n  \r\n", "PROMPT: must not be empty"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (b"\xff\xfe\xfd not utf-8", "PROMPT is not valid UTF-8"),
+        (b"look: <|image_pad|><|vision_start|>", "reserved vision token"),
+        (b"x" * (200 * 1024), "max_prompt_bytes"),
+        (b"\t\n  \r\n", "PROMPT: must not be empty"),
+    ],
+)
 def test_hostile_prompts(rs, good, prompt, message):
     _refused(_http, rs, "mm_pipeline", pipeline_inputs([good], prompt=prompt), match=message)
     _still_fine(rs, good)
 
 
 def test_unusual_prompts_that_are_fine(rs, good):
-    for prompt in ("nul\0inside".encode(), "emoji 😀 and ünïcode".encode(), b"<|im_end|> <|im_start|>system",
-                   ("long " * 2000).encode()):
+    for prompt in (
+        b"nul\0inside",
+        "emoji 😀 and ünïcode".encode(),
+        b"<|im_end|> <|im_start|>system",
+        ("long " * 2000).encode(),
+    ):
         out = _grpc(rs, "mm_pipeline", pipeline_inputs([good], prompt=prompt, max_tokens=1))
         assert out.as_numpy("TOKEN_IDS").shape == (1,)
     _still_fine(rs, good)
@@ -187,8 +218,13 @@ def test_unusual_prompts_that_are_fine(rs, good):
 
 @pytest.mark.parametrize("max_tokens", [-1, -(2**31), 2**31 - 1, 1025])
 def test_extreme_max_tokens(rs, good, max_tokens):
-    _refused(_grpc, rs, "mm_pipeline", pipeline_inputs([good], max_tokens=max_tokens),
-             match=r"MAX_TOKENS: must be in \[1, 1024\]")
+    _refused(
+        _grpc,
+        rs,
+        "mm_pipeline",
+        pipeline_inputs([good], max_tokens=max_tokens),
+        match=r"MAX_TOKENS: must be in \[1, 1024\]",
+    )
     _still_fine(rs, good)
 
 
@@ -220,9 +256,19 @@ def _pipeline_case(good, case: str) -> tuple[dict, dict]:
     raise KeyError(case)
 
 
-PIPELINE_SHAPE_CASES = ["IMAGE_as_INT32", "IMAGE_2d", "IMAGE_missing", "PROMPT_two_elements", "PROMPT_as_FP32",
-                        "PROMPT_missing", "MAX_TOKENS_as_INT64", "MAX_TOKENS_two_elements", "MAX_TOKENS_empty",
-                        "IMAGE_declared_BYTES_sent_UINT8", "unknown_input"]
+PIPELINE_SHAPE_CASES = [
+    "IMAGE_as_INT32",
+    "IMAGE_2d",
+    "IMAGE_missing",
+    "PROMPT_two_elements",
+    "PROMPT_as_FP32",
+    "PROMPT_missing",
+    "MAX_TOKENS_as_INT64",
+    "MAX_TOKENS_two_elements",
+    "MAX_TOKENS_empty",
+    "IMAGE_declared_BYTES_sent_UINT8",
+    "unknown_input",
+]
 
 
 @pytest.mark.parametrize("case", PIPELINE_SHAPE_CASES)
@@ -231,16 +277,26 @@ def test_wrong_dtypes_shapes_and_missing_inputs(rs, good, case, protocol):
     inputs, dtypes = _pipeline_case(good, case)
     name = case.split("_")[0] if case != "unknown_input" else "EXTRA"
     call = _http if protocol == "http" else _grpc
-    _refused(call, rs, "mm_pipeline", inputs, dtypes, match=f"(?i){name}|input|shape|data.?type|expected",
-             status=INVALID + ("StatusCode.INTERNAL",))
+    _refused(
+        call,
+        rs,
+        "mm_pipeline",
+        inputs,
+        dtypes,
+        match=f"(?i){name}|input|shape|data.?type|expected",
+        status=INVALID + ("StatusCode.INTERNAL",),
+    )
     _still_fine(rs, good)
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"IMAGE": np.array([7], dtype=np.int32)}, "(?i)IMAGE|data.?type"),
-    ({}, "(?i)IMAGE|input"),
-    ({"IMAGE": np.array([[b"a", b"b"]], dtype=np.object_)}, "(?i)IMAGE|shape"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"IMAGE": np.array([7], dtype=np.int32)}, "(?i)IMAGE|data.?type"),
+        ({}, "(?i)IMAGE|input"),
+        ({"IMAGE": np.array([[b"a", b"b"]], dtype=np.object_)}, "(?i)IMAGE|shape"),
+    ],
+)
 def test_mm_encoder_called_directly_with_bad_inputs(rs, good, inputs, message):
     _refused(_grpc, rs, "mm_encoder", inputs, match=message, status=INVALID + ("StatusCode.INTERNAL",))
     _still_fine(rs, good)
@@ -248,31 +304,59 @@ def test_mm_encoder_called_directly_with_bad_inputs(rs, good, inputs, message):
 
 # ---- forged and malformed EMBED_REFs, against mm_language ------------------------------------------------
 def _lang(refs: list[bytes], prompt: bytes = b"Describe") -> dict[str, np.ndarray]:
-    return {"EMBED_REF": np.array(refs, dtype=np.object_), "PROMPT": np.array([prompt], dtype=np.object_),
-            "MAX_TOKENS": np.array([1], dtype=np.int32)}
+    return {
+        "EMBED_REF": np.array(refs, dtype=np.object_),
+        "PROMPT": np.array([prompt], dtype=np.object_),
+        "MAX_TOKENS": np.array([1], dtype=np.int32),
+    }
 
 
 def _ref(address: str, tid: str | None = None, **extra) -> bytes:
-    obj = {"transfer_id": tid or new_transfer_id(), "address": address, "num_tokens": 96,
-           "version": PROTOCOL_VERSION, **extra}
+    obj = {
+        "transfer_id": tid or new_transfer_id(),
+        "address": address,
+        "num_tokens": 96,
+        "version": PROTOCOL_VERSION,
+        **extra,
+    }
     return json.dumps(obj).encode()
 
 
-@pytest.mark.parametrize("ref, message", [
-    (b"{not json", "EMBED_REF\\[0\\].*not valid JSON"),
-    (b"", "EMBED_REF\\[0\\]"),
-    (_ref("tcp://127.0.0.1:1", version=PROTOCOL_VERSION + 1), "EMBED_REF\\[0\\]"),
-    (json.dumps({"transfer_id": new_transfer_id(), "address": "tcp://127.0.0.1:1", "num_tokens": 1,
-                 "version": PROTOCOL_VERSION - 1}).encode(), f"version {PROTOCOL_VERSION - 1}"),
-    (_ref("ipc:///tmp/evil"), "address must look like tcp://host:port"),
-    (_ref("tcp://127.0.0.1:1", tid="../../etc/passwd"), "transfer_id"),
-    (json.dumps({"transfer_id": new_transfer_id(), "address": "tcp://a:1", "num_tokens": -1,
-                "version": PROTOCOL_VERSION}).encode(),
-     "num_tokens"),
-    (b"x" * 4096, "longer than 1 KiB"),
-    (b"\xff" * 10, "not UTF-8|EMBED_REF"),
-    (b"[" * 500 + b"]" * 500, "EMBED_REF"),
-])
+@pytest.mark.parametrize(
+    "ref, message",
+    [
+        (b"{not json", "EMBED_REF\\[0\\].*not valid JSON"),
+        (b"", "EMBED_REF\\[0\\]"),
+        (_ref("tcp://127.0.0.1:1", version=PROTOCOL_VERSION + 1), "EMBED_REF\\[0\\]"),
+        (
+            json.dumps(
+                {
+                    "transfer_id": new_transfer_id(),
+                    "address": "tcp://127.0.0.1:1",
+                    "num_tokens": 1,
+                    "version": PROTOCOL_VERSION - 1,
+                }
+            ).encode(),
+            f"version {PROTOCOL_VERSION - 1}",
+        ),
+        (_ref("ipc:///tmp/evil"), "address must look like tcp://host:port"),
+        (_ref("tcp://127.0.0.1:1", tid="../../etc/passwd"), "transfer_id"),
+        (
+            json.dumps(
+                {
+                    "transfer_id": new_transfer_id(),
+                    "address": "tcp://a:1",
+                    "num_tokens": -1,
+                    "version": PROTOCOL_VERSION,
+                }
+            ).encode(),
+            "num_tokens",
+        ),
+        (b"x" * 4096, "longer than 1 KiB"),
+        (b"\xff" * 10, "not UTF-8|EMBED_REF"),
+        (b"[" * 500 + b"]" * 500, "EMBED_REF"),
+    ],
+)
 def test_malformed_embed_refs_are_invalid_arg(rs, good, ref, message):
     _refused(_http, rs, "mm_language", _lang([ref]), match=message, within_s=3)
     _still_fine(rs, good)
@@ -286,8 +370,9 @@ def _silent_listener(host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-@pytest.mark.parametrize("where", ["closed_port", "silent_tcp_listener", "triton_http_port", "unresolvable_host",
-                                   "blackhole_address"])
+@pytest.mark.parametrize(
+    "where", ["closed_port", "silent_tcp_listener", "triton_http_port", "unresolvable_host", "blackhole_address"]
+)
 def test_embed_ref_to_a_strangers_endpoint_is_refused_before_any_connection(rs, good, where):
     """mm_language connects only to this server's encoders (and trusted_encoders): any other address in a ref
     is refused at once, and a listener there sees no connection."""
@@ -300,8 +385,9 @@ def test_embed_ref_to_a_strangers_endpoint_is_refused_before_any_connection(rs, 
             "unresolvable_host": lambda: "tcp://no-such-host.invalid:5555",
             "blackhole_address": lambda: "tcp://192.0.2.1:5555",  # TEST-NET-1: never routed
         }[where]()
-        _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match="is not one of this server's encoders",
-                 within_s=1.5)
+        _refused(
+            _grpc, rs, "mm_language", _lang([_ref(address)]), match="is not one of this server's encoders", within_s=1.5
+        )
         if listener is not None:
             with pytest.raises(socket.timeout):
                 listener.accept()
@@ -318,9 +404,15 @@ def test_a_trusted_endpoint_that_never_answers_fails_within_pull_timeout(rs, goo
     listener = _silent_listener(TRUSTED_HOST) if where == "silent_tcp_listener" else None
     try:
         port = listener.getsockname()[1] if listener is not None else free_port(TRUSTED_HOST)
-        text = _refused(_grpc, rs, "mm_language", _lang([_ref(f"tcp://{TRUSTED_HOST}:{port}")]),
-                        match=r"unavailable \(timeout\).*no answer", status=("StatusCode.UNAVAILABLE",),
-                        within_s=PULL_TIMEOUT_S + 3)
+        text = _refused(
+            _grpc,
+            rs,
+            "mm_language",
+            _lang([_ref(f"tcp://{TRUSTED_HOST}:{port}")]),
+            match=r"unavailable \(timeout\).*no answer",
+            status=("StatusCode.UNAVAILABLE",),
+            within_s=PULL_TIMEOUT_S + 3,
+        )
         assert "2.0s" in text
     finally:
         if listener is not None:
@@ -331,8 +423,15 @@ def test_a_trusted_endpoint_that_never_answers_fails_within_pull_timeout(rs, goo
 def test_forged_transfer_ids_at_a_real_encoder_and_too_many_refs(rs, good):
     real = _grpc(rs, "mm_encoder", {"IMAGE": np.array([good], dtype=np.object_)}).as_numpy("EMBED_REF")[0]
     address = json.loads(real)["address"]
-    _refused(_grpc, rs, "mm_language", _lang([_ref(address)]), match=r"unavailable \(not_found\).*unknown transfer id",
-             status=("StatusCode.UNAVAILABLE",), within_s=3)
+    _refused(
+        _grpc,
+        rs,
+        "mm_language",
+        _lang([_ref(address)]),
+        match=r"unavailable \(not_found\).*unknown transfer id",
+        status=("StatusCode.UNAVAILABLE",),
+        within_s=3,
+    )
     # 17 refs: refused before any pull, and the real one is aborted (freed now, not after the TTL)
     _refused(_grpc, rs, "mm_language", _lang([real] + [_ref(address)] * 16), match="at most 16")
     assert rs.wait_pools_empty(2) == {}
@@ -350,8 +449,14 @@ def test_language_inputs_refused_by_triton_leave_only_ttl_work(rs, good):
     """A direct caller whose mm_language request Triton refuses (wrong dtype) never reaches the model: its
     published embedding is reclaimed by the encoder's TTL, and nothing else is held."""
     real = _grpc(rs, "mm_encoder", {"IMAGE": np.array([good], dtype=np.object_)}).as_numpy("EMBED_REF")[0]
-    _refused(_grpc, rs, "mm_language", {**_lang([real]), "MAX_TOKENS": np.array([1.0], dtype=np.float32)},
-             match="(?i)MAX_TOKENS|data.?type", status=INVALID + ("StatusCode.INTERNAL",))
+    _refused(
+        _grpc,
+        rs,
+        "mm_language",
+        {**_lang([real]), "MAX_TOKENS": np.array([1.0], dtype=np.float32)},
+        match="(?i)MAX_TOKENS|data.?type",
+        status=INVALID + ("StatusCode.INTERNAL",),
+    )
     assert rs.wait_pools_empty(TTL_S + 3) == {}
     _still_fine(rs, good)
 
@@ -382,8 +487,11 @@ def test_internal_models_refuse_clients_and_allocate_nothing(rs, good, model, to
     listener gets no connection."""
     listener = _silent_listener()
     port = listener.getsockname()[1]
-    inputs = {"IMAGE": np.array([good], dtype=np.object_)} if model == "mm_encoder" else _lang(
-        [_ref(f"tcp://127.0.0.1:{port}")] * 3)
+    inputs = (
+        {"IMAGE": np.array([good], dtype=np.object_)}
+        if model == "mm_encoder"
+        else _lang([_ref(f"tcp://127.0.0.1:{port}")] * 3)
+    )
     if token != "missing":
         inputs["MM_INTERNAL_TOKEN"] = np.array([b"" if token == "empty" else b"0" * 64], dtype=np.object_)
     encoded = rs.metric("mm_images_encoded_total", model="mm_encoder")
@@ -408,8 +516,9 @@ def test_direct_encoder_calls_cannot_exhaust_the_pool(rs, good):
     pipeline keeps serving in the same moment."""
     big = make_test_image(tokens=4000, seed=5)
     for _ in range(8):
-        _refused(_grpc, rs, "mm_encoder", {"IMAGE": np.array([big], dtype=np.object_)}, match="internal model",
-                 token=False)
+        _refused(
+            _grpc, rs, "mm_encoder", {"IMAGE": np.array([big], dtype=np.object_)}, match="internal model", token=False
+        )
     assert rs.wait_pools_empty(1) == {}
     assert len(_grpc(rs, "mm_pipeline", pipeline_inputs([good], max_tokens=2)).as_numpy("TOKEN_IDS")) == 2
 

@@ -8,6 +8,7 @@
 Concurrent requests must spread over every instance (per-instance ``mm_`` metrics, Triton's per-model
 statistics), give the oracle's tokens, and leave every pool at 0.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,17 +24,38 @@ from pathlib import Path
 import pytest
 import tritonclient.http as httpclient
 
-from harness import REPO_ROOT, TritonServer, child_setup, free_run, kill_group, metric_value, parse_metrics, port_is_free
-from mm_client import MMClient
+from harness import (
+    REPO_ROOT,
+    TritonServer,
+    child_setup,
+    free_run,
+    kill_group,
+    metric_value,
+    parse_metrics,
+    port_is_free,
+)
 from mm_bench.images import make_test_image
+from mm_client import MMClient
 from mm_remote.repository import build_repository
 
 pytestmark = pytest.mark.integration
 PROMPT = "Describe the image."
 MAX_TOKENS = 5
 IMAGES = {"small": (96, 31), "one_cont": (1500, 32), "two_cont": (2500, 33)}
-MIX = ["small", "two_cont", "one_cont", "small", "one_cont", "small", "two_cont", "small", "small", "one_cont",
-       "small", "small"]
+MIX = [
+    "small",
+    "two_cont",
+    "one_cont",
+    "small",
+    "one_cont",
+    "small",
+    "two_cont",
+    "small",
+    "small",
+    "one_cont",
+    "small",
+    "small",
+]
 LOG_DIR = Path(os.environ.get("MM_CACHE", REPO_ROOT / ".cache")) / "logs" / "tests"
 
 
@@ -50,8 +72,6 @@ def oracle(monolithic_tokens):
     return expected
 
 
-
-
 class Served:
     """``scripts/serve.py ARGS`` in its own process group (dies with this process), ready when it says so."""
 
@@ -60,11 +80,26 @@ class Served:
         self.http_port, self.grpc_port, self.metrics_port = base, base + 1, base + 2
         self.log_file = LOG_DIR / f"instances-{name}.log"
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "scripts/serve.py", *args, "--address", "127.0.0.1", "--port-base", str(base),
-               "--log-file", str(self.log_file)]
+        cmd = [
+            sys.executable,
+            "scripts/serve.py",
+            *args,
+            "--address",
+            "127.0.0.1",
+            "--port-base",
+            str(base),
+            "--log-file",
+            str(self.log_file),
+        ]
         parent = os.getpid()
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=lambda: child_setup(parent, True))
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=lambda: child_setup(parent, True),
+        )
         self.lines: list[str] = []
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -116,11 +151,26 @@ def split_2x2(tiny_model_dir):
     try:
         t0 = time.monotonic()
         # every interface bound, loopback advertised: the options of a multi-host deployment, on one host
-        encoder = Served("encoder", ["--role", "encoder", "--encoder-instances", "2", "--control-host", "0.0.0.0",
-                                     "--advertise-host", "127.0.0.1", "--control-port", str(control_base), *common])
+        encoder = Served(
+            "encoder",
+            [
+                "--role",
+                "encoder",
+                "--encoder-instances",
+                "2",
+                "--control-host",
+                "0.0.0.0",
+                "--advertise-host",
+                "127.0.0.1",
+                "--control-port",
+                str(control_base),
+                *common,
+            ],
+        )
         started.append(encoder)
-        language = Served("language", ["--role", "language", "--language-instances", "2",
-                                       "--encoder-url", encoder.grpc_url, *common])
+        language = Served(
+            "language", ["--role", "language", "--language-instances", "2", "--encoder-url", encoder.grpc_url, *common]
+        )
         started.append(language)
         print(f"2x2 split servers up in {time.monotonic() - t0:.1f} s")
         yield encoder, language, control_base
@@ -185,8 +235,11 @@ def test_split_2x2_concurrent_requests_spread_over_all_instances(split_2x2, imag
     before = {
         "enc": _per_instance(encoder.metrics(), "mm_images_encoded_total", "mm_encoder"),
         "lang": _per_instance(language.metrics(), "mm_transfers_total", "mm_language"),
-        "stats": (_success(encoder.http_url, "mm_encoder"), _success(language.http_url, "mm_language"),
-                  _success(language.http_url, "mm_pipeline")),
+        "stats": (
+            _success(encoder.http_url, "mm_encoder"),
+            _success(language.http_url, "mm_language"),
+            _success(language.http_url, "mm_pipeline"),
+        ),
     }
     _run_concurrently({"http": language.http_url, "grpc": language.grpc_url}, images, oracle)
     enc = _per_instance(encoder.metrics(), "mm_images_encoded_total", "mm_encoder")
@@ -198,8 +251,11 @@ def test_split_2x2_concurrent_requests_spread_over_all_instances(split_2x2, imag
     assert sorted(lang_delta) == ["mm_language_0_0", "mm_language_0_1"]
     assert all(v > 0 for v in enc_delta.values()) and sum(enc_delta.values()) == len(MIX)
     assert all(v > 0 for v in lang_delta.values()) and sum(lang_delta.values()) == len(MIX)
-    stats = (_success(encoder.http_url, "mm_encoder"), _success(language.http_url, "mm_language"),
-             _success(language.http_url, "mm_pipeline"))
+    stats = (
+        _success(encoder.http_url, "mm_encoder"),
+        _success(language.http_url, "mm_language"),
+        _success(language.http_url, "mm_pipeline"),
+    )
     assert [a - b for a, b in zip(stats, before["stats"])] == [len(MIX)] * 3
     assert _pools_empty(encoder) and _pools_empty(language)
 
@@ -212,10 +268,16 @@ def test_split_2x2_several_images_in_prompt_order(split_2x2, images, oracle):
 
 
 def test_one_server_2x2(tiny_model_dir, tmp_path, images, oracle):
-    repo = build_repository(tmp_path / "repo", "all", encoder_instances=2, language_instances=2,
-                            models=["mm_encoder", "mm_language", "mm_pipeline"])
-    with TritonServer(repo, env={"MM_CHECKPOINT": str(tiny_model_dir)}, log_file=LOG_DIR / "instances-all.log",
-                      startup_timeout_s=300) as server:
+    repo = build_repository(
+        tmp_path / "repo",
+        "all",
+        encoder_instances=2,
+        language_instances=2,
+        models=["mm_encoder", "mm_language", "mm_pipeline"],
+    )
+    with TritonServer(
+        repo, env={"MM_CHECKPOINT": str(tiny_model_dir)}, log_file=LOG_DIR / "instances-all.log", startup_timeout_s=300
+    ) as server:
         _run_concurrently({"http": server.http_url, "grpc": server.grpc_url}, images, oracle)
         m = server.metrics()
         enc = _per_instance(m, "mm_pool_blocks_total", "mm_encoder")

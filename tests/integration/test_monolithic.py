@@ -1,5 +1,6 @@
 """mm_monolithic (colocated baseline) through a real tritonserver: same contract, same greedy tokens and
 the same input errors as the disaggregated mm_pipeline."""
+
 from __future__ import annotations
 
 import struct
@@ -12,8 +13,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from harness import metric_value
-from mm_client import MMClient
 from mm_bench.images import make_test_image
+from mm_client import MMClient
 
 pytestmark = pytest.mark.integration
 PROMPT = "Describe the image."
@@ -24,11 +25,16 @@ IMAGES = {"small": (96, 11), "one_cont": (1500, 12), "three_cont": (4000, 13)}
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height (a decompression bomb's header)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,9 @@ def test_monolithic_tokens_equal_pipeline(mm_server, images, name):
 
 def test_monolithic_several_images_and_default_max_tokens(mm_server, images):
     order = [images["one_cont"], images["small"]]
-    assert _generate(mm_server, "mm_monolithic", order).token_ids == _generate(mm_server, "mm_pipeline", order).token_ids
+    assert (
+        _generate(mm_server, "mm_monolithic", order).token_ids == _generate(mm_server, "mm_pipeline", order).token_ids
+    )
     mono = _generate(mm_server, "mm_monolithic", [images["small"]], "Hi", max_tokens=None)
     pipe = _generate(mm_server, "mm_pipeline", [images["small"]], "Hi", max_tokens=None)
     assert mono.token_ids == pipe.token_ids and len(mono.token_ids) <= 32  # default_max_tokens

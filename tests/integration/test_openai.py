@@ -21,8 +21,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from harness import free_port, metric_value
-from mm_models.chat import parse_messages
 from mm_bench.images import make_test_image
+from mm_models.chat import parse_messages
 from mm_openai.process import APIServerProcess
 
 pytestmark = pytest.mark.integration
@@ -33,8 +33,10 @@ LOG_DIR = Path(__file__).resolve().parent.parent.parent / ".cache" / "logs" / "t
 
 @pytest.fixture(scope="module")
 def pictures(tiny_model_dir):
-    return {"a": make_test_image(tokens=96, seed=11, model_dir=tiny_model_dir),
-            "b": make_test_image(tokens=1500, seed=12, model_dir=tiny_model_dir)}  # needs a continuation
+    return {
+        "a": make_test_image(tokens=96, seed=11, model_dir=tiny_model_dir),
+        "b": make_test_image(tokens=1500, seed=12, model_dir=tiny_model_dir),
+    }  # needs a continuation
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +47,23 @@ def api(mm_server):
     from mm_triton.access import write_token_file
 
     token_file = write_token_file(mm_server.pid, f"openai-test-{os.getpid()}.key")  # as scripts/serve does
-    server = APIServerProcess(["--triton-url", mm_server.grpc_url, "--served-model-name", MODEL,
-                               "--max-body-bytes", str(MAX_BODY), "--log-level", "info",
-                               "--internal-token-file", str(token_file)],
-                              "127.0.0.1", free_port(), log_file=log)
+    server = APIServerProcess(
+        [
+            "--triton-url",
+            mm_server.grpc_url,
+            "--served-model-name",
+            MODEL,
+            "--max-body-bytes",
+            str(MAX_BODY),
+            "--log-level",
+            "info",
+            "--internal-token-file",
+            str(token_file),
+        ],
+        "127.0.0.1",
+        free_port(),
+        log_file=log,
+    )
     with server:
         yield server
 
@@ -133,9 +148,15 @@ def wait_idle(server, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
         m = server.metrics()
-        held = sum(metric_value(m, name, 0.0) for name in
-                   ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_running_sequences",
-                    "mm_engine_waiting_sequences"))
+        held = sum(
+            metric_value(m, name, 0.0)
+            for name in (
+                "mm_pool_blocks_used",
+                "mm_engine_kv_slots_used",
+                "mm_engine_running_sequences",
+                "mm_engine_waiting_sequences",
+            )
+        )
         if held == 0 or time.monotonic() > deadline:
             return m
         time.sleep(0.1)
@@ -149,15 +170,19 @@ def assert_idle(server) -> None:
 
 CASES = {
     "text_only": lambda p: ([{"role": "user", "content": "Hello, who are you?"}], []),
-    "one_image": lambda p: ([{"role": "user", "content": [image_part(data_url(p["a"])),
-                                                          {"type": "text", "text": "Describe the image."}]}],
-                            [p["a"]]),
-    "multi_turn_two_images": lambda p: ([
-        {"role": "system", "content": "You answer briefly."},
-        {"role": "user", "content": [image_part(data_url(p["a"])), {"type": "text", "text": "What is this?"}]},
-        {"role": "assistant", "content": "A pattern."},
-        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, image_part(data_url(p["b"]))]},
-    ], [p["a"], p["b"]]),
+    "one_image": lambda p: (
+        [{"role": "user", "content": [image_part(data_url(p["a"])), {"type": "text", "text": "Describe the image."}]}],
+        [p["a"]],
+    ),
+    "multi_turn_two_images": lambda p: (
+        [
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": [image_part(data_url(p["a"])), {"type": "text", "text": "What is this?"}]},
+            {"role": "assistant", "content": "A pattern."},
+            {"role": "user", "content": [{"type": "text", "text": "And this one?"}, image_part(data_url(p["b"]))]},
+        ],
+        [p["a"], p["b"]],
+    ),
 }
 
 
@@ -172,8 +197,9 @@ def test_greedy_stream_equals_unary_equals_oracle(client, mm_server, pictures, c
     assert unary.usage.completion_tokens == len(ids)
     assert unary.usage.prompt_tokens > 0 and unary.usage.total_tokens == unary.usage.prompt_tokens + len(ids)
     assert choice.finish_reason == ("length" if len(ids) == max_tokens else "stop")
-    s_text, s_reason, s_usage, n_chunks = stream_text(client, model=MODEL, messages=messages,
-                                                      max_completion_tokens=max_tokens, temperature=0)
+    s_text, s_reason, s_usage, n_chunks = stream_text(
+        client, model=MODEL, messages=messages, max_completion_tokens=max_tokens, temperature=0
+    )
     assert (s_text, s_reason) == (text, choice.finish_reason)
     assert s_usage.completion_tokens == len(ids) and s_usage.prompt_tokens == unary.usage.prompt_tokens
     assert n_chunks > 1, "the answer should arrive in several chunks (token streaming)"
@@ -185,9 +211,11 @@ def test_kserve_messages_input_equals_oracle_tokens(mm_server, pictures, chat_or
     messages = to_wire(CASES["multi_turn_two_images"](pictures)[0])
     ids, text = chat_oracle(messages, [pictures["a"], pictures["b"]], 8)
     c = grpcclient.InferenceServerClient(mm_server.grpc_url)
-    tensors = {"IMAGE": np.array([pictures["a"], pictures["b"]], dtype=np.object_),
-               "MESSAGES": np.array([json.dumps(messages).encode()], dtype=np.object_),
-               "MAX_TOKENS": np.array([8], dtype=np.int32)}
+    tensors = {
+        "IMAGE": np.array([pictures["a"], pictures["b"]], dtype=np.object_),
+        "MESSAGES": np.array([json.dumps(messages).encode()], dtype=np.object_),
+        "MAX_TOKENS": np.array([8], dtype=np.int32),
+    }
     inputs = []
     for name, arr in tensors.items():
         t = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == np.object_ else "INT32")
@@ -209,11 +237,14 @@ def test_kserve_messages_input_equals_oracle_tokens(mm_server, pictures, chat_or
 def test_kserve_v2_json_with_a_data_url_image(mm_server, pictures, chat_oracle):
     """What the README's KServe curl does: plain JSON, the image as a data: URL, MESSAGES and sampling inputs."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe"}]}]
-    body = {"inputs": [
-        {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [data_url(pictures["a"])]},
-        {"name": "MESSAGES", "datatype": "BYTES", "shape": [1], "data": [json.dumps(messages)]},
-        {"name": "MAX_TOKENS", "datatype": "INT32", "shape": [1], "data": [8]},
-        {"name": "TEMPERATURE", "datatype": "FP32", "shape": [1], "data": [0.0]}]}
+    body = {
+        "inputs": [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": [data_url(pictures["a"])]},
+            {"name": "MESSAGES", "datatype": "BYTES", "shape": [1], "data": [json.dumps(messages)]},
+            {"name": "MAX_TOKENS", "datatype": "INT32", "shape": [1], "data": [8]},
+            {"name": "TEMPERATURE", "datatype": "FP32", "shape": [1], "data": [0.0]},
+        ]
+    }
     resp = httpx.post(f"{mm_server.http_url}/v2/models/mm_pipeline/infer", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     outputs = {o["name"]: o["data"] for o in resp.json()["outputs"]}
@@ -224,15 +255,25 @@ def test_kserve_v2_json_with_a_data_url_image(mm_server, pictures, chat_oracle):
 
 def test_local_url_image_equals_base64(client, pictures, image_server):
     def ask(url):
-        return client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, messages=[
-            {"role": "user", "content": [image_part(url), {"type": "text", "text": "Describe"}]}]).choices[0]
+        return client.chat.completions.create(
+            model=MODEL,
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "user", "content": [image_part(url), {"type": "text", "text": "Describe"}]}],
+        ).choices[0]
 
     assert ask(f"{image_server}/b.png").message.content == ask(data_url(pictures["b"])).message.content
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
-              temperature=1.0, top_p=0.95, extra_body={"top_k": 50})
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=16,
+        temperature=1.0,
+        top_p=0.95,
+        extra_body={"top_k": 50},
+    )
     a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
     streamed, _, _, _ = stream_text(client, seed=1234, **kw)
@@ -244,10 +285,13 @@ def test_seeded_sampling_is_reproducible(client):
 def test_stop_string_cuts_the_answer(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Count"}], max_tokens=16, temperature=0)
     full = client.chat.completions.create(**kw).choices[0].message.content
-    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip() == full[i:i + 2]
-                and "\ufffd" not in full[i:i + 2])
+    stop = next(
+        full[i : i + 2]
+        for i in range(3, len(full) - 2)
+        if full[i : i + 2].strip() == full[i : i + 2] and "\ufffd" not in full[i : i + 2]
+    )
     cut = client.chat.completions.create(stop=[stop, "never-seen-stop"], **kw).choices[0]
-    assert cut.message.content == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
     s_text, s_reason, _, _ = stream_text(client, stop=stop, **kw)
     assert (s_text, s_reason) == (cut.message.content, "stop")
 
@@ -260,34 +304,75 @@ def test_models_health_and_metrics(api, client):
     text = httpx.get(f"{api.url}/metrics").text
     assert re.search(r'mm_openai_requests_total\{endpoint="/v1/chat/completions",status="200"\} [1-9]', text), text
     assert "mm_openai_request_duration_seconds_bucket" in text and "mm_openai_time_to_first_token_seconds" in text
-    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
-                                 ("GET", "/v1/models/other", 404)):
+    for method, path, status in (
+        ("GET", "/v1/nothing", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("GET", "/v1/models/other", 404),
+    ):
         resp = httpx.request(method, f"{api.url}{path}")
         assert resp.status_code == status and set(resp.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def _raw(api, body: bytes | dict, headers: dict | None = None) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{api.url}/v1/chat/completions", content=data, timeout=60,
-                      headers={"content-type": "application/json", **(headers or {})})
+    return httpx.post(
+        f"{api.url}/v1/chat/completions",
+        content=data,
+        timeout=60,
+        headers={"content-type": "application/json", **(headers or {})},
+    )
 
 
 BAD = {
     "malformed_json": (b'{"model": "tiny", "messages": [', 400, None),
     "unknown_model": ({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
-    "bad_image": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        image_part("data:image/png;base64," + base64.b64encode(b"not an image at all").decode()),
-        {"type": "text", "text": "x"}]}]}, 400, None),
+    "bad_image": (
+        {
+            "model": MODEL,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        image_part("data:image/png;base64," + base64.b64encode(b"not an image at all").decode()),
+                        {"type": "text", "text": "x"},
+                    ],
+                }
+            ],
+        },
+        400,
+        None,
+    ),
     "oversized_body": ({"model": MODEL, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]}, 413, None),
-    "url_not_allowed": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        image_part("http://10.255.255.1/cat.png"), {"type": "text", "text": "x"}]}]}, 400,
-        "messages[0].content[0].image_url.url"),
-    "file_url": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        image_part("file:///etc/passwd"), {"type": "text", "text": "x"}]}]}, 400, None),
-    "max_tokens_zero": ({"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400,
-                        "max_tokens"),
-    "max_tokens_huge": ({"model": MODEL, "max_tokens": 10**6, "messages": [{"role": "user", "content": "x"}]}, 400,
-                        "max_tokens"),
+    "url_not_allowed": (
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": [image_part("http://10.255.255.1/cat.png"), {"type": "text", "text": "x"}]}
+            ],
+        },
+        400,
+        "messages[0].content[0].image_url.url",
+    ),
+    "file_url": (
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "user", "content": [image_part("file:///etc/passwd"), {"type": "text", "text": "x"}]}
+            ],
+        },
+        400,
+        None,
+    ),
+    "max_tokens_zero": (
+        {"model": MODEL, "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]},
+        400,
+        "max_tokens",
+    ),
+    "max_tokens_huge": (
+        {"model": MODEL, "max_tokens": 10**6, "messages": [{"role": "user", "content": "x"}]},
+        400,
+        "max_tokens",
+    ),
     "n_two": ({"model": MODEL, "n": 2, "messages": [{"role": "user", "content": "x"}]}, 400, "n"),
 }
 
@@ -322,8 +407,11 @@ def test_request_id_reaches_triton_and_logs(api, mm_server):
     resp = _raw(api, BAD["bad_image"][0], headers={"x-request-id": rid})
     assert resp.status_code == 400 and resp.headers["x-request-id"] == rid
     assert resp.json()["error"]["message"].startswith(("IMAGE[0]", "invalid input")), resp.json()
-    ok = _raw(api, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
-              headers={"x-request-id": rid + "-ok"})
+    ok = _raw(
+        api,
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"x-request-id": rid + "-ok"},
+    )
     assert ok.status_code == 200 and ok.headers["x-request-id"] == rid + "-ok"
     assert ok.json()["id"] == f"chatcmpl-{rid}-ok"
     deadline = time.monotonic() + 5
@@ -335,9 +423,12 @@ def test_request_id_reaches_triton_and_logs(api, mm_server):
 
 def test_triton_unavailable_is_503(tmp_path):
     """An API server whose Triton is not there answers 503 with an error object, and /health says so."""
-    with APIServerProcess(["--triton-url", f"127.0.0.1:{free_port()}", "--served-model-name", MODEL,
-                           "--request-timeout-s", "5"], "127.0.0.1", free_port(),
-                          log_file=tmp_path / "api.log") as api:
+    with APIServerProcess(
+        ["--triton-url", f"127.0.0.1:{free_port()}", "--served-model-name", MODEL, "--request-timeout-s", "5"],
+        "127.0.0.1",
+        free_port(),
+        log_file=tmp_path / "api.log",
+    ) as api:
         resp = _raw(api, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         assert resp.status_code == 503, resp.text
         assert resp.json()["error"]["type"] == "server_error"
@@ -348,12 +439,28 @@ def test_triton_unavailable_is_503(tmp_path):
 def test_client_disconnect_mid_stream_frees_blocks_and_kv_slot(api, mm_server, pictures, tmp_path, route):
     """direct (the default): the disconnect cancels the sequence at once. ensemble: Triton 2.51 does not pass
     the cancellation through mm_pipeline_stream, so the sequence runs to max_tokens, then frees everything."""
-    body = {"model": MODEL, "stream": True, "max_tokens": 1000, "temperature": 0,
-            "messages": [{"role": "user", "content": [image_part(data_url(pictures["b"])),
-                                                      {"type": "text", "text": "Describe at length."}]}]}
-    server = api if route == "direct" else APIServerProcess(
-        ["--triton-url", mm_server.grpc_url, "--served-model-name", MODEL, "--stream-via", "ensemble"],
-        "127.0.0.1", free_port(), log_file=tmp_path / "api-ensemble.log").start()
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "max_tokens": 1000,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [image_part(data_url(pictures["b"])), {"type": "text", "text": "Describe at length."}],
+            }
+        ],
+    }
+    server = (
+        api
+        if route == "direct"
+        else APIServerProcess(
+            ["--triton-url", mm_server.grpc_url, "--served-model-name", MODEL, "--stream-via", "ensemble"],
+            "127.0.0.1",
+            free_port(),
+            log_file=tmp_path / "api-ensemble.log",
+        ).start()
+    )
     try:
         before = mm_server.metrics()
         with httpx.Client(timeout=60) as http:
@@ -369,12 +476,16 @@ def test_client_disconnect_mid_stream_frees_blocks_and_kv_slot(api, mm_server, p
         freed_after = time.monotonic() - t0
         for name in ("mm_pool_blocks_used", "mm_engine_kv_slots_used", "mm_engine_running_sequences"):
             assert metric_value(m, name, 0.0) == 0, f"{name} still held {freed_after:.1f} s after the disconnect"
-        generated = (metric_value(m, "mm_engine_generated_tokens_total", 0.0)
-                     - metric_value(before, "mm_engine_generated_tokens_total", 0.0))
-        cancelled = (metric_value(m, "mm_engine_requests_total", 0.0, outcome="cancelled")
-                     - metric_value(before, "mm_engine_requests_total", 0.0, outcome="cancelled"))
-        print(f"\n{route}: slot and blocks free {freed_after:.2f} s after the disconnect; "
-              f"{generated:.0f} tokens generated; {cancelled:.0f} cancelled")
+        generated = metric_value(m, "mm_engine_generated_tokens_total", 0.0) - metric_value(
+            before, "mm_engine_generated_tokens_total", 0.0
+        )
+        cancelled = metric_value(m, "mm_engine_requests_total", 0.0, outcome="cancelled") - metric_value(
+            before, "mm_engine_requests_total", 0.0, outcome="cancelled"
+        )
+        print(
+            f"\n{route}: slot and blocks free {freed_after:.2f} s after the disconnect; "
+            f"{generated:.0f} tokens generated; {cancelled:.0f} cancelled"
+        )
         if route == "direct":
             assert cancelled == 1 and generated < 1000
         assert httpx.get(f"{server.url}/health").status_code == 200

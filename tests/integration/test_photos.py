@@ -5,6 +5,7 @@ Each photo goes through ``mm_pipeline`` and the colocated ``mm_monolithic`` (one
 gRPC, alternating), answers, reports its embedding tokens (IMAGE_TOKENS) within the budget, and its greedy
 tokens equal the in-process monolithic model's for the same bytes.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -74,8 +75,10 @@ def test_resized_images_are_counted(mm_server):
     big = photo(1600, 1200, seed=10)
 
     def resized(model: str) -> float:
-        return sum(metric_value(mm_server.metrics(), "mm_images_resized_total", 0.0, model=model, instance=i)
-                   for i in _instances(mm_server, model))
+        return sum(
+            metric_value(mm_server.metrics(), "mm_images_resized_total", 0.0, model=model, instance=i)
+            for i in _instances(mm_server, model)
+        )
 
     before = {m: resized(m) for m in ("mm_encoder", "mm_monolithic")}
     _generate((mm_server.http_url, "http"), "mm_pipeline", [small, big], max_tokens=1)
@@ -85,8 +88,13 @@ def test_resized_images_are_counted(mm_server):
 
 
 def _instances(server, model: str) -> list[str]:
-    return sorted({dict(labels).get("instance", "") for (name, labels) in server.metrics()
-                   if name == "mm_images_resized_total" and dict(labels).get("model") == model})
+    return sorted(
+        {
+            dict(labels).get("instance", "")
+            for (name, labels) in server.metrics()
+            if name == "mm_images_resized_total" and dict(labels).get("model") == model
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +102,13 @@ def budget_server(tiny_model_dir, tmp_path_factory):
     """A server given a smaller budget, as `scripts/serve --mm-processor-kwargs '{"max_pixels": 16384}'` does."""
     log = tmp_path_factory.mktemp("photos") / "server.log"
     env = {"MM_CHECKPOINT": str(tiny_model_dir), "MM_MAX_PIXELS": str(1024 * 16), "MM_MIN_PIXELS": str(8 * 8)}
-    args = ["--model-control-mode=explicit", *(f"--load-model={m}" for m in  # the BLS pipeline's steps too
-                                               ("mm_encoder", "mm_language", "mm_pipeline", "mm_monolithic"))]
+    args = [
+        "--model-control-mode=explicit",
+        *(
+            f"--load-model={m}"
+            for m in ("mm_encoder", "mm_language", "mm_pipeline", "mm_monolithic")  # the BLS pipeline's steps too
+        ),
+    ]
     with TritonServer(DEFAULT_MODEL_REPOSITORY, env=env, args=args, log_file=log, startup_timeout_s=300) as server:
         yield server
 

@@ -1,5 +1,6 @@
 """The product through a real tritonserver: correctness oracle, concurrency, several
 images, metrics, and clear errors on bad input (the server keeps serving)."""
+
 from __future__ import annotations
 
 import math
@@ -12,10 +13,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from internal import with_token
 from harness import metric_value
-from mm_client import MMClient
+from internal import with_token
 from mm_bench.images import make_test_image, tokens_for_image_size
+from mm_client import MMClient
 
 pytestmark = pytest.mark.integration
 WINDOW = 1024
@@ -36,11 +37,13 @@ def images(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def image_tokens(images, tiny_model_dir):
-    from PIL import Image
     import io
 
-    return {name: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(data)).size)
-            for name, data in images.items()}
+    from PIL import Image
+
+    return {
+        name: tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(data)).size) for name, data in images.items()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +119,15 @@ def test_concurrent_small_and_huge_requests(mm_server, images, oracle):
         assert got == oracle([images[name]]), name
     after = _wait_pools_empty(mm_server)
     done = metric_value(after, "mm_transfers_total", model="mm_language") - metric_value(
-        before, "mm_transfers_total", model="mm_language")
+        before, "mm_transfers_total", model="mm_language"
+    )
     assert done == len(mix)
     calls = metric_value(after, "mm_encode_batch_images_count", model="mm_encoder") - metric_value(
-        before, "mm_encode_batch_images_count", model="mm_encoder")
+        before, "mm_encode_batch_images_count", model="mm_encoder"
+    )
     encoded = metric_value(after, "mm_encode_batch_images_sum", model="mm_encoder") - metric_value(
-        before, "mm_encode_batch_images_sum", model="mm_encoder")
+        before, "mm_encode_batch_images_sum", model="mm_encoder"
+    )
     print(f"encoder: {encoded:.0f} image(s) in {calls:.0f} tower call(s)")  # cached images need none
     assert 0 <= calls <= encoded  # never more tower calls than images (one per image at worst)
 
@@ -159,13 +165,19 @@ def test_phase_histograms_count_every_request(mm_server, tiny_model_dir):
             for image in fresh:
                 client.generate([image], PROMPT, max_tokens=3)
     after = _wait_pools_empty(mm_server)
-    for model, phases in (("mm_encoder", ENCODER_PHASES), ("mm_language", LANGUAGE_PHASES),
-                          ("mm_monolithic", MONOLITHIC_PHASES)):
+    for model, phases in (
+        ("mm_encoder", ENCODER_PHASES),
+        ("mm_language", LANGUAGE_PHASES),
+        ("mm_monolithic", MONOLITHIC_PHASES),
+    ):
         got = _phase_counts(after, model, phases)
         was = _phase_counts(before, model, phases)
         assert {p: got[p] - was[p] for p in phases} == {p: n for p in phases}, model
-        total = sum(metric_value(after, "mm_phase_seconds_sum", 0.0, model=model, phase=p)
-                    - metric_value(before, "mm_phase_seconds_sum", 0.0, model=model, phase=p) for p in phases)
+        total = sum(
+            metric_value(after, "mm_phase_seconds_sum", 0.0, model=model, phase=p)
+            - metric_value(before, "mm_phase_seconds_sum", 0.0, model=model, phase=p)
+            for p in phases
+        )
         assert 0 < total < 60 * n, model
         inf = metric_value(after, "mm_phase_seconds_bucket", 0.0, model=model, phase=phases[-1], le="+Inf")
         assert inf >= n  # a real histogram, cumulative buckets up to +Inf
@@ -189,8 +201,11 @@ def test_concurrent_requests_share_tower_calls(mm_server, tiny_model_dir, oracle
     for image, got in zip(fresh, results):
         assert got == oracle([image])
     after = _wait_pools_empty(mm_server)
-    calls, images = (metric_value(after, f"mm_encode_batch_images_{k}", model="mm_encoder")
-                     - metric_value(before, f"mm_encode_batch_images_{k}", model="mm_encoder") for k in ("count", "sum"))
+    calls, images = (
+        metric_value(after, f"mm_encode_batch_images_{k}", model="mm_encoder")
+        - metric_value(before, f"mm_encode_batch_images_{k}", model="mm_encoder")
+        for k in ("count", "sum")
+    )
     assert images == len(fresh) and calls < images, (calls, images)
 
 
@@ -214,12 +229,20 @@ def test_forged_transfer_id_is_refused_and_counted(mm_server, images):
     forged_ref = real_ref.replace(real_ref.split('"transfer_id":"')[1][:32], "ab" * 16)
     prompt = np.array([b"hi"], dtype=np.object_)
     with pytest.raises(InferenceServerException, match="not_found.*unknown transfer id"):
-        _call_model(mm_server, "mm_language", {"EMBED_REF": np.array([forged_ref.encode()], dtype=np.object_),
-                                               "PROMPT": prompt})
+        _call_model(
+            mm_server, "mm_language", {"EMBED_REF": np.array([forged_ref.encode()], dtype=np.object_), "PROMPT": prompt}
+        )
     after = metric_value(_metrics(mm_server), "mm_transfer_failures_total", cause="not_found")
     assert after - before == 1
-    ok = _call_model(mm_server, "mm_language", {"EMBED_REF": np.array([real_ref.encode()], dtype=np.object_),
-                                                "PROMPT": prompt, "MAX_TOKENS": np.array([1], dtype=np.int32)})
+    ok = _call_model(
+        mm_server,
+        "mm_language",
+        {
+            "EMBED_REF": np.array([real_ref.encode()], dtype=np.object_),
+            "PROMPT": prompt,
+            "MAX_TOKENS": np.array([1], dtype=np.int32),
+        },
+    )
     assert ok.as_numpy("TOKEN_IDS").shape == (1,)
     assert metric_value(_wait_pools_empty(mm_server), "mm_pool_blocks_used") == 0
 
@@ -229,8 +252,11 @@ def test_rejected_request_frees_the_encoders_blocks(mm_server, images):
     real = _call_model(mm_server, "mm_encoder", {"IMAGE": np.array([images["two_cont"]], dtype=np.object_)})
     assert metric_value(_metrics(mm_server), "mm_pool_blocks_used", model="mm_encoder") > 0
     with pytest.raises(InferenceServerException, match="PROMPT"):
-        _call_model(mm_server, "mm_language", {"EMBED_REF": real.as_numpy("EMBED_REF"),
-                                               "PROMPT": np.array([b""], dtype=np.object_)})
+        _call_model(
+            mm_server,
+            "mm_language",
+            {"EMBED_REF": real.as_numpy("EMBED_REF"), "PROMPT": np.array([b""], dtype=np.object_)},
+        )
     assert metric_value(_wait_pools_empty(mm_server), "mm_pool_blocks_used", model="mm_encoder") == 0
 
 
@@ -306,8 +332,9 @@ def test_repeated_image_hits_the_embedding_cache(mm_server, tiny_model_dir, orac
     assert second.token_ids == oracle([image, image])
     after = _wait_pools_empty(mm_server)
     hits = metric_value(after, "mm_embedding_cache_hits_total") - metric_value(before, "mm_embedding_cache_hits_total")
-    misses = (metric_value(after, "mm_embedding_cache_misses_total")
-              - metric_value(before, "mm_embedding_cache_misses_total"))
+    misses = metric_value(after, "mm_embedding_cache_misses_total") - metric_value(
+        before, "mm_embedding_cache_misses_total"
+    )
     assert (hits, misses) == (2, 1)
     assert metric_value(after, "mm_pool_blocks_used", model="mm_encoder") == 0
     assert metric_value(after, "mm_pool_blocks_cached", model="mm_encoder") >= 15  # 1800 tokens / 128

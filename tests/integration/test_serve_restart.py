@@ -1,5 +1,6 @@
 """scripts/serve as an operator runs it: the monolithic baseline is not loaded by default, the repository and
 shared-memory APIs are closed to clients, and a tritonserver that dies is started again."""
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,22 @@ class _Serve:
             base = free_port()
         self.http = base
         env = {**os.environ, "MM_CHECKPOINT": str(REPO_ROOT / ".cache" / "models" / "tiny-qwen2-vl")}
-        self.proc = subprocess.Popen([str(REPO_ROOT / "scripts" / "serve"), "--port-base", str(base), "--address",
-                                      "127.0.0.1", "--no-openai", *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [
+                str(REPO_ROOT / "scripts" / "serve"),
+                "--port-base",
+                str(base),
+                "--address",
+                "127.0.0.1",
+                "--no-openai",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
 

@@ -2,6 +2,7 @@
 cancels, deadlines, hostile inputs, abandoned embeddings and two stub kills (at 15 s and 30 s) against a real
 tritonserver on 127.0.0.1.
 The long run is `scripts/soak.py` itself (docs/RELIABILITY.md has its figures)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,15 @@ def test_short_soak_loses_nothing(tiny_model_dir):
 
     soak = _soak_module()
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    opts = soak.Options(requests=100_000, duration_s=45, concurrency=6, seed=7, kill_every_s=15,
-                        max_rss_growth_mib=256, log_file=str(LOG_DIR / "test_soak-server.log"))
+    opts = soak.Options(
+        requests=100_000,
+        duration_s=45,
+        concurrency=6,
+        seed=7,
+        kill_every_s=15,
+        max_rss_growth_mib=256,
+        log_file=str(LOG_DIR / "test_soak-server.log"),
+    )
     report = soak.run_soak(opts)
     print(soak.format_table(report))
     (LOG_DIR / "test_soak-report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -6,6 +6,7 @@ need continuations and several images per request; every server's pools are back
 Also: clear errors through the language server, an unreachable encoder server (UNAVAILABLE naming its URL),
 fail-over to the next encoder URL, and ``scripts/serve --role language ... --demo --exit``.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from harness import REPO_ROOT, TritonServer, free_port, metric_value
-from mm_client import MMClient
 from mm_bench.images import make_test_image, tokens_for_image_size
+from mm_client import MMClient
 from mm_remote.repository import SOURCES, build_repository
 
 pytestmark = pytest.mark.integration
@@ -73,14 +74,19 @@ def split(tiny_model_dir, tmp_path_factory):
     servers: list[TritonServer] = []
     try:
         t0 = time.monotonic()
-        encoder = TritonServer(SOURCES["encoder"], env=env, log_file=log_dir / "split-encoder.log",
-                               startup_timeout_s=300)
+        encoder = TritonServer(
+            SOURCES["encoder"], env=env, log_file=log_dir / "split-encoder.log", startup_timeout_s=300
+        )
         servers.append(encoder.start())
         dead_url = f"127.0.0.1:{free_port()}"
         urls = [encoder.grpc_url, f"{dead_url},{encoder.grpc_url}"]
         for i, url in enumerate(urls):
-            language = TritonServer(SOURCES["language"], env={**env, "MM_ENCODER_URLS": url},
-                                    log_file=log_dir / f"split-language-{i}.log", startup_timeout_s=300)
+            language = TritonServer(
+                SOURCES["language"],
+                env={**env, "MM_ENCODER_URLS": url},
+                log_file=log_dir / f"split-language-{i}.log",
+                startup_timeout_s=300,
+            )
             servers.append(language.start())
         print(f"split servers up in {time.monotonic() - t0:.1f} s")
         yield Split(servers[0], servers[1:], dead_url)
@@ -188,12 +194,15 @@ def _infer(server, image_list, prompt=b"Describe", max_tokens=None):
         client.close()  # an open keep-alive connection would hold the server's shutdown for its exit timeout
 
 
-@pytest.mark.parametrize("case, message", [
-    ("corrupt", r"IMAGE\[0\].*\(encoder server 127\.0\.0\.1:\d+\)"),
-    ("second_image_bad", r"IMAGE\[1\]"),
-    ("empty_prompt", "PROMPT: must not be empty"),
-    ("max_tokens_zero", r"MAX_TOKENS: must be in \[1, 1024\]"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("corrupt", r"IMAGE\[0\].*\(encoder server 127\.0\.0\.1:\d+\)"),
+        ("second_image_bad", r"IMAGE\[1\]"),
+        ("empty_prompt", "PROMPT: must not be empty"),
+        ("max_tokens_zero", r"MAX_TOKENS: must be in \[1, 1024\]"),
+    ],
+)
 def test_bad_input_is_invalid_arg_and_frees_the_encoder(clean, images, case, message):
     good = images["two_cont"]
     kwargs = {
@@ -238,9 +247,24 @@ def test_serve_language_role_demo(clean, tmp_path):
     base = free_port()
     while base + 2 > 65535 or not all(_free(p) for p in (base, base + 1, base + 2)):
         base = free_port()
-    cmd = [sys.executable, "scripts/serve.py", "--role", "language", "--encoder-url", clean.encoder.grpc_url,
-           "--port-base", str(base), "--address", "127.0.0.1", "--demo", "--exit", "--demo-max-tokens", "3",
-           "--log-file", str(tmp_path / "serve.log")]
+    cmd = [
+        sys.executable,
+        "scripts/serve.py",
+        "--role",
+        "language",
+        "--encoder-url",
+        clean.encoder.grpc_url,
+        "--port-base",
+        str(base),
+        "--address",
+        "127.0.0.1",
+        "--demo",
+        "--exit",
+        "--demo-max-tokens",
+        "3",
+        "--log-file",
+        str(tmp_path / "serve.log"),
+    ]
     r = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "role language" in r.stdout and f"encoders {clean.encoder.grpc_url}" in r.stdout

@@ -1,4 +1,5 @@
 """Helpers for the in-process engine tests: request builders over the tiny model, loaders and sinks."""
+
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,14 @@ def random_image(seed: int, width: int, height: int) -> Image.Image:
 class EncodingLoader(ImageLoader):
     """Runs the vision encoder on the loader thread (as mm_monolithic would); optional delay and failure."""
 
-    def __init__(self, encoder, images: Sequence[Image.Image], delay_s: float = 0.0,
-                 fail: BaseException | None = None, block: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        encoder,
+        images: Sequence[Image.Image],
+        delay_s: float = 0.0,
+        fail: BaseException | None = None,
+        block: threading.Event | None = None,
+    ) -> None:
         self.encoder = encoder
         self.images = list(images)
         self.delay_s = delay_s
@@ -96,15 +103,15 @@ class Case:
     sampling: SamplingParams
 
 
-def build_request(mono, encoder, rid: str, case: Case, loader: ImageLoader | None = None,
-                  **kw) -> GenerationRequest:
+def build_request(mono, encoder, rid: str, case: Case, loader: ImageLoader | None = None, **kw) -> GenerationRequest:
     """The engine request the pipeline would build for ``case`` (ids exactly as the oracle tokenises)."""
     ids = mono.build_inputs(case.images, case.prompt)["input_ids"][0].tolist()
     counts = [encoder.count_tokens(im) for im in case.images]
     if loader is None and case.images:
         loader = EncodingLoader(encoder, case.images)
-    return GenerationRequest(request_id=rid, prompt_ids=ids, image_token_counts=counts,
-                             images=loader, sampling=case.sampling, **kw)
+    return GenerationRequest(
+        request_id=rid, prompt_ids=ids, image_token_counts=counts, images=loader, sampling=case.sampling, **kw
+    )
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -1,4 +1,5 @@
 """A sender endpoint living in its own process, driven by the tests over a queue."""
+
 from __future__ import annotations
 
 import queue as queue_mod
@@ -26,8 +27,11 @@ def sender_main(commands, replies, config: TransferConfig, blocks: int, hidden: 
             break
         try:
             if cmd[0] == "register":
-                ref = sender.register(embedding_for(cmd[1], cmd[2], hidden, dtype), {"grid_thw": [1, 2, cmd[2]]},
-                                      request_id=f"seed-{cmd[1]}")
+                ref = sender.register(
+                    embedding_for(cmd[1], cmd[2], hidden, dtype),
+                    {"grid_thw": [1, 2, cmd[2]]},
+                    request_id=f"seed-{cmd[1]}",
+                )
                 replies.put(("ok", ref.to_json()))
             elif cmd[0] == "reserve":
                 replies.put(("ok", sender.reserve("reserved").to_json()))

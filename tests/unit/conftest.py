@@ -1,4 +1,5 @@
 """Fixtures shared by the engine's unit tests: the tiny checkpoint's oracle and vision tower, loaded once per module."""
+
 import pytest
 
 

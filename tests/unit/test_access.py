@@ -1,5 +1,6 @@
 """Internal-model token (mm_triton.access), trusted encoder endpoints (mm_language.trust) and request bounds
 (mm_triton.bounds), without Triton."""
+
 from __future__ import annotations
 
 import io
@@ -88,14 +89,17 @@ def test_shared_secret_derives_the_same_token_everywhere(monkeypatch):
 
 
 # ---- the gate ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("request_inputs, allowed", [
-    ({}, False),
-    ({"MM_INTERNAL_TOKEN": _obj(b"wrong")}, False),
-    ({"MM_INTERNAL_TOKEN": _obj(b"")}, False),
-    ({"MM_INTERNAL_TOKEN": _obj(b"a" * 64, b"a" * 64)}, False),
-    ({"MM_INTERNAL_TOKEN": np.array([1], dtype=np.int32)}, False),
-    ({"MM_INTERNAL_TOKEN": _obj(b"a" * 64)}, True),
-])
+@pytest.mark.parametrize(
+    "request_inputs, allowed",
+    [
+        ({}, False),
+        ({"MM_INTERNAL_TOKEN": _obj(b"wrong")}, False),
+        ({"MM_INTERNAL_TOKEN": _obj(b"")}, False),
+        ({"MM_INTERNAL_TOKEN": _obj(b"a" * 64, b"a" * 64)}, False),
+        ({"MM_INTERNAL_TOKEN": np.array([1], dtype=np.int32)}, False),
+        ({"MM_INTERNAL_TOKEN": _obj(b"a" * 64)}, True),
+    ],
+)
 def test_gate(request_inputs, allowed):
     gate = InternalGate("mm_encoder", "a" * 64)
     assert gate.allows(FakePb, request_inputs) is allowed
@@ -117,8 +121,15 @@ def test_gate_modes(monkeypatch):
 def _ref(address: str) -> bytes:
     from mmtransfer.wire import PROTOCOL_VERSION
 
-    return ('{"transfer_id":"' + "ab" * 16 + '","address":"' + address + '","num_tokens":4,"version":'
-            + str(PROTOCOL_VERSION) + "}").encode()
+    return (
+        '{"transfer_id":"'
+        + "ab" * 16
+        + '","address":"'
+        + address
+        + '","num_tokens":4,"version":'
+        + str(PROTOCOL_VERSION)
+        + "}"
+    ).encode()
 
 
 def test_only_registered_or_configured_endpoints_are_trusted(tmp_path):
@@ -128,7 +139,8 @@ def test_only_registered_or_configured_endpoints_are_trusted(tmp_path):
     with pytest.raises(ValueError, match=r"EMBED_REF\[1\]: endpoint tcp://127.0.0.1:6666 is not one of"):
         trust.check([_ref("tcp://127.0.0.1:5555"), _ref("tcp://127.0.0.1:6666")])
     assert trust.only_trusted([_ref("tcp://127.0.0.1:6666"), b"{bad", _ref("tcp://enc:9000")]) == [
-        _ref("tcp://enc:9000")]
+        _ref("tcp://enc:9000")
+    ]
     trust.check([b"{not json"])  # left to the service's parser and its message
 
 
@@ -164,23 +176,29 @@ def _req(**inputs):
     return {k: v for k, v in base.items() if v is not None}
 
 
-@pytest.mark.parametrize("inputs, message", [
-    ({"IMAGE": None}, "input IMAGE is required"),
-    ({"PROMPT": None}, "input PROMPT is required"),
-    ({"IMAGE": _obj(*[b"x"] * 17)}, "IMAGE: at most 16 images per request, got 17"),
-    ({"IMAGE": _obj(b"x" * 2000)}, r"IMAGE\[0\]: 2000 bytes, more than max_image_bytes=1000"),
-    ({"IMAGE": _obj(_png_header(8, 8), _png_header(300, 30))},
-     r"IMAGE\[1\]: image is 300x30 = 9000 pixels, more than the allowed 4096"),
-    ({"IMAGE": _obj(_png_header(30000, 30000))}, r"IMAGE\[0\]: image is too large to decode safely"),
-    ({"PROMPT": _obj(b"p" * 501)}, "PROMPT: longer than max_prompt_bytes=500 bytes"),
-    ({"PROMPT": None, "MESSAGES": _obj(b"m" * 501)}, "MESSAGES: longer than max_prompt_bytes=500 bytes"),
-    ({"MAX_TOKENS": np.array([0], dtype=np.int32)}, r"MAX_TOKENS: must be in \[1, 64\], got 0"),
-    ({"IMAGE": _obj(*[b"x" * 900] * 3)}, "request: 2702 bytes of inputs, more than max_request_bytes=2500"),
-    ({"IMAGE": np.array([1], dtype=np.int32)}, "input IMAGE must be BYTES"),
-])
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        ({"IMAGE": None}, "input IMAGE is required"),
+        ({"PROMPT": None}, "input PROMPT is required"),
+        ({"IMAGE": _obj(*[b"x"] * 17)}, "IMAGE: at most 16 images per request, got 17"),
+        ({"IMAGE": _obj(b"x" * 2000)}, r"IMAGE\[0\]: 2000 bytes, more than max_image_bytes=1000"),
+        (
+            {"IMAGE": _obj(_png_header(8, 8), _png_header(300, 30))},
+            r"IMAGE\[1\]: image is 300x30 = 9000 pixels, more than the allowed 4096",
+        ),
+        ({"IMAGE": _obj(_png_header(30000, 30000))}, r"IMAGE\[0\]: image is too large to decode safely"),
+        ({"PROMPT": _obj(b"p" * 501)}, "PROMPT: longer than max_prompt_bytes=500 bytes"),
+        ({"PROMPT": None, "MESSAGES": _obj(b"m" * 501)}, "MESSAGES: longer than max_prompt_bytes=500 bytes"),
+        ({"MAX_TOKENS": np.array([0], dtype=np.int32)}, r"MAX_TOKENS: must be in \[1, 64\], got 0"),
+        ({"IMAGE": _obj(*[b"x" * 900] * 3)}, "request: 2702 bytes of inputs, more than max_request_bytes=2500"),
+        ({"IMAGE": np.array([1], dtype=np.int32)}, "input IMAGE must be BYTES"),
+    ],
+)
 def test_bounds_refuse_from_header_facts(inputs, message):
-    bounds = RequestBounds(max_image_bytes=1000, max_request_bytes=2500, max_image_pixels=4096, max_prompt_bytes=500,
-                           max_tokens_limit=64)
+    bounds = RequestBounds(
+        max_image_bytes=1000, max_request_bytes=2500, max_image_pixels=4096, max_prompt_bytes=500, max_tokens_limit=64
+    )
     with pytest.raises(ValueError, match=message):
         check_request(FakePb, _req(**inputs), bounds, INPUTS)
 

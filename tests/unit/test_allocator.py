@@ -1,8 +1,10 @@
 """Allocator contracts: unit cases and hypothesis state machines (no leaks, no overlap)."""
+
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mmtransfer.allocator import BlockAllocator, FixedSlotAllocator
@@ -21,7 +23,7 @@ def test_alloc_returns_none_on_exhaustion_and_recovers():
 
 def test_blocks_need_not_be_contiguous():
     a = BlockAllocator(6)
-    x, y, z = a.alloc(2), a.alloc(2), a.alloc(2)
+    x, _y, z = a.alloc(2), a.alloc(2), a.alloc(2)
     a.free(x)
     a.free(z)
     got = a.alloc(4)

@@ -3,6 +3,7 @@
 It authenticates peers (a frame without a valid MAC is refused, the endpoint keeps serving); it does
 not encrypt. Both ends must hold the same secret; any mismatch is a clear error naming the setting,
 and an unauthenticated ABORT cannot free another peer's embedding (only the TTL reclaims it)."""
+
 from __future__ import annotations
 
 import time
@@ -12,10 +13,16 @@ import torch
 import zmq
 
 from mmtransfer import (
-    AuthenticationError, BlockPool, ConfigError, ProtocolError, Receiver, SenderEndpoint, TransferConfig,
+    AuthenticationError,
+    BlockPool,
+    ConfigError,
+    ProtocolError,
+    Receiver,
+    SenderEndpoint,
+    TransferConfig,
     TransferNotFound,
+    wire,
 )
-from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 HIDDEN = 16
@@ -24,8 +31,17 @@ KEY = SECRET.encode()
 
 
 def _cfg(secret: str = "", **kw) -> TransferConfig:
-    base = dict(block_tokens=8, default_window_tokens=32, max_embed_tokens=512, pool_blocks=8, alloc_timeout_s=0.5,
-                pull_timeout_s=2.0, pull_wait_s=0.3, ttl_s=30.0, shared_secret=secret)
+    base = dict(
+        block_tokens=8,
+        default_window_tokens=32,
+        max_embed_tokens=512,
+        pool_blocks=8,
+        alloc_timeout_s=0.5,
+        pull_timeout_s=2.0,
+        pull_wait_s=0.3,
+        ttl_s=30.0,
+        shared_secret=secret,
+    )
     base.update(kw)
     return TransferConfig(**base)
 
@@ -59,9 +75,14 @@ def test_secret_is_optional_validated_and_never_printed():
 
 
 # ---- the frame format ---------------------------------------------------------------------------------
-MESSAGES = [wire.Pull(new_transfer_id(), 0, 0, 8, "host", "r"), wire.Done(new_transfer_id(), 1),
-            wire.Abort(new_transfer_id(), "x"), wire.Error("", 0, "bad_request", "no"),
-            wire.Bootstrap(new_transfer_id(), "auto", "cuda", "G", "h", 1), wire.Close(new_transfer_id(), "c")]
+MESSAGES = [
+    wire.Pull(new_transfer_id(), 0, 0, 8, "host", "r"),
+    wire.Done(new_transfer_id(), 1),
+    wire.Abort(new_transfer_id(), "x"),
+    wire.Error("", 0, "bad_request", "no"),
+    wire.Bootstrap(new_transfer_id(), "auto", "cuda", "G", "h", 1),
+    wire.Close(new_transfer_id(), "c"),
+]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -69,7 +90,7 @@ def test_authenticated_frames_round_trip_and_carry_a_mac(msg):
     frame = wire.encode(msg, KEY)
     assert frame[5] & wire.AUTH_FLAG and len(frame) == len(wire.encode(msg)) + wire.MAC_BYTES
     assert wire.decode(frame, KEY) == msg
-    assert frame[6:-wire.MAC_BYTES] == wire.encode(msg)[6:]  # the body is readable: no encryption
+    assert frame[6 : -wire.MAC_BYTES] == wire.encode(msg)[6:]  # the body is readable: no encryption
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -144,11 +165,14 @@ def test_unauthenticated_peer_is_refused_and_the_endpoint_keeps_serving():
         sender.close()
 
 
-@pytest.mark.parametrize("sender_secret, receiver_secret, message", [
-    (SECRET, "", "shared_secret"),
-    ("", SECRET, "requires the shared secret"),
-    (SECRET, "a-different-secret-123", "does not verify|refused"),
-])
+@pytest.mark.parametrize(
+    "sender_secret, receiver_secret, message",
+    [
+        (SECRET, "", "shared_secret"),
+        ("", SECRET, "requires the shared secret"),
+        (SECRET, "a-different-secret-123", "does not verify|refused"),
+    ],
+)
 def test_mismatched_secrets_fail_clearly_and_ttl_reclaims(sender_secret, receiver_secret, message):
     sender, receiver = _pair(sender_secret, receiver_secret, ttl_s=0.5)
     try:

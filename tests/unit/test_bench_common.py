@@ -1,4 +1,5 @@
 """mm_bench basics: length mixes, tables, result JSON, perf_analyzer glue, /proc samplers."""
+
 from __future__ import annotations
 
 import base64
@@ -61,8 +62,10 @@ def test_write_json_machine_info(tmp_path):
     info = machine_info()
     assert info["nproc"] == os.cpu_count() and info["python"] and "utc" in info
     assert "CPU cores" in machine_line(info)
-    path = write_json(tmp_path / "sub" / "r.json", {"machine": info, "n": np.int64(3), "x": np.float32(0.5),
-                                                    "arr": np.arange(3), "p": tmp_path})
+    path = write_json(
+        tmp_path / "sub" / "r.json",
+        {"machine": info, "n": np.int64(3), "x": np.float32(0.5), "arr": np.arange(3), "p": tmp_path},
+    )
     data = json.loads(path.read_text())
     assert data["n"] == 3 and data["arr"] == [0, 1, 2] and data["x"] == 0.5
 
@@ -85,10 +88,11 @@ def test_write_input_data(tmp_path):
 
 
 def test_command_lines():
-    cmd = perf.command("pa", "mm_pipeline", "h:1", "in.json", "o.csv", concurrency=4, request_count=20,
-                       profile_export="e.json")
+    cmd = perf.command(
+        "pa", "mm_pipeline", "h:1", "in.json", "o.csv", concurrency=4, request_count=20, profile_export="e.json"
+    )
     assert cmd[:3] == ["pa", "-m", "mm_pipeline"]
-    assert ["--concurrency-range", "4"] == cmd[cmd.index("--concurrency-range"):][:2]
+    assert ["--concurrency-range", "4"] == cmd[cmd.index("--concurrency-range") :][:2]
     assert "--profile-export-file" in cmd and "--request-rate-range" not in cmd
     cmd = perf.command("pa", "m", "h:1", "in", "o", request_rate=2.5, max_threads=2, extra=["-a"])
     assert cmd[cmd.index("--request-rate-range") + 1] == "2.5" and "poisson" in cmd and cmd[-1] == "-a"
@@ -115,15 +119,26 @@ def test_parse_csv():
 
 def test_profile_export_with_raw_bytes(tmp_path):
     """The export embeds BYTES inputs raw (not UTF-8); latencies and per-input tokens come out."""
+
     def req(t0_ms, dt_ms, image, ids):
-        return (b'{"timestamp":%d,"request_inputs":{"PROMPT":"p","IMAGE":"' % int(t0_ms * 1e6) + image +
-                b'"},"response_timestamps":[%d],"response_outputs":[{"TOKEN_IDS":%s,"TEXT":"x"}]}'
-                % (int((t0_ms + dt_ms) * 1e6), json.dumps(ids).encode()))
-    reqs = [req(0, 100, b"\x89PNG\xff\x00A", [1, 2]), req(50, 200, b"\x89PNG\xfeB", [3]),
-            req(100, 100, b"\x89PNG\xff\x00A", [1, 2])]
+        return (
+            b'{"timestamp":%d,"request_inputs":{"PROMPT":"p","IMAGE":"' % int(t0_ms * 1e6)
+            + image
+            + b'"},"response_timestamps":[%d],"response_outputs":[{"TOKEN_IDS":%s,"TEXT":"x"}]}'
+            % (int((t0_ms + dt_ms) * 1e6), json.dumps(ids).encode())
+        )
+
+    reqs = [
+        req(0, 100, b"\x89PNG\xff\x00A", [1, 2]),
+        req(50, 200, b"\x89PNG\xfeB", [3]),
+        req(100, 100, b"\x89PNG\xff\x00A", [1, 2]),
+    ]
     failed = b'{"timestamp":5,"request_inputs":{},"response_timestamps":[]}'
-    blob = (b'{"experiments":[{"experiment":{"mode":"concurrency","value":2},"requests":[' + b",".join(reqs + [failed])
-            + b'],"window_boundaries":[0,1]}],"version":"2.51.0"}')
+    blob = (
+        b'{"experiments":[{"experiment":{"mode":"concurrency","value":2},"requests":['
+        + b",".join(reqs + [failed])
+        + b'],"window_boundaries":[0,1]}],"version":"2.51.0"}'
+    )
     (tmp_path / "e.json").write_bytes(blob)
     out = perf.summarize_profile(perf.load_profile_export(tmp_path / "e.json"))
     assert out["completed"] == 3 and out["errors"] == 1
@@ -154,23 +169,31 @@ def test_process_tree_memory_and_labels():
 
 def test_cpu_account_sees_a_busy_child():
     with CpuAccount(0) as cpu:
-        subprocess.run([sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"],
+            check=True,
+        )
     res = cpu.result()
     assert res["load_generator"] > 0.2 and res["nproc"] == os.cpu_count()
     assert set(res) >= {"total", "server", "bench", "other"}
 
 
 def test_pool_sampler_and_metric_sum():
-    samples = iter([
-        {("mm_pool_blocks_used", (("instance", "e0"), ("model", "mm_encoder"))): 10.0,
-         ("mm_pool_blocks_total", (("instance", "e0"), ("model", "mm_encoder"))): 100.0,
-         ("mm_pool_blocks_used", (("instance", "l0"), ("model", "mm_language"))): 0.0,
-         ("mm_pool_blocks_total", (("instance", "l0"), ("model", "mm_language"))): 64.0},
-        {("mm_pool_blocks_used", (("instance", "e0"), ("model", "mm_encoder"))): 30.0,
-         ("mm_pool_blocks_total", (("instance", "e0"), ("model", "mm_encoder"))): 100.0,
-         ("mm_pool_blocks_used", (("instance", "l0"), ("model", "mm_language"))): 8.0},
-    ])
+    samples = iter(
+        [
+            {
+                ("mm_pool_blocks_used", (("instance", "e0"), ("model", "mm_encoder"))): 10.0,
+                ("mm_pool_blocks_total", (("instance", "e0"), ("model", "mm_encoder"))): 100.0,
+                ("mm_pool_blocks_used", (("instance", "l0"), ("model", "mm_language"))): 0.0,
+                ("mm_pool_blocks_total", (("instance", "l0"), ("model", "mm_language"))): 64.0,
+            },
+            {
+                ("mm_pool_blocks_used", (("instance", "e0"), ("model", "mm_encoder"))): 30.0,
+                ("mm_pool_blocks_total", (("instance", "e0"), ("model", "mm_encoder"))): 100.0,
+                ("mm_pool_blocks_used", (("instance", "l0"), ("model", "mm_language"))): 8.0,
+            },
+        ]
+    )
 
     def fetch():
         return next(samples)

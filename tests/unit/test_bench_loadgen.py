@@ -1,4 +1,5 @@
 """mm_bench.loadgen: the bounded Python load generator (no server: a fake request function)."""
+
 from __future__ import annotations
 
 import threading

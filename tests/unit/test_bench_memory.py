@@ -1,4 +1,5 @@
 """scripts/bench_memory.py and mm_bench.memory: real allocators, targets of issue 5."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The benchmark's per-phase breakdown from two scrapes of mm_phase_seconds (histogram deltas)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,10 @@ INF = float("inf")
 
 def _hist(model, phase, buckets, total, instance="i0"):
     base = (("instance", instance), ("model", model), ("phase", phase))
-    out = {("mm_phase_seconds_bucket", tuple(sorted(base + (("le", str(le) if le != INF else "+Inf"),)))): c
-           for le, c in buckets}
+    out = {
+        ("mm_phase_seconds_bucket", tuple(sorted(base + (("le", str(le) if le != INF else "+Inf"),)))): c
+        for le, c in buckets
+    }
     out[("mm_phase_seconds_sum", base)] = total
     out[("mm_phase_seconds_count", base)] = buckets[-1][1]
     return out
@@ -25,9 +28,11 @@ def test_quantile_interpolates_inside_the_bucket():
 
 def test_breakdown_is_the_delta_between_scrapes_summed_over_instances():
     before = _hist("mm_encoder", "vision", [(0.01, 1), (0.02, 1), (INF, 1)], 0.005)
-    after = {**_hist("mm_encoder", "vision", [(0.01, 1), (0.02, 5), (INF, 5)], 0.005 + 4 * 0.015),
-             **_hist("mm_encoder", "vision", [(0.01, 0), (0.02, 0), (INF, 0)], 0.0, instance="i1"),
-             **_hist("mm_language", "decode", [(0.01, 0), (0.02, 0), (INF, 0)], 0.0)}  # nothing new: left out
+    after = {
+        **_hist("mm_encoder", "vision", [(0.01, 1), (0.02, 5), (INF, 5)], 0.005 + 4 * 0.015),
+        **_hist("mm_encoder", "vision", [(0.01, 0), (0.02, 0), (INF, 0)], 0.0, instance="i1"),
+        **_hist("mm_language", "decode", [(0.01, 0), (0.02, 0), (INF, 0)], 0.0),
+    }  # nothing new: left out
     after[("nv_inference_queue_duration_us", (("model", "mm_encoder"), ("version", "1")))] = 9000.0
     after[("nv_inference_request_success", (("model", "mm_encoder"), ("version", "1")))] = 6.0
     before[("nv_inference_queue_duration_us", (("model", "mm_encoder"), ("version", "1")))] = 1000.0
@@ -49,8 +54,17 @@ def test_in_process_collector_takes_engine_and_loader_phases():
 
     c = InProcessPhases()
     for i, decode in enumerate((0.1, 0.2, 0.6)):
-        c.observer.on_sequence_timing(SequenceTiming(f"r{i}", arrival=0.0, load_started=0.0, load_ended=0.05,
-                                                     admitted=0.05, first_token=0.1, finished=0.1 + decode))
+        c.observer.on_sequence_timing(
+            SequenceTiming(
+                f"r{i}",
+                arrival=0.0,
+                load_started=0.0,
+                load_ended=0.05,
+                admitted=0.05,
+                first_token=0.1,
+                finished=0.1 + decode,
+            )
+        )
         clock = PhaseClock()
         clock.add(Phase.VISION, 0.02)
         c.report(clock)

@@ -1,4 +1,5 @@
 """scripts/bench_pipeline.py without a server: options, input data, helpers."""
+
 from __future__ import annotations
 
 import base64
@@ -16,8 +17,20 @@ def test_help_is_complete(capsys):
         bench_pipeline.parse_args(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("perf_analyzer", "--concurrency", "--request-rates", "--quick", "--url", "--metrics-url",
-                 "--server-pid", "continuation", "pool", "RSS", "--monolithic-instances", "examples:"):
+    for word in (
+        "perf_analyzer",
+        "--concurrency",
+        "--request-rates",
+        "--quick",
+        "--url",
+        "--metrics-url",
+        "--server-pid",
+        "continuation",
+        "pool",
+        "RSS",
+        "--monolithic-instances",
+        "examples:",
+    ):
         assert word in out, word
 
 
@@ -35,8 +48,9 @@ def test_defaults_and_quick():
 
 
 def test_inputs_follow_the_mix(tmp_path, tiny_model_dir):
-    args = bench_pipeline.parse_args(["--images", "5", "--mix", "1500,0.2,1100,2000", "--work-dir", str(tmp_path),
-                                      "--max-tokens", "3"])
+    args = bench_pipeline.parse_args(
+        ["--images", "5", "--mix", "1500,0.2,1100,2000", "--work-dir", str(tmp_path), "--max-tokens", "3"]
+    )
     path, tokens = bench_pipeline.build_inputs(args, tiny_model_dir)
     data = json.loads(path.read_text())["data"]
     assert len(data) == 5 and all(1100 <= t <= 2100 for t in tokens)
@@ -56,11 +70,16 @@ def test_default_inputs_are_ordinary_photos(tmp_path, tiny_model_dir):
 
 
 def test_token_agreement():
-    rows = [{"model": "a", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}},
-            {"model": "a", "token_ids": {"k1": [[1, 2]]}},
-            {"model": "b", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}}]
-    assert bench_pipeline.token_agreement(rows) == {"inputs": 2, "consistent_within_model": True,
-                                                    "equal_across_models": True}
+    rows = [
+        {"model": "a", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}},
+        {"model": "a", "token_ids": {"k1": [[1, 2]]}},
+        {"model": "b", "token_ids": {"k1": [[1, 2]], "k2": [[3]]}},
+    ]
+    assert bench_pipeline.token_agreement(rows) == {
+        "inputs": 2,
+        "consistent_within_model": True,
+        "equal_across_models": True,
+    }
     assert all("token_ids" not in r for r in rows)
     rows = [{"model": "a", "token_ids": {"k1": [[1, 2]]}}, {"model": "b", "token_ids": {"k1": [[9]]}}]
     assert bench_pipeline.token_agreement(rows)["equal_across_models"] is False
@@ -74,22 +93,41 @@ def test_instance_copy(tmp_path):
 
 
 def test_gpu_placement_options_and_repository(tmp_path):
-    args = bench_pipeline.parse_args(["--gpu", "mm_encoder=0", "--gpu", "mm_language=1", "--gpu", "mm_monolithic=0,1",
-                                      "--request-rates", "auto1", "--load-generator", "python"])
+    args = bench_pipeline.parse_args(
+        [
+            "--gpu",
+            "mm_encoder=0",
+            "--gpu",
+            "mm_language=1",
+            "--gpu",
+            "mm_monolithic=0,1",
+            "--request-rates",
+            "auto1",
+            "--load-generator",
+            "python",
+        ]
+    )
     assert args.gpus == {"mm_encoder": [0], "mm_language": [1], "mm_monolithic": [0, 1]}
     assert args.request_rates == "auto1" and args.load_generator == "python"
-    for bad in (["--gpu", "mm_encoder"], ["--gpu", "mm_encoder=x"], ["--gpu", "=0"], ["--gpu", "mm_encoder=0,0"],
-                ["--gpu", "mm_encoder=0", "--gpu", "mm_encoder=1"]):
+    for bad in (
+        ["--gpu", "mm_encoder"],
+        ["--gpu", "mm_encoder=x"],
+        ["--gpu", "=0"],
+        ["--gpu", "mm_encoder=0,0"],
+        ["--gpu", "mm_encoder=0", "--gpu", "mm_encoder=1"],
+    ):
         with pytest.raises(SystemExit):
             bench_pipeline.parse_args(bad)
-    repo = bench_pipeline.repository_variant(ROOT / "model_repository", tmp_path, counts={"mm_monolithic": 2},
-                                             gpus=args.gpus)
+    repo = bench_pipeline.repository_variant(
+        ROOT / "model_repository", tmp_path, counts={"mm_monolithic": 2}, gpus=args.gpus
+    )
     enc = (repo / "mm_encoder" / "config.pbtxt").read_text()
     assert "instance_group [ { count: 1, kind: KIND_GPU, gpus: [ 0 ] } ]" in enc and "KIND_CPU" not in enc
     mono = (repo / "mm_monolithic" / "config.pbtxt").read_text()
     assert "{ count: 2, kind: KIND_GPU, gpus: [ 0 ] }, { count: 2, kind: KIND_GPU, gpus: [ 1 ] }" in mono
-    assert (repo / "mm_pipeline" / "config.pbtxt").read_text() == (ROOT / "model_repository" / "mm_pipeline" /
-                                                                  "config.pbtxt").read_text()
+    assert (repo / "mm_pipeline" / "config.pbtxt").read_text() == (
+        ROOT / "model_repository" / "mm_pipeline" / "config.pbtxt"
+    ).read_text()
     assert (repo / "mm_language" / "1" / "model.py").is_file() and (repo / "mm_pipeline" / "1").is_dir()
     with pytest.raises(ValueError, match="no model mm_nothing"):
         bench_pipeline.repository_variant(ROOT / "model_repository", tmp_path, gpus={"mm_nothing": [0]})

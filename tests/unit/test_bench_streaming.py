@@ -1,4 +1,5 @@
 """mm_bench.streaming: TTFT / inter-token figures from time stamps, and the in-process load shapes."""
+
 from __future__ import annotations
 
 import threading
@@ -23,10 +24,16 @@ def test_summarize_ttft_itl_and_rates():
 
 
 def test_records_from_a_streaming_profile_drop_the_summary_response():
-    export = {"experiments": [{"requests": [
-        {"timestamp": 100, "response_timestamps": [150, 160, 161]},
-        {"timestamp": 200, "response_timestamps": []},
-    ]}]}
+    export = {
+        "experiments": [
+            {
+                "requests": [
+                    {"timestamp": 100, "response_timestamps": [150, 160, 161]},
+                    {"timestamp": 200, "response_timestamps": []},
+                ]
+            }
+        ]
+    }
     assert streaming.records_from_profile(export) == [(100, [150, 160], None), (200, [], "no token")]
 
 

@@ -1,4 +1,5 @@
 """scripts/bench_window.py and mm_bench.window: fixed vs adaptive window through the real policies."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,11 @@ BASE = TransferConfig(adaptive_min_samples=8)
 
 
 def test_policy_specs():
-    assert parse_policies("fixed, adaptive:75,adaptive") == [PolicySpec("fixed"), PolicySpec("adaptive", 75.0),
-                                                            PolicySpec("adaptive", 90.0)]
+    assert parse_policies("fixed, adaptive:75,adaptive") == [
+        PolicySpec("fixed"),
+        PolicySpec("adaptive", 75.0),
+        PolicySpec("adaptive", 90.0),
+    ]
     assert PolicySpec("adaptive", 99).label == "adaptive p99"
     assert PolicySpec("adaptive", 99).config(BASE).window_policy == "adaptive"
     for bad in ("magic", "fixed:3"):
@@ -67,8 +71,22 @@ def test_real_endpoints_with_threads_share_the_pool():
 
 
 def test_script_quick(tmp_path, capsys):
-    assert bench_window.main(["--quick", "--transfers", "60", "--plan-samples", "2000", "--policies",
-                              "fixed,adaptive:90", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        bench_window.main(
+            [
+                "--quick",
+                "--transfers",
+                "60",
+                "--plan-samples",
+                "2000",
+                "--policies",
+                "fixed,adaptive:90",
+                "--out-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "adaptive p90" in out and "chunk_plan" in out
     data = json.loads((tmp_path / "window.json").read_text())

@@ -1,12 +1,14 @@
 """Embedding cache: hits reuse blocks, references protect blocks in flight, LRU eviction
 under pool pressure, and every block comes back."""
+
 from __future__ import annotations
 
 import threading
 
 import pytest
 import torch
-from hypothesis import settings, strategies as st
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from mm_encoder.cache import EmbeddingCache, image_key

@@ -26,7 +26,8 @@ def test_single_turn_renders_exactly_render_prompt(tokenizer):
 
 
 _text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
-    lambda s: not any(tok in s for tok in FORBIDDEN_IN_PROMPT))
+    lambda s: not any(tok in s for tok in FORBIDDEN_IN_PROMPT)
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -37,12 +38,16 @@ def test_property_plain_prompt_path_equals_render_prompt(tokenizer, prompt, n):
 
 
 def test_multi_turn_with_system_and_images(tokenizer):
-    messages = parse_messages(json.dumps([
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
-        {"role": "assistant", "content": "A cat."},
-        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
-    ]))
+    messages = parse_messages(
+        json.dumps(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image"}]},
+            ]
+        )
+    )
     assert messages.num_images == 2
     text = render_chat(tokenizer, messages, 2)
     assert text == (
@@ -66,25 +71,34 @@ def test_image_count_must_match(tokenizer):
         render_chat(tokenizer, messages, 2)
 
 
-@pytest.mark.parametrize("raw, match", [
-    ("not json", "not valid JSON"),
-    ("{}", "non-empty JSON array"),
-    ("[]", "non-empty JSON array"),
-    ([{"role": "tool", "content": "x"}], r"messages\[0\].role"),
-    ([{"role": "user"}], r"messages\[0\].content: missing"),
-    ([{"role": "user", "content": 5}], r"messages\[0\].content"),
-    ([{"role": "user", "content": []}], r"messages\[0\].content"),
-    ([{"role": "user", "content": "x", "name": "bob"}], "unknown field"),
-    ([{"role": "user", "content": [{"type": "audio"}]}], r"content\[0\].type"),
-    ([{"role": "user", "content": [{"type": "text"}]}], "exactly the fields"),
-    ([{"role": "user", "content": [{"type": "image", "url": "x"}]}], "image part is"),
-    ([{"role": "assistant", "content": [{"type": "image"}]}, {"role": "user", "content": "x"}], "user messages only"),
-    ([{"role": "user", "content": "hi <|image_pad|>"}], "reserved vision token"),
-    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "last message must have role 'user'"),
-    ([{"role": "user", "content": "   "}], "neither text nor images"),
-    ([{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1), "at most"),
-    ([{"role": "user", "content": [{"type": "image"}] * (MAX_IMAGES + 1)}], "at most 16 images"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ("not json", "not valid JSON"),
+        ("{}", "non-empty JSON array"),
+        ("[]", "non-empty JSON array"),
+        ([{"role": "tool", "content": "x"}], r"messages\[0\].role"),
+        ([{"role": "user"}], r"messages\[0\].content: missing"),
+        ([{"role": "user", "content": 5}], r"messages\[0\].content"),
+        ([{"role": "user", "content": []}], r"messages\[0\].content"),
+        ([{"role": "user", "content": "x", "name": "bob"}], "unknown field"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], r"content\[0\].type"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "exactly the fields"),
+        ([{"role": "user", "content": [{"type": "image", "url": "x"}]}], "image part is"),
+        (
+            [{"role": "assistant", "content": [{"type": "image"}]}, {"role": "user", "content": "x"}],
+            "user messages only",
+        ),
+        ([{"role": "user", "content": "hi <|image_pad|>"}], "reserved vision token"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            "last message must have role 'user'",
+        ),
+        ([{"role": "user", "content": "   "}], "neither text nor images"),
+        ([{"role": "user", "content": "x"}] * (MAX_MESSAGES + 1), "at most"),
+        ([{"role": "user", "content": [{"type": "image"}] * (MAX_IMAGES + 1)}], "at most 16 images"),
+    ],
+)
 def test_bad_conversations_are_refused_naming_the_field(raw, match):
     with pytest.raises(ValueError, match=match):
         parse_messages(raw if isinstance(raw, str) else json.dumps(raw))
@@ -107,11 +121,16 @@ def test_chat_template_fallback_when_tokenizer_has_none(tokenizer):
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=10)
     | st.sampled_from(["user", "assistant", "system", "text", "image", "role", "content", "type"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["role", "content", "type", "text", "x"]), inner, max_size=4),
-    max_leaves=20)
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["role", "content", "type", "text", "x"]), inner, max_size=4),
+    max_leaves=20,
+)
 
 
 @settings(max_examples=300, deadline=None)

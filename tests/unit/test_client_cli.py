@@ -64,22 +64,53 @@ class FakeClient:
         return True
 
     def generate(self, images, prompt, max_tokens=None):
-        FakeClient.calls.append(dict(url=self.url, protocol=self.protocol, timeout_s=self.timeout_s, model=self.model,
-                                     images=list(images), prompt=prompt, max_tokens=max_tokens))
+        FakeClient.calls.append(
+            dict(
+                url=self.url,
+                protocol=self.protocol,
+                timeout_s=self.timeout_s,
+                model=self.model,
+                images=list(images),
+                prompt=prompt,
+                max_tokens=max_tokens,
+            )
+        )
         if FakeClient.raise_exc:
             raise FakeClient.raise_exc
-        return GenerateResult(text="a red house", token_ids=[5, 6, 7], latency_s=0.25, finish_reason="length",
-                              prompt_tokens=40, completion_tokens=3)
+        return GenerateResult(
+            text="a red house",
+            token_ids=[5, 6, 7],
+            latency_s=0.25,
+            finish_reason="length",
+            prompt_tokens=40,
+            completion_tokens=3,
+        )
 
     def generate_stream(self, images, prompt, max_tokens=None, on_chunk=None, model="mm_pipeline_stream"):
-        FakeClient.calls.append(dict(url=self.url, protocol=self.protocol, model=model, images=list(images),
-                                     prompt=prompt, max_tokens=max_tokens, stream=True))
+        FakeClient.calls.append(
+            dict(
+                url=self.url,
+                protocol=self.protocol,
+                model=model,
+                images=list(images),
+                prompt=prompt,
+                max_tokens=max_tokens,
+                stream=True,
+            )
+        )
         chunks = [StreamChunk("a red", [5, 6], False), StreamChunk(" house", [7], True, "length", 40, 3)]
         for chunk in chunks:
             if on_chunk is not None:
                 on_chunk(chunk)
-        return GenerateResult(text="a red house", token_ids=[5, 6, 7], latency_s=0.25, finish_reason="length",
-                              prompt_tokens=40, completion_tokens=3, ttft_s=0.1)
+        return GenerateResult(
+            text="a red house",
+            token_ids=[5, 6, 7],
+            latency_s=0.25,
+            finish_reason="length",
+            prompt_tokens=40,
+            completion_tokens=3,
+            ttft_s=0.1,
+        )
 
 
 @pytest.fixture
@@ -96,8 +127,19 @@ def test_help_lists_everything(capsys):
         cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--url", "--protocol", "--max-tokens", "--prompt", "--json", "--demo-image", "--timeout",
-                "--model", "--ready", "exit codes", "scripts/serve"):
+    for opt in (
+        "--url",
+        "--protocol",
+        "--max-tokens",
+        "--prompt",
+        "--json",
+        "--demo-image",
+        "--timeout",
+        "--model",
+        "--ready",
+        "exit codes",
+        "scripts/serve",
+    ):
         assert opt in out
 
 
@@ -110,8 +152,21 @@ def test_defaults_and_pass_through(capsys, fake, png):
 
 
 def test_grpc_default_port_and_options(capsys, fake, png):
-    code, _, _ = run_cli(capsys, "--protocol", "grpc", "--max-tokens", "16", "--prompt", "Describe",
-                         "--timeout", "7.5", "--model", "m2", str(png), str(png))
+    code, _, _ = run_cli(
+        capsys,
+        "--protocol",
+        "grpc",
+        "--max-tokens",
+        "16",
+        "--prompt",
+        "Describe",
+        "--timeout",
+        "7.5",
+        "--model",
+        "m2",
+        str(png),
+        str(png),
+    )
     assert code == 0
     call = fake.calls[-1]
     assert call["url"] == "localhost:8001" and call["protocol"] == "grpc" and call["max_tokens"] == 16
@@ -129,9 +184,18 @@ def test_json_output(capsys, fake, png):
     code, out, _ = run_cli(capsys, "--json", "--url", "localhost:9000", str(png))
     assert code == 0
     obj = json.loads(out)
-    assert obj == {"text": "a red house", "token_ids": [5, 6, 7], "latency_s": 0.25, "images": 1,
-                   "url": "localhost:9000", "protocol": "http", "finish_reason": "length", "prompt_tokens": 40,
-                   "completion_tokens": 3, "image_tokens": []}
+    assert obj == {
+        "text": "a red house",
+        "token_ids": [5, 6, 7],
+        "latency_s": 0.25,
+        "images": 1,
+        "url": "localhost:9000",
+        "protocol": "http",
+        "finish_reason": "length",
+        "prompt_tokens": 40,
+        "completion_tokens": 3,
+        "image_tokens": [],
+    }
 
 
 def test_stream_prints_chunks_as_they_come_over_grpc(capsys, fake, png):
@@ -153,19 +217,23 @@ def test_stream_needs_grpc_in_the_library():
 def test_server_busy_is_not_no_server():
     from tritonclient.utils import InferenceServerException
 
-    e = MMClient("h:1", protocol="grpc")._translate(InferenceServerException(
-        "unavailable (queue_full): 64 sequences are waiting", status="StatusCode.UNAVAILABLE"))
+    e = MMClient("h:1", protocol="grpc")._translate(
+        InferenceServerException("unavailable (queue_full): 64 sequences are waiting", status="StatusCode.UNAVAILABLE")
+    )
     assert isinstance(e, ServerBusy) and e.exit_code == 5 and "queue_full" in str(e)
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max-tokens", "0", "x.png"],
-    ["--max-tokens", "-3", "x.png"],
-    ["--max-tokens", "ten", "x.png"],
-    ["--protocol", "udp", "x.png"],
-    ["--timeout", "0", "x.png"],
-    ["--no-such-option"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-tokens", "0", "x.png"],
+        ["--max-tokens", "-3", "x.png"],
+        ["--max-tokens", "ten", "x.png"],
+        ["--protocol", "udp", "x.png"],
+        ["--timeout", "0", "x.png"],
+        ["--no-such-option"],
+    ],
+)
 def test_bad_arguments_exit_2(capsys, fake, argv):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
@@ -209,13 +277,16 @@ def test_ready_when_server_down(capsys, protocol):
     assert code == 3 and "not ready" in err and "./scripts/serve" in err
 
 
-@pytest.mark.parametrize("exc, code, text", [
-    (BadRequest("unknown image format", "400"), 1, "request rejected by the server [400]: unknown image format"),
-    (ServerError("CUDA out of memory", "500"), 1, "server error [500]: CUDA out of memory"),
-    (ClientTimeout("no answer from x within 1 s"), 4, "no answer from x within 1 s"),
-    (ServerUnavailable("h:1", "http"), 3, "no Triton server answers at h:1"),
-    (InvalidInput("max_tokens must be a positive integer"), 2, "max_tokens must be"),
-])
+@pytest.mark.parametrize(
+    "exc, code, text",
+    [
+        (BadRequest("unknown image format", "400"), 1, "request rejected by the server [400]: unknown image format"),
+        (ServerError("CUDA out of memory", "500"), 1, "server error [500]: CUDA out of memory"),
+        (ClientTimeout("no answer from x within 1 s"), 4, "no answer from x within 1 s"),
+        (ServerUnavailable("h:1", "http"), 3, "no Triton server answers at h:1"),
+        (InvalidInput("max_tokens must be a positive integer"), 2, "max_tokens must be"),
+    ],
+)
 def test_client_errors_map_to_exit_codes(capsys, fake, png, exc, code, text):
     fake.raise_exc = exc
     rc, out, err = run_cli(capsys, str(png))
@@ -231,11 +302,13 @@ def test_bad_url(capsys, png):
 def test_console_script_and_wrapper_run(tmp_path):
     """The installed entry point and scripts/client both start and report a missing file the same way."""
     missing = str(tmp_path / "missing.jpg")
-    r = subprocess.run([sys.executable, "-m", "mm_client", "--url", dead_url(), missing],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "mm_client", "--url", dead_url(), missing], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and r.stderr.strip().endswith("not found")
-    r = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "client"), "--help"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        ["bash", str(REPO_ROOT / "scripts" / "client"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--demo-image" in r.stdout
 
 
@@ -282,8 +355,9 @@ def test_translate_server_exceptions():
     from tritonclient.utils import InferenceServerException
 
     client = MMClient("h:1", protocol="grpc")
-    e = client._translate(InferenceServerException("Request for unknown model: 'mm_pipeline' is not found",
-                                                   status="StatusCode.NOT_FOUND"))
+    e = client._translate(
+        InferenceServerException("Request for unknown model: 'mm_pipeline' is not found", status="StatusCode.NOT_FOUND")
+    )
     assert isinstance(e, BadRequest) and "is the model repository" in str(e)
     e = client._translate(InferenceServerException("bad image", status="StatusCode.INVALID_ARGUMENT"))
     assert isinstance(e, BadRequest) and e.message == "bad image"

@@ -8,7 +8,10 @@ from mmtransfer import ConfigError, TransferConfig
 def test_defaults_match_the_design():
     cfg = TransferConfig()
     assert (cfg.use_block_allocator, cfg.block_tokens, cfg.default_window_tokens, cfg.pool_blocks) == (
-        True, 128, 1024, 64,
+        True,
+        128,
+        1024,
+        64,
     )
     assert cfg.window_blocks == 8
     assert cfg.control_host == "127.0.0.1"

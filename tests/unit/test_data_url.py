@@ -15,11 +15,14 @@ def test_raw_bytes_pass_through_and_data_urls_unwrap():
     assert unwrap_data_url(b"DATA:image/jpeg;BASE64," + base64.b64encode(PNG), 0) == PNG
 
 
-@pytest.mark.parametrize("bad, match", [
-    (b"data:image/png,raw", "must be data:"),
-    (b"data:image/png;base64", "must be data:"),
-    (b"data:image/png;base64,***", "not valid base64"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (b"data:image/png,raw", "must be data:"),
+        (b"data:image/png;base64", "must be data:"),
+        (b"data:image/png;base64,***", "not valid base64"),
+    ],
+)
 def test_malformed_data_urls_name_the_image(bad, match):
     with pytest.raises(ValueError, match=rf"IMAGE\[3\]: .*{match}"):
         unwrap_data_url(bad, 3)

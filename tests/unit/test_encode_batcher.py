@@ -1,6 +1,7 @@
 """Batched vision encoding: the batch policy (token budget, delay, no overtaking), the batcher thread's
 life cycle, the tower's batched output equal to each image alone (fp32, CPU), and the encoder service
 batching concurrent requests with every block freed on every path."""
+
 from __future__ import annotations
 
 import threading
@@ -31,8 +32,7 @@ class _Countdown:
 
 
 def _job(tokens, rid="r", done=None):
-    return EncodeJob(rid, [PreparedImage(None, "", t) for t in tokens], lambda: False,
-                     done or (lambda refs, err: None))
+    return EncodeJob(rid, [PreparedImage(None, "", t) for t in tokens], lambda: False, done or (lambda refs, err: None))
 
 
 def test_take_batch_fills_the_budget_in_order_and_never_splits_a_job():
@@ -95,8 +95,12 @@ def test_a_full_budget_goes_without_waiting_and_a_lone_job_waits_at_most_the_del
 
 def test_close_fails_queued_jobs_and_refuses_new_ones():
     gate = threading.Event()
-    batcher = EncodeBatcher(lambda jobs: (gate.wait(5), [j.finish([], None) for j in jobs]), max_batch_tokens=1,
-                            max_delay_s=0.0, closed_error=lambda: TransferCancelled("closing"))
+    batcher = EncodeBatcher(
+        lambda jobs: (gate.wait(5), [j.finish([], None) for j in jobs]),
+        max_batch_tokens=1,
+        max_delay_s=0.0,
+        closed_error=lambda: TransferCancelled("closing"),
+    )
     answers = {}
     batcher.submit(_job([1], "running", lambda r, e: answers.setdefault("running", (r, e))))
     time.sleep(0.1)
@@ -160,8 +164,14 @@ def service(tiny_model_dir):
     from mm_encoder.service import EncoderService
     from mmtransfer import TransferConfig
 
-    svc = EncoderService(tiny_model_dir, TransferConfig(pool_blocks=256), name="t-batch", cache_blocks=64,
-                         max_encode_batch_tokens=100_000, max_encode_delay_ms=300)
+    svc = EncoderService(
+        tiny_model_dir,
+        TransferConfig(pool_blocks=256),
+        name="t-batch",
+        cache_blocks=64,
+        max_encode_batch_tokens=100_000,
+        max_encode_delay_ms=300,
+    )
     yield svc
     svc.close()
     assert svc.pool.used_blocks == 0
@@ -182,9 +192,11 @@ def _pull_all(service, refs):
 
 
 def test_concurrent_requests_share_one_tower_call_and_equal_their_solo_embeddings(service, tiny_model_dir):
-    from mm_bench.images import make_test_image
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from mm_bench.images import make_test_image
 
     datas = [make_test_image(tokens=t, seed=10 + i, model_dir=tiny_model_dir) for i, t in enumerate((64, 256, 120))]
     calls = []
@@ -198,6 +210,7 @@ def test_concurrent_requests_share_one_tower_call_and_equal_their_solo_embedding
             results[i] = (refs, clock)
             errors.append(err)
             done.hit()
+
         return cb
 
     for i, data in enumerate(datas):  # the second request repeats nothing: three misses, one call
@@ -225,6 +238,7 @@ def test_a_cancelled_request_in_a_batch_fails_alone_and_frees_its_blocks(service
         def answer(refs, err, clock):
             out[name] = (refs, err)
             done.hit()
+
         return answer
 
     service.submit([datas[0]], cb("kept"), "kept")

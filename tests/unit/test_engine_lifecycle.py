@@ -1,5 +1,6 @@
 """Every way a sequence can end frees what it holds: cancellation, deadlines, queue bounds, load
 errors, invalid input, stop strings, EOS and shutdown (tiny model, CPU, in process)."""
+
 from __future__ import annotations
 
 import threading
@@ -21,16 +22,13 @@ from mm_engine import (
 from ._engine_util import Case, EncodingLoader, RecordingSink, build_request, random_image, wait_until
 
 
-
-
 @pytest.fixture
 def make_engine(mono):
     engines = []
 
     def make(observer=None, eos=None, **kw) -> LLMEngine:
         kw.setdefault("max_seq_len", 2048)
-        engine = LLMEngine(mono.hf_model, mono.tokenizer, EngineConfig(**kw), observer=observer,
-                           eos_token_ids=eos)
+        engine = LLMEngine(mono.hf_model, mono.tokenizer, EngineConfig(**kw), observer=observer, eos_token_ids=eos)
         engines.append(engine)
         return engine
 
@@ -96,8 +94,12 @@ def test_queue_full_is_refused_at_submit(make_engine, mono, encoder):
     for i in range(2):
         loader = EncodingLoader(encoder, [random_image(i, 32, 32)], block=gate)
         sinks.append(RecordingSink())
-        engine.submit(build_request(mono, encoder, f"q{i}", Case(loader.images, "p", SamplingParams(max_tokens=3)),
-                                    loader=loader), sinks[-1])
+        engine.submit(
+            build_request(
+                mono, encoder, f"q{i}", Case(loader.images, "p", SamplingParams(max_tokens=3)), loader=loader
+            ),
+            sinks[-1],
+        )
     with pytest.raises(EngineError) as refused:
         engine.submit(build_request(mono, encoder, "q2", text_case(3)), RecordingSink())
     assert refused.value.cause is ErrorCause.QUEUE_FULL and "max_queue_size" in str(refused.value)
@@ -125,8 +127,9 @@ def test_image_load_failure_reports_image_load(make_engine, mono, encoder):
     boom = RuntimeError("pull failed: sender gone")
     loader = EncodingLoader(encoder, [random_image(3, 32, 32)], fail=boom)
     sink = RecordingSink()
-    engine.submit(build_request(mono, encoder, "f", Case(loader.images, "p", SamplingParams(max_tokens=3)),
-                                loader=loader), sink)
+    engine.submit(
+        build_request(mono, encoder, "f", Case(loader.images, "p", SamplingParams(max_tokens=3)), loader=loader), sink
+    )
     err = sink.wait().error
     assert err.cause is ErrorCause.IMAGE_LOAD and err.__cause__ is boom
     assert loader.aborted == ["image_load"]
@@ -145,19 +148,24 @@ def test_loader_returning_wrong_images_is_invalid(make_engine, mono, encoder):
     assert_idle(engine)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(prompt_ids=[]), "prompt_ids"),
-    (dict(prompt_ids=[10**9]), "prompt_ids"),
-    (dict(image_token_counts=[5]), "image_token_counts"),
-    (dict(sampling=SamplingParams(max_tokens=2048)), "max_seq_len"),
-    (dict(request_id=""), "request_id"),
-    (dict(deadline=float("nan")), "deadline"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt_ids=[]), "prompt_ids"),
+        (dict(prompt_ids=[10**9]), "prompt_ids"),
+        (dict(image_token_counts=[5]), "image_token_counts"),
+        (dict(sampling=SamplingParams(max_tokens=2048)), "max_seq_len"),
+        (dict(request_id=""), "request_id"),
+        (dict(deadline=float("nan")), "deadline"),
+    ],
+)
 def test_invalid_requests_are_refused_at_submit(make_engine, mono, encoder, change, message):
     engine = make_engine(max_batch_size=1)
     base = build_request(mono, encoder, "x", text_case(5))
-    fields = {k: getattr(base, k) for k in ("request_id", "prompt_ids", "image_token_counts", "images",
-                                            "sampling", "deadline")}
+    fields = {
+        k: getattr(base, k)
+        for k in ("request_id", "prompt_ids", "image_token_counts", "images", "sampling", "deadline")
+    }
     fields.update(change)
     with pytest.raises(EngineError) as refused:
         engine.submit(GenerationRequest(**fields), RecordingSink())
@@ -172,14 +180,14 @@ def test_stop_string_cuts_text_and_ends_with_stop(make_engine, mono, encoder):
     text = full.wait().output.text
     assert len(text) > 12
     stop = text[8:11]
-    cut = text[:text.find(stop)]
+    cut = text[: text.find(stop)]
     sink = RecordingSink()
     case = Case([], "say something", SamplingParams(max_tokens=40, stop=(stop, "never-appears-zz")))
     engine.submit(build_request(mono, encoder, "stop", case), sink)
     out = sink.wait().output
     assert out.finish_reason is FinishReason.STOP
     assert out.text == cut and sink.text == cut
-    assert out.token_ids == full.output.token_ids[:len(out.token_ids)]
+    assert out.token_ids == full.output.token_ids[: len(out.token_ids)]
     assert len(sink.tokens) == len(out.token_ids) - 1  # the token completing the stop is not streamed
     assert_idle(engine)
 
@@ -192,7 +200,7 @@ def test_eos_ends_with_stop_and_is_included(make_engine, mono, encoder):
     engine.submit(build_request(mono, encoder, "e", text_case(20)), sink)
     out = sink.wait().output
     assert out.finish_reason is FinishReason.STOP
-    assert out.token_ids == expected[:expected.index(eos) + 1] == sink.tokens
+    assert out.token_ids == expected[: expected.index(eos) + 1] == sink.tokens
 
 
 def test_close_fails_every_admitted_sequence_with_shutdown(make_engine, mono, encoder):
@@ -204,8 +212,9 @@ def test_close_fails_every_admitted_sequence_with_shutdown(make_engine, mono, en
         if i % 2:
             loader = EncodingLoader(encoder, [random_image(i, 32, 32)], block=gate)
             loaders.append(loader)
-            req = build_request(mono, encoder, f"s{i}", Case(loader.images, "p", SamplingParams(max_tokens=900)),
-                                loader=loader)
+            req = build_request(
+                mono, encoder, f"s{i}", Case(loader.images, "p", SamplingParams(max_tokens=900)), loader=loader
+            )
         else:
             req = build_request(mono, encoder, f"s{i}", text_case(900))
         engine.submit(req, sinks[-1])

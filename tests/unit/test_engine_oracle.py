@@ -1,5 +1,6 @@
 """The correctness oracle, in process: the engine's greedy tokens under in-flight batching equal the
 monolithic model's unbatched ``generate()`` of each request alone (fp32 tiny model, CPU)."""
+
 from __future__ import annotations
 
 import time
@@ -11,16 +12,15 @@ from mm_engine import EngineConfig, FinishReason, LLMEngine, SamplingParams
 from ._engine_util import Case, RecordingSink, build_request, random_image
 
 
-
-
 def mixed_cases(n: int = 20) -> list[Case]:
     """Prompt lengths from a few to ~150 text tokens, 0-3 images of different sizes (up to ~1000 image
     tokens), max_tokens 1..40."""
     cases = []
     for i in range(n):
         n_images = [0, 1, 2, 0, 1, 3][i % 6]
-        images = [random_image(100 * i + j, 16 * (1 + (i + j) % 5), 16 * (1 + (2 * i + j) % 4))
-                  for j in range(n_images)]
+        images = [
+            random_image(100 * i + j, 16 * (1 + (i + j) % 5), 16 * (1 + (2 * i + j) % 4)) for j in range(n_images)
+        ]
         if i % 7 == 3:
             images.append(random_image(999 + i, 120, 96))  # a large one (~700 tokens): prefilled in chunks
         prompt = f"request {i}: " + " ".join(f"w{(i * 13 + k) % 97}" for k in range((i * 17) % 150))
@@ -62,11 +62,15 @@ def assert_oracle(mono, cases: list[Case], sinks: list[RecordingSink]) -> None:
         assert sink.finals == 1
 
 
-@pytest.mark.parametrize("max_batch, chunk", [(6, 64), (32, 100000), (1, 512), (4, 7)],
-                         ids=["batch6-chunk64", "batch32-unchunked", "batch1", "batch4-chunk7"])
+@pytest.mark.parametrize(
+    "max_batch, chunk",
+    [(6, 64), (32, 100000), (1, 512), (4, 7)],
+    ids=["batch6-chunk64", "batch32-unchunked", "batch1", "batch4-chunk7"],
+)
 def test_batched_greedy_equals_unbatched_generate(tiny_model_dir, mono, encoder, max_batch, chunk):
-    cfg = EngineConfig(max_batch_size=max_batch, max_seq_len=2048, max_num_batched_tokens=chunk,
-                       max_queue_size=64, loader_threads=2)
+    cfg = EngineConfig(
+        max_batch_size=max_batch, max_seq_len=2048, max_num_batched_tokens=chunk, max_queue_size=64, loader_threads=2
+    )
     engine = LLMEngine(mono.hf_model, mono.tokenizer, cfg)
     try:
         cases = mixed_cases(20)
@@ -101,17 +105,22 @@ def test_requests_join_a_running_batch(mono, encoder):
 
 
 def test_seeded_sampling_is_reproducible_across_batch_mates(mono, encoder):
-    sampled = Case([random_image(7, 56, 84)], "tell me",
-                   SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=1234))
+    sampled = Case(
+        [random_image(7, 56, 84)],
+        "tell me",
+        SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=1234),
+    )
     cfg = EngineConfig(max_batch_size=8, max_seq_len=2048, max_num_batched_tokens=64)
     engine = LLMEngine(mono.hf_model, mono.tokenizer, cfg)
     try:
         alone = run_all(engine, mono, encoder, [sampled])[0]
-        mates = [Case([], f"mate {i} " * i, SamplingParams(max_tokens=25, temperature=1.0, seed=i))
-                 for i in range(5)] + mixed_cases(3)
+        mates = [
+            Case([], f"mate {i} " * i, SamplingParams(max_tokens=25, temperature=1.0, seed=i)) for i in range(5)
+        ] + mixed_cases(3)
         crowd = run_all(engine, mono, encoder, mates[:3] + [sampled] + mates[3:])
-        other_seed = Case(sampled.images, sampled.prompt,
-                          SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=99))
+        other_seed = Case(
+            sampled.images, sampled.prompt, SamplingParams(max_tokens=30, temperature=0.9, top_p=0.9, top_k=50, seed=99)
+        )
         different = run_all(engine, mono, encoder, [other_seed])[0]
     finally:
         engine.close()

@@ -1,6 +1,7 @@
 """One failure-cause enum: every error's cause is a member, every member is a metric label (from the
 start, so a dashboard sees zeros), the README's metrics table names each one, and a cause the
 metrics do not know still counts (as internal) instead of raising."""
+
 from __future__ import annotations
 
 import inspect
@@ -76,7 +77,10 @@ def test_transport_unavailable_is_counted_as_transport_not_internal(metrics):
 
 
 def test_the_readme_metrics_table_names_every_cause():
-    row = next(line for line in (ROOT / "README.md").read_text().splitlines()
-               if line.startswith("| `mm_transfer_failures_total"))
+    row = next(
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `mm_transfer_failures_total")
+    )
     named = set(re.findall(r"`([a-z_]+)`", row.split("|")[3]))
     assert named == {c.value for c in FailureCause}

@@ -1,35 +1,38 @@
 """The per-image budget: tokens <-> max_pixels arithmetic, and the processor applying it (issue 10)."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mm_models.geometry import ImageGeometry
 from mm_bench.images import TINY_GEOMETRY
+from mm_models.geometry import ImageGeometry
 from mm_triton.image_budget import budget_parameter, resolve_image_geometry
 
 # Qwen2-VL-2B-Instruct's preprocessor_config.json: 14-pixel patches merged 2x2 -> 28x28 pixels per token
-QWEN2VL_2B = ImageGeometry(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56,
-                           max_pixels=12845056)
+QWEN2VL_2B = ImageGeometry(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=12845056)
 
 
 def test_the_2b_geometry_is_the_released_one():
     assert QWEN2VL_2B.max_pixels == 12845056 and QWEN2VL_2B.factor == 28 and QWEN2VL_2B.max_tokens == 16384
 
 
-@pytest.mark.parametrize("geometry, tokens, pixels", [
-    (TINY_GEOMETRY, 0, 65536),                 # 0 = the checkpoint's own bound (4096 tokens x 4x4 pixels)
-    (TINY_GEOMETRY, 1024, 1024 * 16),
-    (TINY_GEOMETRY, 99999, 65536),             # never above what the checkpoint allows
-    (QWEN2VL_2B, 0, 12845056),
-    (QWEN2VL_2B, 8192, 8192 * 784),
-    (QWEN2VL_2B, 1280, 1003520),               # the vLLM docs' example max_pixels
-])
+@pytest.mark.parametrize(
+    "geometry, tokens, pixels",
+    [
+        (TINY_GEOMETRY, 0, 65536),  # 0 = the checkpoint's own bound (4096 tokens x 4x4 pixels)
+        (TINY_GEOMETRY, 1024, 1024 * 16),
+        (TINY_GEOMETRY, 99999, 65536),  # never above what the checkpoint allows
+        (QWEN2VL_2B, 0, 12845056),
+        (QWEN2VL_2B, 8192, 8192 * 784),
+        (QWEN2VL_2B, 1280, 1003520),  # the vLLM docs' example max_pixels
+    ],
+)
 def test_budget_in_tokens_sets_max_pixels(geometry, tokens, pixels):
     budget = geometry.with_budget(max_tokens=tokens)
     assert budget.max_pixels == pixels
-    assert budget.max_tokens == pixels // geometry.factor ** 2
+    assert budget.max_tokens == pixels // geometry.factor**2
     assert budget.processor_kwargs() == {"min_pixels": geometry.min_pixels, "max_pixels": pixels}
 
 
@@ -39,10 +42,15 @@ def test_the_smaller_of_pixels_and_tokens_wins():
     assert QWEN2VL_2B.with_budget(min_pixels=3136 * 4).min_pixels == 3136 * 4
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_tokens=-1), "max_tokens"), (dict(max_pixels=True), "max_pixels"),
-    (dict(max_pixels=100), "below min_pixels"), (dict(min_pixels=10**7, max_pixels=10**6), "below min_pixels"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(max_pixels=True), "max_pixels"),
+        (dict(max_pixels=100), "below min_pixels"),
+        (dict(min_pixels=10**7, max_pixels=10**6), "below min_pixels"),
+    ],
+)
 def test_bad_budgets_are_refused_with_the_reason(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QWEN2VL_2B.with_budget(**kwargs)
@@ -61,12 +69,13 @@ def test_resized_images_never_exceed_the_budget(size, tokens):
         got = budget.tokens_for(width, height)
         assert 1 <= got <= budget.max_tokens
         assert budget.downscales(width, height) == (
-            round(width / geometry.factor) * round(height / geometry.factor) * geometry.factor ** 2
-            > budget.max_pixels)
+            round(width / geometry.factor) * round(height / geometry.factor) * geometry.factor**2 > budget.max_pixels
+        )
 
 
-@pytest.mark.parametrize("width, height", [(640, 480), (1024, 768), (4032, 3024), (1344, 1344), (3000, 200),
-                                           (200, 3000), (33, 47)])
+@pytest.mark.parametrize(
+    "width, height", [(640, 480), (1024, 768), (4032, 3024), (1344, 1344), (3000, 200), (200, 3000), (33, 47)]
+)
 def test_the_processor_given_the_budget_agrees_with_the_arithmetic(tiny_model_dir, width, height):
     """The checkpoint's own processor, loaded with processor_kwargs, resizes exactly as the geometry says."""
     from mm_models.qwen2vl import _loading
@@ -75,7 +84,7 @@ def test_the_processor_given_the_budget_agrees_with_the_arithmetic(tiny_model_di
         budget = ImageGeometry.from_model_dir(tiny_model_dir).with_budget(max_tokens=tokens)
         processor = _loading.load_image_processor(tiny_model_dir, budget)
         patches = processor.get_number_of_image_patches(height, width)
-        assert patches // budget.merge_size ** 2 == budget.tokens_for(width, height) <= budget.max_tokens
+        assert patches // budget.merge_size**2 == budget.tokens_for(width, height) <= budget.max_tokens
 
 
 def test_parameters_resolve_with_environment_overrides(tiny_model_dir):
@@ -107,7 +116,8 @@ def _serve_module():
 def test_serve_flags_set_the_budget_like_vllm():
     serve = _serve_module()
     args = serve.build_parser().parse_args(
-        ["--mm-processor-kwargs", '{"max_pixels": 1003520, "min_pixels": 3136}', "--max-embed-tokens", "900"])
+        ["--mm-processor-kwargs", '{"max_pixels": 1003520, "min_pixels": 3136}', "--max-embed-tokens", "900"]
+    )
     serve.check_role_options(args)
     env = serve.model_env(args)
     assert env["MM_MAX_PIXELS"] == "1003520" and env["MM_MIN_PIXELS"] == "3136" and env["MM_MAX_EMBED_TOKENS"] == "900"

@@ -1,5 +1,6 @@
 """The pipelines' step monitor (mm_triton.inflight): a request whose step stub died is answered at once, once,
 and its slot comes back; without Triton."""
+
 from __future__ import annotations
 
 import subprocess
@@ -54,7 +55,7 @@ def test_a_dead_step_stub_fails_its_request_once_and_frees_the_slot():
         proc.kill()
         proc.wait()
         assert monitor.check_once() == 1
-        (response, flags), = sender.sent
+        ((response, flags),) = sender.sent
         assert flags == 1 and "unavailable (stub_died)" in response.error.message and response.error.code == 14
         answer.send(FakeResponse(), final=True)  # the worker's late answer is dropped
         assert len(sender.sent) == 1 and freed == [1]

@@ -1,5 +1,6 @@
 """SlotTable and SlotKVCache: property tests that rows stay dense, never double-allocate, free on every
 path, and that the KV moves they order keep each sequence's data in its row."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,8 @@ def check_invariants(table: SlotTable, decoding: set, prefilling: set) -> None:
     owners = table.owners()
     assert len(owners) == len(set(owners)) == table.used == len(decoding) + len(prefilling)
     assert table.used + table.free == table.capacity
-    assert set(owners[:table.decoding]) == decoding
-    assert set(owners[table.decoding:]) == prefilling
+    assert set(owners[: table.decoding]) == decoding
+    assert set(owners[table.decoding :]) == prefilling
     for row, owner in enumerate(owners):
         assert table.row(owner) == row
 

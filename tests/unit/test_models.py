@@ -23,11 +23,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from PIL import Image  # noqa: E402
+
 from mm_bench import images as testing  # noqa: E402
 from mm_models import geometry, prompt, tiny  # noqa: E402
 from mm_models.images import decode_image  # noqa: E402
 from mm_models.qwen2vl import EncodedImage, LanguageModel, MonolithicModel, VisionEncoder  # noqa: E402
-from PIL import Image  # noqa: E402
 
 PROMPT = "Describe the image in one sentence."
 MAX_NEW = 8
@@ -116,8 +117,13 @@ def test_build_is_idempotent_deterministic_and_loads_offline(tmp_path):
 def test_cli_fast_path(ckpt):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "mm_models.build_tiny", "--out", str(ckpt)],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "mm_models.build_tiny", "--out", str(ckpt)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "already complete" in r.stdout
     assert time.perf_counter() - t0 < 10
@@ -142,8 +148,9 @@ def test_tokenizer_and_chat_template(lm):
     assert tok.decode(tok(text)["input_ids"]) == text
     for n in (0, 1, 2):
         content = [{"type": "image"}] * n + [{"type": "text", "text": PROMPT}]
-        rendered = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         assert rendered == prompt.render_prompt(PROMPT, n)
 
 
@@ -158,9 +165,9 @@ def _png_with_header_size(width: int, height: int) -> bytes:
     """A small valid PNG whose IHDR claims width x height (CRC fixed): a decompression bomb's header."""
     data = bytearray(_png((4, 4)))
     ihdr = 8 + 8  # signature, then length + type of the first chunk
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[12:ihdr + 13])) & 0xFFFFFFFF
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", crc)
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13])) & 0xFFFFFFFF
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
     return bytes(data)
 
 
@@ -181,13 +188,16 @@ def test_decode_image_jpeg_and_exif_orientation():
     assert decode_image(bytearray(testing.make_test_image(30, 20, fmt="JPEG")), 10_000).size == (30, 20)
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "empty"),
-    (b"hello, this is not an image at all", "not in a recognised image format"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt|recognised"),
-    ("not bytes", "must be bytes"),
-    (None, "must be bytes"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "empty"),
+        (b"hello, this is not an image at all", "not in a recognised image format"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "corrupt|recognised"),
+        ("not bytes", "must be bytes"),
+        (None, "must be bytes"),
+    ],
+)
 def test_decode_image_rejects_garbage(data, match):
     with pytest.raises(ValueError, match=match):
         decode_image(data, 10_000)
@@ -202,7 +212,7 @@ def test_decode_image_rejects_truncated_and_corrupt():
         decode_image(jpg[:200], 10_000)
     bad = bytearray(png)
     idat = bad.index(b"IDAT")
-    bad[idat + 20: idat + 60] = b"\xff" * 40  # breaks the chunk CRC / zlib stream
+    bad[idat + 20 : idat + 60] = b"\xff" * 40  # breaks the chunk CRC / zlib stream
     with pytest.raises(ValueError, match="truncated or corrupt"):
         decode_image(bytes(bad), 10_000)
 
@@ -254,14 +264,15 @@ def test_geometry_matches_transformers_and_checkpoint(ckpt):
     assert g.max_tokens == tiny.MAX_TOKENS == 4096  # released checkpoints: 16384 (tiny.py says why less)
     for h, w in [(1, 1), (7, 300), (33, 47), (299, 301), (512, 512), (640, 480), (4000, 30), (30, 4000)]:
         assert geometry.smart_resize(h, w, g.factor, g.min_pixels, g.max_pixels) == hf_smart_resize(
-            h, w, g.factor, g.min_pixels, g.max_pixels)
+            h, w, g.factor, g.min_pixels, g.max_pixels
+        )
 
 
 @pytest.mark.parametrize("n", [1, 4, 64, 100, 300, 1025, 2049, 3001, 4096])
 def test_image_size_for_tokens(n):
     w, h = testing.image_size_for_tokens(None, n)
     got = testing.tokens_for_image_size(None, w, h)
-    assert n <= got <= n + int(n ** 0.5) + 1 or (n < 4 and got == 4)
+    assert n <= got <= n + int(n**0.5) + 1 or (n < 4 and got == 4)
 
 
 def test_image_size_for_tokens_limits():
@@ -292,8 +303,9 @@ def test_sides_load_only_their_weights(encoder, lm, mono):
     assert encoder.dtype == lm.dtype == torch.float32
 
 
-@pytest.mark.parametrize("size", [(1, 1), (5, 3), (32, 32), (33, 47), (100, 60), (128, 128), (300, 7),
-                                  (184, 184), (290, 291), (1000, 250)])
+@pytest.mark.parametrize(
+    "size", [(1, 1), (5, 3), (32, 32), (33, 47), (100, 60), (128, 128), (300, 7), (184, 184), (290, 291), (1000, 250)]
+)
 def test_count_tokens_matches_encode(encoder, size):
     """count_tokens (processor geometry) == rows encode() produces; large sizes are downscaled to the
     maximum, where only the geometry is compared (one full-size encode is in the next test)."""
@@ -359,8 +371,10 @@ def test_split_equals_monolithic(case, encoder, lm, mono):
     oracle = mono.generate(images, PROMPT, MAX_NEW)
     assert split == oracle
     assert 1 <= len(split) <= MAX_NEW
-    assert len(split) == MAX_NEW or split[-1] in (lm.tokenizer.convert_tokens_to_ids(prompt.IM_END),
-                                                 lm.tokenizer.convert_tokens_to_ids(prompt.ENDOFTEXT))
+    assert len(split) == MAX_NEW or split[-1] in (
+        lm.tokenizer.convert_tokens_to_ids(prompt.IM_END),
+        lm.tokenizer.convert_tokens_to_ids(prompt.ENDOFTEXT),
+    )
     assert len(set(split)) > 1, f"trivial generation {split}"
     assert isinstance(lm.decode(split), str)
 
@@ -388,9 +402,9 @@ def test_build_input_ids_layout(lm, ckpt):
     vs, ve, pad = (tok.convert_tokens_to_ids(t) for t in (prompt.VISION_START, prompt.VISION_END, prompt.IMAGE_PAD))
     assert ids[0] == tok.convert_tokens_to_ids(prompt.IM_START)
     first = ids.index(vs)
-    assert ids[first:first + 5] == [vs, pad, pad, pad, ve]
-    assert ids[first + 5:first + 12] == [vs] + [pad] * 5 + [ve]
-    assert tok.decode(ids[first + 12:]).startswith(PROMPT)
+    assert ids[first : first + 5] == [vs, pad, pad, pad, ve]
+    assert ids[first + 5 : first + 12] == [vs] + [pad] * 5 + [ve]
+    assert tok.decode(ids[first + 12 :]).startswith(PROMPT)
     assert ids.count(pad) == 8
     assert lm.build_input_ids(PROMPT, []) == tok(prompt.render_prompt(PROMPT, 0))["input_ids"]
 

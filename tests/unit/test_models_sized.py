@@ -1,4 +1,5 @@
 """mm_models.sized: realistic-dimension presets, and a shrunk build that loads through the split path."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,16 @@ import pytest
 from mm_models.sized import MARKER_FILE, PRESETS, build_sized_checkpoint, main, parameter_count, preset_config
 
 SMALL = {
-    "text.hidden_size": 64, "text.intermediate_size": 128, "text.num_hidden_layers": 1, "text.num_attention_heads": 4,
-    "text.num_key_value_heads": 2, "text.vocab_size": 2048,
+    "text.hidden_size": 64,
+    "text.intermediate_size": 128,
+    "text.num_hidden_layers": 1,
+    "text.num_attention_heads": 4,
+    "text.num_key_value_heads": 2,
+    "text.vocab_size": 2048,
     "text.rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-    "vision.embed_dim": 32, "vision.depth": 1, "vision.num_heads": 2,
+    "vision.embed_dim": 32,
+    "vision.depth": 1,
+    "vision.num_heads": 2,
 }
 
 
@@ -43,9 +50,9 @@ def test_preset_configs_build_with_matching_parameter_counts():
 
 
 def test_small_build_loads_split_and_monolithic_alike(tmp_path):
+    from mm_bench.images import make_test_image, tokens_for_image_size
     from mm_models.images import decode_image
     from mm_models.qwen2vl import LanguageModel, MonolithicModel, VisionEncoder
-    from mm_bench.images import make_test_image, tokens_for_image_size
 
     out = build_sized_checkpoint(tmp_path / "ck", "qwen2-vl-2b", dtype="float32", overrides=SMALL)
     marker = json.loads((out / MARKER_FILE).read_text())
@@ -65,5 +72,10 @@ def test_cli_dry_run_and_foreign_dir(tmp_path, capsys):
     assert "qwen2-vl-2b" in capsys.readouterr().out
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "file").write_text("x")
-    assert main(["--out", str(tmp_path / "foreign"), "--set", "text.vocab_size=2048"] +
-                [f"--set={k}={json.dumps(v)}" for k, v in SMALL.items()]) == 2
+    assert (
+        main(
+            ["--out", str(tmp_path / "foreign"), "--set", "text.vocab_size=2048"]
+            + [f"--set={k}={json.dumps(v)}" for k, v in SMALL.items()]
+        )
+        == 2
+    )

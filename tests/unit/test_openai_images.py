@@ -88,13 +88,16 @@ def test_data_url_decodes():
     assert load(url) == PNG
 
 
-@pytest.mark.parametrize("url, status, match", [
-    ("data:image/png,rawbytes", 400, "base64"),
-    ("data:text/plain;base64,aGk=", 400, "not an image"),
-    ("data:image/png;base64,!!!!", 400, "not valid base64"),
-    ("data:image/png;base64,", 400, "no data"),
-    ("data:image/png;base64," + base64.b64encode(b"x" * 2000).decode(), 413, "larger than"),
-])
+@pytest.mark.parametrize(
+    "url, status, match",
+    [
+        ("data:image/png,rawbytes", 400, "base64"),
+        ("data:text/plain;base64,aGk=", 400, "not an image"),
+        ("data:image/png;base64,!!!!", 400, "not valid base64"),
+        ("data:image/png;base64,", 400, "no data"),
+        ("data:image/png;base64," + base64.b64encode(b"x" * 2000).decode(), 413, "larger than"),
+    ],
+)
 def test_bad_data_urls(url, status, match):
     refused(url, status, match)
 
@@ -126,18 +129,21 @@ def test_http_errors_and_timeout(server):
     refused(f"{server[0]}/slow.png", 400, "longer than", timeout_s=0.5)
 
 
-@pytest.mark.parametrize("url, match", [
-    ("file:///etc/passwd", "only data:, http: and https:"),
-    ("ftp://127.0.0.1/x.png", "only data:, http: and https:"),
-    ("http://user:pw@127.0.0.1/x.png", "credentials"),
-    ("http:///x.png", "no host"),
-    # refused before any connection is made: nothing is sent to these addresses
-    ("http://10.255.255.1/x.png", "allow-list"),
-    ("http://8.8.8.8/x.png", "allow-list"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local"),
-    ("http://[::ffff:169.254.169.254]/x", "link-local"),
-    ("http://0.0.0.0:80/x.png", "unspecified"),
-])
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("file:///etc/passwd", "only data:, http: and https:"),
+        ("ftp://127.0.0.1/x.png", "only data:, http: and https:"),
+        ("http://user:pw@127.0.0.1/x.png", "credentials"),
+        ("http:///x.png", "no host"),
+        # refused before any connection is made: nothing is sent to these addresses
+        ("http://10.255.255.1/x.png", "allow-list"),
+        ("http://8.8.8.8/x.png", "allow-list"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::ffff:169.254.169.254]/x", "link-local"),
+        ("http://0.0.0.0:80/x.png", "unspecified"),
+    ],
+)
 def test_urls_refused_by_policy(url, match):
     refused(url, 400, match)
 

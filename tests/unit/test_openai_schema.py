@@ -25,19 +25,40 @@ def parse(raw: bytes, limit: int = 100):
 
 
 def test_full_request_is_converted():
-    req = parse(body(
-        messages=[
-            {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
-                {"type": "text", "text": "What?"},
-                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]},
-            {"role": "assistant", "content": "A cat."},
-            {"role": "user", "content": "More?"}],
-        stream=True, stream_options={"include_usage": True}, max_completion_tokens=7, temperature=0.5, top_p=0.9,
-        top_k=5, seed=3, stop="END", n=1, user="u", unknown_new_field=1))
+    req = parse(
+        body(
+            messages=[
+                {"role": "developer", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+                        {"type": "text", "text": "What?"},
+                        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}},
+                    ],
+                },
+                {"role": "assistant", "content": "A cat."},
+                {"role": "user", "content": "More?"},
+            ],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_completion_tokens=7,
+            temperature=0.5,
+            top_p=0.9,
+            top_k=5,
+            seed=3,
+            stop="END",
+            n=1,
+            user="u",
+            unknown_new_field=1,
+        )
+    )
     assert req.messages.messages[0] == {"role": "system", "content": "Be brief."}
-    assert req.messages.messages[1]["content"] == [{"type": "image"}, {"type": "text", "text": "What?"}, {"type": "image"}]
+    assert req.messages.messages[1]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "What?"},
+        {"type": "image"},
+    ]
     assert [s.url for s in req.images] == ["data:image/png;base64,AAAA", "http://127.0.0.1:1/a.png"]
     assert req.images[1].param == "messages[1].content[2].image_url.url"
     assert req.stream and req.include_usage
@@ -52,37 +73,46 @@ def test_defaults_leave_everything_to_the_model():
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed, s.stop) == (None, None, None, None, None, ())
 
 
-@pytest.mark.parametrize("raw, param, match", [
-    (b"{not json", None, "not valid JSON"),
-    (b"[1]", None, "JSON object"),
-    (body(model=None), "model", "string"),
-    (body(messages=[]), "messages", "at least 1"),
-    (body(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "Input should be"),
-    (body(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]), "messages[0].content[0].text",
-     "string"),
-    (body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), "messages[0].content[0]", "tag"),
-    (body(messages=[{"role": "user", "content": None}]), "messages[0].content", "required"),
-    (body(messages=[{"role": "user", "content": "x <|vision_start|>"}]), "messages", "reserved vision token"),
-    (body(max_tokens=0), "max_tokens", r"\[1, 100\]"),
-    (body(max_tokens=101), "max_tokens", r"\[1, 100\]"),
-    (body(max_completion_tokens=1000), "max_completion_tokens", r"\[1, 100\]"),
-    (body(max_tokens=5, max_completion_tokens=6), "max_completion_tokens", "differ"),
-    (body(max_tokens=True), "max_tokens", "integer"),
-    (body(max_tokens="5"), "max_tokens", "integer"),
-    (body(temperature=2.5), "temperature", "less than or equal"),
-    (body(top_p=0), "top_p", "greater than"),
-    (body(top_k=-2), "top_k", "greater than"),
-    (body(seed=-1), "seed", "2\\*\\*63"),
-    (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
-    (body(stop=[""]), "stop", "non-empty"),
-    (body(n=2), "n", "only n=1"),
-    (body(logprobs=True), "logprobs", "not supported"),
-    (body(presence_penalty=0.5), "presence_penalty", "not supported"),
-    (body(tools=[{"type": "function"}]), "tools", "not supported"),
-    (body(response_format={"type": "json_object"}), "response_format", "text"),
-    (body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}] * 5}]),
-     "messages", "at most 4 images"),
-])
+@pytest.mark.parametrize(
+    "raw, param, match",
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[1]", None, "JSON object"),
+        (body(model=None), "model", "string"),
+        (body(messages=[]), "messages", "at least 1"),
+        (body(messages=[{"role": "tool", "content": "x"}]), "messages[0].role", "Input should be"),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]),
+            "messages[0].content[0].text",
+            "string",
+        ),
+        (body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), "messages[0].content[0]", "tag"),
+        (body(messages=[{"role": "user", "content": None}]), "messages[0].content", "required"),
+        (body(messages=[{"role": "user", "content": "x <|vision_start|>"}]), "messages", "reserved vision token"),
+        (body(max_tokens=0), "max_tokens", r"\[1, 100\]"),
+        (body(max_tokens=101), "max_tokens", r"\[1, 100\]"),
+        (body(max_completion_tokens=1000), "max_completion_tokens", r"\[1, 100\]"),
+        (body(max_tokens=5, max_completion_tokens=6), "max_completion_tokens", "differ"),
+        (body(max_tokens=True), "max_tokens", "integer"),
+        (body(max_tokens="5"), "max_tokens", "integer"),
+        (body(temperature=2.5), "temperature", "less than or equal"),
+        (body(top_p=0), "top_p", "greater than"),
+        (body(top_k=-2), "top_k", "greater than"),
+        (body(seed=-1), "seed", "2\\*\\*63"),
+        (body(stop=["a", "b", "c", "d", "e"]), "stop", "at most 4"),
+        (body(stop=[""]), "stop", "non-empty"),
+        (body(n=2), "n", "only n=1"),
+        (body(logprobs=True), "logprobs", "not supported"),
+        (body(presence_penalty=0.5), "presence_penalty", "not supported"),
+        (body(tools=[{"type": "function"}]), "tools", "not supported"),
+        (body(response_format={"type": "json_object"}), "response_format", "text"),
+        (
+            body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}] * 5}]),
+            "messages",
+            "at most 4 images",
+        ),
+    ],
+)
 def test_bad_requests_are_400_naming_the_param(raw, param, match):
     with pytest.raises(APIError) as info:
         parse(raw)
@@ -98,16 +128,19 @@ def test_top_k_minus_one_or_zero_means_off():
     assert parse(body(top_k=0)).sampling.top_k is None
 
 
-@pytest.mark.parametrize("status, message, http", [
-    ("StatusCode.INVALID_ARGUMENT", "invalid input: IMAGE[0]: not an image", 400),
-    ("StatusCode.UNAVAILABLE", "unavailable (pool_exhausted): ...", 503),
-    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", 504),
-    ("StatusCode.INTERNAL", "internal error (RuntimeError): x", 500),
-    ("StatusCode.NOT_FOUND", "Request for unknown model", 404),
-    (None, "in ensemble 'mm_pipeline_stream', [request id: abc] invalid input: PROMPT: bad", 400),
-    (None, "unavailable (queue_full): the engine's queue is full", 503),
-    (None, "something odd", 500),
-])
+@pytest.mark.parametrize(
+    "status, message, http",
+    [
+        ("StatusCode.INVALID_ARGUMENT", "invalid input: IMAGE[0]: not an image", 400),
+        ("StatusCode.UNAVAILABLE", "unavailable (pool_exhausted): ...", 503),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", 504),
+        ("StatusCode.INTERNAL", "internal error (RuntimeError): x", 500),
+        ("StatusCode.NOT_FOUND", "Request for unknown model", 404),
+        (None, "in ensemble 'mm_pipeline_stream', [request id: abc] invalid input: PROMPT: bad", 400),
+        (None, "unavailable (queue_full): the engine's queue is full", 503),
+        (None, "something odd", 500),
+    ],
+)
 def test_triton_errors_map_to_http_status(status, message, http):
     err = from_triton(status, message)
     assert err.status == http
@@ -121,10 +154,20 @@ def test_config_validation_and_env():
         ServerConfig(image_url_hosts=("http://x.example/",))
     with pytest.raises(ValueError, match="stream_via"):
         ServerConfig(stream_via="carrier-pigeon")
-    cfg = from_env(environ={"MM_OPENAI_PORT": "9100", "MM_OPENAI_IMAGE_URL_HOSTS": "a.example, *.cdn.example",
-                            "MM_OPENAI_IMAGE_URL_LOOPBACK": "off", "MM_OPENAI_REQUEST_TIMEOUT_S": "5"})
+    cfg = from_env(
+        environ={
+            "MM_OPENAI_PORT": "9100",
+            "MM_OPENAI_IMAGE_URL_HOSTS": "a.example, *.cdn.example",
+            "MM_OPENAI_IMAGE_URL_LOOPBACK": "off",
+            "MM_OPENAI_REQUEST_TIMEOUT_S": "5",
+        }
+    )
     assert (cfg.port, cfg.image_url_hosts, cfg.image_url_loopback, cfg.request_timeout_s) == (
-        9100, ("a.example", "*.cdn.example"), False, 5.0)
+        9100,
+        ("a.example", "*.cdn.example"),
+        False,
+        5.0,
+    )
     with pytest.raises(ValueError, match="MM_OPENAI_IMAGE_URL_LOOPBACK"):
         from_env(environ={"MM_OPENAI_IMAGE_URL_LOOPBACK": "maybe"})
 
@@ -142,8 +185,10 @@ def test_response_objects_have_openai_shape():
     ids = CompletionIds("chatcmpl-x", "m", created=1)
     usage = Usage(10, 3)
     full = completion(ids, "hello", "stop", usage)
-    assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {"role": "assistant",
-                                                                                     "content": "hello"}
+    assert full["object"] == "chat.completion" and full["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "hello",
+    }
     assert full["usage"] == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}
     c = chunk(ids, {"content": "he"}, None, include_usage=True)
     assert c["object"] == "chat.completion.chunk" and c["usage"] is None
@@ -172,9 +217,25 @@ from hypothesis import strategies as st  # noqa: E402
 _values = st.recursive(
     st.none() | st.booleans() | st.integers(-3, 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=15)
-_fields = st.sampled_from(["model", "messages", "stream", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                           "stop", "n", "stream_options", "response_format", "tools"])
+    max_leaves=15,
+)
+_fields = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "stream",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "n",
+        "stream_options",
+        "response_format",
+        "tools",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)

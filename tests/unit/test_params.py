@@ -84,7 +84,8 @@ def test_model_base_resolves_through_the_one_resolver(monkeypatch, tmp_path):
     assert model.threads == 3 and model.device == "cpu"
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "preprocessor_config.json").write_text(  # Qwen2-VL's geometry: the budget resolves from it
-        '{"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056}')
+        '{"patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056}'
+    )
     monkeypatch.setenv("MM_CHECKPOINT", str(tmp_path))
     assert model.checkpoint == tmp_path
     with pytest.raises(ValueError, match="MM_BLOCK_TOKENS"):

@@ -1,5 +1,6 @@
 """Per-phase timing arithmetic: the engine's SequenceTiming spans, their mapping to phases, the clock, the
 histogram recorder (with a stand-in for pb_utils' metric families), and the engine stamping real runs."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,9 @@ from mm_triton.phases import PHASE_BUCKETS, PHASE_METRIC, Phase, PhaseClock, Pha
 
 
 def test_spans_of_an_image_request():
-    t = SequenceTiming("r", arrival=10.0, load_started=10.5, load_ended=11.25, admitted=12.0, first_token=12.5,
-                       finished=14.0)
+    t = SequenceTiming(
+        "r", arrival=10.0, load_started=10.5, load_ended=11.25, admitted=12.0, first_token=12.5, finished=14.0
+    )
     assert t.phases() == {"queue": 0.5, "load": 0.75, "slot_wait": 0.75, "prefill": 0.5, "decode": 1.5}
     # the spans tile the request: nothing is counted twice or lost
     assert sum(t.phases().values()) == pytest.approx(t.finished - t.arrival)
@@ -107,8 +109,9 @@ def test_phase_metrics_observe_and_log(pb, caplog):
 def test_engine_metrics_forward_sequence_timing(pb):
     pm = PhaseMetrics(pb, "mm_language", "i0")
     em = EngineMetrics(pb, "mm_language", "i0", pm, Phase.TRANSFER)
-    em.on_sequence_timing(SequenceTiming("r", arrival=0.0, load_started=0.0, load_ended=0.5, admitted=0.5,
-                                         first_token=0.75, finished=1.0))
+    em.on_sequence_timing(
+        SequenceTiming("r", arrival=0.0, load_started=0.0, load_ended=0.5, admitted=0.5, first_token=0.75, finished=1.0)
+    )
     hists = _phase_hists(_Family.all)
     assert hists["transfer"].observed == [0.5] and hists["prefill"].observed == [0.25]
     assert hists["decode"].observed == [0.25] and hists["image_decode"].observed == []
@@ -131,11 +134,12 @@ def test_engine_stamps_every_point(mono, encoder):
             self.timings.append(timing)
 
     obs = Obs()
-    engine = LLMEngine(mono.hf_model, mono.tokenizer, EngineConfig(max_seq_len=2048, max_batch_size=2),
-                       observer=obs)
+    engine = LLMEngine(mono.hf_model, mono.tokenizer, EngineConfig(max_seq_len=2048, max_batch_size=2), observer=obs)
     try:
-        cases = [Case([random_image(1, 56, 56)], "describe", SamplingParams(max_tokens=4)),
-                 Case([], "hello", SamplingParams(max_tokens=3))]
+        cases = [
+            Case([random_image(1, 56, 56)], "describe", SamplingParams(max_tokens=4)),
+            Case([], "hello", SamplingParams(max_tokens=3)),
+        ]
         sinks = [RecordingSink() for _ in cases]
         submitted = time.monotonic()
         for i, (case, sink) in enumerate(zip(cases, sinks)):

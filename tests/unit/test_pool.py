@@ -1,4 +1,5 @@
 """BlockPool: scatter/gather over non-contiguous blocks, aux area, bounded waits."""
+
 from __future__ import annotations
 
 import threading
@@ -6,7 +7,8 @@ import time
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmtransfer import BlockPool, PoolExhausted, RequestTooLarge
 

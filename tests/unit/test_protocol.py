@@ -1,14 +1,15 @@
 """Wire encoding: round trips, bounds, and a decoder that only ever raises ProtocolError."""
+
 from __future__ import annotations
 
 import json
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mmtransfer import EmbedRef, ProtocolError
-from mmtransfer import wire
+from mmtransfer import EmbedRef, ProtocolError, wire
 from mmtransfer.ref import new_transfer_id
 
 TID = new_transfer_id()
@@ -39,8 +40,14 @@ def _frame(type_: int, body, version=wire.PROTOCOL_VERSION, magic=wire.MAGIC) ->
     return struct.pack("!4sBB", magic, version, type_) + raw
 
 
-GOOD_PULL = {"transfer_id": TID, "seq": 0, "sent_tokens": 0, "capacity_tokens": 8, "transport": "host",
-             "request_id": ""}
+GOOD_PULL = {
+    "transfer_id": TID,
+    "seq": 0,
+    "sent_tokens": 0,
+    "capacity_tokens": 8,
+    "transport": "host",
+    "request_id": "",
+}
 
 
 @pytest.mark.parametrize(
@@ -60,9 +67,20 @@ GOOD_PULL = {"transfer_id": TID, "seq": 0, "sent_tokens": 0, "capacity_tokens": 
         (_frame(1, {**GOOD_PULL, "extra": 1}), "exactly the fields"),
         (_frame(1, {k: v for k, v in GOOD_PULL.items() if k != "seq"}), "exactly the fields"),
         (_frame(1, {**GOOD_PULL, "request_id": "\x00evil"}), "request_id"),
-        (_frame(2, {"transfer_id": TID, "seq": 0, "offset": 0, "num_tokens": 1, "total_tokens": 1,
-                    "aux": {"total_tokens": 1, "hidden": 1, "dtype": "float32",
-                            "extras": {"k": list(range(100))}}}), "extras"),
+        (
+            _frame(
+                2,
+                {
+                    "transfer_id": TID,
+                    "seq": 0,
+                    "offset": 0,
+                    "num_tokens": 1,
+                    "total_tokens": 1,
+                    "aux": {"total_tokens": 1, "hidden": 1, "dtype": "float32", "extras": {"k": list(range(100))}},
+                },
+            ),
+            "extras",
+        ),
         (_frame(6, {"transfer_id": "", "seq": 0, "code": "nope", "message": ""}), "error code"),
         (b"MMTX\x01\x01" + b" " * (wire.MAX_FRAME_BYTES + 1), "exceeds"),
     ],
@@ -101,8 +119,16 @@ WINDOW = 1024
 
 @pytest.mark.parametrize(
     "total, continuations",
-    [(1, 0), (WINDOW - 1, 0), (WINDOW, 0), (WINDOW + 1, 1), (2 * WINDOW, 1), (2 * WINDOW + 1, 2),
-     (50 * WINDOW, 49), (50 * WINDOW + 7, 50)],
+    [
+        (1, 0),
+        (WINDOW - 1, 0),
+        (WINDOW, 0),
+        (WINDOW + 1, 1),
+        (2 * WINDOW, 1),
+        (2 * WINDOW + 1, 2),
+        (50 * WINDOW, 49),
+        (50 * WINDOW + 7, 50),
+    ],
 )
 def test_continuation_count(total, continuations):
     assert len(wire.chunk_plan(total, WINDOW)) - 1 == continuations
@@ -136,7 +162,11 @@ def test_embed_ref_roundtrip_and_ids_are_random():
 @pytest.mark.parametrize(
     "text",
     [
-        "", "null", "[]", "{}", '{"transfer_id":"x","address":"tcp://a:1","num_tokens":0,"version":1}',
+        "",
+        "null",
+        "[]",
+        "{}",
+        '{"transfer_id":"x","address":"tcp://a:1","num_tokens":0,"version":1}',
         json.dumps({"transfer_id": TID, "address": "ipc:///tmp/x", "num_tokens": 0, "version": 1}),
         json.dumps({"transfer_id": TID, "address": "tcp://a:1", "num_tokens": -5, "version": 1}),
         json.dumps({"transfer_id": TID, "address": "tcp://a:1", "num_tokens": 0, "version": 1}),

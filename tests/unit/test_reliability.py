@@ -1,6 +1,7 @@
 """Reliability pieces without a server: error codes at the Triton boundary, cancellation checks, the
 receiver's cancellation path, the encoder's request-level capacity check, and the stub watchdog's view of
 a process tree (processes named like Triton's stubs)."""
+
 from __future__ import annotations
 
 import os
@@ -15,28 +16,41 @@ import torch
 from mm_triton.errors import error_code_name, triton_error
 from mm_triton.model_base import ModelBase
 from mmtransfer import (
-    AuthenticationError, BlockPool, PoolExhausted, ProtocolError, Receiver, RemoteError, RequestTooLarge,
-    SenderEndpoint, TransferCancelled, TransferConfig, TransferExpired, TransferNotFound,
+    AuthenticationError,
+    BlockPool,
+    ChannelError,
+    PoolExhausted,
+    ProtocolError,
+    Receiver,
+    RemoteError,
+    RequestTooLarge,
+    SenderEndpoint,
+    TransferCancelled,
+    TransferConfig,
+    TransferExpired,
+    TransferNotFound,
     TransferTimeout,
 )
-from mmtransfer import ChannelError
 
 
 # ---- error codes ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("exc, code, prefix", [
-    (PoolExhausted("p exhausted"), "UNAVAILABLE", "unavailable (pool_exhausted)"),
-    (TransferTimeout("slow"), "UNAVAILABLE", "unavailable (timeout)"),
-    (TransferNotFound("gone"), "UNAVAILABLE", "unavailable (not_found)"),
-    (TransferExpired("ttl"), "UNAVAILABLE", "unavailable (expired)"),
-    (AuthenticationError("mac"), "UNAVAILABLE", "unavailable (auth)"),
-    (ChannelError("nccl broke"), "UNAVAILABLE", "unavailable (channel)"),
-    (TransferCancelled("bye"), "CANCELLED", "cancelled"),
-    (RequestTooLarge("big"), "INVALID_ARG", "invalid input"),
-    (ValueError("IMAGE[0]: bad"), "INVALID_ARG", "invalid input"),
-    (ProtocolError("bad frame"), "INVALID_ARG", "invalid input"),  # a ValueError: only from bad EMBED_REFs here
-    (RemoteError("internal", "boom"), "INTERNAL", "transfer failed (remote)"),
-    (RuntimeError("bug"), "INTERNAL", "internal error (RuntimeError)"),
-])
+@pytest.mark.parametrize(
+    "exc, code, prefix",
+    [
+        (PoolExhausted("p exhausted"), "UNAVAILABLE", "unavailable (pool_exhausted)"),
+        (TransferTimeout("slow"), "UNAVAILABLE", "unavailable (timeout)"),
+        (TransferNotFound("gone"), "UNAVAILABLE", "unavailable (not_found)"),
+        (TransferExpired("ttl"), "UNAVAILABLE", "unavailable (expired)"),
+        (AuthenticationError("mac"), "UNAVAILABLE", "unavailable (auth)"),
+        (ChannelError("nccl broke"), "UNAVAILABLE", "unavailable (channel)"),
+        (TransferCancelled("bye"), "CANCELLED", "cancelled"),
+        (RequestTooLarge("big"), "INVALID_ARG", "invalid input"),
+        (ValueError("IMAGE[0]: bad"), "INVALID_ARG", "invalid input"),
+        (ProtocolError("bad frame"), "INVALID_ARG", "invalid input"),  # a ValueError: only from bad EMBED_REFs here
+        (RemoteError("internal", "boom"), "INTERNAL", "transfer failed (remote)"),
+        (RuntimeError("bug"), "INTERNAL", "internal error (RuntimeError)"),
+    ],
+)
 def test_error_codes(exc, code, prefix):
     assert error_code_name(exc) == (code, prefix)
 
@@ -90,10 +104,19 @@ HIDDEN = 8
 
 
 def test_receiver_gives_up_a_cancelled_transfer_between_continuations():
-    cfg = TransferConfig(block_tokens=4, default_window_tokens=8, pool_blocks=4, max_embed_tokens=256,
-                         pull_timeout_s=2, alloc_timeout_s=1, use_size_hint=False)
-    with SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender, \
-            Receiver(BlockPool(4, 4, HIDDEN, name="rx"), cfg) as receiver:
+    cfg = TransferConfig(
+        block_tokens=4,
+        default_window_tokens=8,
+        pool_blocks=4,
+        max_embed_tokens=256,
+        pull_timeout_s=2,
+        alloc_timeout_s=1,
+        use_size_hint=False,
+    )
+    with (
+        SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender,
+        Receiver(BlockPool(4, 4, HIDDEN, name="rx"), cfg) as receiver,
+    ):
         asked = []
 
         def cancelled():
@@ -128,14 +151,16 @@ def test_pull_loader_aborts_the_rest_on_cancellation_and_abort():
     from mm_language.loader import PullLoader
     from mmtransfer import EmbedRef
 
-    cfg = TransferConfig(block_tokens=4, default_window_tokens=8, pool_blocks=8, max_embed_tokens=256,
-                         pull_timeout_s=2)
+    cfg = TransferConfig(block_tokens=4, default_window_tokens=8, pool_blocks=8, max_embed_tokens=256, pull_timeout_s=2)
     with SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender:
         receiver = Receiver(BlockPool(8, 4, HIDDEN, name="rx"), cfg)
         try:
+
             def refs(n):
-                return [EmbedRef.from_json(sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json())
-                        for _ in range(n)]
+                return [
+                    EmbedRef.from_json(sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json())
+                    for _ in range(n)
+                ]
 
             state = {"n": 0}
 
@@ -155,8 +180,9 @@ def test_pull_loader_aborts_the_rest_on_cancellation_and_abort():
             _wait_sender_idle(sender)
             assert sender.active_transfers == 0
             data = torch.randn(10, HIDDEN)
-            ok = PullLoader(receiver, [EmbedRef.from_json(sender.register(data, {"grid_thw": [1, 2, 20]}).to_json())],
-                            "r3")
+            ok = PullLoader(
+                receiver, [EmbedRef.from_json(sender.register(data, {"grid_thw": [1, 2, 20]}).to_json())], "r3"
+            )
             images = ok.load(lambda: False)
             assert torch.equal(images[0].embeds, data) and images[0].grid_thw == (1, 2, 20)
             lying = EmbedRef.from_json(sender.register(torch.randn(10, HIDDEN), {"grid_thw": [1, 2, 20]}).to_json())
@@ -173,8 +199,9 @@ def _encoder(pool_blocks: int, block_allocator: bool = True):
     from mm_encoder.service import EncoderService
 
     svc = EncoderService.__new__(EncoderService)
-    svc.config = TransferConfig(pool_blocks=pool_blocks, block_tokens=128, max_embed_tokens=2048,
-                                use_block_allocator=block_allocator)
+    svc.config = TransferConfig(
+        pool_blocks=pool_blocks, block_tokens=128, max_embed_tokens=2048, use_block_allocator=block_allocator
+    )
     svc.pool = BlockPool(pool_blocks, 128, 4, block_allocator=block_allocator, slot_blocks=16, name="enc")
     return svc
 
@@ -200,12 +227,14 @@ def test_watchdog_finds_stubs_by_parent_and_reloads_the_model_of_a_dead_one(tmp_
     for model in ("mm_encoder", "mm_language"):
         (tmp_path / model / "1").mkdir(parents=True)
         (tmp_path / model / "1" / "model.py").write_text("import time\ntime.sleep(60)\n")
-    child = ("import os, sys, time\n"
-             "for inst, model in (('mm_encoder_0_0', 'mm_encoder'), ('mm_language_0_0', 'mm_language')):\n"
-             "    if os.fork() == 0:\n"
-             f"        os.execv(sys.executable, ['/x/triton_python_backend_stub', f'{tmp_path}/{{model}}/1/model.py',\n"
-             "                 'shm', '1', '1', '1', '/b', '336', inst, 'DEFAULT'])\n"
-             "time.sleep(60)\n")
+    child = (
+        "import os, sys, time\n"
+        "for inst, model in (('mm_encoder_0_0', 'mm_encoder'), ('mm_language_0_0', 'mm_language')):\n"
+        "    if os.fork() == 0:\n"
+        f"        os.execv(sys.executable, ['/x/triton_python_backend_stub', f'{tmp_path}/{{model}}/1/model.py',\n"
+        "                 'shm', '1', '1', '1', '/b', '336', inst, 'DEFAULT'])\n"
+        "time.sleep(60)\n"
+    )
     server = subprocess.Popen([sys.executable, "-c", child])
     try:
         deadline = time.monotonic() + 10
@@ -213,7 +242,9 @@ def test_watchdog_finds_stubs_by_parent_and_reloads_the_model_of_a_dead_one(tmp_
             time.sleep(0.05)
         stubs = watchdog.list_stubs(server.pid)
         assert sorted((s.model, s.instance) for s in stubs.values()) == [
-            ("mm_encoder", "mm_encoder_0_0"), ("mm_language", "mm_language_0_0")]
+            ("mm_encoder", "mm_encoder_0_0"),
+            ("mm_language", "mm_language_0_0"),
+        ]
         dog = watchdog.StubWatchdog(server.pid, "127.0.0.1:1", "t" * 16)
         calls = []
         monkeypatch.setattr(dog, "_repository_call", lambda model, op: calls.append((model, op)))
@@ -265,7 +296,9 @@ def test_soak_classifies_server_messages():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("soak_under_test", Path(__file__).resolve().parents[2] / "scripts" / "soak.py")
+    spec = importlib.util.spec_from_file_location(
+        "soak_under_test", Path(__file__).resolve().parents[2] / "scripts" / "soak.py"
+    )
     soak = importlib.util.module_from_spec(spec)
     sys.modules["soak_under_test"] = soak
     spec.loader.exec_module(soak)

@@ -1,5 +1,6 @@
 """mm_remote without servers: encoder URLs, round-robin and fail-over, error mapping, generated
 repositories, instance indices; and the encoder's threaded multi-image path (order, no leaks)."""
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,25 @@ from mm_triton.params import instance_index
 def test_parse_encoder_urls():
     assert parse_encoder_urls("a:1") == ["a:1"]
     assert parse_encoder_urls(["a:1,b.example.com:8011", "grpc://10.0.0.5:8011", "[::1]:9"]) == [
-        "a:1", "b.example.com:8011", "10.0.0.5:8011", "[::1]:9"]
+        "a:1",
+        "b.example.com:8011",
+        "10.0.0.5:8011",
+        "[::1]:9",
+    ]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("", "no encoder server"), ("host", "HOST:PORT"), ("host:0", "HOST:PORT"), ("host:70000", "HOST:PORT"),
-    ("http://h:1", "HOST:PORT"), ("a:1,a:1", "listed twice"), ("a b:1:2", "HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("", "no encoder server"),
+        ("host", "HOST:PORT"),
+        ("host:0", "HOST:PORT"),
+        ("host:70000", "HOST:PORT"),
+        ("http://h:1", "HOST:PORT"),
+        ("a:1,a:1", "listed twice"),
+        ("a b:1:2", "HOST:PORT"),
+    ],
+)
 def test_parse_encoder_urls_refuses(bad, message):
     with pytest.raises(ValueError, match=message):
         parse_encoder_urls(bad)
@@ -85,7 +98,8 @@ def test_round_robin_with_start_offset():
 def test_unavailable_server_is_skipped_and_tried_last_for_a_while():
     enc, clients, events = _encoders(["a:1", "b:1"], cooldown_s=60)
     clients["a:1"].fail = InferenceServerException(
-        "failed to connect to all addresses; Connection refused", status="StatusCode.UNAVAILABLE")
+        "failed to connect to all addresses; Connection refused", status="StatusCode.UNAVAILABLE"
+    )
     assert enc.encode(IMAGES)[1] == "b:1"
     assert events == [("a:1", "unavailable"), ("b:1", "ok")]
     # a:1 cools down: the next requests go to b:1 without trying a:1 first
@@ -108,23 +122,26 @@ def test_all_unavailable_names_every_url():
 
 def test_single_unreachable_url_message():
     enc, clients, _ = _encoders(["h:8011"])
-    clients["h:8011"].fail = InferenceServerException("failed to connect to all addresses",
-                                                      status="StatusCode.UNAVAILABLE")
+    clients["h:8011"].fail = InferenceServerException(
+        "failed to connect to all addresses", status="StatusCode.UNAVAILABLE"
+    )
     with pytest.raises(EncoderCallError, match=r"^encoder server h:8011 unavailable: unreachable"):
         enc.encode(IMAGES)
 
 
 def test_unknown_model_is_unavailable_and_skipped():
     enc, clients, _ = _encoders(["a:1", "b:1"])
-    clients["a:1"].fail = InferenceServerException("Request for unknown model: 'mm_encoder' is not found",
-                                                   status="StatusCode.NOT_FOUND")
+    clients["a:1"].fail = InferenceServerException(
+        "Request for unknown model: 'mm_encoder' is not found", status="StatusCode.NOT_FOUND"
+    )
     assert enc.encode(IMAGES)[1] == "b:1"
 
 
 def test_bad_input_is_not_retried_and_keeps_its_code():
     enc, clients, events = _encoders(["a:1", "b:1"])
-    clients["a:1"].fail = InferenceServerException("invalid input: IMAGE[0]: not an image",
-                                                   status="StatusCode.INVALID_ARGUMENT")
+    clients["a:1"].fail = InferenceServerException(
+        "invalid input: IMAGE[0]: not an image", status="StatusCode.INVALID_ARGUMENT"
+    )
     with pytest.raises(EncoderCallError) as info:
         enc.encode(IMAGES)
     assert info.value.code == "INVALID_ARG"
@@ -168,7 +185,11 @@ def test_instance_index():
     assert [instance_index(cpu, f"mm_encoder_0_{i}") for i in range(3)] == [0, 1, 2]
     gpus = {"instance_group": [{"name": "m_0", "count": 2, "gpus": [0]}, {"name": "m_1", "count": 2, "gpus": [1]}]}
     assert [instance_index(gpus, n, d) for n, d in [("m_0_0", 0), ("m_0_1", 0), ("m_1_0", 1), ("m_1_1", 1)]] == [
-        0, 1, 2, 3]
+        0,
+        1,
+        2,
+        3,
+    ]
     shared = {"instance_group": [{"name": "m_0", "count": 2, "gpus": [2, 3]}]}
     assert sorted(instance_index(shared, f"m_0_{c}", d) for c in (0, 1) for d in (2, 3)) == [0, 1, 2, 3]
     assert instance_index({}, "whatever_5") == 5
@@ -197,8 +218,13 @@ def test_sources_serve_as_they_are():
 
 
 def test_build_language_repository(tmp_path):
-    repo = build_repository(tmp_path / "lang", "language", language_instances=2,
-                            parameters={"mm_pipeline": {"encoder_urls": "e:8011"}}, checkpoint=tmp_path)
+    repo = build_repository(
+        tmp_path / "lang",
+        "language",
+        language_instances=2,
+        parameters={"mm_pipeline": {"encoder_urls": "e:8011"}},
+        checkpoint=tmp_path,
+    )
     assert instance_count(repo, "mm_language") == 2
     assert instance_count(repo, "mm_pipeline") == 4  # 2 x mm_language by default
     pipeline = _config(repo / "mm_pipeline" / "config.pbtxt")
@@ -221,7 +247,9 @@ def test_build_repository_on_gpus_one_group_per_gpu(tmp_path):
     repo = build_repository(tmp_path / "all", "all", encoder_instances=2, encoder_gpus=[0, 1], language_gpus=[2])
     enc = _config(repo / "mm_encoder" / "config.pbtxt")
     assert [(g.count, list(g.gpus), g.kind) for g in enc.instance_group] == [
-        (2, [0], model_config_pb2.ModelInstanceGroup.KIND_GPU), (2, [1], model_config_pb2.ModelInstanceGroup.KIND_GPU)]
+        (2, [0], model_config_pb2.ModelInstanceGroup.KIND_GPU),
+        (2, [1], model_config_pb2.ModelInstanceGroup.KIND_GPU),
+    ]
     assert instance_count(repo, "mm_encoder") == 4 and instance_count(repo, "mm_language") == 1
     assert _config(repo / "mm_pipeline" / "config.pbtxt").backend == "python"  # the BLS pipeline (issue 14)
 
@@ -251,9 +279,11 @@ def encoder_service(tiny_model_dir):
 
 
 def test_threaded_encoding_keeps_prompt_order(encoder_service, tiny_model_dir):
-    from mm_bench.images import make_test_image, tokens_for_image_size
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from mm_bench.images import make_test_image, tokens_for_image_size
 
     images = [make_test_image(tokens=t, seed=i, model_dir=tiny_model_dir) for i, t in enumerate((1500, 64, 700, 256))]
     want = [tokens_for_image_size(tiny_model_dir, *Image.open(io.BytesIO(b)).size) for b in images]
@@ -274,6 +304,7 @@ def test_encoding_failure_frees_everything(encoder_service, tiny_model_dir, monk
     images = [make_test_image(tokens=256, seed=i, model_dir=tiny_model_dir) for i in range(4)]
     calls = []
     if where == "tower":
+
         def broken(inputs):
             calls.append(len(inputs))
             raise RuntimeError("vision tower failed")
@@ -300,7 +331,9 @@ def test_encoding_failure_frees_everything(encoder_service, tiny_model_dir, monk
 def serve_module():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("serve_script", Path(__file__).resolve().parents[2] / "scripts" / "serve.py")
+    spec = importlib.util.spec_from_file_location(
+        "serve_script", Path(__file__).resolve().parents[2] / "scripts" / "serve.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -313,30 +346,55 @@ def _options(serve_module, *argv):
 
 
 def test_serve_role_defaults_and_env(serve_module):
-    args, env = _options(serve_module, "--role", "encoder", "--control-host", "0.0.0.0", "--advertise-host",
-                         "enc.example", "--control-port", "9500", "--encoder-instances", "2")
+    args, env = _options(
+        serve_module,
+        "--role",
+        "encoder",
+        "--control-host",
+        "0.0.0.0",
+        "--advertise-host",
+        "enc.example",
+        "--control-port",
+        "9500",
+        "--encoder-instances",
+        "2",
+    )
     assert (args.http_port, args.grpc_port, args.metrics_port) == (8010, 8011, 8012)
     assert env["MM_CONTROL_HOST"] == "0.0.0.0" and env["MM_ADVERTISE_HOST"] == "enc.example"
     assert env["MM_CONTROL_PORT"] == "9500"
-    args, env = _options(serve_module, "--role", "language", "--encoder-url", "a:8011", "--encoder-url", "b:8011",
-                         "--port-base", "8020", "--http-port", "9000")
+    args, env = _options(
+        serve_module,
+        "--role",
+        "language",
+        "--encoder-url",
+        "a:8011",
+        "--encoder-url",
+        "b:8011",
+        "--port-base",
+        "8020",
+        "--http-port",
+        "9000",
+    )
     assert (args.http_port, args.grpc_port, args.metrics_port) == (9000, 8021, 8022)
     assert env["MM_ENCODER_URLS"] == "a:8011,b:8011"
     args, env = _options(serve_module)
     assert args.role == "all" and (args.http_port, args.grpc_port) == (8000, 8001) and "MM_ENCODER_URLS" not in env
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--role", "language"], "needs --encoder-url"),
-    (["--role", "language", "--encoder-url", "nohost"], "HOST:PORT"),
-    (["--role", "language", "--encoder-url", "a:1", "--control-host", "10.0.0.5"], "encoder side"),
-    (["--role", "encoder", "--encoder-url", "a:1"], "only for --role language"),
-    (["--role", "encoder", "--language-instances", "2"], "language side"),
-    (["--role", "encoder", "--demo"], "--demo needs"),
-    (["--control-host", "0.0.0.0"], "--advertise-host"),
-    (["--encoder-gpus", "0,0"], "distinct"),
-    (["--model-repository", "x", "--encoder-instances", "2"], "as they are"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--role", "language"], "needs --encoder-url"),
+        (["--role", "language", "--encoder-url", "nohost"], "HOST:PORT"),
+        (["--role", "language", "--encoder-url", "a:1", "--control-host", "10.0.0.5"], "encoder side"),
+        (["--role", "encoder", "--encoder-url", "a:1"], "only for --role language"),
+        (["--role", "encoder", "--language-instances", "2"], "language side"),
+        (["--role", "encoder", "--demo"], "--demo needs"),
+        (["--control-host", "0.0.0.0"], "--advertise-host"),
+        (["--encoder-gpus", "0,0"], "distinct"),
+        (["--model-repository", "x", "--encoder-instances", "2"], "as they are"),
+    ],
+)
 def test_serve_role_options_refused(serve_module, argv, message):
     with pytest.raises(SystemExit, match=message):
         _options(serve_module, *argv)

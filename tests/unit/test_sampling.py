@@ -1,4 +1,5 @@
 """Per-row sampling, incremental detokenization with stop strings, and EngineConfig validation."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,8 +40,7 @@ def test_top_k_and_top_p_restrict_the_support():
     # probabilities at T=1: 0.64, 0.24, 0.09, ...: top_p 0.7 keeps the first two tokens
     draws_p = {sample_row(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.7), g) for _ in range(300)}
     assert draws_p == {0, 1}
-    draws_tiny = {sample_row(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.01), g)
-                  for _ in range(50)}
+    draws_tiny = {sample_row(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=0.01), g) for _ in range(50)}
     assert draws_tiny == {0}  # the most likely token always stays
 
 
@@ -86,28 +86,34 @@ def test_stop_strings_cut_before_the_first_match_and_are_never_streamed(tokenize
     if not detok.stopped:
         streamed += detok.flush()
     if stop in full:
-        assert detok.stopped and detok.text == full[:full.find(stop)]
+        assert detok.stopped and detok.text == full[: full.find(stop)]
     else:
         assert not detok.stopped and detok.text == full
     assert streamed == detok.text
 
 
 def test_engine_config_from_params_and_env():
-    cfg = EngineConfig.from_params({"max_num_seqs": "8", "kv_cache_tokens": "16384", "max_queue_delay_s": "2.5"},
-                                   device="cpu", env={"MM_MAX_QUEUE_SIZE": "7"})
+    cfg = EngineConfig.from_params(
+        {"max_num_seqs": "8", "kv_cache_tokens": "16384", "max_queue_delay_s": "2.5"},
+        device="cpu",
+        env={"MM_MAX_QUEUE_SIZE": "7"},
+    )
     assert (cfg.max_batch_size, cfg.max_seq_len, cfg.max_queue_size, cfg.max_queue_delay_s) == (8, 2048, 7, 2.5)
     assert cfg.kv_cache_tokens == 16384
     assert EngineConfig.from_params({}, env={}) == EngineConfig()
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"max_num_seqs": "0"}, "max_num_seqs"),
-    ({"max_num_seqs": "x"}, "max_num_seqs"),
-    ({"max_queue_delay_s": "-1"}, "max_queue_delay_s"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"max_seq_len": "100", "kv_cache_tokens": "6400"}, "kv_cache_tokens"),
-    ({"max_num_batched_tokens": "0"}, "max_num_batched_tokens"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_num_seqs": "0"}, "max_num_seqs"),
+        ({"max_num_seqs": "x"}, "max_num_seqs"),
+        ({"max_queue_delay_s": "-1"}, "max_queue_delay_s"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"max_seq_len": "100", "kv_cache_tokens": "6400"}, "kv_cache_tokens"),
+        ({"max_num_batched_tokens": "0"}, "max_num_batched_tokens"),
+    ],
+)
 def test_engine_config_rejects_bad_values(params, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig.from_params(params, env={})

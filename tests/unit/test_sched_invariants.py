@@ -2,20 +2,18 @@
 every admitted request gets exactly one final call, refusals happen only at the queue bound, the
 running batch never exceeds its slots, every slot and queue place is free at the end, and greedy
 requests that complete are exact whatever happened around them."""
+
 from __future__ import annotations
 
 import threading
 import time
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mm_engine import EngineConfig, EngineError, EngineObserver, ErrorCause, LLMEngine, SamplingParams
 
 from ._engine_util import Case, EncodingLoader, RecordingSink, build_request, random_image, wait_until
-
-
 
 
 class BoundsObserver(EngineObserver):
@@ -28,14 +26,16 @@ class BoundsObserver(EngineObserver):
             self.violations.append(f"running {running} waiting {waiting} slots {slots_used}/{slots_total}")
 
 
-REQUEST = st.fixed_dictionaries({
-    "words": st.integers(0, 60),
-    "max_tokens": st.integers(1, 30),
-    "image": st.sampled_from([None, "ok", "fail"]),
-    "cancel_after": st.one_of(st.none(), st.integers(0, 10)),
-    "deadline_s": st.one_of(st.none(), st.floats(0.0, 0.2)),
-    "delay_s": st.sampled_from([0.0, 0.0, 0.005]),
-})
+REQUEST = st.fixed_dictionaries(
+    {
+        "words": st.integers(0, 60),
+        "max_tokens": st.integers(1, 30),
+        "image": st.sampled_from([None, "ok", "fail"]),
+        "cancel_after": st.one_of(st.none(), st.integers(0, 10)),
+        "deadline_s": st.one_of(st.none(), st.floats(0.0, 0.2)),
+        "delay_s": st.sampled_from([0.0, 0.0, 0.005]),
+    }
+)
 
 _ORACLE: dict[tuple, list[int]] = {}
 
@@ -64,13 +64,22 @@ def _submit(engine, mono, encoder, i, spec, cancel_flags, sinks):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(slots=st.integers(1, 4), queue=st.integers(1, 6), chunk=st.sampled_from([8, 64, 4096]),
-       requests=st.lists(REQUEST, min_size=1, max_size=12))
+@given(
+    slots=st.integers(1, 4),
+    queue=st.integers(1, 6),
+    chunk=st.sampled_from([8, 64, 4096]),
+    requests=st.lists(REQUEST, min_size=1, max_size=12),
+)
 def test_random_workloads_keep_the_invariants(mono, encoder, slots, queue, chunk, requests):
     observer = BoundsObserver(slots)
-    engine = LLMEngine(mono.hf_model, mono.tokenizer,
-                       EngineConfig(max_batch_size=slots, max_queue_size=queue, max_seq_len=1024,
-                                    max_num_batched_tokens=chunk, loader_threads=2), observer=observer)
+    engine = LLMEngine(
+        mono.hf_model,
+        mono.tokenizer,
+        EngineConfig(
+            max_batch_size=slots, max_queue_size=queue, max_seq_len=1024, max_num_batched_tokens=chunk, loader_threads=2
+        ),
+        observer=observer,
+    )
     sinks: list = []
     flags: list = []
     refused = 0
@@ -106,6 +115,10 @@ def test_random_workloads_keep_the_invariants(mono, encoder, slots, queue, chunk
             assert spec["image"] != "fail"
             assert sink.output.token_ids == _oracle(mono, case)
         else:
-            assert sink.error.cause in (ErrorCause.CANCELLED, ErrorCause.DEADLINE, ErrorCause.IMAGE_LOAD,
-                                        ErrorCause.QUEUE_TIMEOUT)
-            assert sink.tokens == _oracle(mono, case)[:len(sink.tokens)]  # a prefix of the exact answer
+            assert sink.error.cause in (
+                ErrorCause.CANCELLED,
+                ErrorCause.DEADLINE,
+                ErrorCause.IMAGE_LOAD,
+                ErrorCause.QUEUE_TIMEOUT,
+            )
+            assert sink.tokens == _oracle(mono, case)[: len(sink.tokens)]  # a prefix of the exact answer

@@ -1,5 +1,6 @@
 """Sender and receiver end to end: separate processes, continuations, exhaustion, TTL,
 pulls before registration, and hostile frames against a live endpoint."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -11,10 +12,20 @@ import torch
 import zmq
 
 from mmtransfer import (
-    BlockPool, EmbedRef, PoolExhausted, ProtocolError, Receiver, RequestTooLarge, SenderEndpoint, TransferConfig,
-    TransferNotFound, TransferObserver, TransferState, TransferTimeout,
+    BlockPool,
+    EmbedRef,
+    PoolExhausted,
+    ProtocolError,
+    Receiver,
+    RequestTooLarge,
+    SenderEndpoint,
+    TransferConfig,
+    TransferNotFound,
+    TransferObserver,
+    TransferState,
+    TransferTimeout,
+    wire,
 )
-from mmtransfer import wire
 from mmtransfer.ref import new_transfer_id
 
 from ._sender_proc import embedding_for, sender_main
@@ -27,8 +38,9 @@ class SenderProcess:
     def __init__(self, config: TransferConfig, blocks: int, dtype: str) -> None:
         ctx = mp.get_context("spawn")
         self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=sender_main, args=(self.commands, self.replies, config, blocks, HIDDEN, dtype),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=sender_main, args=(self.commands, self.replies, config, blocks, HIDDEN, dtype), daemon=True
+        )
         self.proc.start()
         kind, self.address = self.replies.get(timeout=60)
         assert kind == "ready"
@@ -87,8 +99,16 @@ def test_cross_process_pull_waits_for_late_fill(sender_proc, proc_config):
 # ---- in-process endpoints ---------------------------------------------------------------------
 @pytest.fixture
 def cfg():
-    return TransferConfig(block_tokens=8, default_window_tokens=32, max_embed_tokens=512, pool_blocks=4,
-                          alloc_timeout_s=0.5, pull_timeout_s=2.0, pull_wait_s=0.5, ttl_s=5.0)
+    return TransferConfig(
+        block_tokens=8,
+        default_window_tokens=32,
+        max_embed_tokens=512,
+        pool_blocks=4,
+        alloc_timeout_s=0.5,
+        pull_timeout_s=2.0,
+        pull_wait_s=0.5,
+        ttl_s=5.0,
+    )
 
 
 @pytest.fixture
@@ -286,8 +306,15 @@ def _raw_exchange(address: str, frames: list[bytes], expect_reply: bool = True):
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", b"garbage", b"MMTX\x01\x01{}", b"MMTX\x02\x01{}", b"MMTX\x01\x09{}", b"\x00" * 70000,
-     wire.encode(wire.Ack(new_transfer_id(), 0))],
+    [
+        b"",
+        b"garbage",
+        b"MMTX\x01\x01{}",
+        b"MMTX\x02\x01{}",
+        b"MMTX\x01\x09{}",
+        b"\x00" * 70000,
+        wire.encode(wire.Ack(new_transfer_id(), 0)),
+    ],
 )
 def test_endpoint_answers_garbage_with_error_and_keeps_serving(pair, frame):
     sender, receiver = pair

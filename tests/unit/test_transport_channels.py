@@ -5,6 +5,7 @@ The channels run on CPU pools here: an in-process stand-in for libnccl pairs sen
 by order per (communicator, direction) exactly like NCCL does, and copies bytes with memmove;
 it records any pairing whose sizes differ (what would be corruption or a hang on a GPU).
 The same-GPU path uses the process-local mapping of the pool. tests/gpu/ runs the real thing."""
+
 from __future__ import annotations
 
 import ctypes
@@ -16,15 +17,22 @@ from collections import deque
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mmtransfer.device as mcuda
 from mmtransfer import (
-    BlockPool, ProtocolError, Receiver, RemoteError, SenderEndpoint, TransferConfig, TransferError,
+    BlockPool,
+    ProtocolError,
+    Receiver,
+    RemoteError,
+    SenderEndpoint,
+    TransferConfig,
+    TransferError,
+    TransportUnavailable,
+    nccl_lib,
+    wire,
 )
-from mmtransfer import nccl_lib
-from mmtransfer import wire
-from mmtransfer import TransportUnavailable
 from mmtransfer.device import DeviceInfo
 from mmtransfer.sender_table import InFlight
 from mmtransfer.transports.negotiate import natural_transport, negotiate
@@ -37,30 +45,45 @@ CPU = DeviceInfo("cpu", "", HOST)
 
 
 # ---- negotiation -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sender, receiver, expected", [
-    (CPU, CPU, "host"), (GPU_A, CPU, "host"), (CPU, GPU_A, "host"), (GPU_A, GPU_A, "cuda_ipc"),
-    (GPU_A, GPU_B, "nccl"), (GPU_A, DeviceInfo("cuda", "GPU-aaaa", "otherhost/1"), "nccl"),
-])
+@pytest.mark.parametrize(
+    "sender, receiver, expected",
+    [
+        (CPU, CPU, "host"),
+        (GPU_A, CPU, "host"),
+        (CPU, GPU_A, "host"),
+        (GPU_A, GPU_A, "cuda_ipc"),
+        (GPU_A, GPU_B, "nccl"),
+        (GPU_A, DeviceInfo("cuda", "GPU-aaaa", "otherhost/1"), "nccl"),
+    ],
+)
 def test_auto_picks_the_natural_transport(sender, receiver, expected):
     assert natural_transport(sender, receiver) == expected
     assert negotiate("auto", "auto", sender, receiver) == expected
 
 
-@pytest.mark.parametrize("s_pref, r_pref, sender, receiver, expected", [
-    ("host", "auto", GPU_A, GPU_B, "host"), ("auto", "host", GPU_A, GPU_A, "host"),
-    ("nccl", "auto", GPU_A, GPU_B, "nccl"), ("auto", "cuda_ipc", GPU_A, GPU_A, "cuda_ipc"),
-    ("nccl", "nccl", GPU_A, GPU_B, "nccl"),
-])
+@pytest.mark.parametrize(
+    "s_pref, r_pref, sender, receiver, expected",
+    [
+        ("host", "auto", GPU_A, GPU_B, "host"),
+        ("auto", "host", GPU_A, GPU_A, "host"),
+        ("nccl", "auto", GPU_A, GPU_B, "nccl"),
+        ("auto", "cuda_ipc", GPU_A, GPU_A, "cuda_ipc"),
+        ("nccl", "nccl", GPU_A, GPU_B, "nccl"),
+    ],
+)
 def test_forced_transport_is_used_when_possible(s_pref, r_pref, sender, receiver, expected):
     assert negotiate(s_pref, r_pref, sender, receiver) == expected
 
 
-@pytest.mark.parametrize("s_pref, r_pref, sender, receiver, message", [
-    ("auto", "nccl", GPU_A, GPU_A, "Duplicate GPU|two ranks on one GPU"),
-    ("auto", "nccl", CPU, GPU_A, "both pools on CUDA"),
-    ("auto", "cuda_ipc", GPU_A, GPU_B, "same GPU"),
-    ("host", "nccl", GPU_A, GPU_B, "sender forces"),
-])
+@pytest.mark.parametrize(
+    "s_pref, r_pref, sender, receiver, message",
+    [
+        ("auto", "nccl", GPU_A, GPU_A, "Duplicate GPU|two ranks on one GPU"),
+        ("auto", "nccl", CPU, GPU_A, "both pools on CUDA"),
+        ("auto", "cuda_ipc", GPU_A, GPU_B, "same GPU"),
+        ("host", "nccl", GPU_A, GPU_B, "sender forces"),
+    ],
+)
 def test_impossible_transport_is_a_clear_error(s_pref, r_pref, sender, receiver, message):
     with pytest.raises(TransportUnavailable, match=message):
         negotiate(s_pref, r_pref, sender, receiver)
@@ -78,20 +101,36 @@ def test_transport_is_a_config_field_with_env_override():
 
 # ---- protocol additions ------------------------------------------------------------------------------
 TID = "0123456789abcdef0123456789abcdef"
-IPC = {"handle": "ab" * 64, "size_bytes": 4096, "offset_bytes": 0, "ref_counter_handle": "cd" * 8,
-       "ref_counter_offset": 0, "event_handle": "", "event_sync_required": False, "storage_offset": 0,
-       "rows": 16, "hidden": 64, "dtype": "bfloat16", "pid": 12, "local_key": "k"}
+IPC = {
+    "handle": "ab" * 64,
+    "size_bytes": 4096,
+    "offset_bytes": 0,
+    "ref_counter_handle": "cd" * 8,
+    "ref_counter_offset": 0,
+    "event_handle": "",
+    "event_sync_required": False,
+    "storage_offset": 0,
+    "rows": 16,
+    "hidden": 64,
+    "dtype": "bfloat16",
+    "pid": 12,
+    "local_key": "k",
+}
 
 
-@pytest.mark.parametrize("msg", [
-    wire.Bootstrap(TID, "auto", "cuda", "GPU-1", "h/b", 42),
-    wire.BootstrapAck(TID, "nccl", "cuda", "GPU-2", "h/b", nccl_id="0f" * 128),
-    wire.BootstrapAck(TID, "cuda_ipc", "cuda", "GPU-2", "h/b", ipc=IPC),
-    wire.BootstrapAck(TID, "host", "cpu", "", "h/b"),
-    wire.Close(TID, "broken"),
-    wire.Pull(TID, 1, 64, 32, "nccl", "r", channel=TID, count=3, runs=(16, 16), op_seq=7),
-    wire.Chunk(TID, 1, 64, 32, 200, None, pieces=((5, 16), (40, 16))),
-], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "msg",
+    [
+        wire.Bootstrap(TID, "auto", "cuda", "GPU-1", "h/b", 42),
+        wire.BootstrapAck(TID, "nccl", "cuda", "GPU-2", "h/b", nccl_id="0f" * 128),
+        wire.BootstrapAck(TID, "cuda_ipc", "cuda", "GPU-2", "h/b", ipc=IPC),
+        wire.BootstrapAck(TID, "host", "cpu", "", "h/b"),
+        wire.Close(TID, "broken"),
+        wire.Pull(TID, 1, 64, 32, "nccl", "r", channel=TID, count=3, runs=(16, 16), op_seq=7),
+        wire.Chunk(TID, 1, 64, 32, 200, None, pieces=((5, 16), (40, 16))),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_new_messages_round_trip(msg):
     assert wire.decode(wire.encode(msg)) == msg
 
@@ -102,16 +141,19 @@ def test_defaults_stay_off_the_wire():
     assert b"pieces" not in wire.encode(wire.Chunk(TID, 0, 0, 8, 8, None))
 
 
-@pytest.mark.parametrize("msg, field", [
-    (wire.Bootstrap(TID, "auto", "gpu", "GPU-1", "h", 1), "device_kind"),
-    (wire.Bootstrap(TID, "rdma", "cuda", "GPU-1", "h", 1), "transport"),
-    (wire.BootstrapAck(TID, "nccl", "cuda", "G", "h", nccl_id="0f" * 10), "nccl_id"),
-    (wire.BootstrapAck(TID, "cuda_ipc", "cuda", "G", "h", ipc={**IPC, "rows": 0}), "ipc.rows"),
-    (wire.BootstrapAck(TID, "cuda_ipc", "cuda", "G", "h", ipc={**IPC, "extra": 1}), "ipc"),
-    (wire.Pull(TID, 0, 0, 8, "nccl", "", channel=TID, runs=(0,)), "runs"),
-    (wire.Pull(TID, 0, 0, 8, "nccl", "", channel=TID, count=-1), "count"),
-    (wire.Chunk(TID, 0, 0, 8, 8, None, pieces=((1, 0),)), "pieces"),
-])
+@pytest.mark.parametrize(
+    "msg, field",
+    [
+        (wire.Bootstrap(TID, "auto", "gpu", "GPU-1", "h", 1), "device_kind"),
+        (wire.Bootstrap(TID, "rdma", "cuda", "GPU-1", "h", 1), "transport"),
+        (wire.BootstrapAck(TID, "nccl", "cuda", "G", "h", nccl_id="0f" * 10), "nccl_id"),
+        (wire.BootstrapAck(TID, "cuda_ipc", "cuda", "G", "h", ipc={**IPC, "rows": 0}), "ipc.rows"),
+        (wire.BootstrapAck(TID, "cuda_ipc", "cuda", "G", "h", ipc={**IPC, "extra": 1}), "ipc"),
+        (wire.Pull(TID, 0, 0, 8, "nccl", "", channel=TID, runs=(0,)), "runs"),
+        (wire.Pull(TID, 0, 0, 8, "nccl", "", channel=TID, count=-1), "count"),
+        (wire.Chunk(TID, 0, 0, 8, 8, None, pieces=((1, 0),)), "pieces"),
+    ],
+)
 def test_bad_new_fields_are_rejected(msg, field):
     frame = wire.encode(msg)  # encoding validates nothing; decoding must refuse the frame
     with pytest.raises(ProtocolError, match=field.split(".")[0]):
@@ -126,8 +168,11 @@ def test_too_many_runs_are_refused():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 40), min_size=1, max_size=12), st.lists(st.integers(1, 40), min_size=1, max_size=12),
-       st.randoms(use_true_random=False))
+@given(
+    st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    st.randoms(use_true_random=False),
+)
 def test_pieces_are_contiguous_on_both_sides_and_cover_the_chunk(src_lens, dst_lens, rnd):
     total = min(sum(src_lens), sum(dst_lens))
     # sender runs at random pool rows, trimmed to `total` tokens
@@ -148,10 +193,12 @@ def test_pieces_are_contiguous_on_both_sides_and_cover_the_chunk(src_lens, dst_l
         t += n
     t = 0
     for row, n in pieces:
-        run = next((s for s in starts if s[0] <= t < s[0] + s[2]))
+        run = next(s for s in starts if s[0] <= t < s[0] + s[2])
         assert t + n <= run[0] + run[2] and row == run[1] + (t - run[0])
         t += n
-    cuts = {sum(src_lens[: i + 1]) for i in range(len(src_lens))} | {sum(dst_lens[: i + 1]) for i in range(len(dst_lens))}
+    cuts = {sum(src_lens[: i + 1]) for i in range(len(src_lens))} | {
+        sum(dst_lens[: i + 1]) for i in range(len(dst_lens))
+    }
     assert len(pieces) == len({c for c in cuts if c < total}) + 1
 
 
@@ -256,15 +303,23 @@ def fake_nccl(monkeypatch):
 
 
 def _cfg(**kw) -> TransferConfig:
-    base = dict(block_tokens=8, default_window_tokens=32, pool_blocks=64, max_embed_tokens=4096,
-                pull_timeout_s=10, alloc_timeout_s=2, bootstrap_timeout_s=20)
+    base = dict(
+        block_tokens=8,
+        default_window_tokens=32,
+        pool_blocks=64,
+        max_embed_tokens=4096,
+        pull_timeout_s=10,
+        alloc_timeout_s=2,
+        bootstrap_timeout_s=20,
+    )
     base.update(kw)
     return TransferConfig(**base)
 
 
 class _Pair:
-    def __init__(self, monkeypatch, transport: str, sender_dev: DeviceInfo, receiver_dev: DeviceInfo,
-                 dtype=torch.bfloat16, **kw):
+    def __init__(
+        self, monkeypatch, transport: str, sender_dev: DeviceInfo, receiver_dev: DeviceInfo, dtype=torch.bfloat16, **kw
+    ):
         cfg = _cfg(transport=transport, **kw)
         self.sender_pool = BlockPool(512, cfg.block_tokens, HIDDEN, dtype, name="s")
         self.receiver_pool = BlockPool(cfg.pool_blocks, cfg.block_tokens, HIDDEN, dtype, name="r")
@@ -535,8 +590,7 @@ def test_sender_serves_explicit_counts_too(nccl_pair):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(nccl_pair.sender.address)
     try:
-        pull = wire.Pull(ref.transfer_id, 0, 32, 32, "nccl", "", channel=channel.link_id, count=9,
-                         op_seq=channel.ops)
+        pull = wire.Pull(ref.transfer_id, 0, 32, 32, "nccl", "", channel=channel.link_id, count=9, op_seq=channel.ops)
         sock.send(wire.encode(pull))
         assert sock.poll(2000)
         reply = wire.decode(sock.recv_multipart()[0])
@@ -573,8 +627,7 @@ def test_sockets_are_reused_between_pulls(nccl_pair):
 
 
 # ---- an NCCL communicator that times out is aborted and recreated ---------------------------------
-def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreates_it(nccl_pair, fake_nccl,
-                                                                                     monkeypatch):
+def test_nccl_landing_timeout_aborts_the_communicator_and_the_next_pull_recreates_it(nccl_pair, fake_nccl, monkeypatch):
     """On a GPU, bytes that never land (a peer that hangs, a wedged communicator) show as a CUDA event that
     never completes. The receiver waits for it at most pull_timeout_s, drains (bounded), aborts the
     communicator on its side (ncclCommAbort), tells the sender (CLOSE: it aborts its side) and ABORTs the
@@ -639,7 +692,7 @@ def test_sender_aborts_a_channel_whose_sends_never_complete(monkeypatch, fake_nc
 
 
 # ---- the control endpoint restarted at the same address ----------------------------------------------
-def _restart_sender(pair: "_Pair") -> SenderEndpoint:
+def _restart_sender(pair: _Pair) -> SenderEndpoint:
     port = pair.sender.port
     device = pair.sender.server.device_info
     pair.sender.close()
@@ -650,8 +703,7 @@ def _restart_sender(pair: "_Pair") -> SenderEndpoint:
 
 
 @pytest.mark.parametrize("transport_case", ["nccl", "host"])
-def test_receiver_recovers_when_the_sender_endpoint_restarts_at_the_same_port(monkeypatch, fake_nccl,
-                                                                               transport_case):
+def test_receiver_recovers_when_the_sender_endpoint_restarts_at_the_same_port(monkeypatch, fake_nccl, transport_case):
     """Cached sockets and channels of the receiver point at an endpoint that went away and came back (a
     restarted encoder with a fixed control_port): an embedding of the old endpoint fails clearly and in
     bounded time, and new ones are served: no hang, no stale channel reused."""

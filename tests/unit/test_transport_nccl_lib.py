@@ -1,6 +1,7 @@
 """The NCCL ctypes binding without a GPU: prototype table, library lookup, the checked error path.
 
 A real libnccl is used only by the last test, which skips cleanly when none is found."""
+
 from __future__ import annotations
 
 import ctypes
@@ -8,10 +9,21 @@ import ctypes
 import pytest
 
 from mmtransfer import nccl_lib
-from mmtransfer.transports.nccl_lib import FUNCTIONS, NCCLLibrary, NcclError, NcclUnavailable
+from mmtransfer.transports.nccl_lib import FUNCTIONS, NcclError, NCCLLibrary, NcclUnavailable
 
-NEEDED = {"ncclGetUniqueId", "ncclCommInitRank", "ncclSend", "ncclRecv", "ncclGroupStart", "ncclGroupEnd",
-          "ncclCommDestroy", "ncclCommAbort", "ncclCommGetAsyncError", "ncclGetErrorString", "ncclGetVersion"}
+NEEDED = {
+    "ncclGetUniqueId",
+    "ncclCommInitRank",
+    "ncclSend",
+    "ncclRecv",
+    "ncclGroupStart",
+    "ncclGroupEnd",
+    "ncclCommDestroy",
+    "ncclCommAbort",
+    "ncclCommGetAsyncError",
+    "ncclGetErrorString",
+    "ncclGetVersion",
+}
 
 
 def test_table_holds_every_function_the_transport_needs():

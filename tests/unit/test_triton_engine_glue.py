@@ -1,5 +1,6 @@
 """The Triton side of the engine without a server: generation inputs at the boundary, the two sinks (one answer,
 one answer per token), engine error codes, and execute() answering refusals at once."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -62,9 +63,13 @@ class _Request:
         return "rid"
 
 
-pb = SimpleNamespace(Tensor=_Tensor, InferenceResponse=_Response, TritonError=_Error,
-                     TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
-                     get_input_tensor_by_name=lambda request, name: request.inputs.get(name))
+pb = SimpleNamespace(
+    Tensor=_Tensor,
+    InferenceResponse=_Response,
+    TritonError=_Error,
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
+    get_input_tensor_by_name=lambda request, name: request.inputs.get(name),
+)
 
 
 def _prompt(text=b"Describe"):
@@ -76,12 +81,24 @@ def test_generation_inputs_defaults_and_values():
     limits = InputLimits(max_tokens_limit=64, default_max_tokens=8)
     got = read_generation_inputs(pb, _Request(_prompt()), limits, arrived=100.0)
     assert got.prompt == "Describe" and got.deadline is None
-    assert (got.sampling.max_tokens, got.sampling.temperature, got.sampling.top_p, got.sampling.top_k,
-            got.sampling.seed, got.sampling.stop) == (8, 0.0, 1.0, 0, None, ())
-    inputs = {**_prompt(), "MAX_TOKENS": np.array([5], np.int32), "TEMPERATURE": np.array([0.7], np.float32),
-              "TOP_P": np.array([0.9], np.float32), "TOP_K": np.array([40], np.int32),
-              "SEED": np.array([2**40], np.int64), "STOP": np.array([b"\n\n", "é".encode()], dtype=np.object_),
-              "TIMEOUT_MS": np.array([250], np.int32)}
+    assert (
+        got.sampling.max_tokens,
+        got.sampling.temperature,
+        got.sampling.top_p,
+        got.sampling.top_k,
+        got.sampling.seed,
+        got.sampling.stop,
+    ) == (8, 0.0, 1.0, 0, None, ())
+    inputs = {
+        **_prompt(),
+        "MAX_TOKENS": np.array([5], np.int32),
+        "TEMPERATURE": np.array([0.7], np.float32),
+        "TOP_P": np.array([0.9], np.float32),
+        "TOP_K": np.array([40], np.int32),
+        "SEED": np.array([2**40], np.int64),
+        "STOP": np.array([b"\n\n", "é".encode()], dtype=np.object_),
+        "TIMEOUT_MS": np.array([250], np.int32),
+    }
     got = read_generation_inputs(pb, _Request(inputs), limits, arrived=100.0)
     s = got.sampling
     assert (s.max_tokens, s.top_k, s.seed, s.stop) == (5, 40, 2**40, ("\n\n", "é"))
@@ -89,22 +106,25 @@ def test_generation_inputs_defaults_and_values():
     assert got.deadline == pytest.approx(100.25)
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"PROMPT": np.array([b"  "], dtype=np.object_)}, "PROMPT: must not be empty"),
-    ({"PROMPT": np.array([b"a <|image_pad|>"], dtype=np.object_)}, "PROMPT: .*reserved vision token"),
-    ({"MAX_TOKENS": np.array([0], np.int32)}, r"MAX_TOKENS: must be in \[1, 64\]"),
-    ({"MAX_TOKENS": np.array([65], np.int32)}, r"MAX_TOKENS: must be in \[1, 64\]"),
-    ({"TEMPERATURE": np.array([2.5], np.float32)}, r"TEMPERATURE: must be in \[0, 2\]"),
-    ({"TEMPERATURE": np.array([np.nan], np.float32)}, "TEMPERATURE must be a finite number"),
-    ({"TOP_P": np.array([0.0], np.float32)}, r"TOP_P: must be in \(0, 1\]"),
-    ({"TOP_K": np.array([-1], np.int32)}, "TOP_K: must be in"),
-    ({"SEED": np.array([-5], np.int64)}, "SEED: must be in"),
-    ({"STOP": np.array([b"a", b"b", b"c", b"d", b"e"], dtype=np.object_)}, "STOP: at most 4"),
-    ({"STOP": np.array([b""], dtype=np.object_)}, r"STOP\[0\]: must be 1..256 bytes"),
-    ({"STOP": np.array([b"\xff"], dtype=np.object_)}, r"STOP\[0\] is not valid UTF-8"),
-    ({"TIMEOUT_MS": np.array([0], np.int32)}, "TIMEOUT_MS: must be in"),
-    ({"TOP_K": np.array([1.5], np.float32)}, "TOP_K must be one integer"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"PROMPT": np.array([b"  "], dtype=np.object_)}, "PROMPT: must not be empty"),
+        ({"PROMPT": np.array([b"a <|image_pad|>"], dtype=np.object_)}, "PROMPT: .*reserved vision token"),
+        ({"MAX_TOKENS": np.array([0], np.int32)}, r"MAX_TOKENS: must be in \[1, 64\]"),
+        ({"MAX_TOKENS": np.array([65], np.int32)}, r"MAX_TOKENS: must be in \[1, 64\]"),
+        ({"TEMPERATURE": np.array([2.5], np.float32)}, r"TEMPERATURE: must be in \[0, 2\]"),
+        ({"TEMPERATURE": np.array([np.nan], np.float32)}, "TEMPERATURE must be a finite number"),
+        ({"TOP_P": np.array([0.0], np.float32)}, r"TOP_P: must be in \(0, 1\]"),
+        ({"TOP_K": np.array([-1], np.int32)}, "TOP_K: must be in"),
+        ({"SEED": np.array([-5], np.int64)}, "SEED: must be in"),
+        ({"STOP": np.array([b"a", b"b", b"c", b"d", b"e"], dtype=np.object_)}, "STOP: at most 4"),
+        ({"STOP": np.array([b""], dtype=np.object_)}, r"STOP\[0\]: must be 1..256 bytes"),
+        ({"STOP": np.array([b"\xff"], dtype=np.object_)}, r"STOP\[0\] is not valid UTF-8"),
+        ({"TIMEOUT_MS": np.array([0], np.int32)}, "TIMEOUT_MS: must be in"),
+        ({"TOP_K": np.array([1.5], np.float32)}, "TOP_K must be one integer"),
+    ],
+)
 def test_generation_inputs_name_the_bad_input(extra, message):
     with pytest.raises(ValueError, match=message):
         read_generation_inputs(pb, _Request({**_prompt(), **extra}), InputLimits(max_tokens_limit=64))
@@ -166,15 +186,18 @@ def test_stream_sink_error_is_final_and_a_failed_send_cancels():
 
 
 # ---- engine error codes --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cause, code, prefix", [
-    (ErrorCause.INVALID, "INVALID_ARG", "invalid input"),
-    (ErrorCause.QUEUE_FULL, "UNAVAILABLE", "unavailable (queue_full)"),
-    (ErrorCause.QUEUE_TIMEOUT, "UNAVAILABLE", "unavailable (queue_timeout)"),
-    (ErrorCause.DEADLINE, "UNAVAILABLE", "unavailable (deadline)"),
-    (ErrorCause.SHUTDOWN, "UNAVAILABLE", "unavailable (shutdown)"),
-    (ErrorCause.CANCELLED, "CANCELLED", "cancelled"),
-    (ErrorCause.INTERNAL, "INTERNAL", "internal error (internal)"),
-])
+@pytest.mark.parametrize(
+    "cause, code, prefix",
+    [
+        (ErrorCause.INVALID, "INVALID_ARG", "invalid input"),
+        (ErrorCause.QUEUE_FULL, "UNAVAILABLE", "unavailable (queue_full)"),
+        (ErrorCause.QUEUE_TIMEOUT, "UNAVAILABLE", "unavailable (queue_timeout)"),
+        (ErrorCause.DEADLINE, "UNAVAILABLE", "unavailable (deadline)"),
+        (ErrorCause.SHUTDOWN, "UNAVAILABLE", "unavailable (shutdown)"),
+        (ErrorCause.CANCELLED, "CANCELLED", "cancelled"),
+        (ErrorCause.INTERNAL, "INTERNAL", "internal error (internal)"),
+    ],
+)
 def test_engine_error_codes(cause, code, prefix):
     assert error_code_name(EngineError(cause, "x")) == (code, prefix)
 

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mmtransfer import TransferConfig
 from mmtransfer.window import AdaptiveWindow, WindowPolicy, make_window_policy
@@ -16,8 +17,7 @@ def test_fixed_window_and_hint():
 
 
 def test_adaptive_uses_default_until_enough_samples_then_percentile():
-    cfg = TransferConfig(window_policy="adaptive", adaptive_min_samples=4, adaptive_percentile=75,
-                         use_size_hint=False)
+    cfg = TransferConfig(window_policy="adaptive", adaptive_min_samples=4, adaptive_percentile=75, use_size_hint=False)
     policy = make_window_policy(cfg)
     assert isinstance(policy, AdaptiveWindow)
     for n in (1500, 1600, 1700):
@@ -31,8 +31,13 @@ def test_adaptive_uses_default_until_enough_samples_then_percentile():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(1, 100_000), min_size=1, max_size=200), st.floats(1, 100))
 def test_adaptive_window_is_bounded(lengths, pct):
-    cfg = TransferConfig(window_policy="adaptive", adaptive_min_samples=1, adaptive_percentile=pct,
-                         adaptive_max_window_tokens=4096, use_size_hint=False)
+    cfg = TransferConfig(
+        window_policy="adaptive",
+        adaptive_min_samples=1,
+        adaptive_percentile=pct,
+        adaptive_max_window_tokens=4096,
+        use_size_hint=False,
+    )
     policy = AdaptiveWindow(cfg)
     for n in lengths:
         policy.observe(n)

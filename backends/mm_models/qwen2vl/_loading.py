@@ -105,20 +105,31 @@ def load_model(path: str | Path, part: str, device: Any = "cpu", dtype: Any = No
     p = _hf.model_dir(path)
     _check_model_type(p)
     classes: dict[str, Callable[[], Any]] = {
-        "vision": _vision_only_class, "language": _language_only_class, "full": _base_class,
+        "vision": _vision_only_class,
+        "language": _language_only_class,
+        "full": _base_class,
     }
     if part not in classes:
         raise ValueError(f"part must be one of {sorted(classes)}, got {part!r}")
     cls = classes[part]()
-    model, info = cls.from_pretrained(p, dtype=_hf.resolve_dtype(dtype), local_files_only=True,
-                                      output_loading_info=True)
+    model, info = cls.from_pretrained(
+        p, dtype=_hf.resolve_dtype(dtype), local_files_only=True, output_loading_info=True
+    )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ValueError(f"checkpoint {str(p)!r} lacks {len(missing)} weights of the {part} side, e.g. "
-                         f"{missing[:3]}; refusing to run with randomly initialised weights")
+        raise ValueError(
+            f"checkpoint {str(p)!r} lacks {len(missing)} weights of the {part} side, e.g. "
+            f"{missing[:3]}; refusing to run with randomly initialised weights"
+        )
     model = model.to(torch.device(device)).eval()
-    logger.info("loaded %s side of %s: %d parameters, dtype %s, device %s",
-                part, p, sum(t.numel() for t in model.parameters()), model.dtype, device)
+    logger.info(
+        "loaded %s side of %s: %d parameters, dtype %s, device %s",
+        part,
+        p,
+        sum(t.numel() for t in model.parameters()),
+        model.dtype,
+        device,
+    )
     return model
 
 

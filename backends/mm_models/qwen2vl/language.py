@@ -23,8 +23,11 @@ MAX_NEW_TOKENS_LIMIT = 32768
 
 def check_max_new_tokens(max_new_tokens: object) -> int:
     """Return ``max_new_tokens`` if it is an int in [1, MAX_NEW_TOKENS_LIMIT], else raise ValueError."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not (
-            1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT):
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or not (1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT)
+    ):
         raise ValueError(f"max_new_tokens must be an int in [1, {MAX_NEW_TOKENS_LIMIT}], got {max_new_tokens!r}")
     return max_new_tokens
 
@@ -49,8 +52,9 @@ class LanguageModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> LanguageModel:
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
+    ) -> LanguageModel:
         """Load from a local checkpoint directory (never the hub). ``dtype`` None keeps the
         checkpoint's dtype. Raises ValueError for a missing or unsupported checkpoint."""
         model = _loading.load_model(path, "language", device=device, dtype=dtype)
@@ -108,11 +112,15 @@ class LanguageModel:
         if not emb.is_floating_point():
             raise ValueError(f"image {index}: embeds must be floating point, got {emb.dtype}")
         if emb.shape[0] != expected:
-            raise ValueError(f"image {index}: embeds has {emb.shape[0]} rows but grid_thw {tuple(image.grid_thw)} "
-                             f"implies {expected} tokens")
+            raise ValueError(
+                f"image {index}: embeds has {emb.shape[0]} rows but grid_thw {tuple(image.grid_thw)} "
+                f"implies {expected} tokens"
+            )
         if emb.shape[1] != self.hidden_size:
-            raise ValueError(f"image {index}: embedding width {emb.shape[1]} does not match the language "
-                             f"model's hidden size {self.hidden_size}")
+            raise ValueError(
+                f"image {index}: embedding width {emb.shape[1]} does not match the language "
+                f"model's hidden size {self.hidden_size}"
+            )
         return image
 
     def generate(self, prompt: str | ChatMessages, images: Sequence[EncodedImage], max_new_tokens: int) -> list[int]:
@@ -129,8 +137,10 @@ class LanguageModel:
         imgs = [self.check_image(im, i) for i, im in enumerate(images)]
         ids = self.build_input_ids(prompt, [im.num_tokens for im in imgs])
         if len(ids) + max_new_tokens > self._max_context:
-            raise ValueError(f"request needs {len(ids)} prompt tokens + {max_new_tokens} new tokens, more than "
-                             f"the model's context of {self._max_context}")
+            raise ValueError(
+                f"request needs {len(ids)} prompt tokens + {max_new_tokens} new tokens, more than "
+                f"the model's context of {self._max_context}"
+            )
         input_ids = torch.tensor([ids], dtype=torch.long, device=self._device)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
@@ -143,7 +153,7 @@ class LanguageModel:
             if imgs:
                 kwargs.update(self._image_inputs(input_ids, imgs))
             out = self._model.generate(**kwargs)
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         logger.debug("generated %d tokens for %d prompt tokens and %d images", len(new), len(ids), len(imgs))
         return new
 

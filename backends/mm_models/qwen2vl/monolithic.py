@@ -38,9 +38,13 @@ class MonolithicModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None,
-                        geometry: ImageGeometry | None = None) -> MonolithicModel:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        geometry: ImageGeometry | None = None,
+    ) -> MonolithicModel:
         """Load the whole checkpoint from a local directory (never the hub); ``geometry`` (a serving
         budget) sets the processor's pixel bounds, as the served models apply it."""
         model = _loading.load_model(path, "full", device=device, dtype=dtype)
@@ -67,7 +71,7 @@ class MonolithicModel:
                     raise ValueError(f"image {i}: expected a PIL.Image.Image, got {type(im).__name__}")
             pix = self._processor(images=list(images), return_tensors="pt")
             grid = pix["image_grid_thw"]
-            counts = (grid.prod(-1) // (self._merge_size ** 2)).tolist()
+            counts = (grid.prod(-1) // (self._merge_size**2)).tolist()
             parts = text.split(IMAGE_PAD)
             text = parts[0] + "".join(IMAGE_PAD * n + rest for n, rest in zip(counts, parts[1:], strict=True))
             inputs["pixel_values"] = pix["pixel_values"].to(self._device)
@@ -94,10 +98,16 @@ class MonolithicModel:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def monolithic_generate(model_dir: str | Path, images: Sequence[Image.Image], prompt: str,
-                        max_new_tokens: int, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> list[int]:
+def monolithic_generate(
+    model_dir: str | Path,
+    images: Sequence[Image.Image],
+    prompt: str,
+    max_new_tokens: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> list[int]:
     """One-shot oracle: load the full model from ``model_dir`` and greedily generate; new ids only.
     For repeated use hold a :class:`MonolithicModel` instead."""
     return MonolithicModel.from_pretrained(model_dir, device=device, dtype=dtype).generate(
-        images, prompt, max_new_tokens)
+        images, prompt, max_new_tokens
+    )

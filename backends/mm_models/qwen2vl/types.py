@@ -29,8 +29,11 @@ class EncodedImage:
 def tokens_from_grid(grid_thw: object, merge_size: int) -> int:
     """Token count implied by a patch grid; ValueError unless it is 3 positive ints with h and w
     divisible by ``merge_size``."""
-    if (not isinstance(grid_thw, (tuple, list)) or len(grid_thw) != 3
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid_thw)):
+    if (
+        not isinstance(grid_thw, (tuple, list))
+        or len(grid_thw) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid_thw)
+    ):
         raise ValueError(f"grid_thw must be three positive ints (t, h, w), got {grid_thw!r}")
     t, h, w = grid_thw
     if h % merge_size or w % merge_size:

@@ -42,9 +42,13 @@ class VisionEncoder:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None,
-                        geometry: ImageGeometry | None = None) -> VisionEncoder:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str | None = None,
+        geometry: ImageGeometry | None = None,
+    ) -> VisionEncoder:
         """Load from a local checkpoint directory (never the hub). ``dtype`` None keeps the
         checkpoint's dtype; ``geometry`` (a serving budget) sets the processor's pixel bounds.
         Raises ValueError for a missing or unsupported checkpoint."""
@@ -99,8 +103,9 @@ class VisionEncoder:
         device, ``embeds.shape[0] == count_tokens(image)``."""
         pixel_values, grid = self.preprocess(image)
         encoded = self.encode_batch([(pixel_values, grid)])[0]
-        logger.debug("encoded image %dx%d -> grid %s, %d tokens", image.width, image.height, encoded.grid_thw,
-                     encoded.num_tokens)
+        logger.debug(
+            "encoded image %dx%d -> grid %s, %d tokens", image.width, image.height, encoded.grid_thw, encoded.num_tokens
+        )
         return encoded
 
     def encode_batch(self, inputs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[EncodedImage]:
@@ -116,5 +121,7 @@ class VisionEncoder:
         embeds = list(out.pooler_output)  # split per image by the model (grid.prod() // merge**2 rows each)
         if len(embeds) != len(inputs):
             raise RuntimeError(f"vision tower returned {len(embeds)} embeddings for {len(inputs)} images")
-        return [EncodedImage(embeds=e, grid_thw=tuple(int(v) for v in g.tolist()))  # type: ignore[arg-type]
-                for e, g in zip(embeds, grids)]
+        return [
+            EncodedImage(embeds=e, grid_thw=tuple(int(v) for v in g.tolist()))  # type: ignore[arg-type]
+            for e, g in zip(embeds, grids)
+        ]

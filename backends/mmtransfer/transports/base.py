@@ -13,6 +13,7 @@ pool; ``dests`` are the receiver's destination views ``[tokens, hidden]`` in tok
 This module holds the interface only; ``transports/__init__.py`` maps each ``Transport`` to its
 implementation (``host.py``, ``nccl.py``, ``cuda_ipc.py``), so nothing here imports one.
 """
+
 from __future__ import annotations
 
 import threading
@@ -97,8 +98,7 @@ class ReceiverLink(ABC):
         return self._stream
 
     @classmethod
-    def connect(cls, link_id: str, pool: BlockPool, address: str, ack: "BootstrapAck",
-                timeout_s: float) -> "ReceiverLink":
+    def connect(cls, link_id: str, pool: BlockPool, address: str, ack: BootstrapAck, timeout_s: float) -> ReceiverLink:
         """Form the receiver half from the sender's BOOTSTRAP_ACK (bounded by ``timeout_s``)."""
         return cls(link_id, pool, address)
 

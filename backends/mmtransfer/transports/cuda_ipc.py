@@ -5,6 +5,7 @@ The sender moves nothing: a CHUNK names the pool rows (pieces) the receiver copi
 The sender's blocks stay allocated until DONE or ABORT, and the receiver sends either only
 after its copies completed (``drain``), so a block is never reused under a reader.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 # that made it, so a receiver in the same process (tests, benchmarks) uses the tensor itself.
 _EXPORTED: dict[str, torch.Tensor] = {}
 # One export per pool: the handle names the whole storage, every channel hands out the same one.
-_POOL_EXPORTS: "weakref.WeakKeyDictionary[BlockPool, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_POOL_EXPORTS: weakref.WeakKeyDictionary[BlockPool, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _remember(rows: torch.Tensor) -> str:
@@ -42,19 +43,38 @@ def export_storage(rows: torch.Tensor) -> dict[str, Any]:
     and event, so the block outlives no reader. Bytes fields come back as hex strings."""
     if not rows.is_contiguous() or rows.dim() != 2:
         raise ValueError("export_storage: expected a contiguous 2-D tensor")
-    shape = {"rows": int(rows.shape[0]), "hidden": int(rows.shape[1]), "dtype": DTYPE_NAMES[rows.dtype],
-             "pid": os.getpid(), "local_key": _remember(rows)}
+    shape = {
+        "rows": int(rows.shape[0]),
+        "hidden": int(rows.shape[1]),
+        "dtype": DTYPE_NAMES[rows.dtype],
+        "pid": os.getpid(),
+        "local_key": _remember(rows),
+    }
     if rows.device.type != "cuda":  # a CPU pool (unit tests): only this process can map it
-        return {"handle": "", "size_bytes": rows.numel() * rows.element_size(), "offset_bytes": 0,
-                "ref_counter_handle": "", "ref_counter_offset": 0, "event_handle": "", "event_sync_required": False,
-                "storage_offset": 0, **shape}
+        return {
+            "handle": "",
+            "size_bytes": rows.numel() * rows.element_size(),
+            "offset_bytes": 0,
+            "ref_counter_handle": "",
+            "ref_counter_offset": 0,
+            "event_handle": "",
+            "event_sync_required": False,
+            "storage_offset": 0,
+            **shape,
+        }
     (_dev, handle, size_bytes, offset_bytes, rc_handle, rc_offset, ev_handle, ev_sync) = (
-        rows.untyped_storage()._share_cuda_())
+        rows.untyped_storage()._share_cuda_()
+    )
     return {
-        "handle": bytes(handle).hex(), "size_bytes": int(size_bytes), "offset_bytes": int(offset_bytes),
-        "ref_counter_handle": bytes(rc_handle).hex(), "ref_counter_offset": int(rc_offset),
-        "event_handle": bytes(ev_handle).hex() if ev_handle else "", "event_sync_required": bool(ev_sync),
-        "storage_offset": int(rows.storage_offset()), **shape,
+        "handle": bytes(handle).hex(),
+        "size_bytes": int(size_bytes),
+        "offset_bytes": int(offset_bytes),
+        "ref_counter_handle": bytes(rc_handle).hex(),
+        "ref_counter_offset": int(rc_offset),
+        "event_handle": bytes(ev_handle).hex() if ev_handle else "",
+        "event_sync_required": bool(ev_sync),
+        "storage_offset": int(rows.storage_offset()),
+        **shape,
     }
 
 
@@ -70,15 +90,28 @@ def import_storage(desc: dict[str, Any], device: torch.device) -> torch.Tensor:
     rows, hidden = desc["rows"], desc["hidden"]
     elem = torch.empty((), dtype=dtype).element_size()
     if (desc["storage_offset"] + rows * hidden) * elem > desc["size_bytes"]:
-        raise TransferError(f"cuda_ipc: storage of {desc['size_bytes']} bytes cannot hold [{rows}, {hidden}] "
-                            f"{desc['dtype']} at element offset {desc['storage_offset']}")
+        raise TransferError(
+            f"cuda_ipc: storage of {desc['size_bytes']} bytes cannot hold [{rows}, {hidden}] "
+            f"{desc['dtype']} at element offset {desc['storage_offset']}"
+        )
     index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):
         return rebuild_cuda_tensor(
-            torch.Tensor, torch.Size([rows, hidden]), (hidden, 1), desc["storage_offset"], torch.UntypedStorage,
-            dtype, index, bytes.fromhex(desc["handle"]), desc["size_bytes"], desc["offset_bytes"], False,
-            bytes.fromhex(desc["ref_counter_handle"]), desc["ref_counter_offset"],
-            bytes.fromhex(desc["event_handle"]) if desc["event_handle"] else None, desc["event_sync_required"],
+            torch.Tensor,
+            torch.Size([rows, hidden]),
+            (hidden, 1),
+            desc["storage_offset"],
+            torch.UntypedStorage,
+            dtype,
+            index,
+            bytes.fromhex(desc["handle"]),
+            desc["size_bytes"],
+            desc["offset_bytes"],
+            False,
+            bytes.fromhex(desc["ref_counter_handle"]),
+            desc["ref_counter_offset"],
+            bytes.fromhex(desc["event_handle"]) if desc["event_handle"] else None,
+            desc["event_sync_required"],
         )
 
 
@@ -106,18 +139,25 @@ class IpcReceiverLink(ReceiverLink):
     def __init__(self, link_id: str, pool: BlockPool, address: str, ipc: dict[str, Any]) -> None:
         super().__init__(link_id, pool, address)
         if ipc["hidden"] != pool.hidden or ipc["dtype"] != DTYPE_NAMES[pool.dtype]:
-            raise ChannelError(f"cuda_ipc: the sender's pool holds [{ipc['hidden']}] {ipc['dtype']}, this pool "
-                               f"[{pool.hidden}] {DTYPE_NAMES[pool.dtype]}")
+            raise ChannelError(
+                f"cuda_ipc: the sender's pool holds [{ipc['hidden']}] {ipc['dtype']}, this pool "
+                f"[{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
+            )
         try:
             self.source = import_storage(ipc, pool.device)
         except Exception as exc:
             raise ChannelError(f"cuda_ipc: cannot map the sender's pool: {type(exc).__name__}: {exc}") from None
         self.source_rows = int(ipc["rows"])
-        log.info("cuda_ipc channel %s: mapped %d rows of %s's pool on %s", link_id[:8], self.source_rows,
-                 address, pool.device)
+        log.info(
+            "cuda_ipc channel %s: mapped %d rows of %s's pool on %s",
+            link_id[:8],
+            self.source_rows,
+            address,
+            pool.device,
+        )
 
     @classmethod
-    def connect(cls, link_id, pool, address, ack, timeout_s) -> "IpcReceiverLink":
+    def connect(cls, link_id, pool, address, ack, timeout_s) -> IpcReceiverLink:
         if ack.ipc is None:
             raise ChannelError("cuda_ipc BOOTSTRAP_ACK carries no IPC handle")
         return cls(link_id, pool, address, ack.ipc)
@@ -126,8 +166,9 @@ class IpcReceiverLink(ReceiverLink):
         src = self.source
         for row, n in pieces:
             if row + n > self.source_rows:
-                raise ChannelError(f"cuda_ipc: piece rows [{row}, {row + n}) outside the sender's pool "
-                                   f"of {self.source_rows} rows")
+                raise ChannelError(
+                    f"cuda_ipc: piece rows [{row}, {row + n}) outside the sender's pool of {self.source_rows} rows"
+                )
         with use_stream(self.stream):
             for (row, n), dst in zip(pieces, dests, strict=True):
                 dst.copy_(src[row : row + n], non_blocking=True)

@@ -4,6 +4,7 @@ payload frame after the CHUNK header. Works between any two processes and hosts,
 There is no channel: a receiver whose pool is on the CPU never bootstraps, and every host PULL
 asks for one chunk (the window bounds the bytes in flight) which lands in the window's blocks.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -43,7 +44,7 @@ class HostReceiverLink(ReceiverLink):
         return current_stream(self.pool.device)
 
     @classmethod
-    def connect(cls, link_id, pool, address, ack, timeout_s) -> "HostReceiverLink":
+    def connect(cls, link_id, pool, address, ack, timeout_s) -> HostReceiverLink:
         return cls("", pool, address)
 
     def landing(self, configured: Landing) -> Landing:
@@ -60,8 +61,9 @@ class HostReceiverLink(ReceiverLink):
         tokens = sum(int(d.shape[0]) for d in dests)
         expected = tokens * pool.bytes_per_token
         if len(frames) != 1 or len(frames[0]) != expected:
-            raise ProtocolError(f"host link: expected one payload frame of {expected} bytes, got "
-                                f"{[len(f) for f in frames]}")
+            raise ProtocolError(
+                f"host link: expected one payload frame of {expected} bytes, got {[len(f) for f in frames]}"
+            )
         data = torch.frombuffer(bytearray(frames[0]), dtype=pool.dtype).view(tokens, pool.hidden).to(pool.device)
         token = 0
         for dst in dests:

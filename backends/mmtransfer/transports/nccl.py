@@ -14,6 +14,7 @@ NCCL pairs sends and receives by order, so the link is ``ordered``: every chunk 
 operation (``ops``), the PULL carries the receiver's count and the sender refuses a PULL whose
 count differs from its own instead of pairing the wrong bytes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,13 @@ from ..pool import BlockPool
 from . import nccl_lib
 from .base import Pieces, ReceiverLink, SenderLink
 from .streams import (
-    current_stream, new_stream, record_event, run_with_timeout, set_thread_device, use_device, wait_event,
+    current_stream,
+    new_stream,
+    record_event,
+    run_with_timeout,
+    set_thread_device,
+    use_device,
+    wait_event,
 )
 
 log = logging.getLogger(__name__)
@@ -76,8 +83,12 @@ class NcclSenderLink(SenderLink):
             self.lib.send(warm.data_ptr(), WARMUP_BYTES, RECEIVER_RANK, self.comm, self._sptr)
             if not wait_event(record_event(self.stream, self.device), self._timeout_s):
                 raise TransferTimeout(f"NCCL warm-up send not received within {self._timeout_s:.0f}s")
-            log.info("nccl channel %s formed (sender rank 0 on %s, NCCL %s)", self.link_id[:8], self.device,
-                     self.lib.version_string())
+            log.info(
+                "nccl channel %s formed (sender rank 0 on %s, NCCL %s)",
+                self.link_id[:8],
+                self.device,
+                self.lib.version_string(),
+            )
         except BaseException as exc:  # reported to the first PULL on the channel
             self._error = exc
             log.warning("nccl channel %s could not be formed: %s", self.link_id[:8], exc)
@@ -112,8 +123,9 @@ class NcclSenderLink(SenderLink):
 class NcclReceiverLink(ReceiverLink):
     kind = Transport.NCCL
 
-    def __init__(self, link_id: str, pool: BlockPool, address: str, nccl_id_hex: str = "",
-                 timeout_s: float = 0.0) -> None:
+    def __init__(
+        self, link_id: str, pool: BlockPool, address: str, nccl_id_hex: str = "", timeout_s: float = 0.0
+    ) -> None:
         super().__init__(link_id, pool, address)
         self.lib = nccl_lib.load()
         uid = nccl_lib.unique_id_from_hex(nccl_id_hex)
@@ -131,11 +143,16 @@ class NcclReceiverLink(ReceiverLink):
         except BaseException:
             self.close()
             raise
-        log.info("nccl channel %s formed with %s (receiver rank 1 on %s, NCCL %s)", link_id[:8], address,
-                 device, self.lib.version_string())
+        log.info(
+            "nccl channel %s formed with %s (receiver rank 1 on %s, NCCL %s)",
+            link_id[:8],
+            address,
+            device,
+            self.lib.version_string(),
+        )
 
     @classmethod
-    def connect(cls, link_id, pool, address, ack, timeout_s) -> "NcclReceiverLink":
+    def connect(cls, link_id, pool, address, ack, timeout_s) -> NcclReceiverLink:
         return cls(link_id, pool, address, ack.nccl_id, timeout_s)
 
     def _warm_up(self, timeout_s: float) -> None:

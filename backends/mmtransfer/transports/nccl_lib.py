@@ -15,6 +15,7 @@ Which library (``find_library``), first match wins:
 No CUDA or torch import happens here: the table, the lookup and the error path are
 testable on a machine without a GPU or NCCL.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,8 +53,14 @@ NCCL_BFLOAT16 = 9
 NCCL_SUCCESS = 0
 NCCL_IN_PROGRESS = 7
 RESULT_NAMES = {
-    0: "ncclSuccess", 1: "ncclUnhandledCudaError", 2: "ncclSystemError", 3: "ncclInternalError",
-    4: "ncclInvalidArgument", 5: "ncclInvalidUsage", 6: "ncclRemoteError", 7: "ncclInProgress",
+    0: "ncclSuccess",
+    1: "ncclUnhandledCudaError",
+    2: "ncclSystemError",
+    3: "ncclInternalError",
+    4: "ncclInvalidArgument",
+    5: "ncclInvalidUsage",
+    6: "ncclRemoteError",
+    7: "ncclInProgress",
 }
 
 
@@ -77,12 +84,14 @@ FUNCTIONS: tuple[Function, ...] = (
     Function("ncclCommInitRank", ncclResult_t, [ctypes.POINTER(ncclComm_t), ctypes.c_int, ncclUniqueId, ctypes.c_int]),
     # ncclResult_t ncclSend(const void* sendbuff, size_t count, ncclDataType_t datatype, int peer,
     #                       ncclComm_t comm, cudaStream_t stream);
-    Function("ncclSend", ncclResult_t, [buffer_type, ctypes.c_size_t, ncclDataType_t, ctypes.c_int, ncclComm_t,
-                                        cudaStream_t]),
+    Function(
+        "ncclSend", ncclResult_t, [buffer_type, ctypes.c_size_t, ncclDataType_t, ctypes.c_int, ncclComm_t, cudaStream_t]
+    ),
     # ncclResult_t ncclRecv(void* recvbuff, size_t count, ncclDataType_t datatype, int peer,
     #                       ncclComm_t comm, cudaStream_t stream);
-    Function("ncclRecv", ncclResult_t, [buffer_type, ctypes.c_size_t, ncclDataType_t, ctypes.c_int, ncclComm_t,
-                                        cudaStream_t]),
+    Function(
+        "ncclRecv", ncclResult_t, [buffer_type, ctypes.c_size_t, ncclDataType_t, ctypes.c_int, ncclComm_t, cudaStream_t]
+    ),
     # ncclResult_t ncclGroupStart(); ncclResult_t ncclGroupEnd();
     Function("ncclGroupStart", ncclResult_t, []),
     Function("ncclGroupEnd", ncclResult_t, []),
@@ -143,8 +152,9 @@ def _loaded_nccl() -> list[str]:
         return []
 
 
-def find_library(env: dict[str, str] | None = None, search_path: Sequence[str] | None = None,
-                 loader=ctypes.CDLL) -> tuple[str, Any]:
+def find_library(
+    env: dict[str, str] | None = None, search_path: Sequence[str] | None = None, loader=ctypes.CDLL
+) -> tuple[str, Any]:
     """``(path, handle)`` of the first candidate that loads; NcclUnavailable names every one tried."""
     tried: list[str] = []
     for path in candidate_paths(env, search_path):
@@ -154,7 +164,8 @@ def find_library(env: dict[str, str] | None = None, search_path: Sequence[str] |
             tried.append(f"{path} ({exc})")
     source = f"${ENV_LIBRARY}" if (env if env is not None else os.environ).get(ENV_LIBRARY, "").strip() else "search"
     raise NcclUnavailable(
-        f"NCCL library not found ({source}); tried: " + "; ".join(tried)
+        f"NCCL library not found ({source}); tried: "
+        + "; ".join(tried)
         + f". Install nvidia-nccl-cu12 (or a CUDA build of torch) or set {ENV_LIBRARY}=/path/to/libnccl.so.2"
     )
 
@@ -203,7 +214,8 @@ class NCCLLibrary:
                     detail = f" ({last.decode(errors='replace')})"
             raise NcclError(
                 f"{name} failed: {RESULT_NAMES.get(result, result)}: {self.error_string(result)}{detail}",
-                code=result, function=name,
+                code=result,
+                function=name,
             )
 
     # ---- API --------------------------------------------------------------------------------------
@@ -256,8 +268,11 @@ class NCCLLibrary:
         """Raise NcclError if the communicator reported an asynchronous failure."""
         err = self.comm_async_error(comm)
         if err not in (NCCL_SUCCESS, NCCL_IN_PROGRESS):
-            raise NcclError(f"communicator failed asynchronously: {RESULT_NAMES.get(err, err)}: "
-                            f"{self.error_string(err)}", code=err, function="ncclCommGetAsyncError")
+            raise NcclError(
+                f"communicator failed asynchronously: {RESULT_NAMES.get(err, err)}: {self.error_string(err)}",
+                code=err,
+                function="ncclCommGetAsyncError",
+            )
 
 
 def unique_id_to_hex(uid: ncclUniqueId) -> str:

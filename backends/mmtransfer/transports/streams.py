@@ -4,6 +4,7 @@ Links enqueue work on their own stream and track completion with events, never a
 sync; ``wait_event`` polls with a bound, because a blocking ``synchronize`` could wait forever
 on a NCCL operation whose peer is gone.
 """
+
 from __future__ import annotations
 
 import threading
@@ -80,7 +81,7 @@ def set_thread_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def wait_event(event: "torch.cuda.Event", timeout_s: float) -> bool:
+def wait_event(event: torch.cuda.Event, timeout_s: float) -> bool:
     """Poll ``event`` until it completes (True) or ``timeout_s`` passes (False). A blocking
     ``synchronize`` could wait forever on a NCCL operation whose peer is gone. The first
     milliseconds spin (yielding the GIL), so a short transfer is seen the moment it lands."""

@@ -11,6 +11,7 @@ MAC is checked before anything else of the frame is parsed; a frame without a va
 ``AuthenticationError``. It authenticates the peer and the control frame; it does not encrypt,
 and host-link payload frames are not covered.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,18 +68,23 @@ def encode(msg: Message, key: bytes | None = None) -> bytes:
 
 
 def _authenticated_body(data: bytes, authed: bool, key: bytes | None) -> bytes:
-    body = data[HEADER.size:]
+    body = data[HEADER.size :]
     if key:
         if not authed:
-            raise AuthenticationError("frame: not authenticated, and this endpoint requires the shared secret "
-                                      "(shared_secret / MM_SHARED_SECRET)")
+            raise AuthenticationError(
+                "frame: not authenticated, and this endpoint requires the shared secret "
+                "(shared_secret / MM_SHARED_SECRET)"
+            )
         if len(body) < MAC_BYTES or not hmac.compare_digest(data[-MAC_BYTES:], _mac(key, data[:-MAC_BYTES])):
-            raise AuthenticationError("frame: MAC does not verify (a different shared secret, or a forged or "
-                                      "altered frame)")
+            raise AuthenticationError(
+                "frame: MAC does not verify (a different shared secret, or a forged or altered frame)"
+            )
         return body[:-MAC_BYTES]
     if authed:
-        raise AuthenticationError("frame: authenticated with a shared secret, but this endpoint has none: set the "
-                                  "same shared_secret (MM_SHARED_SECRET) on both sides")
+        raise AuthenticationError(
+            "frame: authenticated with a shared secret, but this endpoint has none: set the "
+            "same shared_secret (MM_SHARED_SECRET) on both sides"
+        )
     return body
 
 
@@ -99,8 +105,10 @@ def decode(data: bytes, key: bytes | None = None) -> Message:
     if magic != MAGIC:
         raise ProtocolError("frame: bad magic")
     if version != PROTOCOL_VERSION:
-        raise VersionMismatch(f"frame: protocol version {version}, this endpoint speaks {PROTOCOL_VERSION} "
-                              "(encoder and language model of different releases?)")
+        raise VersionMismatch(
+            f"frame: protocol version {version}, this endpoint speaks {PROTOCOL_VERSION} "
+            "(encoder and language model of different releases?)"
+        )
     body_bytes = _authenticated_body(data, bool(type_ & AUTH_FLAG), key)
     cls = BY_TYPE.get(type_ & ~AUTH_FLAG)
     if cls is None:
@@ -111,6 +119,8 @@ def decode(data: bytes, key: bytes | None = None) -> Message:
         raise ProtocolError(f"{cls.__name__}: body is not valid JSON") from None
     optional = getattr(cls, "OPTIONAL", {})
     if not isinstance(body, dict) or not set(cls.SCHEMA) - set(optional) <= set(body) <= set(cls.SCHEMA):
-        raise ProtocolError(f"{cls.__name__}: expected exactly the fields {sorted(cls.SCHEMA)}"
-                            + (f" (optional: {sorted(optional)})" if optional else ""))
+        raise ProtocolError(
+            f"{cls.__name__}: expected exactly the fields {sorted(cls.SCHEMA)}"
+            + (f" (optional: {sorted(optional)})" if optional else "")
+        )
     return cls(**{name: check(name, body[name]) for name, check in cls.SCHEMA.items() if name in body})

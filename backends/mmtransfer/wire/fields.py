@@ -1,5 +1,6 @@
 """Field validators of the wire messages: each takes (field name, decoded JSON value) and returns
 the value or raises ``ProtocolError`` naming the field. Bounds live here, next to their checks."""
+
 from __future__ import annotations
 
 import re
@@ -76,6 +77,7 @@ def boolean(name: str, v: Any) -> bool:
 
 def hex_string(max_chars: int, exact: int = 0) -> Check:
     """Lowercase hex of at most ``max_chars`` digits; with ``exact``, empty or exactly that many."""
+
     def check(name: str, v: Any) -> str:
         if not isinstance(v, str) or len(v) > max_chars or len(v) % 2 or not _HEX.fullmatch(v):
             raise ProtocolError(f"field {name}: expected lowercase hex of <= {max_chars} digits")
@@ -110,11 +112,19 @@ def pieces(name: str, v: Any) -> tuple[tuple[int, int], ...]:
 
 
 IPC_SCHEMA: dict[str, Check] = {
-    "handle": hex_string(1024), "size_bytes": integer(1, 1 << 48), "offset_bytes": integer(0, 1 << 48),
-    "ref_counter_handle": hex_string(1024), "ref_counter_offset": integer(0, 1 << 48),
-    "event_handle": hex_string(1024), "event_sync_required": boolean, "storage_offset": integer(0, 1 << 48),
-    "rows": integer(1, 1 << 40), "hidden": integer(1, MAX_HIDDEN), "dtype": text(16, NAME),
-    "pid": integer(0, 1 << 31), "local_key": text(128),
+    "handle": hex_string(1024),
+    "size_bytes": integer(1, 1 << 48),
+    "offset_bytes": integer(0, 1 << 48),
+    "ref_counter_handle": hex_string(1024),
+    "ref_counter_offset": integer(0, 1 << 48),
+    "event_handle": hex_string(1024),
+    "event_sync_required": boolean,
+    "storage_offset": integer(0, 1 << 48),
+    "rows": integer(1, 1 << 40),
+    "hidden": integer(1, MAX_HIDDEN),
+    "dtype": text(16, NAME),
+    "pid": integer(0, 1 << 31),
+    "local_key": text(128),
 }
 
 

@@ -21,6 +21,7 @@ GPU links add a bootstrap pair, once per (sender endpoint, receiver) channel::
 and their PULLs name the channel, ask for every chunk at once (``count=0``), carry the window's
 runs and the channel's operation count; their CHUNKs name the pieces the bytes move in.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ class Aux:
     MAX_EXTRA_LEN: ClassVar[int] = 64
 
     @classmethod
-    def from_obj(cls, obj: Any) -> "Aux":
+    def from_obj(cls, obj: Any) -> Aux:
         if not isinstance(obj, dict) or set(obj) != {"total_tokens", "hidden", "dtype", "extras"}:
             raise ProtocolError("aux: expected fields total_tokens, hidden, dtype, extras")
         extras = obj["extras"]
@@ -80,7 +81,7 @@ class Aux:
             extras=clean,
         )
 
-    def checked(self) -> "Aux":
+    def checked(self) -> Aux:
         """This record, validated as a receiver will validate it (a sender calls it before publishing)."""
         return Aux.from_obj(json.loads(json.dumps(asdict(self))))
 
@@ -96,9 +97,15 @@ class Pull:
 
     TYPE: ClassVar[MsgType] = MsgType.PULL
     SCHEMA: ClassVar[dict] = {
-        "transfer_id": f.transfer_id, "seq": f.SEQ, "sent_tokens": f.TOKENS, "capacity_tokens": f.POSITIVE_TOKENS,
-        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)), "request_id": f.text(128),
-        "channel": f.optional_id, "count": f.integer(0, f.MAX_CHUNKS_PER_PULL), "runs": f.runs,
+        "transfer_id": f.transfer_id,
+        "seq": f.SEQ,
+        "sent_tokens": f.TOKENS,
+        "capacity_tokens": f.POSITIVE_TOKENS,
+        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)),
+        "request_id": f.text(128),
+        "channel": f.optional_id,
+        "count": f.integer(0, f.MAX_CHUNKS_PER_PULL),
+        "runs": f.runs,
         "op_seq": f.integer(0, 1 << 62),
     }
     OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0}
@@ -122,8 +129,12 @@ class Chunk:
 
     TYPE: ClassVar[MsgType] = MsgType.CHUNK
     SCHEMA: ClassVar[dict] = {
-        "transfer_id": f.transfer_id, "seq": f.SEQ, "offset": f.TOKENS, "num_tokens": f.POSITIVE_TOKENS,
-        "total_tokens": f.POSITIVE_TOKENS, "aux": lambda name, v: None if v is None else Aux.from_obj(v),
+        "transfer_id": f.transfer_id,
+        "seq": f.SEQ,
+        "offset": f.TOKENS,
+        "num_tokens": f.POSITIVE_TOKENS,
+        "total_tokens": f.POSITIVE_TOKENS,
+        "aux": lambda name, v: None if v is None else Aux.from_obj(v),
         "pieces": f.pieces,
     }
     OPTIONAL: ClassVar[dict] = {"pieces": ()}
@@ -163,8 +174,12 @@ class Abort:
 @dataclass(frozen=True)
 class Error:
     TYPE: ClassVar[MsgType] = MsgType.ERROR
-    SCHEMA: ClassVar[dict] = {"transfer_id": f.optional_id, "seq": f.SEQ, "code": f.member(ErrorCode, "error code"),
-                              "message": f.text(512)}
+    SCHEMA: ClassVar[dict] = {
+        "transfer_id": f.optional_id,
+        "seq": f.SEQ,
+        "code": f.member(ErrorCode, "error code"),
+        "message": f.text(512),
+    }
     transfer_id: str
     seq: int
     code: ErrorCode
@@ -180,9 +195,13 @@ class Bootstrap:
 
     TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP
     SCHEMA: ClassVar[dict] = {
-        "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": f.transfer_id,
-        "transport": f.member(Transport, "transport"), "device_kind": _DEVICE_KIND, "device_uuid": f.text(64),
-        "host": f.text(128), "pid": f.integer(0, 1 << 31),
+        "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION),
+        "channel": f.transfer_id,
+        "transport": f.member(Transport, "transport"),
+        "device_kind": _DEVICE_KIND,
+        "device_uuid": f.text(64),
+        "host": f.text(128),
+        "pid": f.integer(0, 1 << 31),
     }
     channel: str
     transport: Transport
@@ -199,9 +218,14 @@ class BootstrapAck:
 
     TYPE: ClassVar[MsgType] = MsgType.BOOTSTRAP_ACK
     SCHEMA: ClassVar[dict] = {
-        "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION), "channel": f.transfer_id,
-        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)), "device_kind": _DEVICE_KIND,
-        "device_uuid": f.text(64), "host": f.text(128), "nccl_id": f.hex_string(256, exact=256), "ipc": f.ipc,
+        "version": f.integer(BOOTSTRAP_VERSION, BOOTSTRAP_VERSION),
+        "channel": f.transfer_id,
+        "transport": f.member(Transport, "transport", exclude=(Transport.AUTO,)),
+        "device_kind": _DEVICE_KIND,
+        "device_uuid": f.text(64),
+        "host": f.text(128),
+        "nccl_id": f.hex_string(256, exact=256),
+        "ipc": f.ipc,
     }
     channel: str
     transport: Transport
@@ -224,8 +248,9 @@ class Close:
 
 
 Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close]
-BY_TYPE: dict[int, type] = {cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap,
-                                                      BootstrapAck, Close)}
+BY_TYPE: dict[int, type] = {
+    cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close)
+}
 
 
 def printable(text: str, limit: int) -> str:

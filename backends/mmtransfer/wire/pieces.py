@@ -1,5 +1,6 @@
 """Chunk arithmetic: which tokens each chunk of a pull carries, and how a chunk is cut into
 pieces contiguous in both the sender's pool and the receiver's window."""
+
 from __future__ import annotations
 
 from typing import Sequence
