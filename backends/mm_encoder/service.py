@@ -181,8 +181,15 @@ class EncoderService:
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise ValueError(f"IMAGE: at most {MAX_IMAGES_PER_REQUEST} images per request, got {len(images)}")
         images = [unwrap_data_url(data, i) for i, data in enumerate(images)]  # KServe JSON clients
-        for i, data in enumerate(images):  # cheap header checks of every image before decoding any
-            self._check_header(i, data)
+        # cheap header checks of every image before decoding any, then whether the pool can ever hold them
+        header_tokens = [self._check_header(i, data) for i, data in enumerate(images)]
+        if all(t is not None for t in header_tokens):
+            self._check_fits(
+                [
+                    (t, image_key(data) if self.cache.enabled else str(i))
+                    for i, (t, data) in enumerate(zip(header_tokens, images))
+                ]
+            )
         prepared: list[PreparedImage] = []
         for i, data in enumerate(images):
             try:
@@ -220,23 +227,25 @@ class EncoderService:
         except ValueError as exc:
             raise ValueError(f"IMAGE[{index}]: {image.width}x{image.height} cannot be preprocessed: {exc}") from None
 
-    def _check_header(self, index: int, data: bytes) -> None:
-        """Refuse an image whose header alone shows it gives too many tokens, before its pixels are
-        decoded (a 8000x8000 PNG of a few hundred KiB would otherwise cost seconds and hundreds of MiB).
-        Anything the header parser does not like is left to ``decode_image``, which names the problem."""
+    def _check_header(self, index: int, data: bytes) -> int | None:
+        """The tokens an image will give, from its header alone (the EXIF rotation does not change the count
+        of a token grid), so that an image or a request that can never be served is refused before pixels are
+        decoded (16 8000x8000 PNGs of a few hundred KiB each would otherwise cost seconds and GiBs). None when
+        the header parser does not like it: ``decode_image`` then names the problem."""
         try:
             with Image.open(io.BytesIO(bytes(data))) as header:  # parses the header only
                 width, height = header.size
                 if width * height > self.max_image_pixels:
-                    return  # decode_image refuses it with its own message, still before decoding
-                tokens = self.vision.count_tokens(header)
+                    return None  # decode_image refuses it with its own message, still before decoding
+                tokens = max(self.vision.count_tokens(header), self.geometry.tokens_for(height, width))
         except Exception:  # noqa: BLE001 - decode_image reports corrupt or unknown data clearly
-            return
+            return None
         if tokens > self.config.max_embed_tokens:
             raise RequestTooLarge(
                 f"IMAGE[{index}]: {width}x{height} gives {tokens} embedding tokens, more than the "
                 f"configured maximum max_embed_tokens={self.config.max_embed_tokens}"
             )
+        return tokens
 
     def _check_fits(self, sizes: list[tuple[int, str]]) -> None:
         """RequestTooLarge when the request's images (the same image counted once) can never be held by

@@ -124,3 +124,32 @@ def test_serve_flags_set_the_budget_like_vllm():
     for bad in ('{"max_pixel": 5}', '{"max_pixels": -1}', '{"max_pixels": 1.5}', "[1]", "not json"):
         with pytest.raises(SystemExit):
             serve.build_parser().parse_args(["--mm-processor-kwargs", bad])
+
+
+# ---- the encoder refuses an impossible request from image headers, before decoding ------------------------
+def test_a_request_the_pool_can_never_hold_is_refused_before_any_decoding(tiny_model_dir, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    import mm_encoder.service as service_module
+    from mm_encoder.service import EncoderService
+    from mmtransfer import RequestTooLarge, TransferConfig
+
+    def png(width: int, height: int) -> bytes:  # large but cheap: one colour compresses to a few KiB
+        buf = io.BytesIO()
+        Image.new("RGB", (width, height), (width % 251, 40, 90)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    config = TransferConfig(block_tokens=128, pool_blocks=40, max_embed_tokens=4096)  # one 32-block image fits
+    service = EncoderService(tiny_model_dir, config, max_encode_batch_tokens=8192)
+    try:
+        decoded = []
+        real_decode = service_module.decode_image
+        monkeypatch.setattr(service_module, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
+        with pytest.raises(RequestTooLarge, match="need 64 blocks"):
+            service.encode([png(3000, 2000), png(2000, 3000)])  # each resized to ~4096 tokens = 32 blocks
+        assert decoded == [] and service.pool.used_blocks == 0
+        assert len(service.encode([png(3000, 2000)])) == 1 and decoded == [1]  # one alone is served
+    finally:
+        service.close()
