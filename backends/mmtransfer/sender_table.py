@@ -43,6 +43,7 @@ class Entry:
     transfer_id: str
     request_id: str
     expires_at: float
+    limit_at: float  # absolute: no pull extends expires_at past it (a reader cannot pin the blocks forever)
     state: TransferState = TransferState.WAITING_FOR_INPUT
     blocks: list[int] = field(default_factory=list)
     aux: Aux | None = None
@@ -60,6 +61,9 @@ class DeferredFree:
     since: float
 
 
+#: An embedding lives at most this many ttl_s from its registration, however often it is pulled: a pull
+#: restarts the TTL (a long transfer in many continuations keeps its blocks) but cannot pin them forever.
+LIFETIME_TTLS = 2
 EXPIRED = "expired"  # how a transfer reclaimed by the TTL ended (a late pull gets ERROR(expired))
 
 
@@ -86,7 +90,10 @@ class TransferTable:
     # ---- entries ---------------------------------------------------------------------
     def add(self, transfer_id: str, request_id: str) -> None:
         with self.lock:
-            self.entries[transfer_id] = Entry(transfer_id, request_id, time.monotonic() + self.ttl_s)
+            now = time.monotonic()
+            self.entries[transfer_id] = Entry(
+                transfer_id, request_id, now + self.ttl_s, now + LIFETIME_TTLS * self.ttl_s
+            )
 
     def get(self, transfer_id: str) -> Entry | None:
         with self.lock:
@@ -103,14 +110,15 @@ class TransferTable:
                 raise TransferAborted(f"transfer {transfer_id} was aborted or expired before it was filled")
             entry.blocks, entry.aux, entry.release = blocks, aux, release
             entry.state = TransferState.TRANSFERRING
-            entry.expires_at = time.monotonic() + self.ttl_s
+            entry.expires_at = min(time.monotonic() + self.ttl_s, entry.limit_at)
 
     def touch(self, entry: Entry, in_flight: InFlight | None = None) -> None:
-        """A chunk was served: the TTL starts again; ``in_flight`` are the sends now reading the blocks."""
+        """A chunk was served: the TTL starts again, but never past the entry's absolute limit (registration +
+        ``LIFETIME_TTLS`` x ttl_s); ``in_flight`` are the sends now reading the blocks."""
         with self.lock:
             if in_flight is not None:
                 entry.in_flight = in_flight
-            entry.expires_at = time.monotonic() + self.ttl_s
+            entry.expires_at = min(time.monotonic() + self.ttl_s, entry.limit_at)
 
     def pop(self, transfer_id: str, ending: str) -> Entry | None:
         """Remove an entry (its blocks are the caller's to ``release``), remembering how it ended."""
