@@ -3,7 +3,8 @@
     INVALID_ARG   bad input: ValueError (images, prompt, MAX_TOKENS, EMBED_REF), RequestTooLarge
     UNAVAILABLE   retry later, the request itself was fine: pool exhausted (backpressure), a peer that did not
                   answer in time, an embedding reclaimed (TTL) or unknown to its encoder (restarted), a GPU
-                  channel that broke, a sender that refused this endpoint's shared secret
+                  channel that broke, a sender that refused this endpoint's shared secret, an embedding
+                  another receiver is pulling (``in_use``), every connection of the receiver in use (``sockets``)
     CANCELLED     the client cancelled the request (gRPC) while it was being served
     INTERNAL      anything else (a protocol violation, a bug)
 
@@ -29,7 +30,7 @@ from mmtransfer import (
 )
 
 _RETRYABLE = (PoolExhausted, TransferTimeout, TransferNotFound, AuthenticationError)
-_RETRYABLE_CAUSES = (FailureCause.CHANNEL,)
+_RETRYABLE_CAUSES = (FailureCause.CHANNEL, FailureCause.IN_USE, FailureCause.SOCKETS)
 
 
 _ENGINE_UNAVAILABLE = ("queue_full", "queue_timeout", "deadline", "shutdown")

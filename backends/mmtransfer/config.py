@@ -52,6 +52,12 @@ class TransferConfig:
         bytes; the window is the flow-control credit) or "window" (into the window's blocks, then
         copied out, like the host transport).
     bootstrap_timeout_s: how long forming a GPU channel (NCCL communicator, IPC mapping) may take.
+    max_unread_tokens: the sender's bound on chunk bytes queued to one receiver connection that it has
+        not confirmed read (a receiver's next PULL or DONE confirms), in tokens of its pool; beyond it a
+        PULL is answered ERROR(busy) and nothing is queued. 0 = two default windows.
+    max_sockets: the receiver's bound on connections to sender endpoints (each a file descriptor), in
+        use and idle; idle ones are closed least recently used first, and a pull that would need one
+        more while all are in use fails at once (SocketsExhausted).
     shared_secret: optional; when set (at least 16 characters, the same on every encoder and
         language instance), every control frame carries an HMAC-SHA256 with it and frames
         without a valid one are refused: it authenticates peers, it does not encrypt. Best set
@@ -79,6 +85,8 @@ class TransferConfig:
     transport: Transport = Transport.AUTO
     gpu_landing: Landing = Landing.DIRECT
     bootstrap_timeout_s: float = 120.0
+    max_unread_tokens: int = 0
+    max_sockets: int = 64
     shared_secret: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +96,8 @@ class TransferConfig:
         _check_range("max_embed_tokens", self.max_embed_tokens, 1, 1 << 24)
         _check_range("control_port", self.control_port, 0, 65535)
         _check_range("adaptive_max_window_tokens", self.adaptive_max_window_tokens, 1, 1 << 24)
+        _check_range("max_unread_tokens", self.max_unread_tokens, 0, 1 << 24)
+        _check_range("max_sockets", self.max_sockets, 1, 1 << 16)
         _check_range("adaptive_history", self.adaptive_history, 1, 1 << 20)
         _check_range("adaptive_min_samples", self.adaptive_min_samples, 1, 1 << 20)
         _coerce(self, "window_policy", WindowPolicyKind)
@@ -123,6 +133,11 @@ class TransferConfig:
     def window_blocks(self) -> int:
         """Blocks in the default receive window (rounded up to whole blocks)."""
         return math.ceil(self.default_window_tokens / self.block_tokens)
+
+    @property
+    def unread_bound_tokens(self) -> int:
+        """Tokens of chunks a sender queues to one receiver before it confirmed reading them."""
+        return self.max_unread_tokens or 2 * self.default_window_tokens
 
     @property
     def max_embed_blocks(self) -> int:

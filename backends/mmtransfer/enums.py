@@ -56,6 +56,7 @@ class ErrorCode(_Named):
     UNAVAILABLE = "unavailable"  # the asked-for transport or channel cannot serve (the channel is given up)
     UNKNOWN_CHANNEL = "unknown_channel"  # the PULL names a channel this sender does not have; nothing was sent
     UNAUTHENTICATED = "unauthenticated"  # the frame had no valid MAC (shared secret)
+    IN_USE = "in_use"  # another receiver is pulling this transfer; nothing was sent
 
 
 class FailureCause(_Named):
@@ -73,6 +74,8 @@ class FailureCause(_Named):
     CHANNEL = "channel"
     TRANSPORT = "transport"
     REMOTE = "remote"
+    IN_USE = "in_use"  # another receiver was pulling the transfer
+    SOCKETS = "sockets"  # the receiver's connections (file descriptors) were all in use
     TTL = "ttl"
     INTERNAL = "internal"
 

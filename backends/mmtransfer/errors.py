@@ -49,6 +49,18 @@ class TransferExpired(TransferNotFound):
     cause = FailureCause.EXPIRED
 
 
+class TransferInUse(TransferError):
+    """Another receiver is pulling the transfer: a transfer serves one receiver at a time."""
+
+    cause = FailureCause.IN_USE
+
+
+class SocketsExhausted(TransferError):
+    """Every connection this receiver may hold (``max_sockets``) is in use by other pulls."""
+
+    cause = FailureCause.SOCKETS
+
+
 class ProtocolError(TransferError, ValueError):
     """A message could not be decoded or violates the protocol."""
 

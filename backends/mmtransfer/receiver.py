@@ -10,12 +10,13 @@ link when the sender has no GPU.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import zmq
 
 from .config import TransferConfig
-from .enums import FailureCause, Transport
+from .enums import FailureCause, Transport, WindowPolicyKind
 from .errors import TransferError
 from .observer import TransferObserver
 from .pool import BlockPool
@@ -47,7 +48,7 @@ class Receiver:
         self.name = name
         self.window_policy = make_window_policy(config)
         self._ctx = zmq.Context()
-        self.sockets = SocketPool(self._ctx)
+        self.sockets = SocketPool(self._ctx, config.max_sockets, _largest_window_bytes(pool, config))
         self.links = LinkTable(pool, config, self.sockets, name)
 
     @property
@@ -59,6 +60,7 @@ class Receiver:
         """Applies from the next pull on (the window policy stays as it is)."""
         self._config = config
         self.links.config = config
+        self.sockets.max_sockets = config.max_sockets
 
     @property
     def uses_channels(self) -> bool:
@@ -103,12 +105,13 @@ class Receiver:
             return PullRun(ctx, ref, request_id, link, cancelled).run(retry)
 
     def abort(self, ref: EmbedRef, reason: str) -> None:
-        """Tell a sender to drop an embedding this receiver will never pull (best effort)."""
-        sock = self.sockets.connect(ref.address)
+        """Tell a sender to drop an embedding this receiver will never pull (best effort; no answer comes,
+        so the connection stays clean and is reused)."""
+        sock = self.sockets.take(ref.address)
         try:
             send_abort(sock, ref, reason, self.config.auth_key)
         finally:
-            sock.close()
+            self.sockets.give(ref.address, sock)
 
     def close(self) -> None:
         """Close every channel (telling each sender, best effort, so it frees its side now) and every socket."""
@@ -121,3 +124,12 @@ class Receiver:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _largest_window_bytes(pool: BlockPool, config: TransferConfig) -> int:
+    """Chunk bytes of the largest window this receiver offers (what its sockets must take per message)."""
+    tokens = config.default_window_tokens
+    if config.window_policy is WindowPolicyKind.ADAPTIVE:
+        tokens = max(tokens, config.adaptive_max_window_tokens)
+    blocks = min(pool.total_blocks, math.ceil(tokens / pool.block_tokens))
+    return blocks * pool.block_tokens * pool.bytes_per_token

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from . import wire
 from .enums import ErrorCode
-from .errors import AuthenticationError, RemoteError, TransferError, TransferExpired, TransferNotFound, TransferTimeout
+from .errors import (
+    AuthenticationError,
+    RemoteError,
+    TransferError,
+    TransferExpired,
+    TransferInUse,
+    TransferNotFound,
+    TransferTimeout,
+)
 
 
 def remote_error(msg: wire.Error) -> TransferError:
@@ -14,6 +22,8 @@ def remote_error(msg: wire.Error) -> TransferError:
         return TransferExpired(f"transfer {msg.transfer_id}: {msg.message}")
     if msg.code is ErrorCode.NOT_FOUND:
         return TransferNotFound(f"transfer {msg.transfer_id}: {msg.message}")
+    if msg.code is ErrorCode.IN_USE:
+        return TransferInUse(f"transfer {msg.transfer_id}: {msg.message}")
     if msg.code is ErrorCode.TIMEOUT:
         return TransferTimeout(f"transfer {msg.transfer_id}: sender says {msg.message}")
     return RemoteError(msg.code, msg.message)

@@ -25,6 +25,7 @@ from .transports import ReceiverLink, connect_receiver_link
 from .transports.host import HostReceiverLink
 
 log = logging.getLogger(__name__)
+_BOOTSTRAP_STRIPES = 16
 
 
 class LinkTable:
@@ -36,7 +37,8 @@ class LinkTable:
         self.host_link = HostReceiverLink("", pool, "")
         self._links: dict[str, ReceiverLink] = {}
         self._lock = threading.Lock()
-        self._address_locks: dict[str, threading.Lock] = {}
+        # Striped, not one per address: a lock per address ever seen would grow without bound.
+        self._bootstrap_locks = [threading.Lock() for _ in range(_BOOTSTRAP_STRIPES)]
 
     def _usable(self, address: str) -> ReceiverLink | None:
         with self._lock:
@@ -49,9 +51,7 @@ class LinkTable:
         link = self._usable(address)
         if link is not None:
             return link
-        with self._lock:
-            lock = self._address_locks.setdefault(address, threading.Lock())
-        with lock:
+        with self._bootstrap_locks[hash(address) % _BOOTSTRAP_STRIPES]:
             link = self._usable(address)
             if link is None:
                 link = self._bootstrap(address)
@@ -95,7 +95,8 @@ class LinkTable:
     def _ask(self, address: str, channel_id: str) -> wire.Message:
         mine = devices.device_info(self.pool.device)
         cfg = self.config
-        sock = self.sockets.connect(address, linger_ms=0)
+        sock = self.sockets.take(address)
+        clean = False
         try:
             sock.send(
                 wire.encode(
@@ -107,9 +108,14 @@ class LinkTable:
             )
             if not sock.poll(int(cfg.bootstrap_timeout_s * 1000)):
                 raise TransferTimeout(f"no BOOTSTRAP answer from {address} within {cfg.bootstrap_timeout_s:.0f}s")
-            return wire.decode(sock.recv_multipart(copy=True)[0], cfg.auth_key)
+            frames = sock.recv_multipart(copy=True)
+            clean = True  # the one answer owed was read: the socket may serve the pulls that follow
+            return wire.decode(frames[0], cfg.auth_key)
         finally:
-            sock.close()
+            if clean:
+                self.sockets.give(address, sock)
+            else:
+                self.sockets.discard(sock)
 
     def _bootstrap(self, address: str) -> ReceiverLink:
         channel_id = new_transfer_id()

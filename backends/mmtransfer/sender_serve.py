@@ -74,7 +74,7 @@ class PullServer:
         elif isinstance(msg, wire.Done):
             self.on_done(identity, msg)
         elif isinstance(msg, wire.Abort):
-            self.on_abort(msg)
+            self.on_abort(identity, msg)
         elif isinstance(msg, wire.Bootstrap):
             self.on_bootstrap(identity, msg)
         elif isinstance(msg, wire.Close):
@@ -104,6 +104,9 @@ class PullServer:
             self.serve(identity, pull, entry)
 
     def on_done(self, identity: bytes, done: wire.Done) -> None:
+        if self.table.owned_by_other(done.transfer_id, identity):
+            self.outbox.error(identity, done.transfer_id, done.seq, ErrorCode.IN_USE, "another receiver pulls it")
+            return
         entry = self.table.pop(done.transfer_id, "completed already")
         if entry is None:
             self.reply_unknown(identity, done.transfer_id, done.seq)
@@ -112,7 +115,12 @@ class PullServer:
         self.table.release(entry)
         self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
 
-    def on_abort(self, abort: wire.Abort) -> None:
+    def on_abort(self, identity: bytes, abort: wire.Abort) -> None:
+        # A receiver refused with ERROR(in_use) aborts what it could not pull: that must not end the
+        # pull in progress. The one pulling (or nobody yet) may abort; the TTL covers a dead puller.
+        if self.table.owned_by_other(abort.transfer_id, identity):
+            log.info("%s: ABORT of %s by a receiver that does not pull it: ignored", self.name, abort.transfer_id)
+            return
         self.table.discard(abort.transfer_id, f"aborted by receiver: {abort.reason}")
 
     def on_bootstrap(self, identity: bytes, msg: wire.Bootstrap) -> None:
@@ -237,6 +245,8 @@ class PullServer:
             self.channels.close(pull.channel, str(exc))
             self.outbox.error(identity, tid, pull.seq, ErrorCode.UNAVAILABLE, str(exc))
             return
+        if not self._admit(identity, pull, entry, link, offsets, total):
+            return
         for i, planned in enumerate(self._plans(link, pull, entry, offsets, total)):
             try:
                 payload = link.send(planned.pieces)
@@ -256,6 +266,22 @@ class PullServer:
             self.outbox.send(identity, chunk, payload)
         event = link.record()
         self.table.touch(entry, None if event is None else InFlight(event, link.link_id))
+
+    def _admit(
+        self, identity: bytes, pull: wire.Pull, entry: Entry, link: SenderLink, offsets: list[int], total: int
+    ) -> bool:
+        """Bind the transfer to this receiver and charge it the payload bytes, or answer why not."""
+        end = min(offsets[-1] + pull.capacity_tokens, total)
+        inline = link.kind is Transport.HOST  # only the host link's bytes ride in (and queue with) the frames
+        nbytes = (end - pull.sent_tokens) * self.pool.bytes_per_token if inline else 0
+        bound = self.config.unread_bound_tokens * self.pool.bytes_per_token
+        refusal = self.table.admit(entry, identity, pull.sent_tokens, end, nbytes, bound)
+        if refusal is None:
+            return True
+        code, why = refusal
+        log.info("%s: PULL of %s (request %s) refused: %s", self.name, pull.transfer_id, entry.request_id, why)
+        self.outbox.error(identity, pull.transfer_id, pull.seq, code, why)
+        return False
 
     def _link(self, identity: bytes, pull: wire.Pull) -> SenderLink | None:
         """The link ``pull`` names, or None after answering why it cannot be served."""

@@ -29,6 +29,14 @@ _TICK_S = 0.05
 _BATCH = 256  # messages handled between timer runs, so timers still run under load
 
 Dispatch = Callable[[bytes, wire.Message], bool]
+_HWM_SLACK = 16  # the ACK/ERROR frames that may follow a pull's chunks
+
+
+def send_hwm(config: TransferConfig) -> int:
+    """Messages queued per receiver connection before ZeroMQ drops more (its default is 1000): enough for
+    the chunks one pull can ask for (one per block at the smallest window) plus a few replies. The bytes
+    they carry are bounded by the serve path (``max_unread_tokens``), not by this count."""
+    return config.max_embed_blocks + _HWM_SLACK
 
 
 class Outbox:
@@ -65,6 +73,7 @@ class ServerLoop:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
+        self.router.setsockopt(zmq.SNDHWM, send_hwm(config))
         bind = f"tcp://{config.control_host}"
         if config.control_port:
             self.router.bind(f"{bind}:{config.control_port}")

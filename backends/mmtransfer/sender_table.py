@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .enums import FailureCause, TransferState
+from .enums import ErrorCode, FailureCause, TransferState
 from .errors import TransferAborted
 from .observer import TransferObserver
 from .pool import BlockPool
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # answer ("reclaimed after ttl_s") rather than a bare "unknown"; bounded, oldest forgotten first.
 MAX_ENDED_IDS = 8192
 Release = Callable[[list[int]], None]
+Refusal = tuple[ErrorCode, str] | None  # why a PULL is not served (nothing sent), or None
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class Entry:
     aux: Aux | None = None
     in_flight: InFlight | None = None
     release: Release | None = None  # who takes the blocks back (default: the pool)
+    # The receiver (ZeroMQ identity) that pulls it: bound by the first served PULL, so that a second
+    # receiver cannot interleave with the first; the TTL still reclaims it if that receiver dies.
+    owner: bytes | None = None
+    next_offset: int = 0  # where the owner's next PULL must start: every chunk is sent once
+    unread: int = 0  # payload bytes sent to the owner that no later PULL (or DONE/ABORT) confirmed read
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class TransferTable:
         self.lock = threading.Lock()
         self._ended: OrderedDict[str, str] = OrderedDict()  # transfer id -> how it ended
         self._deferred: list[DeferredFree] = []
+        self.unread: dict[bytes, int] = {}  # peer identity -> payload bytes queued to it, not confirmed read
 
     # ---- entries ---------------------------------------------------------------------
     def add(self, transfer_id: str, request_id: str) -> None:
@@ -126,6 +133,7 @@ class TransferTable:
             entry = self.entries.pop(transfer_id, None)
             if entry is not None:
                 self._remember(transfer_id, ending)
+                self._confirm(entry)
         return entry
 
     def discard(self, transfer_id: str, reason: str) -> bool:
@@ -155,6 +163,7 @@ class TransferTable:
             for entry in expired:
                 del self.entries[entry.transfer_id]
                 self._remember(entry.transfer_id, EXPIRED)
+                self._confirm(entry)
         for entry in expired:
             nblocks = len(entry.blocks)
             self.release(entry)
@@ -168,6 +177,52 @@ class TransferTable:
             )
             self.observer.transfer_failed(FailureCause.TTL)
             self.observer.pool_changed()
+
+    # ---- one receiver per transfer, bytes queued per receiver -------------------------
+    def admit(self, entry: Entry, identity: bytes, sent_tokens: int, end: int, nbytes: int, bound: int) -> Refusal:
+        """Whether ``identity`` may be sent the chunks of ``entry`` from ``sent_tokens`` to ``end`` (``nbytes``
+        of payload) now; if so, they are charged to it. None, or (code, why) with nothing changed.
+
+        A PULL from the owner at ``next_offset`` confirms that it read the chunks before (it could not
+        know where to continue otherwise); a refusal for the bytes comes only when something is already
+        unconfirmed, so one chunk of any size always goes out."""
+        with self.lock:
+            if self.entries.get(entry.transfer_id) is not entry:
+                return ErrorCode.NOT_FOUND, "unknown transfer id: it was dropped while the PULL was checked"
+            if entry.owner is not None and entry.owner != identity:
+                return ErrorCode.IN_USE, "another receiver is pulling this transfer (one receiver at a time)"
+            if entry.owner is not None and sent_tokens != entry.next_offset:
+                return ErrorCode.BAD_REQUEST, (
+                    f"PULL from token {sent_tokens}, but this transfer continues at token {entry.next_offset} "
+                    "(every chunk is sent once)"
+                )
+            self._confirm(entry)
+            queued = self.unread.get(identity, 0)
+            if queued and nbytes and queued + nbytes > bound:
+                return ErrorCode.BUSY, (
+                    f"{queued} bytes of chunks sent to this receiver are not confirmed read "
+                    f"(bound {bound}): read them, then PULL again"
+                )
+            entry.owner, entry.next_offset, entry.unread = identity, end, nbytes
+            if nbytes:
+                self.unread[identity] = queued + nbytes
+            return None
+
+    def owned_by_other(self, transfer_id: str, identity: bytes) -> bool:
+        """A receiver other than ``identity`` pulls the transfer (its DONE or ABORT must not end it)."""
+        with self.lock:
+            entry = self.entries.get(transfer_id)
+            return entry is not None and entry.owner is not None and entry.owner != identity
+
+    def _confirm(self, entry: Entry) -> None:
+        """The owner read the entry's chunks (or the entry ended): they no longer count as queued (lock held)."""
+        if entry.unread and entry.owner is not None:
+            left = self.unread.get(entry.owner, 0) - entry.unread
+            if left > 0:
+                self.unread[entry.owner] = left
+            else:
+                self.unread.pop(entry.owner, None)
+        entry.unread = 0
 
     # ---- freeing blocks --------------------------------------------------------------
     def release(self, entry: Entry) -> None:
@@ -228,6 +283,7 @@ class TransferTable:
         with self.lock:
             entries, self.entries = list(self.entries.values()), {}
             deferred, self._deferred = self._deferred, []
+            self.unread.clear()
         for entry in entries:
             if entry.blocks:
                 (entry.release or self.pool.free)(entry.blocks)

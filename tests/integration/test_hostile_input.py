@@ -445,6 +445,50 @@ def test_forged_transfer_ids_at_a_real_encoder_and_too_many_refs(rs, good):
     _still_fine(rs, good)
 
 
+def _dealer(address: str):
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 1)  # reads nothing it is not asked to: unread chunks stay in the encoder
+    sock.connect(address)
+    return sock
+
+
+def test_an_embedding_serves_one_receiver_and_unread_pulls_do_not_grow_the_encoder(rs, good):
+    """Issue 14: a second receiver of an embedding that one is pulling is refused (UNAVAILABLE in_use) and
+    cannot end it; 200 PULLs of one id that are never read (once 2 MiB each, bounded by ZeroMQ's 1000
+    messages) queue one chunk in the encoder, whose RSS is measured."""
+    from mm_triton.procfs import rss_kib
+    from mmtransfer import wire
+
+    big = make_test_image(tokens=4000, seed=7)
+    real = _grpc(rs, "mm_encoder", {"IMAGE": np.array([big], dtype=np.object_)}).as_numpy("EMBED_REF")[0]
+    ref = json.loads(real)
+    owner = _dealer(ref["address"])
+    try:
+        owner.send(wire.encode(wire.Pull(ref["transfer_id"], 0, 0, 1024)))
+        assert owner.poll(5000) and isinstance(wire.decode(owner.recv_multipart()[0]), wire.Chunk)
+        _refused(
+            _grpc, rs, "mm_language", _lang([real]), match=r"unavailable \(in_use\)", status=("StatusCode.UNAVAILABLE",)
+        )
+        held = {k: v for k, v in rs.pools_used().items() if v}
+        assert any("encoder" in k for k in held), f"the refused receiver ended the owner's embedding: {held}"
+        encoder = rs.stub_pid("mm_encoder")
+        before = rss_kib(encoder)
+        for seq in range(1, 201):
+            owner.send(wire.encode(wire.Pull(ref["transfer_id"], seq, 0, 1024)))
+        time.sleep(2)
+        grown_mib = (rss_kib(encoder) - before) / 1024
+        print(f"encoder RSS grew {grown_mib:.1f} MiB after 200 unread PULLs")
+        assert grown_mib < 16
+        owner.send(wire.encode(wire.Abort(ref["transfer_id"], "test done")))
+        assert rs.wait_pools_empty(5) == {}
+    finally:
+        owner.close(linger=0)
+    _still_fine(rs, good)
+
+
 def test_language_inputs_refused_by_triton_leave_only_ttl_work(rs, good):
     """A direct caller whose mm_language request Triton refuses (wrong dtype) never reaches the model: its
     published embedding is reclaimed by the encoder's TTL, and nothing else is held."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import queue as queue_mod
 
 import torch
@@ -16,7 +17,8 @@ def embedding_for(seed: int, tokens: int, hidden: int, dtype: str) -> torch.Tens
 
 def sender_main(commands, replies, config: TransferConfig, blocks: int, hidden: int, dtype: str) -> None:
     """Commands: ("register", seed, tokens) -> ref json; ("reserve",) -> ref json;
-    ("fill", tid, seed, tokens); ("used",) -> used blocks; ("stop",) -> used blocks."""
+    ("fill", tid, seed, tokens); ("used",) -> used blocks; ("unread",) -> the largest number of payload bytes
+    queued to one receiver and not confirmed read; ("stop",) -> used blocks."""
     pool = BlockPool(blocks, config.block_tokens, hidden, dtype_from_name(dtype), name="proc-sender")
     sender = SenderEndpoint(pool, config, name="proc-sender")
     replies.put(("ready", sender.address))
@@ -40,9 +42,38 @@ def sender_main(commands, replies, config: TransferConfig, blocks: int, hidden: 
                 replies.put(("ok", None))
             elif cmd[0] == "used":
                 replies.put(("ok", pool.used_blocks))
+            elif cmd[0] == "unread":
+                replies.put(("ok", max(sender.table.unread.values(), default=0)))
             elif cmd[0] == "stop":
                 break
         except Exception as exc:  # report, keep serving
             replies.put(("error", f"{type(exc).__name__}: {exc}"))
     sender.close()
     replies.put(("stopped", pool.used_blocks))
+
+
+class SenderProcess:
+    """A ``sender_main`` in a spawned process (its own RSS, its own ZeroMQ queues)."""
+
+    def __init__(self, config: TransferConfig, blocks: int, hidden: int, dtype: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.commands, self.replies = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(
+            target=sender_main, args=(self.commands, self.replies, config, blocks, hidden, dtype), daemon=True
+        )
+        self.proc.start()
+        kind, self.address = self.replies.get(timeout=60)
+        assert kind == "ready"
+
+    def call(self, *cmd):
+        self.commands.put(cmd)
+        kind, value = self.replies.get(timeout=60)
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
+    def stop(self) -> int:
+        self.commands.put(("stop",))
+        kind, used = self.replies.get(timeout=30)
+        self.proc.join(timeout=10)
+        return used

@@ -28,7 +28,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, SenderEndpoint, TransferConfig, wire
+from mmtransfer import BlockPool, EmbedRef, ProtocolError, Receiver, SenderEndpoint, TransferConfig, TransferInUse, wire
 from mmtransfer.ref import new_transfer_id
 
 HIDDEN = 16
@@ -486,9 +486,14 @@ def test_window_beyond_any_pool_and_offsets_past_the_end(live):
         sock.send(_pull_frame(ref.transfer_id, capacity_tokens=1 << 40))  # beyond the wire bound
         assert sock.poll(2000)
         assert wire.decode(sock.recv_multipart()[0]).code == "bad_request"
+        # the transfer survived all of it: this connection pulls it, so another receiver is refused
+        with pytest.raises(TransferInUse):
+            receiver.pull(ref)
+        sock.send(wire.encode(wire.Done(ref.transfer_id, 1)))
+        assert sock.poll(2000) and isinstance(wire.decode(sock.recv_multipart()[0]), wire.Ack)
     finally:
         sock.close()
-    assert torch.equal(receiver.pull(ref).embedding, data)  # the transfer survived all of it
+    _still_serves(sender, receiver)
 
 
 def test_hostile_bootstrap_and_close_on_a_cpu_endpoint(live):

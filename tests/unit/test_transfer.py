@@ -3,7 +3,6 @@ pulls before registration, and hostile frames against a live endpoint."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import threading
 import time
 
@@ -28,35 +27,16 @@ from mmtransfer import (
 )
 from mmtransfer.ref import new_transfer_id
 
-from ._sender_proc import embedding_for, sender_main
+from ._sender_proc import SenderProcess as _SenderProcess
+from ._sender_proc import embedding_for
 
 HIDDEN = 48
 
 
 # ---- a sender in another process ----------------------------------------------------------
-class SenderProcess:
+class SenderProcess(_SenderProcess):
     def __init__(self, config: TransferConfig, blocks: int, dtype: str) -> None:
-        ctx = mp.get_context("spawn")
-        self.commands, self.replies = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(
-            target=sender_main, args=(self.commands, self.replies, config, blocks, HIDDEN, dtype), daemon=True
-        )
-        self.proc.start()
-        kind, self.address = self.replies.get(timeout=60)
-        assert kind == "ready"
-
-    def call(self, *cmd):
-        self.commands.put(cmd)
-        kind, value = self.replies.get(timeout=60)
-        if kind == "error":
-            raise RuntimeError(value)
-        return value
-
-    def stop(self) -> int:
-        self.commands.put(("stop",))
-        kind, used = self.replies.get(timeout=30)
-        self.proc.join(timeout=10)
-        return used
+        super().__init__(config, blocks, HIDDEN, dtype)
 
 
 @pytest.fixture(scope="module")
