@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from mm_params import Params
 
+from .heartbeat import heartbeat, marked
 from .params import instance_device, model_parameters, resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -36,6 +37,14 @@ class ModelBase:
     pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
     needs_checkpoint = True  # False: a model that loads no weights (the pipelines): checkpoint is None
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        """Every model's own ``execute`` marks the stub's heartbeat (mm_triton.heartbeat): the watchdog
+        restarts a stub stuck in one call for longer than its ``hang_s``."""
+        super().__init_subclass__(**kw)
+        execute = cls.__dict__.get("execute")
+        if execute is not None and not getattr(execute, "__mm_heartbeat__", False):
+            cls.execute = marked(execute)
+
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
         self.params = model_parameters(self.model_config)
@@ -47,6 +56,7 @@ class ModelBase:
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.device = instance_device(args)
+        heartbeat()  # its file now (idle), before the first execute: a stale one of a reused pid is reset
         self.setup()
 
     @cached_property
@@ -79,6 +89,7 @@ class ModelBase:
         """Return the output tensors for one request; raise to answer with an error."""
         raise NotImplementedError
 
+    @marked
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:

@@ -14,7 +14,9 @@ seen disappears while the server runs, it asks the internal ``mm_control`` model
 per-server internal token read from its 0600 file: nothing secret on a command line or in an environment), then
 removes the dead stub's ``/dev/shm`` region, which Triton leaves behind. A stub stopped longer than
 ``stop_grace_s`` (``MM_STUB_STOP_GRACE_S``, 2 s) is killed first, so that it is restarted before Triton's IPC
-lock gives up. The public pipelines are BLS models and stay loaded meanwhile: their requests get UNAVAILABLE
+lock gives up. A stub that hangs without stopping (busy in one ``execute`` longer than ``hang_s``,
+``MM_STUB_HANG_S``, 120 s, from its heartbeat: ``mm_triton.heartbeat``) is killed and reloaded the same way. The
+public pipelines are BLS models and stay loaded meanwhile: their requests get UNAVAILABLE
 (model_reloading) for the few seconds this takes. Every restart is logged and recorded in ``restarts``.
 
     server = TritonServer(repo, args=server_args()).start()
@@ -42,7 +44,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import procfs
+from . import heartbeat, procfs
 
 log = logging.getLogger(__name__)
 HEADER = "x-mm-watchdog"
@@ -50,6 +52,7 @@ CONTROL_MODEL = "mm_control"
 STUB_NAME = "triton_python_backend_stub"
 SHM_PREFIX_RE = re.compile(r"triton_python_backend_shm_region_[0-9A-Za-z_-]{1,64}")
 DEFAULT_STOP_GRACE_S = 2.0
+DEFAULT_HANG_S = 120.0  # longer than any one execute() of a healthy model (they hand work to threads)
 
 
 BASELINE_MODELS = ("mm_monolithic", "mm_monolithic_stream")
@@ -149,6 +152,14 @@ def remove_region(region: str, shm_dir: Path = Path("/dev/shm")) -> int:
     return size
 
 
+def _kill(stub: Stub, why: str) -> None:
+    log.warning("watchdog: stub of %s (%s) %s: killing it to restart it", stub.instance, stub.model, why)
+    try:
+        os.kill(stub.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def alive(stub: Stub) -> bool:
     stat = procfs.proc_stat(stub.pid)
     return stat is not None and stat.alive and stat.start_time == stub.start_time
@@ -165,10 +176,14 @@ class StubWatchdog:
         interval_s: float = 0.5,
         load_timeout_s: float = 300.0,
         stop_grace_s: float | None = None,
+        hang_s: float | None = None,
     ) -> None:
         if stop_grace_s is None:
             stop_grace_s = float(os.environ.get("MM_STUB_STOP_GRACE_S") or DEFAULT_STOP_GRACE_S)
+        if hang_s is None:
+            hang_s = float(os.environ.get("MM_STUB_HANG_S") or DEFAULT_HANG_S)
         self.stop_grace_s = stop_grace_s  # a stub stopped this long is killed and restarted
+        self.hang_s = hang_s  # a stub busy in one execute() this long is killed and restarted (0: never)
         self._stopped_since: dict[int, float] = {}
         self.shm_freed_bytes = 0  # /dev/shm regions of dead stubs removed
         self.server_pid = server_pid
@@ -228,6 +243,8 @@ class StubWatchdog:
                 # a dead server unlinks nothing: its stubs' /dev/shm regions would stay until reboot
                 freed = sum(remove_region(stub.shm_region) for stub in self._known.values() if not alive(stub))
                 self.shm_freed_bytes += freed
+                for stub in self._known.values():
+                    heartbeat.remove(stub.pid)
                 log.info(
                     "watchdog: tritonserver %d is gone (%d bytes of /dev/shm removed); stopping", self.server_pid, freed
                 )
@@ -241,6 +258,7 @@ class StubWatchdog:
         """Reload the models of stubs that died since the last look; returns the restarts done."""
         with self._lock:
             self._kill_stopped()
+            self._kill_hung()
             current = list_stubs(self.server_pid)
             dead = [s for s in self._known.values() if s.pid not in current or not alive(s)]
             # stubs that appeared (a model loaded later, or reloaded by someone else) are watched from now on
@@ -255,6 +273,7 @@ class StubWatchdog:
                 self._known = list_stubs(self.server_pid)
                 in_use = {s.shm_region for s in self._known.values()}
                 for stub in dead:  # after the reload: Triton no longer maps the dead stub's region
+                    heartbeat.remove(stub.pid)
                     if stub.shm_region not in in_use and all(r.ok for r in done if r.model == stub.model):
                         self.shm_freed_bytes += remove_region(stub.shm_region)
             self.restarts.extend(done)
@@ -271,17 +290,21 @@ class StubWatchdog:
                 continue
             since = self._stopped_since.setdefault(pid, now)
             if now - since >= self.stop_grace_s:
-                log.warning(
-                    "watchdog: stub of %s (%s) stopped for %.1fs: killing it to restart it",
-                    stub.instance,
-                    stub.model,
-                    now - since,
-                )
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill(stub, f"stopped for {now - since:.1f}s")
                 self._stopped_since.pop(pid, None)
+
+    def _kill_hung(self) -> None:
+        """SIGKILL a stub that has been inside one ``execute`` for longer than ``hang_s`` (a deadlock, a call
+        that never returns: it is not stopped, Triton just waits); it is reloaded like any dead one. mm_control
+        is left alone: it cannot reload itself, and its reloads are long calls."""
+        if self.hang_s <= 0:
+            return
+        now = time.monotonic()
+        for pid, stub in list(self._known.items()):
+            since = heartbeat.busy_since(pid)
+            if not since or now - since < self.hang_s or stub.model == CONTROL_MODEL or not alive(stub):
+                continue
+            _kill(stub, f"inside one execute() for {now - since:.1f}s (hang_s {self.hang_s:g})")
 
     def _reload(self, model: str, instance: str) -> Restart:
         died_at, start = time.time(), time.monotonic()

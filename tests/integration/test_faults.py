@@ -47,6 +47,8 @@ ENV = {
     "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S),
     "MM_SHARED_SECRET": secrets.token_hex(16),
     "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
+    # test-only: while this file exists, the models it names hang in execute() (mm_triton.heartbeat)
+    "MM_TEST_HANG_FILE": f"/tmp/mm-test-hang-{os.getpid()}",
 }
 BIG = 1200  # tokens: 10 blocks of 128, 10 chunks through a 128-token window
 BIG_BLOCKS = 10
@@ -406,6 +408,55 @@ def test_a_stopped_stub_is_killed_and_restarted_before_triton_gives_up(rs, image
         f"encoder stub stopped: killed after {rs.watchdog.stop_grace_s:.0f}s, reloaded in "
         f"{rs.watchdog.restarts[-1].seconds:.1f}s, serving again {serving_after:.1f}s after the stop "
         f"(+{recovered:.1f}s settle); {len(errors)} request(s) failed"
+    )
+
+
+def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image):
+    """A stub that hangs without being stopped (a deadlock: state S, not T) answers nothing and Triton waits
+    forever. The test-only knob makes mm_encoder's execute() hang; the watchdog sees the stub busy in one call
+    for longer than hang_s (its heartbeat), kills it and reloads the model, and the pipeline serves again."""
+    from mm_triton import heartbeat, procfs
+
+    flag = Path(ENV["MM_TEST_HANG_FILE"])
+    rs.watchdog.hang_s = 3.0
+    restarts_before = len(rs.watchdog.restarts)
+    pid = rs.stub_pid("mm_encoder")
+    outcome: list[str] = []
+
+    def request() -> None:
+        try:
+            _pipeline(rs, [small_image], 2, client_timeout=120)
+            outcome.append("ok")
+        except InferenceServerException as exc:
+            outcome.append(error_text(exc))
+
+    flag.write_text("mm_encoder")
+    client = threading.Thread(target=request)
+    try:
+        client.start()
+        deadline = time.monotonic() + 30
+        while not heartbeat.busy_since(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        hung_at = time.monotonic()
+        assert heartbeat.busy_since(pid), "the encoder never entered execute()"
+        assert procfs.proc_stat(pid).state not in ("T", "t")  # hung, not stopped
+        while len(rs.watchdog.restarts) == restarts_before and time.monotonic() - hung_at < 90:
+            time.sleep(0.1)
+        restarted_after = time.monotonic() - hung_at
+    finally:
+        flag.unlink(missing_ok=True)
+        rs.watchdog.hang_s = 120.0
+        client.join(150)
+    assert [r.model for r in rs.watchdog.restarts[restarts_before:]] == ["mm_encoder"]
+    assert procfs.proc_stat(pid) is None or not procfs.proc_stat(pid).alive
+    assert not heartbeat.path_for(pid).exists()  # the dead stub's heartbeat file is removed too
+    assert outcome and (outcome[0] == "ok" or FAULT_ERRORS.search(outcome[0])), outcome
+    recovered = rs.wait_serving(120)
+    rs.start_pids = rs.stubs()
+    _healthy(rs, small_image, expect_restarts=True)
+    print(
+        f"hung encoder stub: killed and reloaded {restarted_after:.1f}s after it hung (hang_s 3, reload "
+        f"{rs.watchdog.restarts[-1].seconds:.1f}s, +{recovered:.1f}s settle); the hung request got {outcome[0][:80]!r}"
     )
 
 

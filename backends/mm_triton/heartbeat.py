@@ -1,0 +1,114 @@
+"""A stub's heartbeat: since when it has been inside ``execute`` (0.0 when it is not), for the watchdog.
+
+A stub that hangs without stopping (a deadlock, a native call that never returns: state R or S, not T) answers
+nothing, and Triton waits for it forever. Every model's ``execute`` (``ModelBase`` wraps each subclass's) marks
+its start and end in a small file, ``/dev/shm/mm_heartbeat_<stub pid>`` (8 bytes: CLOCK_MONOTONIC seconds, the
+same clock in every process of the host); the watchdog kills a stub busy in one call longer than its
+``hang_s`` and reloads it like a dead one, and removes the file of every stub that is gone.
+
+``MM_TEST_HANG_FILE`` (tests only): while that file exists and names the model (its text, split by whitespace),
+that model's ``execute`` waits for it to go, i.e. hangs without being stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+PREFIX = "mm_heartbeat_"
+SHM_DIR = Path("/dev/shm")
+_FORMAT = "<d"
+
+
+def path_for(pid: int, shm_dir: Path | None = None) -> Path:
+    return (shm_dir or SHM_DIR) / f"{PREFIX}{pid}"
+
+
+def busy_since(pid: int, shm_dir: Path | None = None) -> float:
+    """Since when (time.monotonic) stub ``pid`` has been inside one ``execute``; 0.0 if it is not, or has no file."""
+    try:
+        with open(path_for(pid, shm_dir), "rb") as f:
+            data = f.read(8)
+    except OSError:
+        return 0.0
+    return struct.unpack(_FORMAT, data)[0] if len(data) == 8 else 0.0
+
+
+def remove(pid: int, shm_dir: Path | None = None) -> None:
+    try:
+        path_for(pid, shm_dir).unlink()
+    except OSError:
+        pass
+
+
+class Heartbeat:
+    """This process's heartbeat file; ``beat(busy)`` is called around every ``execute`` (any thread)."""
+
+    def __init__(self, shm_dir: Path | None = None) -> None:
+        self._fd: int | None = None
+        self._depth = 0  # nested execute calls (a subclass calling super().execute) mark once
+        self._lock = threading.Lock()
+        try:
+            self._fd = os.open(path_for(os.getpid(), shm_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.pwrite(self._fd, struct.pack(_FORMAT, 0.0), 0)
+            atexit.register(remove, os.getpid(), shm_dir)  # a stub that exits cleanly leaves no file
+        except OSError as exc:  # no /dev/shm: the watchdog then sees no heartbeat, as before
+            log.warning("heartbeat: cannot create %s: %s", path_for(os.getpid(), shm_dir), exc)
+
+    def beat(self, busy: bool) -> None:
+        with self._lock:
+            self._depth += 1 if busy else -1
+            if self._fd is not None and self._depth == (1 if busy else 0):
+                os.pwrite(self._fd, struct.pack(_FORMAT, time.monotonic() if busy else 0.0), 0)
+
+
+_beats: dict[int, Heartbeat] = {}  # by pid: a forked child makes its own
+_beats_lock = threading.Lock()
+
+
+def heartbeat() -> Heartbeat:
+    """The process's one heartbeat, made on first use (in a stub: its first ``execute``)."""
+    with _beats_lock:
+        hb = _beats.get(os.getpid())
+        if hb is None:
+            hb = _beats[os.getpid()] = Heartbeat()
+        return hb
+
+
+def _hang_for_tests(model: str) -> None:
+    flag = os.environ.get("MM_TEST_HANG_FILE")
+    if not flag:
+        return
+    try:
+        names = Path(flag).read_text().split()
+    except OSError:
+        return
+    if model in names:
+        log.warning("%s: hanging in execute() while %s exists (MM_TEST_HANG_FILE)", model, flag)
+        while os.path.exists(flag):
+            time.sleep(0.05)
+
+
+def marked(execute: Callable[..., Any]) -> Callable[..., Any]:
+    """``execute`` with its start and end on the heartbeat."""
+
+    @functools.wraps(execute)
+    def run(self: Any, requests: Any) -> Any:
+        hb = heartbeat()
+        hb.beat(True)
+        try:
+            _hang_for_tests(getattr(self, "model_name", ""))
+            return execute(self, requests)
+        finally:
+            hb.beat(False)
+
+    run.__mm_heartbeat__ = True  # type: ignore[attr-defined]
+    return run

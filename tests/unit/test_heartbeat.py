@@ -1,0 +1,109 @@
+"""Hang detection (issue 14): every model's execute() marks the stub's heartbeat, and the watchdog kills a stub
+busy in one call longer than hang_s (it is then reloaded like a dead one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mm_triton import heartbeat, procfs
+from mm_triton.model_base import ModelBase
+from mm_triton.watchdog import Stub, StubWatchdog
+
+
+@pytest.fixture
+def shm(tmp_path, monkeypatch):
+    monkeypatch.setattr(heartbeat, "SHM_DIR", tmp_path)
+    monkeypatch.setattr(heartbeat, "_beats", {})
+    return tmp_path
+
+
+class _Model(ModelBase):
+    model_name = "mm_probe"
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def execute(self, requests):
+        self.seen.append(heartbeat.busy_since(os.getpid()))
+        return super().execute(requests)  # nested: marked once
+
+    def handle(self, request, request_id):
+        self.seen.append(heartbeat.busy_since(os.getpid()))
+        return []
+
+
+def test_execute_marks_the_heartbeat_while_it_runs(shm):
+    seen: list[float] = []
+    model = _Model(seen)
+    model.pb_utils = type("PB", (), {"InferenceResponse": staticmethod(lambda **kw: kw)})
+    request = type("R", (), {"request_id": lambda self: "r1"})()
+    before = time.monotonic()
+    model.execute([request])
+    assert len(seen) == 2 and seen[0] == seen[1] and before <= seen[0] <= time.monotonic()
+    assert heartbeat.busy_since(os.getpid()) == 0.0  # idle again
+    assert heartbeat.path_for(os.getpid()).parent == shm
+
+
+def test_the_test_only_knob_hangs_the_named_model_until_its_file_goes(shm, monkeypatch):
+    flag = shm / "hang"
+    flag.write_text("mm_probe")
+    monkeypatch.setenv("MM_TEST_HANG_FILE", str(flag))
+    model = _Model([])
+    model.pb_utils = type("PB", (), {"InferenceResponse": staticmethod(lambda **kw: kw)})
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (model.execute([]), done.set()), daemon=True)
+    worker.start()
+    time.sleep(0.3)
+    assert not done.is_set() and heartbeat.busy_since(os.getpid()) > 0
+    flag.unlink()
+    assert done.wait(2)
+    flag.write_text("mm_other")  # another model's name: no hang
+    model.execute([])
+
+
+def _child_busy_for(shm, seconds: float) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    path = heartbeat.path_for(child.pid)
+    path.write_bytes(__import__("struct").pack("<d", time.monotonic() - seconds if seconds else 0.0))
+    return child
+
+
+@pytest.mark.parametrize(
+    "model, busy_s, killed",
+    [("mm_encoder", 10.0, True), ("mm_encoder", 1.0, False), ("mm_encoder", 0.0, False), ("mm_control", 10.0, False)],
+)
+def test_the_watchdog_kills_a_stub_busy_in_one_execute_past_hang_s(shm, model, busy_s, killed):
+    child = _child_busy_for(shm, busy_s)
+    try:
+        stat = procfs.proc_stat(child.pid)
+        dog = StubWatchdog(os.getpid(), "127.0.0.1:1", hang_s=5.0)
+        dog._known = {child.pid: Stub(child.pid, model, f"{model}_0", stat.start_time)}
+        dog._kill_hung()
+        try:
+            child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        assert (child.returncode == -9) is killed
+    finally:
+        child.kill()
+        child.wait()
+    heartbeat.remove(child.pid)
+
+
+def test_hang_s_zero_turns_it_off(shm):
+    child = _child_busy_for(shm, 1000.0)
+    try:
+        dog = StubWatchdog(os.getpid(), "127.0.0.1:1", hang_s=0)
+        dog._known = {child.pid: Stub(child.pid, "mm_encoder", "mm_encoder_0", procfs.proc_stat(child.pid).start_time)}
+        dog._kill_hung()
+        time.sleep(0.2)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
