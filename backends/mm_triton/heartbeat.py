@@ -4,7 +4,8 @@ A stub that hangs without stopping (a deadlock, a native call that never returns
 nothing, and Triton waits for it forever. Every model's ``execute`` (``ModelBase`` wraps each subclass's) marks
 its start and end in a small file, ``/dev/shm/mm_heartbeat_<stub pid>`` (8 bytes: CLOCK_MONOTONIC seconds, the
 same clock in every process of the host); the watchdog kills a stub busy in one call longer than its
-``hang_s`` and reloads it like a dead one, and removes the file of every stub that is gone.
+``hang_s`` and reloads it like a dead one. The file goes with the model's ``finalize``; one of a stub that was
+killed is removed by the watchdog after the reload, when its server dies, or at the next watchdog start (``sweep``).
 
 ``MM_TEST_HANG_FILE`` (tests only): while that file exists and names the model (its text, split by whitespace),
 that model's ``execute`` waits for it to go, i.e. hangs without being stopped.
@@ -49,6 +50,23 @@ def remove(pid: int, shm_dir: Path | None = None) -> None:
         pass
 
 
+def sweep(shm_dir: Path | None = None) -> int:
+    """Remove the heartbeat files of processes that are gone (a stub Triton killed at shutdown runs no exit
+    handler); returns how many. Files of live processes are left alone, whoever they belong to."""
+    from . import procfs
+
+    removed = 0
+    for path in (shm_dir or SHM_DIR).glob(f"{PREFIX}*"):
+        pid = path.name[len(PREFIX) :]
+        if not pid.isdigit():
+            continue
+        stat = procfs.proc_stat(int(pid))
+        if stat is None or not stat.alive:
+            remove(int(pid), shm_dir)
+            removed += 1
+    return removed
+
+
 class Heartbeat:
     """This process's heartbeat file; ``beat(busy)`` is called around every ``execute`` (any thread)."""
 
@@ -81,6 +99,13 @@ def heartbeat() -> Heartbeat:
         if hb is None:
             hb = _beats[os.getpid()] = Heartbeat()
         return hb
+
+
+def close() -> None:
+    """This process's heartbeat file goes (a model's ``finalize``: the stub is about to exit)."""
+    with _beats_lock:
+        if _beats.pop(os.getpid(), None) is not None:
+            remove(os.getpid())
 
 
 def _hang_for_tests(model: str) -> None:

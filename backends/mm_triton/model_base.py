@@ -11,6 +11,7 @@ server's BLS ``mm_pipeline``) never imports torch or the transfer library.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mm_params import Params
 
+from .heartbeat import close as close_heartbeat
 from .heartbeat import heartbeat, marked
 from .params import instance_device, model_parameters, resolve_checkpoint
 
@@ -44,6 +46,9 @@ class ModelBase:
         execute = cls.__dict__.get("execute")
         if execute is not None and not getattr(execute, "__mm_heartbeat__", False):
             cls.execute = marked(execute)
+        finalize = cls.__dict__.get("finalize")
+        if finalize is not None and not getattr(finalize, "__mm_heartbeat__", False):
+            cls.finalize = _closing_heartbeat(finalize)
 
     def initialize(self, args: dict[str, str]) -> None:
         self.model_config = json.loads(args["model_config"])
@@ -101,6 +106,10 @@ class ModelBase:
                 responses.append(self.pb_utils.InferenceResponse(error=self.error_for(exc)))
         return responses
 
+    def finalize(self) -> None:
+        """Triton unloads the model: the stub's heartbeat file goes (subclasses' own ``finalize`` do the same)."""
+        close_heartbeat()
+
     def error_for(self, exc: BaseException) -> Any:
         """The ``pb_utils.TritonError`` answering a request that raised ``exc`` (see mm_triton.errors)."""
         from .errors import triton_error  # the engine's and the transfer library's errors: torch
@@ -135,3 +144,17 @@ class ModelBase:
     def int_param(self, name: str, default: int) -> int:
         """Integer parameter ``name`` (``MM_<NAME>`` overrides it), ``default`` when unset."""
         return self.resolver.int(name, default)
+
+
+def _closing_heartbeat(finalize: Any) -> Any:
+    """``finalize``, then the stub's heartbeat file is removed (a stub Triton stops runs no exit handler)."""
+
+    @functools.wraps(finalize)
+    def run(self: Any) -> None:
+        try:
+            finalize(self)
+        finally:
+            close_heartbeat()
+
+    run.__mm_heartbeat__ = True  # type: ignore[attr-defined]
+    return run

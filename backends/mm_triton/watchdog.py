@@ -199,6 +199,7 @@ class StubWatchdog:
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> StubWatchdog:
+        heartbeat.sweep()  # files left by the stubs of servers that are gone
         self._known = list_stubs(self.server_pid)
         if not self._known:
             log.warning("watchdog: tritonserver %d has no Python-backend stubs (yet)", self.server_pid)
@@ -243,8 +244,7 @@ class StubWatchdog:
                 # a dead server unlinks nothing: its stubs' /dev/shm regions would stay until reboot
                 freed = sum(remove_region(stub.shm_region) for stub in self._known.values() if not alive(stub))
                 self.shm_freed_bytes += freed
-                for stub in self._known.values():
-                    heartbeat.remove(stub.pid)
+                heartbeat.sweep()
                 log.info(
                     "watchdog: tritonserver %d is gone (%d bytes of /dev/shm removed); stopping", self.server_pid, freed
                 )

@@ -35,7 +35,9 @@ _HWM_SLACK = 16  # the ACK/ERROR frames that may follow a pull's chunks
 def send_hwm(config: TransferConfig) -> int:
     """Messages queued per receiver connection before ZeroMQ drops more (its default is 1000): enough for
     the chunks one pull can ask for (one per block at the smallest window) plus a few replies. The bytes
-    they carry are bounded by the serve path (``max_unread_tokens``), not by this count."""
+    they carry are bounded by the serve path (``max_unread_tokens``), not by this count. (A receiver with
+    smaller blocks than this sender's could ask for more CHUNKs at once; those are control frames of a few
+    hundred bytes, which drain into the kernel's socket buffer long before the queue fills.)"""
     return config.max_embed_blocks + _HWM_SLACK
 
 

@@ -107,3 +107,26 @@ def test_hang_s_zero_turns_it_off(shm):
     finally:
         child.kill()
         child.wait()
+
+
+def test_sweep_removes_the_files_of_processes_that_are_gone(shm):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    heartbeat.path_for(gone.pid).write_bytes(b"\0" * 8)
+    heartbeat.path_for(os.getpid()).write_bytes(b"\0" * 8)  # a live process: left alone
+    (shm / "mm_heartbeat_x").write_bytes(b"")  # not a pid: left alone
+    assert heartbeat.sweep() == 1
+    assert sorted(p.name for p in shm.iterdir()) == sorted([f"mm_heartbeat_{os.getpid()}", "mm_heartbeat_x"])
+
+
+def test_finalize_removes_the_stubs_heartbeat_file(shm):
+    class _Finalizing(_Model):
+        def finalize(self):
+            self.seen.append("finalized")
+
+    model = _Finalizing([])
+    model.pb_utils = type("PB", (), {"InferenceResponse": staticmethod(lambda **kw: kw)})
+    model.execute([])
+    assert heartbeat.path_for(os.getpid()).exists()
+    model.finalize()
+    assert model.seen[-1] == "finalized" and not heartbeat.path_for(os.getpid()).exists()
