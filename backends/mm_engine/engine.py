@@ -284,7 +284,7 @@ class LLMEngine(Engine):
             _safe(self._observer.on_inter_token_latency, now - (seq.last_token_at or now))
         seq.last_token_at = now
         reason = None
-        if token in self._eos:
+        if token in self._eos and not seq.request.sampling.ignore_eos:
             reason = FinishReason.STOP
             delta = seq.detok.flush()
         else:
