@@ -37,6 +37,14 @@ class Answer:
         self._lock = threading.Lock()
         self.done = False
 
+    def client_cancelled(self, probe: Callable[[], bool]) -> bool:
+        """``probe()`` (the request's ``is_cancelled``) while the request is unanswered, else False. Under the
+        send lock: once the FINAL answer is out Triton frees the request's response factory, and asking it then
+        crashes tritonserver 2.51 (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled, seen on an H200 with the
+        monitor thread probing while the worker answered)."""
+        with self._lock:
+            return not self.done and probe()
+
     def send(self, response: Any = None, final: bool = False) -> None:
         with self._lock:
             if self.done:
@@ -111,7 +119,7 @@ class StepMonitor:
                 )
                 self._end(key, entry, "UNAVAILABLE", message)
                 log.warning("request %s: %s", entry.answer.request_id, message)
-            elif entry.cancelled is not None and entry.cancelled():
+            elif entry.cancelled is not None and entry.answer.client_cancelled(entry.cancelled):
                 if entry.on_cancel is not None:
                     entry.on_cancel()
                 self._end(key, entry, "CANCELLED", f"request {entry.answer.request_id} was cancelled")

@@ -144,7 +144,11 @@ class PipelineModel(ModelBase):
         request_id = answer.request_id
         check_request(pb, request, self.bounds, PIPELINE_INPUTS)
         read_generation_inputs(pb, request, self.limits)  # the language model's rules, before any encoding
-        cancelled = self.cancellation_check(request)
+        probe = self.cancellation_check(request)
+
+        def cancelled() -> bool:  # never after the answer: Triton has freed what is_cancelled() asks then
+            return answer.client_cancelled(probe)
+
         token = token_tensor(pb, self._token)
         if cancelled():
             raise TransferCancelled(f"request {request_id} was cancelled before encoding")
@@ -163,7 +167,7 @@ class PipelineModel(ModelBase):
             return
         cancel_key = new_cancel_key()
         language = self._language_request(request, request_id, encoded, token, cancelled, cancel_key)
-        watch = {"cancelled": cancelled, "on_cancel": lambda: self._board.post(cancel_key)}
+        watch = {"cancelled": probe, "on_cancel": lambda: self._board.post(cancel_key)}  # the monitor guards it
         try:
             if self.decoupled:
                 self._relay_stream(language, answer, watch)

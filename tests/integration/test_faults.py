@@ -46,8 +46,8 @@ ENV = {
     "MM_PULL_WAIT_S": "1",
     "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S),
     "MM_SHARED_SECRET": secrets.token_hex(16),
-    "MM_TRUSTED_ENCODERS": "127.0.0.2:*",
-    "MM_MAX_TOKENS_LIMIT": "4096",  # long generations to give up in  # the dead and silent endpoints below (mm_language refuses strangers)
+    "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
+    "MM_MAX_TOKENS_LIMIT": "4096",  # long generations to give up in
 }
 BIG = 1200  # tokens: 10 blocks of 128, 10 chunks through a 128-token window
 BIG_BLOCKS = 10

@@ -147,3 +147,21 @@ def test_a_client_that_gives_up_during_a_step_is_passed_on_once_and_answered_can
     answer.send(FakeResponse(), final=True)  # the step's late answer is dropped
     assert len(sender.sent) == 1
     monitor.close()
+
+
+def test_the_client_is_never_asked_once_its_request_is_answered():
+    """is_cancelled() on an answered request crashes tritonserver 2.51 (its response factory is freed)."""
+    asked, sender = [], Sender()
+    answer = Answer(FakePb, sender, "r4")
+
+    def probe():
+        asked.append(1)
+        return False
+
+    assert answer.client_cancelled(probe) is False and asked == [1]
+    answer.send(FakeResponse(), final=True)
+    assert answer.client_cancelled(probe) is False and asked == [1]
+    monitor = StepMonitor(FakePb, interval_s=3600, stubs_of=dict)
+    monitor.enter(answer, "mm_language", cancelled=probe, on_cancel=lambda: asked.append("posted"))
+    assert monitor.check_once() == 0 and asked == [1]
+    monitor.close()

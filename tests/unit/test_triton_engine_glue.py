@@ -188,6 +188,16 @@ def test_stream_sink_error_is_final_and_a_failed_send_cancels():
     assert sink.cancelled()
 
 
+def test_a_sink_never_asks_the_client_once_it_answered():
+    """is_cancelled() after the FINAL answer crashes tritonserver 2.51 (the response factory is freed); a loader
+    thread may still probe then."""
+    asked = []
+    sink = UnarySink(pb, _Request(_prompt()), "rid", lambda: asked.append(1) or False)
+    assert not sink.cancelled() and asked == [1]
+    sink.on_finish(_output())
+    assert sink.cancelled() and asked == [1]
+
+
 # ---- engine error codes --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "cause, code, prefix",
