@@ -71,8 +71,6 @@ def rate_list(text: str) -> list[float] | str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from bench_pipeline import env_pair, gpu_pair
-
     p = argparse.ArgumentParser(
         prog="scripts/bench_engine.py",
         description=DESCRIPTION,
@@ -100,6 +98,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests per load point (default: max(16, 2 x concurrency); rate points: 24)",
     )
     p.add_argument("--point-timeout", type=float, default=300.0, metavar="SECONDS")
+    add_target_arguments(p)
+    return settle_args(p, p.parse_args(argv))
+
+
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    from bench_pipeline import env_pair, gpu_pair
+
     p.add_argument("--checkpoint", type=Path, default=None, help="default: the tiny model (MM_TINY_MODEL)")
     p.add_argument(
         "--device", default="", help="in-process device (default: cuda:N of --gpu mm_monolithic_stream, else cpu)"
@@ -126,7 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", type=Path, default=ROOT / ".cache" / "bench")
     p.add_argument("--work-dir", type=Path, default=None, help="perf_analyzer files and logs (default: out-dir/work)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    args = p.parse_args(argv)
+
+
+def settle_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Check the targets and fill the defaults that depend on other options."""
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
@@ -160,7 +168,6 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
     """The engine called directly: MonolithicService (vision tower on loader threads + LLMEngine); appends to
     ``rows`` as it goes (the plan's 'auto' rates read them)."""
     import mm_monolithic.service as mono
-    from mm_engine.api import ResponseSink
 
     os.environ.update(dict(args.env))  # MM_* overrides, as the server gets them
     params = model_parameters(ROOT / "model_repository" / "mm_monolithic_stream" / "config.pbtxt")
@@ -169,6 +176,30 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
         args.checkpoint, params, args.device, name="inprocess", engine_observer=phases.observer
     )
     decoded = [service.check_images([img]) for img in images]
+    try:
+        warm = submitter(service, decoded, 4, None, prefix="w")
+        streaming.closed_loop(warm, len(images), 2, 2 * len(images), args.point_timeout)  # first calls are slow
+        for max_tokens, kind, value in plan("inprocess"):
+            submit = submitter(service, decoded, max_tokens, phases.report, prefix="b")
+            n = requests_for(args, value if kind == "concurrency" else None)
+            phases.take()  # drop the warm-up's and the previous point's samples
+            if kind == "concurrency":
+                recs = streaming.closed_loop(submit, len(images), value, n, args.point_timeout)
+            else:
+                recs = streaming.open_loop(submit, len(images), value, n, args.point_timeout)
+            rows.append(
+                _row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs), {"inprocess": phases.take()})
+            )
+    finally:
+        service.close()
+        service = None  # the last reference: its tensors go before the CUDA cache is emptied
+        gc.collect()
+        _empty_cuda()
+
+
+def submitter(service, decoded: list, max_tokens: int, report, prefix: str):
+    """A streaming-loop ``submit(step, on_token, done)`` that hands request ``step`` to the in-process engine."""
+    from mm_engine.api import ResponseSink, SamplingParams
 
     class Sink(ResponseSink):
         def __init__(self, on_token, done):
@@ -184,45 +215,15 @@ def inprocess_points(args, images: list[bytes], plan, rows: list[dict]) -> None:
         def on_error(self, error):
             self.done(f"{error.cause.value}: {error}")
 
-    from mm_engine.api import SamplingParams
+    def submit(step, on_token, done):
+        imgs, counts = decoded[step % len(decoded)]
+        params = SamplingParams(max_tokens=max_tokens)
+        request = service.build_request(
+            f"{prefix}{time.monotonic_ns()}", imgs, counts, PROMPT, params, None, report=report
+        )
+        service.engine.submit(request, Sink(on_token, done))
 
-    try:
-
-        def warm(step, on_token, done):
-            imgs, counts = decoded[step % len(decoded)]
-            request = service.build_request(f"w{step}", imgs, counts, PROMPT, SamplingParams(max_tokens=4), None)
-            service.engine.submit(request, Sink(on_token, done))
-
-        streaming.closed_loop(warm, len(images), 2, 2 * len(images), args.point_timeout)  # first calls are slow
-        for max_tokens, kind, value in plan("inprocess"):
-
-            def submit(step, on_token, done, _mt=max_tokens):
-                imgs, counts = decoded[step % len(decoded)]
-                request = service.build_request(
-                    f"b{time.monotonic_ns()}",
-                    imgs,
-                    counts,
-                    PROMPT,
-                    SamplingParams(max_tokens=_mt),
-                    None,
-                    report=phases.report,
-                )
-                service.engine.submit(request, Sink(on_token, done))
-
-            n = requests_for(args, value if kind == "concurrency" else None)
-            phases.take()  # drop the warm-up's and the previous point's samples
-            if kind == "concurrency":
-                recs = streaming.closed_loop(submit, len(images), value, n, args.point_timeout)
-            else:
-                recs = streaming.open_loop(submit, len(images), value, n, args.point_timeout)
-            rows.append(
-                _row("inprocess", max_tokens, kind, value, n, streaming.summarize(recs), {"inprocess": phases.take()})
-            )
-    finally:
-        service.close()
-        service = None  # the last reference: its tensors go before the CUDA cache is emptied
-        gc.collect()
-        _empty_cuda()
+    return submit
 
 
 def model_parameters(config: Path) -> dict[str, str]:

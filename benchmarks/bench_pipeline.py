@@ -177,6 +177,16 @@ def add_load_options(g) -> None:
     g.add_argument(
         "--point-timeout", type=float, default=600.0, help="seconds before a load point is killed (default 600)"
     )
+    add_noise_options(g)
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens",
+    )
+
+
+def add_noise_options(g) -> None:
+    """A shared machine: wait for quiet, or re-run points that other processes disturbed."""
     g.add_argument(
         "--wait-quiet",
         type=float,
@@ -198,11 +208,6 @@ def add_load_options(g) -> None:
         type=float,
         default=0.25,
         help="cores used by other processes that make a point noisy (default 0.25)",
-    )
-    g.add_argument(
-        "--quick",
-        action="store_true",
-        help="CI size: 6 images (<= 2500 tokens), concurrency 1,4, one request rate, 2 new tokens",
     )
 
 
@@ -518,6 +523,11 @@ def run_point(
         profile_export=export_path,
         extra=["-a"] if rate else [],
     )
+    return measure_point(args, target, model, cmd, csv_path, export_path, concurrency, rate, requests, label, pa_env)
+
+
+def measure_point(args, target, model, cmd, csv_path, export_path, concurrency, rate, requests, label, pa_env) -> dict:
+    """Send one point's load with the samplers running; the row of figures it gives."""
     quiet = wait_for_quiet(target.pid, args.noise_threshold, args.wait_quiet) if args.wait_quiet > 0 else None
     before = _safe_metrics(target)
     mem = MemorySampler(target.pid) if target.pid else None
@@ -560,6 +570,11 @@ def run_point(
     if before is not None and after is not None:
         row.update(transfer_deltas(before, after))
         row["phases"] = phase_breakdown(before, after)  # mm_phase_seconds deltas: {model: {phase: stats}}
+    add_sampled_figures(row, pools, mem)
+    return row
+
+
+def add_sampled_figures(row: dict, pools: PoolSampler | None, mem: MemorySampler | None) -> None:
     if pools:
         row["pools"] = pools.result()
         for m, short in (("mm_encoder", "enc"), ("mm_language", "lang")):
@@ -570,7 +585,6 @@ def run_point(
         row["memory"] = mem.result()
         row["peak_rss_mib"] = row["memory"]["peak_rss_mib"]
         row["peak_pss_mib"] = row["memory"]["peak_pss_mib"]
-    return row
 
 
 def send_load(

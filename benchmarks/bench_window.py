@@ -151,6 +151,19 @@ def main(argv: list[str] | None = None) -> int:
             row["hint_label"] = "yes" if hint else "no"
             plan_rows.append(row)
     info = machine_info()
+    print_tables(args, endpoint_rows, plan_rows, info)
+    payload = window_payload(args, argv, info, lengths, endpoint_rows, plan_rows, t0)
+    print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
+    if not args.no_plot:
+        print(f"wrote {plot(endpoint_rows, args, info)}")
+    leaks = [r for r in endpoint_rows if r["receiver_blocks_leaked"] or r["sender_blocks_leaked"]]
+    if leaks:
+        print(f"ERROR: blocks left allocated after {len(leaks)} run(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_tables(args, endpoint_rows: list[dict], plan_rows: list[dict], info: dict) -> None:
     print(
         f"length mix: {args.mix.describe()}; block {args.block_tokens} tokens, default window "
         f"{args.window_tokens}, receive pool {args.pool_blocks} blocks, adaptive bound {args.adaptive_max_tokens}"
@@ -160,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nchunk_plan arithmetic ({args.plan_samples} lengths, no pool pressure):")
     print(table(plan_rows, PLAN_COLUMNS, markdown=args.markdown))
     print(f"\nmachine: {machine_line(info)}")
-    payload = {
+
+
+def window_payload(
+    args, argv, info: dict, lengths, endpoint_rows: list[dict], plan_rows: list[dict], t0: float
+) -> dict:
+    return {
         "benchmark": "window",
         "command": "scripts/bench_window.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": info,
@@ -178,14 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         "chunk_plan": plan_rows,
         "elapsed_s": round(time.monotonic() - t0, 2),
     }
-    print(f"wrote {write_json(args.out_dir / f'{args.name}.json', payload)}")
-    if not args.no_plot:
-        print(f"wrote {plot(endpoint_rows, args, info)}")
-    leaks = [r for r in endpoint_rows if r["receiver_blocks_leaked"] or r["sender_blocks_leaked"]]
-    if leaks:
-        print(f"ERROR: blocks left allocated after {len(leaks)} run(s)", file=sys.stderr)
-        return 1
-    return 0
 
 
 def plot(rows: list[dict], args: argparse.Namespace, info: dict) -> Path:

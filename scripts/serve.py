@@ -144,6 +144,10 @@ def add_server_options(g) -> None:
         default="0.0.0.0",
         help="address the three services bind (default: 0.0.0.0; 127.0.0.1 for this machine only)",
     )
+    add_process_options(g)
+
+
+def add_process_options(g) -> None:
     g.add_argument(
         "--model-repository",
         type=Path,
@@ -266,6 +270,10 @@ def add_deployment_options(s) -> None:
         metavar="PORT",
         help="first control port: encoder instance i binds PORT+i (default 0: any free port)",
     )
+    add_instance_options(s)
+
+
+def add_instance_options(s) -> None:
     s.add_argument(
         "--encoder-instances",
         type=positive_int,
@@ -387,9 +395,36 @@ def model_env(args) -> dict[str, str]:
 LAYOUT_OPTIONS = ("encoder_instances", "language_instances", "pipeline_instances", "encoder_gpus", "language_gpus")
 
 
+ENCODER_SIDE_OPTIONS = (
+    "control_host",
+    "advertise_host",
+    "control_port",
+    "encoder_instances",
+    "encoder_gpus",
+    "encode_threads",
+)
+
+
+def check_language_role(args, fail) -> None:
+    """--role language: the encoder servers it calls, and no encoder-side options."""
+    from mm_remote.encoders import parse_encoder_urls
+
+    if not args.encoder_url:
+        fail(
+            "--role language needs --encoder-url HOST:PORT (the gRPC port of an encoder server, "
+            "e.g. started with: scripts/serve --role encoder)"
+        )
+    try:
+        args.encoder_urls = parse_encoder_urls(args.encoder_url)
+    except ValueError as e:
+        fail(f"--encoder-url: {e}")
+    for opt in ENCODER_SIDE_OPTIONS:
+        if getattr(args, opt) is not None:
+            fail(f"--{opt.replace('_', '-')} is for the encoder side (--role encoder or all), not --role language")
+
+
 def check_role_options(args) -> None:
     """Fill role-dependent defaults and refuse options that do not fit the role (SystemExit)."""
-    from mm_remote.encoders import parse_encoder_urls
     from mm_remote.repository import parse_gpus
 
     def fail(msg: str) -> None:
@@ -403,25 +438,7 @@ def check_role_options(args) -> None:
     args.metrics_port = args.metrics_port or base + 2
     args.encoder_urls = []
     if args.role == "language":
-        if not args.encoder_url:
-            fail(
-                "--role language needs --encoder-url HOST:PORT (the gRPC port of an encoder server, "
-                "e.g. started with: scripts/serve --role encoder)"
-            )
-        try:
-            args.encoder_urls = parse_encoder_urls(args.encoder_url)
-        except ValueError as e:
-            fail(f"--encoder-url: {e}")
-        for opt in (
-            "control_host",
-            "advertise_host",
-            "control_port",
-            "encoder_instances",
-            "encoder_gpus",
-            "encode_threads",
-        ):
-            if getattr(args, opt) is not None:
-                fail(f"--{opt.replace('_', '-')} is for the encoder side (--role encoder or all), not --role language")
+        check_language_role(args, fail)
     else:
         for opt in ("encoder_url", "encoder_timeout", "pipeline_instances"):
             if getattr(args, opt) is not None:

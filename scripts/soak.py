@@ -516,29 +516,35 @@ class Soak:
             restarts = [asdict(r) for r in rs.watchdog.restarts]
         return self._report(run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts)
 
-    def _report(self, run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts) -> dict:
-        from mm_triton.prometheus import metric_value
-
+    def _mark_expected(self) -> None:
+        """A failure is expected for its kind of request, or inside a kill's window for the causes a kill brings."""
         windows = [(k["at_s"], k["at_s"] + k.get("back_after_s", 60) + 5) for k in self.kills if "pid" in k]
         for o in self.outcomes:
             if o.cause == "ok":
                 continue
             in_window = any(a - 0.5 <= o.started + o.seconds and o.started <= b for a, b in windows)
             o.expected = o.cause in EXPECTED[o.kind] or (in_window and o.cause in IN_KILL_WINDOW)
-        by_kind = {k: Counter(o.cause for o in self.outcomes if o.kind == k) for k in KINDS}
-        unexpected = [asdict(o) for o in self.outcomes if not o.expected]
-        ok_lat = sorted(o.seconds for o in self.outcomes if o.cause == "ok" and o.kind == "normal")
+
+    def _rss_summary(self) -> dict:
         rss = self.rss
         quarter = max(1, len(rss) // 4)
         first = statistics.mean(v for _, v in rss[:quarter]) if rss else 0
         last = statistics.mean(v for _, v in rss[-quarter:]) if rss else 0
-        failures_metric = {}
-        for (name, labels), value in metrics.items():
-            if name == "mm_transfer_failures_total" and value:
-                d = dict(labels)
-                failures_metric[f"{d.get('model')}/{d.get('cause')}"] = (
-                    failures_metric.get(f"{d.get('model')}/{d.get('cause')}", 0) + value
-                )
+        return {
+            "first_quarter": round(first / 2**20, 1),
+            "last_quarter": round(last / 2**20, 1),
+            "growth": round((last - first) / 2**20, 1),
+            "samples": len(rss),
+            "max": round(max((v for _, v in rss), default=0) / 2**20, 1),
+        }
+
+    def _report(self, run_s, hung, leaked, pools, metrics, start_stubs, stubs_end, restarts) -> dict:
+        from mm_triton.prometheus import metric_value
+
+        self._mark_expected()
+        by_kind = {k: Counter(o.cause for o in self.outcomes if o.kind == k) for k in KINDS}
+        unexpected = [asdict(o) for o in self.outcomes if not o.expected]
+        ok_lat = sorted(o.seconds for o in self.outcomes if o.cause == "ok" and o.kind == "normal")
         report = {
             "options": {**asdict(self.opts)},
             "machine": {"cpus": os.cpu_count(), "gpu": False},
@@ -562,18 +568,12 @@ class Soak:
                 "p95": round(ok_lat[int(len(ok_lat) * 0.95)], 3) if ok_lat else None,
             },
             "throughput_rps": round(len(self.outcomes) / run_s, 2) if run_s else 0,
-            "rss_mib": {
-                "first_quarter": round(first / 2**20, 1),
-                "last_quarter": round(last / 2**20, 1),
-                "growth": round((last - first) / 2**20, 1),
-                "samples": len(rss),
-                "max": round(max((v for _, v in rss), default=0) / 2**20, 1),
-            },
+            "rss_mib": self._rss_summary(),
             "server_metrics": {
                 "transfers": metric_value(metrics, "mm_transfers_total", 0.0),
                 "continuations": metric_value(metrics, "mm_transfer_continuations_total", 0.0),
                 "cache_hits": metric_value(metrics, "mm_embedding_cache_hits_total", 0.0),
-                "failures": failures_metric,
+                "failures": failures_by_model_and_cause(metrics),
             },
         }
         report["passed"] = (
@@ -585,6 +585,17 @@ class Soak:
             and all(k.get("recovered", True) for k in self.kills)
         )
         return report
+
+
+def failures_by_model_and_cause(metrics: dict) -> dict[str, float]:
+    """mm_transfer_failures_total summed per 'model/cause' (non-zero series only)."""
+    out: dict[str, float] = {}
+    for (name, labels), value in metrics.items():
+        if name == "mm_transfer_failures_total" and value:
+            d = dict(labels)
+            key = f"{d.get('model')}/{d.get('cause')}"
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def format_table(r: dict) -> str:

@@ -86,11 +86,8 @@ class EncoderService:
         self.max_image_pixels = max_image_pixels
         self.encode_threads = encode_threads or default_encode_threads(device)
         self._device = torch.device(device)
-        self._executor = (
-            ThreadPoolExecutor(self.encode_threads, thread_name_prefix=f"{name}-encode")
-            if self.encode_threads > 1
-            else None
-        )
+        threads = self.encode_threads
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix=f"{name}-encode") if threads > 1 else None
         # without an explicit budget, images are resized to what the pool config accepts
         self.geometry = geometry or ImageGeometry.from_model_dir(checkpoint).with_budget(config.max_embed_tokens)
         self._on_downscaled = on_downscaled
@@ -115,7 +112,6 @@ class EncoderService:
             name,
             lambda: TransferCancelled(f"{name} is closing"),
         )
-        kind = "blocks" if config.use_block_allocator else "fixed slots"
         log.info(
             "%s: checkpoint %s on %s, pool %d x %d tokens (%s), control %s, %d encode thread(s)",
             name,
@@ -123,7 +119,7 @@ class EncoderService:
             device,
             config.pool_blocks,
             config.block_tokens,
-            kind,
+            "blocks" if config.use_block_allocator else "fixed slots",
             self.sender.address,
             self.encode_threads,
         )

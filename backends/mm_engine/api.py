@@ -68,7 +68,7 @@ class SamplingParams:
     ``temperature`` 0 means greedy (argmax, bit-identical to HF ``generate(do_sample=False)``);
     ``top_k`` 0 and ``top_p`` 1.0 mean off. ``seed`` makes a sampled request reproducible whatever
     else is in the batch (each sequence draws from its own generator). ``stop``: strings that end the
-    text (not included in it), as OpenAI's ``stop``.
+    text (not included in it), as OpenAI's ``stop``. ``ignore_eos``: an end-of-sequence token does not end it.
     """
 
     max_tokens: int
@@ -77,6 +77,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks; vLLM's ignore_eos)
 
     def __post_init__(self) -> None:
         problems = []

@@ -30,6 +30,7 @@ from .api import (
 )
 from .config import EngineConfig
 from .detok import IncrementalDetokenizer
+from .endings import end_message, probe_end, step_failed
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Intake, Landed, WaitQueue
@@ -168,9 +169,9 @@ class LLMEngine(Engine):
         if seq.state is not SeqState.LOADING:
             return  # ended while loading; the loader was aborted then
         if landed.error is not None:
-            cause = _probe_end(seq, time.monotonic())
+            cause = probe_end(seq, time.monotonic())
             if cause is not None:  # the loader gave up because the request was cancelled / timed out
-                self._end_error(seq, EngineError(cause, _END_MESSAGES[cause].format(id=seq.id, delay=0)))
+                self._end_error(seq, EngineError(cause, end_message(cause, seq.id, 0)))
                 return
             err = EngineError(ErrorCause.IMAGE_LOAD, f"request {seq.id}: loading its images failed: {landed.error}")
             err.__cause__ = landed.error
@@ -187,11 +188,11 @@ class LLMEngine(Engine):
         """End cancelled / past-deadline sequences, and waiting ones past max_queue_delay_s."""
         delay = self.config.max_queue_delay_s
         for seq in list(self._queue) + list(self._by_row.values()):
-            cause = _probe_end(seq, now)
+            cause = probe_end(seq, now)
             if cause is None and delay and not seq.holds_slot and now - seq.arrival > delay:
                 cause = ErrorCause.QUEUE_TIMEOUT
             if cause is not None:
-                self._end_error(seq, EngineError(cause, _END_MESSAGES[cause].format(id=seq.id, delay=delay)))
+                self._end_error(seq, EngineError(cause, end_message(cause, seq.id, delay)))
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
@@ -238,7 +239,7 @@ class LLMEngine(Engine):
             logits = self._runner.prefill(self._slots.row(seq.id), seq.prompt, start, end)
         except Exception as e:  # noqa: BLE001 - a device error fails this sequence only
             log.exception("prefill of %s failed", seq.id)
-            self._end_error(seq, _internal(seq, e))
+            self._end_error(seq, step_failed(seq.id, e))
             return end - start
         seq.prefilled = end
         self._counters.add_prompt(end - start, self._observer)
@@ -265,7 +266,7 @@ class LLMEngine(Engine):
         except Exception as e:  # noqa: BLE001 - the batch's cache state is unknown: fail the batch
             log.exception("decode step of %d sequences failed", len(rows))
             for s in rows:
-                self._end_error(s, _internal(s, e))
+                self._end_error(s, step_failed(s.id, e))
             return
         now = time.monotonic()
         self._counters.add_generated(len(new), self._observer)
@@ -283,7 +284,7 @@ class LLMEngine(Engine):
             _safe(self._observer.on_inter_token_latency, now - (seq.last_token_at or now))
         seq.last_token_at = now
         reason = None
-        if token in self._eos:
+        if token in self._eos and not seq.request.sampling.ignore_eos:
             reason = FinishReason.STOP
             delta = seq.detok.flush()
         else:
@@ -375,31 +376,6 @@ class LLMEngine(Engine):
 
     def _report_gauges(self) -> None:
         _safe(self._observer.on_gauges, self._slots.used, self._intake.waiting, self._slots.used, self._slots.capacity)
-
-
-_END_MESSAGES = {
-    ErrorCause.CANCELLED: "request {id} was cancelled",
-    ErrorCause.DEADLINE: "request {id} passed its deadline",
-    ErrorCause.QUEUE_TIMEOUT: "request {id} waited more than max_queue_delay_s {delay} s for a batch slot",
-}
-
-
-def _probe_end(seq: Sequence, now: float) -> ErrorCause | None:
-    req = seq.request
-    if req.deadline is not None and now >= req.deadline:
-        return ErrorCause.DEADLINE
-    try:
-        if req.cancelled():
-            return ErrorCause.CANCELLED
-    except Exception:  # noqa: BLE001 - a failing probe never fails the request
-        log.debug("cancellation probe of %s raised", seq.id, exc_info=True)
-    return None
-
-
-def _internal(seq: Sequence, e: BaseException) -> EngineError:
-    err = EngineError(ErrorCause.INTERNAL, f"request {seq.id}: model step failed: {e}")
-    err.__cause__ = e
-    return err
 
 
 def _safe(fn: Any, *args: Any) -> None:

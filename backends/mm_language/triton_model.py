@@ -12,6 +12,7 @@ from typing import Any
 
 from mm_engine.api import GenerationRequest
 from mm_triton.access import ABANDON_INPUT, InternalGate
+from mm_triton.cancel_board import CancelBoard, read_cancel_key
 from mm_triton.engine_model import EngineModel
 from mm_triton.generation_inputs import read_generation_inputs
 from mm_triton.metrics import TritonMetrics
@@ -44,6 +45,7 @@ class LanguageModelTriton(EngineModel):
         self.engine = self.service.engine
         self.gate = InternalGate.for_model(self.model_name, self.params, self.transfer_config.shared_secret)
         self.trust = TrustedEndpoints.for_model(self.params)
+        self.cancel_board = CancelBoard.of_this_server()
 
     def build_request(self, request: Any, request_id: str, arrived: float) -> GenerationRequest:
         self.gate.check(self.pb_utils, request)  # before any input is read: a stranger's refs are never used
@@ -55,6 +57,12 @@ class LanguageModelTriton(EngineModel):
             raise TransferCancelled(f"request {request_id} was cancelled between the pipeline's steps")
         inputs = read_generation_inputs(self.pb_utils, request, self.limits, arrived)
         return self.service.build_request(request_id, refs, inputs.prompt, inputs.sampling, inputs.deadline)
+
+    def caller_cancelled(self, request: Any):
+        """The pipeline's cancellation of this step, posted on this server's board (a BLS call cannot be
+        cancelled in Triton 2.51). Read after the gate: only the pipeline's requests get here."""
+        key = read_cancel_key(self.pb_utils, request)
+        return None if key is None else self.cancel_board.probe(key)
 
     def abandon(self, request: Any, reason: str) -> None:
         if not self.gate.allows(self.pb_utils, request):

@@ -220,6 +220,13 @@ def build_sized_checkpoint(
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("initialised %s (%.2fB parameters, %s) in %.1fs", preset, n_params / 1e9, dtype, time.monotonic() - t0)
 
+    _save_atomically(out, tok, model, {**_fingerprint(preset, overrides, seed, dtype), "parameters": n_params})
+    logger.info("wrote %s in %.1fs", out, time.monotonic() - t0)
+    return out
+
+
+def _save_atomically(out: Path, tok, model, marker: dict) -> None:
+    """Write into a temporary sibling and rename it: a build cut short never looks complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -227,16 +234,13 @@ def build_sized_checkpoint(
         tok.save_pretrained(tmp)
         model.save_pretrained(tmp)
         _save_image_processor(tmp)
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        marker = {**_fingerprint(preset, overrides, seed, dtype), "files": files, "parameters": n_params}
+        marker = {**marker, "files": sorted(p.name for p in tmp.iterdir() if p.is_file())}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("wrote %s in %.1fs", out, time.monotonic() - t0)
-    return out
 
 
 def _save_image_processor(out: Path) -> None:
@@ -260,7 +264,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mm_models.sized",
         description=__doc__.split("\n\n")[0],
@@ -296,7 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the config and size estimate only")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -15,7 +15,19 @@ from mm_triton.tensors import bytes_list
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
 
-INPUTS = ("IMAGE", "PROMPT", "MESSAGES", "MAX_TOKENS", "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "STOP", "TIMEOUT_MS")
+INPUTS = (
+    "IMAGE",
+    "PROMPT",
+    "MESSAGES",
+    "MAX_TOKENS",
+    "TEMPERATURE",
+    "TOP_P",
+    "TOP_K",
+    "SEED",
+    "STOP",
+    "TIMEOUT_MS",
+    "IGNORE_EOS",
+)
 
 
 class MonolithicModelTriton(EngineModel):

@@ -95,7 +95,7 @@ def server_key(server_pid: int | None = None) -> str:
 
 def _prune(directory: Path) -> None:
     """Remove the secrets and endpoint registries of servers that are gone (best effort)."""
-    for entry in list(directory.glob("internal-*.key")) + list(directory.glob("endpoints-*")):
+    for entry in [*directory.glob("internal-*.key"), *directory.glob("endpoints-*"), *directory.glob("cancel-*")]:
         parts = entry.name.split(".")[0].split("-")
         if len(parts) == 3 and parts[1].isdigit() and process_start(int(parts[1])) != parts[2]:
             if entry.is_dir():
@@ -129,12 +129,16 @@ def per_server_secret(server_pid: int | None = None, base: Path | None = None) -
 
 
 # ---- the registry of this server's encoder endpoints (read by mm_language.trust) ---------------------------
-def registry_dir(server_pid: int | None = None, base: Path | None = None) -> Path:
-    directory = (
-        private_dir(Path(tempfile.gettempdir()) if base is None else base) / f"endpoints-{server_key(server_pid)}"
-    )
+def server_dir(kind: str, server_pid: int | None = None, base: Path | None = None) -> Path:
+    """``<private dir>/<kind>-<server key>``, created 0700: a running server's files of one kind."""
+    root = private_dir(Path(tempfile.gettempdir()) if base is None else base)
+    directory = root / f"{kind}-{server_key(server_pid)}"
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
+
+
+def registry_dir(server_pid: int | None = None, base: Path | None = None) -> Path:
+    return server_dir("endpoints", server_pid, base)
 
 
 def register_endpoint(address: str, directory: Path | None = None) -> None:

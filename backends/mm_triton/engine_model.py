@@ -13,10 +13,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from mm_engine.api import Engine, EngineError, ErrorCause, GenerationRequest
 
+from .cancel_board import either
 from .engine_metrics import EngineMetrics
 from .generation_inputs import DEFAULT_MAX_PROMPT_BYTES, InputLimits
 from .model_base import ModelBase
@@ -60,6 +61,10 @@ class EngineModel(ModelBase):
         """Read and validate one Triton request; raise ValueError (INVALID_ARG) naming the bad input."""
         raise NotImplementedError
 
+    def caller_cancelled(self, request: Any) -> Callable[[], bool] | None:
+        """A probe for a cancellation the caller passes by other means than Triton's (None: there is none)."""
+        return None
+
     def abandon(self, request: Any, reason: str) -> None:
         """Free what a request holds outside the engine (e.g. abort its EMBED_REFs) when it never got in."""
 
@@ -73,7 +78,7 @@ class EngineModel(ModelBase):
             )
             try:
                 generation = self.build_request(request, request_id, arrived)
-                generation.cancelled = sink.cancelled
+                generation.cancelled = either(sink.cancelled, self.caller_cancelled(request))
                 self.engine.submit(generation, sink)
             except Exception as exc:  # every request gets an answer; the instance keeps serving
                 log.warning("%s: request %s refused: %s", self.instance_name, request_id, exc)

@@ -9,6 +9,7 @@
     SEED         INT64 [1]   optional, [0, 2**63): a sampled request is reproducible whatever its batch mates
     STOP         BYTES [-1]  optional, at most 4 strings of 1..256 UTF-8 bytes; the text ends before the first
     TIMEOUT_MS   INT32 [1]   optional, [1, 3600000]: the request ends with DEADLINE this long after it arrived
+    IGNORE_EOS   BOOL  [1]   optional: true generates MAX_TOKENS tokens, an end-of-sequence token included
 
 Every error is a ValueError whose message starts with the input's name (INVALID_ARG at the boundary).
 """
@@ -24,7 +25,7 @@ from mm_models.chat import ChatMessages
 from mm_models.prompt import check_prompt
 
 from .conversation import read_messages
-from .tensors import one_string, optional_float, optional_int, optional_strings
+from .tensors import one_string, optional_bool, optional_float, optional_int, optional_strings
 
 DEFAULT_MAX_PROMPT_BYTES = 128 * 1024
 MAX_TIMEOUT_MS = 3_600_000
@@ -96,6 +97,7 @@ def read_generation_inputs(
         top_k=0 if top_k is None else int(top_k),
         seed=None if seed is None else int(seed),
         stop=tuple(stop),
+        ignore_eos=bool(optional_bool(pb, request, "IGNORE_EOS")),
     )
     start = time.monotonic() if arrived is None else arrived
     deadline = None if timeout_ms is None else start + timeout_ms / 1000.0

@@ -15,8 +15,10 @@ request parameters only), so it cannot prove to an internal model that a request
 answer later through the response sender, as ``mm_language`` does), so requests overlap; at most
 ``max_inflight`` (parameter / ``MM_MAX_INFLIGHT``, default 256) are in flight per instance, more are refused at
 once with UNAVAILABLE (queue_full). A cancellation seen before the encoder step stops the request there; one
-seen after it makes ``mm_language`` free the embeddings at once (``MM_ABANDON``). A step whose stub dies fails
-the request with UNAVAILABLE (stub_died) at once (:mod:`mm_triton.inflight`); Triton 2.51 would never answer it.
+seen after it makes ``mm_language`` free the embeddings at once (``MM_ABANDON``); one during the language step is
+passed on through the :mod:`mm_triton.cancel_board` (the generation ends at its next decode step). A step whose
+stub dies fails the request with UNAVAILABLE (stub_died) at once (:mod:`mm_triton.inflight`); Triton 2.51 would
+never answer it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mmtransfer import TransferCancelled
 from .access import ABANDON_INPUT, server_token, token_tensor
 from .bls import forwarded_error
 from .bounds import RequestBounds, check_request
+from .cancel_board import CANCEL_KEY_INPUT, CancelBoard, new_cancel_key
 from .errors import triton_error
 from .generation_inputs import InputLimits, read_generation_inputs
 from .inflight import Answer, StepMonitor
@@ -41,7 +44,18 @@ from .sinks import ERROR_OUTPUT, ERRORS_INBAND_INPUT
 
 log = logging.getLogger(__name__)
 
-LANGUAGE_INPUTS = ("PROMPT", "MESSAGES", "MAX_TOKENS", "TEMPERATURE", "TOP_P", "TOP_K", "SEED", "STOP", "TIMEOUT_MS")
+LANGUAGE_INPUTS = (
+    "PROMPT",
+    "MESSAGES",
+    "MAX_TOKENS",
+    "TEMPERATURE",
+    "TOP_P",
+    "TOP_K",
+    "SEED",
+    "STOP",
+    "TIMEOUT_MS",
+    "IGNORE_EOS",
+)
 PIPELINE_INPUTS = ("IMAGE",) + LANGUAGE_INPUTS
 OUTPUTS = ("TEXT", "TOKEN_IDS", "FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS", "IMAGE_TOKENS")
 DEFAULT_MAX_INFLIGHT = 256
@@ -68,6 +82,7 @@ class PipelineModel(ModelBase):
         self._max_inflight = max_inflight
         self._closing = False
         self._monitor = StepMonitor(self.pb_utils)
+        self._board = CancelBoard.of_this_server()
         log.info(
             "%s: %s -> %s, at most %d requests in flight",
             self.instance_name,
@@ -117,8 +132,8 @@ class PipelineModel(ModelBase):
                 log.error("%s: request %s ended without an answer", self.instance_name, answer.request_id)
                 answer.send(final=True)
 
-    def _step(self, answer: Answer, step: Any, model: str) -> Any:
-        key = self._monitor.enter(answer, model)
+    def _step(self, answer: Answer, step: Any, model: str, watch: dict | None = None) -> Any:
+        key = self._monitor.enter(answer, model, **(watch or {}))
         try:
             return step.exec()
         finally:
@@ -129,7 +144,11 @@ class PipelineModel(ModelBase):
         request_id = answer.request_id
         check_request(pb, request, self.bounds, PIPELINE_INPUTS)
         read_generation_inputs(pb, request, self.limits)  # the language model's rules, before any encoding
-        cancelled = self.cancellation_check(request)
+        probe = self.cancellation_check(request)
+
+        def cancelled() -> bool:  # never after the answer: Triton has freed what is_cancelled() asks then
+            return answer.client_cancelled(probe)
+
         token = token_tensor(pb, self._token)
         if cancelled():
             raise TransferCancelled(f"request {request_id} was cancelled before encoding")
@@ -146,31 +165,44 @@ class PipelineModel(ModelBase):
         if encoded.has_error():
             answer.send(pb.InferenceResponse(error=forwarded_error(pb, encoded.error())), final=True)
             return
+        cancel_key = new_cancel_key()
+        language = self._language_request(request, request_id, encoded, token, cancelled, cancel_key)
+        watch = {"cancelled": probe, "on_cancel": lambda: self._board.post(cancel_key)}  # the monitor guards it
+        try:
+            if self.decoupled:
+                self._relay_stream(language, answer, watch)
+                return
+            reply = self._step(answer, language, self.language_model, watch)
+            error = forwarded_error(pb, reply.error()) if reply.has_error() else None
+            answer.send(
+                pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error), final=True
+            )
+        finally:
+            self._board.clear(cancel_key)
+
+    def _language_request(
+        self, request: Any, request_id: str, encoded: Any, token: Any, cancelled: Any, cancel_key: str
+    ) -> Any:
+        """The BLS request of the language step: the refs, the client's generation inputs, the internal ones."""
+        pb = self.pb_utils
         inputs = [pb.get_output_tensor_by_name(encoded, "EMBED_REF"), token]
         inputs += [t for t in (pb.get_input_tensor_by_name(request, n) for n in LANGUAGE_INPUTS) if t is not None]
+        inputs.append(pb.Tensor(CANCEL_KEY_INPUT, np.array([cancel_key.encode()], dtype=np.object_)))
         wanted = [n for n in request.requested_output_names() if n in OUTPUTS] or list(OUTPUTS)
         if cancelled():  # mm_language ABORTs the embeddings at once (not after the encoder's ttl_s)
             inputs.append(pb.Tensor(ABANDON_INPUT, np.array([True])))
         if self.decoupled:  # its errors come back as data (mm_triton.sinks.StreamSink)
             inputs.append(pb.Tensor(ERRORS_INBAND_INPUT, np.array([True])))
             wanted = wanted + [ERROR_OUTPUT]
-        language = pb.InferenceRequest(
+        return pb.InferenceRequest(
             model_name=self.language_model, inputs=inputs, requested_output_names=wanted, request_id=request_id
         )
-        if not self.decoupled:
-            reply = self._step(answer, language, self.language_model)
-            error = forwarded_error(pb, reply.error()) if reply.has_error() else None
-            answer.send(
-                pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error), final=True
-            )
-            return
-        self._relay_stream(language, answer)
 
-    def _relay_stream(self, language: Any, answer: Answer) -> None:
+    def _relay_stream(self, language: Any, answer: Answer, watch: dict) -> None:
         """Forward mm_language_stream's responses; the one carrying FINISH_REASON (the stream's last data
         response) goes out FINAL, since Triton drops a FINAL on an empty response by default."""
         pb = self.pb_utils
-        key = self._monitor.enter(answer, self.language_model)
+        key = self._monitor.enter(answer, self.language_model, **watch)
         try:
             for reply in language.exec(decoupled=True):
                 if answer.done:

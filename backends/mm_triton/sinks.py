@@ -54,8 +54,13 @@ class _SinkBase(ResponseSink):
         self._lock = threading.Lock()
 
     def cancelled(self) -> bool:
-        """The probe the engine polls between steps: the client cancelled, or it is gone."""
-        return self._gone or self._client_cancelled()
+        """The probe the engine (and its loader threads) poll: the client cancelled, or it is gone. Never asked
+        once the FINAL answer is out (under the send lock): Triton has freed the request's response factory by
+        then, and ``is_cancelled()`` on it crashes tritonserver 2.51 (SIGSEGV)."""
+        with self._lock:
+            if self._done or self._gone:
+                return True
+            return self._client_cancelled()
 
     def _send(self, response: Any, final: bool) -> None:
         with self._lock:

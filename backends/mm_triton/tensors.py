@@ -49,6 +49,11 @@ def _optional_scalar(pb_utils: Any, request: Any, name: str, kind: Any, what: st
     return array[0]
 
 
+def optional_bool(pb_utils: Any, request: Any, name: str) -> bool | None:
+    value = _optional_scalar(pb_utils, request, name, np.bool_, "boolean")
+    return None if value is None else bool(value)
+
+
 def optional_float(pb_utils: Any, request: Any, name: str) -> float | None:
     value = _optional_scalar(pb_utils, request, name, np.floating, "number")
     if value is None:

@@ -24,7 +24,14 @@ from mm_triton.server_env import DEFAULT_MODEL_REPOSITORY
 
 PIPELINE_MODELS = ("mm_encoder", "mm_language", "mm_pipeline")
 TINY_MODEL = tiny_model_dir()
-_DTYPES = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.uint8: "UINT8"}
+_DTYPES = {
+    np.object_: "BYTES",
+    np.int32: "INT32",
+    np.int64: "INT64",
+    np.float32: "FP32",
+    np.uint8: "UINT8",
+    np.bool_: "BOOL",
+}
 
 
 def watchdog_server_args(models: Iterable[str] | None) -> list[str]:

@@ -157,7 +157,18 @@ def run_endpoints(
     elapsed = time.monotonic() - t0
     if errors:
         raise AssertionError("; ".join(errors[:5]))
-    recs = collector.records
+    out = _endpoint_summary(collector.records, config, spec, hint, hidden, threads, elapsed)
+    out.update(
+        {
+            "final_window_tokens": receiver.window_policy.window_tokens(0),
+            "receiver_blocks_leaked": recv_pool.used_blocks,
+            "sender_blocks_leaked": sender_pool.used_blocks,
+        }
+    )
+    return out
+
+
+def _endpoint_summary(recs, config, spec: PolicySpec, hint: bool, hidden: int, threads: int, elapsed: float) -> dict:
     chunks = np.array([r.chunks for r in recs])
     blocks = np.array([r.window_blocks for r in recs])
     toks = np.array([r.tokens for r in recs])
@@ -172,9 +183,6 @@ def run_endpoints(
             "block_token_seconds": float(sum(r.window_blocks * config.block_tokens * r.latency_s for r in recs)),
             "mean_transfer_ms": float(np.mean([r.latency_s for r in recs]) * 1e3),
             "p99_transfer_ms": float(np.percentile([r.latency_s for r in recs], 99) * 1e3),
-            "final_window_tokens": receiver.window_policy.window_tokens(0),
-            "receiver_blocks_leaked": recv_pool.used_blocks,
-            "sender_blocks_leaked": sender_pool.used_blocks,
         }
     )
     return out

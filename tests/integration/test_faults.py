@@ -47,6 +47,7 @@ ENV = {
     "MM_ALLOC_TIMEOUT_S": str(ALLOC_TIMEOUT_S),
     "MM_SHARED_SECRET": secrets.token_hex(16),
     "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
+    "MM_MAX_TOKENS_LIMIT": "4096",  # long generations to give up in
     # test-only: while this file exists, the models it names hang in execute() (mm_triton.heartbeat)
     "MM_TEST_HANG_FILE": f"/tmp/mm-test-hang-{os.getpid()}",
 }
@@ -250,47 +251,85 @@ def _busy_language(rs) -> threading.Thread:
     _healthy(rs, small_image)
 
 
-# grpc_deadline / http_disconnect relied on mm_language serving one request at a time (the client gave up while
-# queued behind a busy instance); the engine answers them before the client gives up, so they no longer test
-# what they say. Known, to be rewritten with the engine's own queue (issue 14).
-_OBSOLETE = pytest.mark.xfail(
-    reason="premise (serial mm_language) removed by the engine; rewrite pending", strict=False
-)
-
-
-@pytest.mark.parametrize(
-    "how",
-    [
-        "grpc_cancel_at_once",
-        "grpc_cancel_queued",
-        pytest.param("grpc_deadline", marks=_OBSOLETE),
-        pytest.param("http_disconnect", marks=_OBSOLETE),
-    ],
-)
+@pytest.mark.parametrize("how", ["grpc_cancel_at_once", "grpc_cancel_queued"])
 def test_clients_that_give_up_leave_nothing_behind(rs, images, small_image, how):
-    """mm_pipeline requests given up by their clients: cancelled during the encoder step (the ensemble then
-    never runs mm_language: the TTL reclaims what was published), cancelled while queued for mm_language, a
-    gRPC deadline, an HTTP client that disconnects (HTTP has no cancellation: the server finishes the request
-    and drops the answer). Whatever the server did, nothing leaks and it serves on."""
+    """mm_pipeline requests cancelled by their clients before generation: during the encoder step (what was
+    published is aborted or reclaimed), and while mm_language is busy pulling from a dead port. Whatever the
+    server did, nothing leaks and it serves on."""
     busy = _busy_language(rs) if how != "grpc_cancel_at_once" else None
     client = _grpc(rs)
-    inputs = pipeline_inputs([images[103 if how != "http_disconnect" else 104]], PROMPT, 4)
-    if how.startswith("grpc_cancel"):
-        ctx = client.async_infer("mm_pipeline", tensors(grpcclient, inputs), callback=lambda *a: None)
-        time.sleep(0.01 if how == "grpc_cancel_at_once" else 0.6)
-        ctx.cancel()
-    elif how == "grpc_deadline":
-        with pytest.raises(InferenceServerException, match="(?i)deadline"):
-            client.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=0.5)
-    else:
-        client = httpclient.InferenceServerClient(rs.http_address, network_timeout=0.5, connection_timeout=0.5)
-        with pytest.raises(Exception, match="(?i)timed out|timeout"):
-            client.infer("mm_pipeline", tensors(httpclient, inputs))
-        client.close()
+    inputs = pipeline_inputs([images[103]], PROMPT, 4)
+    ctx = client.async_infer("mm_pipeline", tensors(grpcclient, inputs), callback=lambda *a: None)
+    time.sleep(0.01 if how == "grpc_cancel_at_once" else 0.6)
+    ctx.cancel()
     if busy is not None:
         busy.join(10)
     _healthy(rs, small_image)
     client.close()
+
+
+LONG_TOKENS = 3800  # IGNORE_EOS: a generation long enough (seconds on a CPU) for its client to give up in it
+
+
+def _engine_idle(rs, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(
+        rs.metric(m, model="mm_language") for m in ("mm_engine_running_sequences", "mm_engine_waiting_sequences")
+    ):
+        assert time.monotonic() < deadline, "mm_language still generating"
+        time.sleep(0.05)
+
+
+def _give_up_during_generation(rs, inputs: dict, how: str) -> None:
+    """Send ``inputs`` to mm_pipeline and give up once mm_language is generating for it."""
+    if how == "http_disconnect":  # HTTP has no cancellation: the client's socket times out
+        client = httpclient.InferenceServerClient(rs.http_address, network_timeout=1.5, connection_timeout=1.5)
+        with pytest.raises(Exception, match="(?i)timed out|timeout"):
+            client.infer("mm_pipeline", tensors(httpclient, inputs))
+        client.close()
+        return
+    client = _grpc(rs)
+    if how == "grpc_deadline":
+        with pytest.raises(InferenceServerException, match="(?i)deadline"):
+            client.infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=1.5)
+    else:
+        ctx = client.async_infer("mm_pipeline", tensors(grpcclient, inputs), callback=lambda *a: None)
+        deadline = time.monotonic() + 30
+        while not rs.metric("mm_engine_running_sequences", model="mm_language"):
+            assert time.monotonic() < deadline, "the generation never started"
+            time.sleep(0.02)
+        time.sleep(0.3)
+        ctx.cancel()
+    client.close()
+
+
+@pytest.mark.parametrize("how", ["grpc_cancel", "grpc_deadline", "http_disconnect"])
+def test_a_client_that_gives_up_during_generation(rs, small_image, how):
+    """A client that cancels or passes its gRPC deadline while mm_language generates for it: the pipeline posts
+    the cancellation for its language step (a BLS call cannot be cancelled in Triton 2.51), the engine ends the
+    sequence at its next step, and the slot and blocks are free within a second, not after the generation's
+    full length. HTTP has no cancellation in Triton: the server generates to the end and drops the answer;
+    nothing leaks either way."""
+    inputs = {**pipeline_inputs([small_image], PROMPT, LONG_TOKENS), "IGNORE_EOS": np.array([True])}
+    _engine_idle(rs)
+    start = time.monotonic()
+    result = _grpc(rs).infer("mm_pipeline", tensors(grpcclient, inputs), client_timeout=120)
+    full_tokens, full_s = len(result.as_numpy("TOKEN_IDS")), time.monotonic() - start
+    assert full_tokens == LONG_TOKENS and full_s > 3.0, f"premise: {full_tokens} tokens in {full_s:.1f}s"
+    _engine_idle(rs)
+    before = rs.metric("mm_engine_generated_tokens_total", model="mm_language")
+    _give_up_during_generation(rs, inputs, how)
+    gave_up = time.monotonic()
+    _engine_idle(rs, timeout_s=full_s + 30)
+    ended_after_s = time.monotonic() - gave_up
+    generated = rs.metric("mm_engine_generated_tokens_total", model="mm_language") - before
+    print(f"{how}: {generated:.0f} of {LONG_TOKENS} tokens ({full_s:.1f}s alone), idle after {ended_after_s:.2f}s")
+    if how == "http_disconnect":
+        assert generated <= LONG_TOKENS
+    else:
+        assert generated < LONG_TOKENS / 2 and ended_after_s < 2.0, (generated, ended_after_s)
+    assert rs.wait_pools_empty(2.0) == {}
+    _healthy(rs, small_image)
 
 
 # ---- 4. stubs killed -------------------------------------------------------------------------------------

@@ -203,6 +203,19 @@ def test_eos_ends_with_stop_and_is_included(make_engine, mono, encoder):
     assert out.token_ids == expected[: expected.index(eos) + 1] == sink.tokens
 
 
+def test_ignore_eos_generates_max_tokens_past_an_eos(make_engine, mono, encoder):
+    expected = mono.generate([], "hello", 20)
+    eos = expected[4]
+    engine = make_engine(max_batch_size=2, eos={eos})
+    sink = RecordingSink()
+    case = Case([], "hello", SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.submit(build_request(mono, encoder, "e", case), sink)
+    out = sink.wait().output
+    assert out.finish_reason is FinishReason.LENGTH
+    assert out.token_ids == expected == sink.tokens and eos in out.token_ids[:5]
+    assert_idle(engine)
+
+
 def test_close_fails_every_admitted_sequence_with_shutdown(make_engine, mono, encoder):
     engine = make_engine(max_batch_size=2, max_queue_size=8)
     gate = threading.Event()

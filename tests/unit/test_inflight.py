@@ -12,6 +12,7 @@ from mm_triton.watchdog import Stub
 
 class FakeError:
     UNAVAILABLE = 14
+    CANCELLED = 1
 
     def __init__(self, message, code=None):
         self.message, self.code = message, code
@@ -129,3 +130,38 @@ def test_remove_region(tmp_path):
     assert not (tmp_path / "triton_python_backend_shm_region_x").exists()
     assert remove_region("triton_python_backend_shm_region_x", tmp_path) == 0
     assert remove_region("", tmp_path) == 0
+
+
+def test_a_client_that_gives_up_during_a_step_is_passed_on_once_and_answered_cancelled():
+    monitor = StepMonitor(FakePb, interval_s=3600, stubs_of=dict)
+    gave_up, posted, freed, sender = [False], [], [], Sender()
+    answer = Answer(FakePb, sender, "r3", on_final=lambda: freed.append(1))
+    monitor.enter(answer, "mm_language", cancelled=lambda: gave_up[0], on_cancel=lambda: posted.append("key"))
+    assert monitor.check_once() == 0 and posted == [] and sender.sent == []
+    gave_up[0] = True
+    assert monitor.check_once() == 1
+    ((response, flags),) = sender.sent
+    assert flags == 1 and response.error.code == FakeError.CANCELLED and "r3 was cancelled" in response.error.message
+    assert posted == ["key"] and freed == [1]
+    assert monitor.check_once() == 0 and posted == ["key"]  # once
+    answer.send(FakeResponse(), final=True)  # the step's late answer is dropped
+    assert len(sender.sent) == 1
+    monitor.close()
+
+
+def test_the_client_is_never_asked_once_its_request_is_answered():
+    """is_cancelled() on an answered request crashes tritonserver 2.51 (its response factory is freed)."""
+    asked, sender = [], Sender()
+    answer = Answer(FakePb, sender, "r4")
+
+    def probe():
+        asked.append(1)
+        return False
+
+    assert answer.client_cancelled(probe) is False and asked == [1]
+    answer.send(FakeResponse(), final=True)
+    assert answer.client_cancelled(probe) is False and asked == [1]
+    monitor = StepMonitor(FakePb, interval_s=3600, stubs_of=dict)
+    monitor.enter(answer, "mm_language", cancelled=probe, on_cancel=lambda: asked.append("posted"))
+    assert monitor.check_once() == 0 and asked == [1]
+    monitor.close()

@@ -88,7 +88,8 @@ def test_generation_inputs_defaults_and_values():
         got.sampling.top_k,
         got.sampling.seed,
         got.sampling.stop,
-    ) == (8, 0.0, 1.0, 0, None, ())
+        got.sampling.ignore_eos,
+    ) == (8, 0.0, 1.0, 0, None, (), False)
     inputs = {
         **_prompt(),
         "MAX_TOKENS": np.array([5], np.int32),
@@ -98,10 +99,11 @@ def test_generation_inputs_defaults_and_values():
         "SEED": np.array([2**40], np.int64),
         "STOP": np.array([b"\n\n", "é".encode()], dtype=np.object_),
         "TIMEOUT_MS": np.array([250], np.int32),
+        "IGNORE_EOS": np.array([True]),
     }
     got = read_generation_inputs(pb, _Request(inputs), limits, arrived=100.0)
     s = got.sampling
-    assert (s.max_tokens, s.top_k, s.seed, s.stop) == (5, 40, 2**40, ("\n\n", "é"))
+    assert (s.max_tokens, s.top_k, s.seed, s.stop, s.ignore_eos) == (5, 40, 2**40, ("\n\n", "é"), True)
     assert s.temperature == pytest.approx(0.7) and s.top_p == pytest.approx(0.9)
     assert got.deadline == pytest.approx(100.25)
 
@@ -123,6 +125,7 @@ def test_generation_inputs_defaults_and_values():
         ({"STOP": np.array([b"\xff"], dtype=np.object_)}, r"STOP\[0\] is not valid UTF-8"),
         ({"TIMEOUT_MS": np.array([0], np.int32)}, "TIMEOUT_MS: must be in"),
         ({"TOP_K": np.array([1.5], np.float32)}, "TOP_K must be one integer"),
+        ({"IGNORE_EOS": np.array([1], np.int32)}, "IGNORE_EOS must be one boolean"),
     ],
 )
 def test_generation_inputs_name_the_bad_input(extra, message):
@@ -183,6 +186,16 @@ def test_stream_sink_error_is_final_and_a_failed_send_cancels():
     sink = UnarySink(pb, _Request(_prompt()), "rid", lambda: probe["v"])
     probe["v"] = True
     assert sink.cancelled()
+
+
+def test_a_sink_never_asks_the_client_once_it_answered():
+    """is_cancelled() after the FINAL answer crashes tritonserver 2.51 (the response factory is freed); a loader
+    thread may still probe then."""
+    asked = []
+    sink = UnarySink(pb, _Request(_prompt()), "rid", lambda: asked.append(1) or False)
+    assert not sink.cancelled() and asked == [1]
+    sink.on_finish(_output())
+    assert sink.cancelled() and asked == [1]
 
 
 # ---- engine error codes --------------------------------------------------------------------------------------
