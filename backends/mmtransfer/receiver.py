@@ -17,7 +17,7 @@ import zmq
 
 from .config import TransferConfig
 from .enums import FailureCause, Transport, WindowPolicyKind
-from .errors import TransferError
+from .errors import SocketsExhausted, TransferError
 from .observer import TransferObserver
 from .pool import BlockPool
 from .receiver_links import LinkTable
@@ -106,8 +106,11 @@ class Receiver:
 
     def abort(self, ref: EmbedRef, reason: str) -> None:
         """Tell a sender to drop an embedding this receiver will never pull (best effort; no answer comes,
-        so the connection stays clean and is reused)."""
-        sock = self.sockets.take(ref.address)
+        so the connection stays clean and is reused). With every connection in use, the sender's TTL frees it."""
+        try:
+            sock = self.sockets.take(ref.address)
+        except SocketsExhausted:
+            return
         try:
             send_abort(sock, ref, reason, self.config.auth_key)
         finally:

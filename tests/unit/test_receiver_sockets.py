@@ -120,6 +120,8 @@ def test_a_pull_needing_one_more_than_the_bound_is_refused_clearly(cfg):
                 receiver.pull(ref)
             assert time.monotonic() - start < 1 and info.value.cause is FailureCause.SOCKETS
             assert rpool.used_blocks == 0 and receiver.sockets.open_sockets == 2
+            receiver.abort(senders[1].register(data), "best effort")  # no connection for it: left to the TTL
+            assert receiver.sockets.open_sockets == 2
             for sock in held:
                 receiver.sockets.give(senders[0].address, sock)
             # once one is idle again, it is closed to make room; the embedding is still there
