@@ -24,7 +24,8 @@
 # then scripts/bench_engine.py --targets inprocess,mm_pipeline,mm_monolithic at concurrency 1 and 4 (the in-process
 # upper bound on the same requests as its served points), both printing the per-phase breakdown of every point
 # (mm_phase_seconds; arguments: MM_PHASES_ARGS, MM_PHASES_ENGINE_ARGS; files back: phases1gpu.log,
-# phases-pipeline-gpu0.json, phases1gpu-engine.log, phases-engine-gpu0.json). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
+# phases-pipeline-gpu0.json, phases1gpu-engine.log, phases-engine-gpu0.json); "cmd" runs MM_GPU_CMD (bash -c) in the
+# prepared environment within MM_GPU_CMD_LIMIT seconds (default 300; output: cmd.log). MM_BENCH_ARGS passes arguments to scripts/bench_transfer.py (e.g. "--quick"). Each stage has its own time limit so the command ends well
 # inside the device's 10-minute limit and what ran comes back. Files back: suite.log (summary), gpu.log,
 # bench.log, pipeline.log, unit.log, bench_transfer.json, bench_transfer.png, logs.tgz (server logs);
 # scaleout.log; bench2b.log, pipeline-gpu-2b.json, pipeline-gpu-2b.png (at most 8 files come back: pick stages).
@@ -192,6 +193,10 @@ if has phases1gpu; then
     else
         say "phases1gpu: SKIPPED (checkpoint build failed or unfinished)"
     fi
+fi
+if has cmd; then  # any command in the prepared environment (python and tritonserver on PATH); output in cmd.log
+    stage cmd "${MM_GPU_CMD_LIMIT:-300}" cmd.log bash -c "${MM_GPU_CMD:?MM_GPU_CMD names the command of stage cmd}"
+    tail -40 "$OUT/cmd.log" | tee -a "$OUT/suite.log"
 fi
 if has unit; then
     stage unit 90 unit.log "${PYTEST[@]}" -q tests/unit/test_transport_nccl_lib.py tests/unit/test_transport_channels.py \
