@@ -9,6 +9,7 @@ from the link covers the sends of the PULL; the blocks are not freed before it c
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -94,16 +95,28 @@ class PullServer:
     def on_pull(self, identity: bytes, pull: wire.Pull) -> None:
         entry = self.table.get(pull.transfer_id)
         if entry is None:
+            self.pair_early(pull)
             self.reply_unknown(identity, pull.transfer_id, pull.seq)
         elif entry.state == TransferState.WAITING_FOR_INPUT:
             if len(self._pending) >= MAX_PENDING_PULLS:
-                self.outbox.error(identity, pull.transfer_id, pull.seq, ErrorCode.BUSY, "too many waiting pulls")
+                self.refuse(identity, pull, ErrorCode.BUSY, "too many waiting pulls")
                 return
             self._pending.append(PendingPull(identity, pull, time.monotonic() + self.config.pull_wait_s))
         else:
             self.serve(identity, pull, entry)
 
     def on_done(self, identity: bytes, done: wire.Done) -> None:
+        if done.rows and not self._rows_match(done):
+            # a same-GPU receiver read rows that are not this transfer's (a forged or stale EMBED_REF): no
+            # ACK, so it discards what it read; the transfer itself stays for its rightful receiver
+            self.outbox.error(
+                identity,
+                done.transfer_id,
+                done.seq,
+                ErrorCode.BAD_REQUEST,
+                "the rows read are not this transfer's blocks",
+            )
+            return
         entry = self.table.pop(done.transfer_id, "completed already")
         if entry is None:
             self.reply_unknown(identity, done.transfer_id, done.seq)
@@ -111,6 +124,34 @@ class PullServer:
         entry.state = TransferState.SUCCESS
         self.table.release(entry)
         self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
+
+    def _rows_match(self, done: wire.Done) -> bool:
+        """A DONE's rows are exactly the (merged) pool runs of its transfer (unknown ids: answered by on_done)."""
+        entry = self.table.get(done.transfer_id)
+        if entry is None or entry.aux is None:
+            return entry is None
+        segs = self.pool.segments(entry.blocks, entry.aux.total_tokens)
+        return tuple((s.pool_row, s.length) for s in segs) == done.rows
+
+    def refuse(self, identity: bytes, pull: wire.Pull, code: ErrorCode, message: str) -> None:
+        """Answer ``pull`` with ERROR; receives it posted early are first paired (``pair_early``)."""
+        self.pair_early(pull)
+        self.outbox.error(identity, pull.transfer_id, pull.seq, code, message)
+
+    def pair_early(self, pull: wire.Pull) -> None:
+        """The receiver posted receives of ``pull.early`` tokens before asking (from the EMBED_REF's rows); a
+        PULL that is not served sends zeros of those lengths, so an ordered channel's pairing still holds and
+        the channel stays usable. Not when the pairing is already gone (unknown channel, out of order)."""
+        if not pull.early or not pull.channel:
+            return
+        link = self.channels.get(pull.channel)
+        if link is None or not link.ordered or link.ops != pull.op_seq:
+            return
+        try:
+            link.wait_ready(self.config.bootstrap_timeout_s)
+            link.send_blank(pull.early)
+        except Exception as exc:
+            self.channels.close(pull.channel, f"cannot pair the early receives: {exc}")
 
     def on_abort(self, abort: wire.Abort) -> None:
         self.table.discard(abort.transfer_id, f"aborted by receiver: {abort.reason}")
@@ -177,20 +218,18 @@ class PullServer:
         for item in self._pending:
             entry = self.table.get(item.pull.transfer_id)
             if entry is None:
-                self.outbox.error(
+                self.refuse(
                     item.identity,
-                    item.pull.transfer_id,
-                    item.pull.seq,
+                    item.pull,
                     ErrorCode.NOT_FOUND,
                     "unknown transfer id: the embedding was dropped before it was ready",
                 )
             elif entry.state != TransferState.WAITING_FOR_INPUT:
                 self.serve(item.identity, item.pull, entry)
             elif now >= item.give_up_at:
-                self.outbox.error(
+                self.refuse(
                     item.identity,
-                    item.pull.transfer_id,
-                    item.pull.seq,
+                    item.pull,
                     ErrorCode.TIMEOUT,
                     f"embedding not ready within {self.config.pull_wait_s:.1f}s",
                 )
@@ -206,10 +245,9 @@ class PullServer:
             raise RuntimeError("transfer has no aux record")
         tid, total, cap = pull.transfer_id, aux.total_tokens, pull.capacity_tokens
         if pull.sent_tokens >= total:
-            self.outbox.error(
+            self.refuse(
                 identity,
-                tid,
-                pull.seq,
+                pull,
                 ErrorCode.BAD_REQUEST,
                 f"sent_tokens {pull.sent_tokens} is not below the total {total}",
             )
@@ -221,10 +259,9 @@ class PullServer:
         if pull.count:
             offsets = offsets[: pull.count]
         if (pull.count and len(offsets) != pull.count) or (pull.runs and sum(pull.runs) != cap):
-            self.outbox.error(
+            self.refuse(
                 identity,
-                tid,
-                pull.seq,
+                pull,
                 ErrorCode.BAD_REQUEST,
                 f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
                 f"of capacity {cap} from token {pull.sent_tokens} of {total}",
@@ -237,7 +274,17 @@ class PullServer:
             self.channels.close(pull.channel, str(exc))
             self.outbox.error(identity, tid, pull.seq, ErrorCode.UNAVAILABLE, str(exc))
             return
-        for i, planned in enumerate(self._plans(link, pull, entry, offsets, total)):
+        plans = self._plans(link, pull, entry, offsets, total)
+        first = next(plans)
+        if pull.early and tuple(n for _, n in first.pieces) != pull.early:
+            self.refuse(
+                identity,
+                pull,
+                ErrorCode.BAD_REQUEST,
+                f"early receives {list(pull.early)[:8]} do not match the first chunk's pieces (a stale or forged ref)",
+            )
+            return
+        for i, planned in enumerate(itertools.chain((first,), plans)):
             try:
                 payload = link.send(planned.pieces)
             except Exception as exc:

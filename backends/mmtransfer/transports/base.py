@@ -62,6 +62,11 @@ class SenderLink(ABC):
         """Start moving one chunk's pieces; return the payload frames that ride on its CHUNK (none
         when the bytes move out of band)."""
 
+    def send_blank(self, lengths: Sequence[int]) -> None:
+        """Send zeros of these token lengths as one chunk (counted in ``ops``): they pair the receives a
+        receiver posted early (``Pull.early``) for a PULL that is not served. Only ordered links need it."""
+        self.ops += 1
+
     def record(self) -> Any:
         """An event that completes once everything sent so far stopped reading the pool, or None
         when nothing is in flight (the blocks may be freed at once)."""
@@ -82,6 +87,12 @@ class ReceiverLink(ABC):
     """The PULL carries the window's runs and each CHUNK its pieces (see ``SenderLink.names_pieces``)."""
     has_channel: ClassVar[bool] = True
     """Opened by BOOTSTRAP and named in every PULL; a failure on it gives it up (the next pull reopens)."""
+    reads_pool: ClassVar[bool] = False
+    """The receiver reads the sender's pool itself (CUDA IPC): given an EMBED_REF's rows it copies at once
+    and only sends DONE (with the rows read, which the sender authorizes); no PULL, no CHUNK."""
+    posts_early: ClassVar[bool] = False
+    """Given an EMBED_REF's rows, the first chunk's receives are posted right after the PULL, before its
+    CHUNK arrives (NCCL: the bytes move as soon as the sender posts the matching sends)."""
 
     def __init__(self, link_id: str, pool: BlockPool, address: str) -> None:
         self.link_id = link_id

@@ -93,7 +93,10 @@ class Pull:
     ``count`` is how many consecutive chunks this PULL asks for, each answered by its own CHUNK
     (0 = all of them: a GPU link's pipelined pull); ``runs`` the receiver window's contiguous
     run lengths (the sender cuts pieces at the union of both sides' boundaries); ``op_seq`` the
-    channel's operation count (NCCL pairs sends and receives by order)."""
+    channel's operation count (NCCL pairs sends and receives by order); ``early`` the token lengths of the
+    receives the receiver already posted for the first chunk, from the EMBED_REF's rows (the sender posts
+    exactly these sends first: when it cannot serve the PULL it sends zeros of these lengths, so the
+    channel's pairing holds)."""
 
     TYPE: ClassVar[MsgType] = MsgType.PULL
     SCHEMA: ClassVar[dict] = {
@@ -107,8 +110,9 @@ class Pull:
         "count": f.integer(0, f.MAX_CHUNKS_PER_PULL),
         "runs": f.runs,
         "op_seq": f.integer(0, 1 << 62),
+        "early": f.runs,
     }
-    OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0}
+    OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0, "early": ()}
     transfer_id: str
     seq: int
     sent_tokens: int
@@ -119,6 +123,7 @@ class Pull:
     count: int = 1
     runs: tuple[int, ...] = ()
     op_seq: int = 0
+    early: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Done:
+    """The receiver has everything: the sender frees the blocks. ``rows`` (a same-GPU receiver that read
+    the EMBED_REF's rows straight from the mapped pool, with no PULL) are the (pool row, length) runs it
+    read: the sender ACKs only if they are this transfer's, so a forged ref gets no embedding."""
+
     TYPE: ClassVar[MsgType] = MsgType.DONE
-    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ}
+    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ, "rows": f.pieces}
+    OPTIONAL: ClassVar[dict] = {"rows": ()}
     transfer_id: str
     seq: int
+    rows: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
