@@ -33,9 +33,9 @@ from .errors import (
     TransferError,
 )
 from .observer import TransferRecord
-from .pool import DTYPE_NAMES, Segment
+from .pool import Segment
 from .receiver_errors import remote_error
-from .receiver_types import PullContext, Received, Reopen, chunk_dests, no_answer, send_abort
+from .receiver_types import PullContext, Received, Reopen, check_aux, chunk_dests, no_answer, send_abort
 from .ref import EmbedRef
 from .transports import ReceiverLink
 from .transports.streams import current_stream, elapsed_us, record_event, use_stream, wait_event
@@ -133,11 +133,13 @@ class PullRun:
             )
 
     def _read_pool(self) -> None:
-        """Same GPU, ref with rows: copy every chunk from the mapped pool now, each behind the previous one
-        on the link's stream (no wait between chunks); ``_finish`` then sends DONE naming the rows read."""
+        """Same GPU, ref with rows: CLAIM the rows (the sender's answer travels while the bytes move), then
+        copy every chunk from the mapped pool, each behind the previous one on the link's stream (no wait
+        between chunks); ``_finish`` takes the claim's answer and sends DONE."""
         self._check_cancelled()
         ref = self.ref
         self._check_aux(ref.aux)
+        self.sock.send(wire.encode(wire.Claim(ref.transfer_id, 0, ref.rows), self.key))
         self.marks["first_chunk"] = time.perf_counter()
         self._begin(ref.aux)
         total = ref.aux.total_tokens
@@ -223,15 +225,7 @@ class PullRun:
         self._begin(aux)
 
     def _check_aux(self, aux: wire.Aux) -> None:
-        ctx, pool = self.ctx, self.ctx.pool
-        if aux.hidden != pool.hidden or aux.dtype != DTYPE_NAMES[pool.dtype]:
-            raise ProtocolError(
-                f"embedding is [{aux.hidden}] {aux.dtype}, this pool holds [{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
-            )
-        if aux.total_tokens > ctx.config.max_embed_tokens:
-            raise RequestTooLarge(
-                f"embedding of {aux.total_tokens} tokens exceeds max_embed_tokens={ctx.config.max_embed_tokens}"
-            )
+        check_aux(aux, self.ctx.pool, self.ctx.config.max_embed_tokens)
 
     def _begin(self, aux: wire.Aux) -> None:
         """The length is known: allocate the assembled embedding and start the GPU clock."""
@@ -276,6 +270,11 @@ class PullRun:
         followed by the copy out of the window on the same stream (window). A first chunk whose receives
         were posted early is only checked (the sender must have cut it as the receiver did)."""
         link, pool = self.link, self.ctx.pool
+        if chunk.num_tokens == self.aux.total_tokens and not self.win_segs:
+            adopted = link.adopt(frames, chunk.num_tokens)
+            if adopted is not None:  # the payload is the embedding (host link, CPU pool): no copy
+                self.out = adopted
+                return
         if self.early and chunk.offset == 0:
             if chunk.pieces != self.early:
                 raise ProtocolError("first chunk's pieces differ from the receives posted early")
@@ -333,33 +332,38 @@ class PullRun:
             timings["gpu_us"] = round(gpu_us, 1)
         return Received(self.out, self.aux, record, timings)
 
+    def _answer(self) -> wire.Message:
+        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise no_answer(tid, timeout_s)
+        return wire.decode(self.sock.recv_multipart(copy=True)[0], self.key)
+
     def _finish(self) -> bool:
         """DONE lets the sender free its blocks now; wait for the ACK so that a caller seeing ``pull``
         return knows both pools are settled (the TTL covers a lost ACK). True: the socket is clean.
 
-        A receiver that read the ref's rows with no PULL names them in its DONE, and the ACK is the
-        sender's word that they are this transfer's blocks: without it the pull fails (what was read is
-        not handed out)."""
-        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
-        read_rows = self.ref.rows if self.link.reads_pool and self.ref.ready else ()
-        self.sock.send(wire.encode(wire.Done(tid, self.seq, read_rows), self.key))
+        A receiver that copied the ref's rows with no PULL first takes its CLAIM's answer: the ACK is the
+        sender's word that they are this transfer's blocks; without it the pull fails (what was copied is
+        not handed out). Its DONE (sent after the copy landed) gets no answer: nothing more to wait for."""
+        tid = self.ref.transfer_id
+        if self.link.reads_pool and self.ref.ready:
+            msg = self._answer()
+            if not (isinstance(msg, wire.Ack) and msg.transfer_id == tid):
+                if isinstance(msg, wire.Error):
+                    raise remote_error(msg)
+                raise ProtocolError(f"CLAIM of {tid} answered by {type(msg).__name__}")
+            self.sock.send(wire.encode(wire.Done(tid, self.seq), self.key))
+            return True
+        self.sock.send(wire.encode(wire.Done(tid, self.seq), self.key))
         try:
-            if not self.sock.poll(int(timeout_s * 1000)):
-                raise no_answer(tid, timeout_s)
-            msg = wire.decode(self.sock.recv_multipart(copy=True)[0], self.key)
+            msg = self._answer()
         except TransferError as exc:
-            if read_rows:
-                raise
             log.warning("%s: no ACK for DONE of %s (%s); the sender's TTL will reclaim", self.ctx.name, tid, exc)
             return False
-        if isinstance(msg, wire.Ack) and msg.transfer_id == tid:
-            return True
-        if read_rows:
-            if isinstance(msg, wire.Error):
-                raise remote_error(msg)
-            raise ProtocolError(f"DONE of {tid} answered by {type(msg).__name__}")
-        log.warning("%s: DONE of %s answered by %s", self.ctx.name, tid, msg)
-        return False
+        if not isinstance(msg, wire.Ack):
+            log.warning("%s: DONE of %s answered by %s", self.ctx.name, tid, msg)
+            return False
+        return True
 
     def _fail(self, exc: BaseException, retry: bool) -> None:
         ctx, link = self.ctx, self.link

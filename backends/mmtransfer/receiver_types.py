@@ -1,5 +1,5 @@
 """What the receiver's pulls share and return (``PullContext``, ``Received``), the retry signal
-(``Reopen``), where a chunk's pieces land (``chunk_dests``) and the best-effort ABORT."""
+(``Reopen``), where a chunk's pieces land (``chunk_dests``), the aux check and the best-effort ABORT."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import zmq
 
 from . import wire
 from .config import TransferConfig
-from .errors import ProtocolError, TransferTimeout
+from .errors import ProtocolError, RequestTooLarge, TransferTimeout
 from .observer import TransferObserver, TransferRecord
-from .pool import BlockPool, Segment
+from .pool import DTYPE_NAMES, BlockPool, Segment
 from .receiver_links import LinkTable
 from .receiver_sockets import SocketPool
 from .ref import EmbedRef
@@ -80,6 +80,16 @@ def chunk_dests(
         dests.append(rows[row : row + n])
         token += n
     return dests
+
+
+def check_aux(aux: wire.Aux, pool: BlockPool, max_embed_tokens: int) -> None:
+    """An embedding's aux record (a CHUNK's, or an EMBED_REF's) fits this pool and the configured maximum."""
+    if aux.hidden != pool.hidden or aux.dtype != DTYPE_NAMES[pool.dtype]:
+        raise ProtocolError(
+            f"embedding is [{aux.hidden}] {aux.dtype}, this pool holds [{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
+        )
+    if aux.total_tokens > max_embed_tokens:
+        raise RequestTooLarge(f"embedding of {aux.total_tokens} tokens exceeds max_embed_tokens={max_embed_tokens}")
 
 
 def send_abort(sock: zmq.Socket, ref: EmbedRef, reason: str, key: bytes | None) -> None:

@@ -6,7 +6,7 @@ receiver can start moving bytes at once: a same-GPU receiver copies from the map
 an NCCL receiver posts its first window's receives before the first CHUNK arrives. They are left out
 (the receiver then pulls as before) when the embedding is not ready yet (``reserve``) or when they would
 not fit the ref's 1 KiB. The fields are untrusted input: bounded here, bounds-checked against the mapped
-pool by the receiver and authorized by the sender (its DONE/ACK and PULL paths check them against the
+pool by the receiver and authorized by the sender (its CLAIM/ACK and PULL paths check them against the
 transfer's own blocks).
 """
 

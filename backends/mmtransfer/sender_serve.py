@@ -74,6 +74,8 @@ class PullServer:
             self.on_pull(identity, msg)
         elif isinstance(msg, wire.Done):
             self.on_done(identity, msg)
+        elif isinstance(msg, wire.Claim):
+            self.on_claim(identity, msg)
         elif isinstance(msg, wire.Abort):
             self.on_abort(msg)
         elif isinstance(msg, wire.Bootstrap):
@@ -106,32 +108,39 @@ class PullServer:
             self.serve(identity, pull, entry)
 
     def on_done(self, identity: bytes, done: wire.Done) -> None:
-        if done.rows and not self._rows_match(done):
-            # a same-GPU receiver read rows that are not this transfer's (a forged or stale EMBED_REF): no
-            # ACK, so it discards what it read; the transfer itself stays for its rightful receiver
-            self.outbox.error(
-                identity,
-                done.transfer_id,
-                done.seq,
-                ErrorCode.BAD_REQUEST,
-                "the rows read are not this transfer's blocks",
-            )
-            return
         entry = self.table.pop(done.transfer_id, "completed already")
         if entry is None:
             self.reply_unknown(identity, done.transfer_id, done.seq)
             return
         entry.state = TransferState.SUCCESS
         self.table.release(entry)
-        self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
+        if not entry.claimed:  # a claiming receiver returned at its claim's ACK and waits for nothing more
+            self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
 
-    def _rows_match(self, done: wire.Done) -> bool:
-        """A DONE's rows are exactly the (merged) pool runs of its transfer (unknown ids: answered by on_done)."""
-        entry = self.table.get(done.transfer_id)
-        if entry is None or entry.aux is None:
-            return entry is None
+    def on_claim(self, identity: bytes, claim: wire.Claim) -> None:
+        """A same-GPU receiver copies ``claim.rows`` with no PULL: ACK only this transfer's own blocks (a forged
+        or stale EMBED_REF gets ERROR, and its receiver discards what it copied); the blocks stay until DONE."""
+        entry = self.table.get(claim.transfer_id)
+        if entry is None:
+            self.reply_unknown(identity, claim.transfer_id, claim.seq)
+            return
+        if entry.aux is None or not self._rows_match(entry, claim.rows):
+            self.outbox.error(
+                identity,
+                claim.transfer_id,
+                claim.seq,
+                ErrorCode.BAD_REQUEST,
+                "the rows read are not this transfer's blocks",
+            )
+            return
+        entry.claimed = True
+        self.table.touch(entry)
+        self.outbox.send(identity, wire.Ack(claim.transfer_id, claim.seq))
+
+    def _rows_match(self, entry: Entry, rows: tuple[tuple[int, int], ...]) -> bool:
+        """``rows`` are exactly the (merged) pool runs holding the entry's embedding, in token order."""
         segs = self.pool.segments(entry.blocks, entry.aux.total_tokens)
-        return tuple((s.pool_row, s.length) for s in segs) == done.rows
+        return tuple((s.pool_row, s.length) for s in segs) == rows
 
     def refuse(self, identity: bytes, pull: wire.Pull, code: ErrorCode, message: str) -> None:
         """Answer ``pull`` with ERROR; receives it posted early are first paired (``pair_early``)."""

@@ -49,6 +49,7 @@ class Entry:
     aux: Aux | None = None
     in_flight: InFlight | None = None
     release: Release | None = None  # who takes the blocks back (default: the pool)
+    claimed: bool = False  # a same-GPU receiver is copying the rows (CLAIM): its DONE gets no answer
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 GPU 1 (NCCL) and on GPU 0 (CUDA IPC). Bit-exact reassembly for bf16 and fp16, continuations of 1, 2
 and many chunks, both landing modes, fragmented pools on both sides, concurrency, clear errors.
 
-Protocol 3: a registered embedding's EMBED_REF names its pool rows: on the same GPU the receiver copies
-from the mapped pool at once and only sends DONE (no PULL: no ``sent`` phase), the sender ACKing only its
-own transfer's rows; over NCCL the first window's receives are posted right after the PULL. Refs without
+Protocol 3: a registered embedding's EMBED_REF names its pool rows: on the same GPU the receiver CLAIMs
+them and copies from the mapped pool at once (no PULL: no ``sent`` phase), the sender ACKing only its own
+transfer's rows, then sends DONE; over NCCL the first window's receives are posted right after the PULL. Refs without
 rows (``reserve`` + ``fill``) still take the PULL path. The one-GPU tests are everything but ``nccl``.
 
 Skipped without CUDA (tests/conftest.py); the NCCL cases skip with fewer than two GPUs."""
@@ -202,7 +202,7 @@ def _expected(sender, seed: int, tokens: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("landing", ["direct", "window"])
-def test_same_gpu_ready_ref_is_copied_at_once_and_only_done_is_sent(sender, receivers, landing):
+def test_same_gpu_ready_ref_is_copied_at_once_with_no_pull(sender, receivers, landing):
     rx = receivers("cuda_ipc", sender.dtype, landing)
     rx.pull(EmbedRef.from_json(sender.call("register", 1, 10)))  # the channel exists: the pool is mapped
     for seed, tokens in ((21, 700), (22, 2500)):  # one chunk; three chunks at the 1024-token window
@@ -228,7 +228,7 @@ def test_ref_without_rows_takes_the_pull_path(sender, receivers, transport):
 
 
 def test_same_gpu_forged_rows_get_nothing(sender, receivers):
-    """Rows of another transfer: the sender does not ACK the DONE, the pull fails; rows outside the mapped pool:
+    """Rows of another transfer: the sender does not ACK the CLAIM, the pull fails; rows outside the mapped pool:
     refused before anything is read. The failed pulls ABORT what they named: everything is freed."""
     rx = receivers("cuda_ipc", sender.dtype, "direct")
     victim = EmbedRef.from_json(sender.call("register", 41, 256))

@@ -123,6 +123,8 @@ def _valid_examples():
         wire.BootstrapAck(TID, "nccl", "cuda", "GPU-2", "host/boot", nccl_id="0f" * 128),
         wire.BootstrapAck(TID, "cuda_ipc", "cuda", "GPU-2", "host/boot", ipc=ipc),
         wire.Close(TID, "gone"),
+        wire.Pull(TID, 0, 0, 64, "nccl", "r", channel=TID, count=0, runs=(8, 56), op_seq=2, early=(8, 40, 16)),
+        wire.Claim(TID, 0, rows=((0, 40), (96, 24))),
     ]
 
 

@@ -1,7 +1,8 @@
 """Protocol 3: the EMBED_REF of a ready embedding names its pool rows, so bytes move before any answer.
 
-Same GPU (CUDA IPC, here the process-local mapping of a CPU pool): the receiver copies from the mapped pool
-at once and only sends DONE naming the rows it read; the sender ACKs only its own transfer's rows. NCCL (the
+Same GPU (CUDA IPC, here the process-local mapping of a CPU pool): the receiver sends a CLAIM naming the rows
+and copies from the mapped pool at once, the claim's answer travelling meanwhile; the sender ACKs only its own
+transfer's rows, and the DONE after the copy frees the blocks with no answer. NCCL (the
 in-process stand-in of test_transport_channels): the receiver posts the first chunk's receives right after its
 PULL (``early``), the sender posts the matching sends, or zeros of the same lengths when it refuses the PULL, so
 the channel's pairing holds. Every path frees both sides' blocks; forged rows read nothing they should not."""
@@ -38,10 +39,10 @@ def test_protocol_3_refuses_frames_and_refs_of_version_2_clearly():
 
 def test_new_fields_round_trip_and_stay_off_the_wire_by_default():
     pull = wire.Pull(TID, 0, 0, 32, "nccl", "", channel=TID, count=0, runs=(16, 16), early=(5, 11, 16))
-    done = wire.Done(TID, 3, rows=((0, 8), (40, 32)))
-    assert wire.decode(wire.encode(pull)) == pull and wire.decode(wire.encode(done)) == done
-    assert b"early" not in wire.encode(wire.Pull(TID, 0, 0, 8)) and b"rows" not in wire.encode(wire.Done(TID, 0))
-    bad = wire.encode(wire.Done(TID, 0, rows=((-1, 8),)))
+    claim = wire.Claim(TID, 0, rows=((0, 8), (40, 32)))
+    assert wire.decode(wire.encode(pull)) == pull and wire.decode(wire.encode(claim)) == claim
+    assert b"early" not in wire.encode(wire.Pull(TID, 0, 0, 8))
+    bad = wire.encode(wire.Claim(TID, 0, rows=((-1, 8),)))
     with pytest.raises(ProtocolError, match="rows"):
         wire.decode(bad)
 
@@ -121,7 +122,7 @@ def _spy(pair, monkeypatch):
 
 @pytest.mark.parametrize("landing", ["direct", "window"])
 @pytest.mark.parametrize("tokens", [1, 32, 33, 300])
-def test_ipc_reads_the_pool_at_once_and_only_sends_done(monkeypatch, landing, tokens):
+def test_ipc_reads_the_pool_at_once_with_no_pull(monkeypatch, landing, tokens):
     pair = _Pair(monkeypatch, "auto", GPU_A, GPU_A, gpu_landing=landing)
     try:
         _fragment(pair.sender_pool, tokens)
@@ -134,8 +135,10 @@ def test_ipc_reads_the_pool_at_once_and_only_sends_done(monkeypatch, landing, to
         got = pair.receiver.pull(ref)
         assert torch.equal(got.embedding.view(torch.int16), data.view(torch.int16))
         assert got.record.transport == "cuda_ipc" and got.record.chunks == -(-tokens // 32)
-        assert [type(m) for m in seen] == [wire.Done] and seen[0].rows == ref.rows  # no PULL, no CHUNK
-        assert pair.sender.active_transfers == 0 and pair.receiver_pool.used_blocks == held
+        assert pair.receiver_pool.used_blocks == held
+        assert _eventually(lambda: pair.sender.active_transfers == 0)  # the DONE frees, unanswered
+        mine = [m for m in seen if getattr(m, "transfer_id", "") == ref.transfer_id]
+        assert [type(m) for m in mine] == [wire.Claim, wire.Done] and mine[0].rows == ref.rows  # no PULL
         assert {"first_chunk", "ready", "acked"} <= set(got.timings) and "sent" not in got.timings
     finally:
         pair.close()
@@ -155,7 +158,7 @@ def test_ipc_ref_without_rows_still_pulls(monkeypatch):
 
 def test_ipc_forged_rows_are_refused_and_read_nothing_handed_out(monkeypatch):
     """A ref naming another transfer's rows (or rows outside the mapped pool) gives the receiver nothing:
-    the sender does not ACK a DONE whose rows are not its transfer's; the receiver bounds-checks every row."""
+    the sender does not ACK a CLAIM whose rows are not its transfer's; the receiver bounds-checks every row."""
     pair = _Pair(monkeypatch, "auto", GPU_A, GPU_A)
     try:
         secret = pair.sender.register(_data(16, 7))
@@ -179,20 +182,28 @@ def test_ipc_forged_rows_are_refused_and_read_nothing_handed_out(monkeypatch):
         pair.close()
 
 
-def test_done_rows_are_checked_by_the_sender(monkeypatch):
+def test_claim_rows_are_checked_by_the_sender_and_the_claimed_done_is_unanswered(monkeypatch):
     pair = _Pair(monkeypatch, "auto", GPU_A, GPU_A)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.connect(pair.sender.address)
     try:
         ref = pair.sender.register(_data(24, 3))
-        sock.send(wire.encode(wire.Done(ref.transfer_id, 1, rows=((0, 24),) if ref.rows != ((0, 24),) else ((8, 24),))))
-        assert sock.poll(2000)
-        reply = wire.decode(sock.recv_multipart()[0])
-        assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.BAD_REQUEST
+        wrong = ((0, 24),) if ref.rows != ((0, 24),) else ((8, 24),)
+        for rows in (wrong, ((ref.rows[0][0], 23),)):
+            sock.send(wire.encode(wire.Claim(ref.transfer_id, 0, rows)))
+            assert sock.poll(2000)
+            reply = wire.decode(sock.recv_multipart()[0])
+            assert isinstance(reply, wire.Error) and reply.code is wire.ErrorCode.BAD_REQUEST
         assert pair.sender.active_transfers == 1  # kept for its rightful receiver
-        sock.send(wire.encode(wire.Done(ref.transfer_id, 1, rows=ref.rows)))
+        sock.send(wire.encode(wire.Claim(ref.transfer_id, 0, ref.rows)))
         assert sock.poll(2000) and isinstance(wire.decode(sock.recv_multipart()[0]), wire.Ack)
-        assert pair.sender.active_transfers == 0 and pair.sender_pool.used_blocks == 0
+        assert pair.sender.active_transfers == 1  # a claim frees nothing: the copy is still running
+        sock.send(wire.encode(wire.Done(ref.transfer_id, 1)))
+        assert _eventually(lambda: pair.sender.active_transfers == 0 and pair.sender_pool.used_blocks == 0)
+        assert not sock.poll(300)  # no answer: the claiming receiver returned at the claim's ACK
+        unclaimed = pair.sender.register(_data(8, 4))
+        sock.send(wire.encode(wire.Done(unclaimed.transfer_id, 1)))
+        assert sock.poll(2000) and isinstance(wire.decode(sock.recv_multipart()[0]), wire.Ack)  # as before
     finally:
         sock.close(linger=0)
         pair.close()
@@ -287,3 +298,25 @@ def test_fake_nccl_reports_receives_that_would_hang(fake_nccl):  # noqa: F811
 
 def test_struct_header_is_unchanged():
     assert wire.HEADER.size == struct.calcsize("!4sBB")
+
+
+# ---- host link: the payload is the embedding ------------------------------------------------------------
+@pytest.mark.parametrize("tokens", [7, 32, 33, 100])
+def test_host_pull_lands_once_or_adopts_the_payload(tokens):
+    """One chunk into a CPU pool: the embedding is the received payload itself (writable, no copy); more chunks
+    are copied once each, straight into the embedding. Both sides free everything."""
+    from mmtransfer import BlockPool, Receiver, SenderEndpoint, TransferConfig
+
+    cfg = TransferConfig(block_tokens=8, default_window_tokens=32, pool_blocks=64, max_embed_tokens=4096)
+    sender = SenderEndpoint(BlockPool(64, 8, HIDDEN, torch.bfloat16, name="s"), cfg, name="s")
+    receiver = Receiver(BlockPool(16, 8, HIDDEN, torch.bfloat16, name="r"), cfg, name="r")
+    try:
+        data = _data(tokens, tokens)
+        got = receiver.pull(sender.register(data))
+        assert torch.equal(got.embedding.view(torch.int16), data.view(torch.int16))
+        assert got.record.transport == "host" and got.record.chunks == -(-tokens // 32)
+        got.embedding.add_(1)  # writable, whichever way it landed
+        assert receiver.pool.used_blocks == 0 and _eventually(lambda: sender.pool.used_blocks == 0)
+    finally:
+        receiver.close()
+        sender.close()

@@ -88,8 +88,8 @@ class ReceiverLink(ABC):
     has_channel: ClassVar[bool] = True
     """Opened by BOOTSTRAP and named in every PULL; a failure on it gives it up (the next pull reopens)."""
     reads_pool: ClassVar[bool] = False
-    """The receiver reads the sender's pool itself (CUDA IPC): given an EMBED_REF's rows it copies at once
-    and only sends DONE (with the rows read, which the sender authorizes); no PULL, no CHUNK."""
+    """The receiver reads the sender's pool itself (CUDA IPC): given an EMBED_REF's rows it CLAIMs them (the
+    sender authorizes) and copies at once, then sends DONE; no PULL, no CHUNK."""
     posts_early: ClassVar[bool] = False
     """Given an EMBED_REF's rows, the first chunk's receives are posted right after the PULL, before its
     CHUNK arrives (NCCL: the bytes move as soon as the sender posts the matching sends)."""
@@ -129,6 +129,11 @@ class ReceiverLink(ABC):
     def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
         """Enqueue the landing of one chunk on ``stream``: piece i goes to ``dests[i]`` (links that do
         not name pieces get ``pieces=()`` and fill ``dests`` in order), from ``frames`` or out of band."""
+
+    def adopt(self, frames: Sequence[Any], tokens: int) -> torch.Tensor | None:
+        """The whole embedding as a view of its payload frames, when this link can hand that out without a
+        copy (the host link, into a CPU pool); None: land it with ``post``."""
+        return None
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (bounded) for everything enqueued on ``stream``; False if it did not finish in time."""

@@ -2,11 +2,11 @@
 device-to-device on its own stream. NCCL cannot serve this case: it refuses two ranks on one GPU.
 
 The sender moves nothing: the EMBED_REF (protocol 3) or a CHUNK names the pool rows (pieces) the
-receiver copies from; with the ref's rows the receiver copies at once and only sends DONE naming the
-rows it read, which the sender ACKs only if they are that transfer's blocks (every row is also
-bounds-checked against the mapped pool here). The sender's blocks stay allocated until DONE or ABORT,
-and the receiver sends either only after its copies completed (``drain``), so a block is never reused
-under a reader.
+receiver copies from; with the ref's rows the receiver sends a CLAIM naming them and copies at once,
+handing the embedding out only once the sender ACKed that they are that transfer's blocks (every row is
+also bounds-checked against the mapped pool here), then sends DONE. The sender's blocks stay allocated
+until DONE or ABORT, and the receiver sends either only after its copies completed (``drain``), so a
+block is never reused under a reader.
 """
 
 from __future__ import annotations

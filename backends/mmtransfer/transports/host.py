@@ -82,5 +82,15 @@ class HostReceiverLink(ReceiverLink):
             dst.copy_(data[token : token + n], non_blocking=True)
             token += n
 
+    def adopt(self, frames: Sequence[Any], tokens: int) -> torch.Tensor | None:
+        """A one-chunk embedding into a CPU pool is the received payload itself: a writable view of the
+        ZeroMQ message (it lives as long as the tensor does), no copy at all."""
+        pool = self.pool
+        if pool.device.type != "cpu" or len(frames) != 1 or not isinstance(frames[0], memoryview):
+            return None
+        if frames[0].readonly or frames[0].nbytes != tokens * pool.bytes_per_token:
+            return None  # a wrong size is refused by ``post``
+        return torch.frombuffer(frames[0], dtype=pool.dtype).view(tokens, pool.hidden)
+
     def drain(self, timeout_s: float) -> bool:
         return True  # nothing is enqueued out of band

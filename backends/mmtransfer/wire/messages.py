@@ -18,6 +18,12 @@ GPU links add a bootstrap pair, once per (sender endpoint, receiver) channel::
     S: BOOTSTRAP_ACK(channel, chosen transport, S's device, ncclUniqueId | CUDA IPC handle)  -> R
     R: CLOSE(channel, reason)  -> S   (the receiver gives a broken channel up; no answer)
 
+A same-GPU receiver holding an EMBED_REF with rows sends no PULL (protocol 3)::
+
+    R: CLAIM(tid, rows)  -> S ; R copies the rows from the mapped pool meanwhile
+    S: ACK(tid)  -> R   (or ERROR: the rows are not tid's blocks)
+    R: DONE(tid) -> S ; S frees its blocks (no answer)
+
 and their PULLs name the channel, ask for every chunk at once (``count=0``), carry the window's
 runs and the channel's operation count; their CHUNKs name the pieces the bytes move in.
 """
@@ -46,6 +52,7 @@ class MsgType(IntEnum):
     BOOTSTRAP = 7
     BOOTSTRAP_ACK = 8
     CLOSE = 9
+    CLAIM = 10
 
 
 @dataclass(frozen=True)
@@ -154,16 +161,27 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Done:
-    """The receiver has everything: the sender frees the blocks. ``rows`` (a same-GPU receiver that read
-    the EMBED_REF's rows straight from the mapped pool, with no PULL) are the (pool row, length) runs it
-    read: the sender ACKs only if they are this transfer's, so a forged ref gets no embedding."""
+    """The receiver has everything: the sender frees the blocks and answers ACK (not after a CLAIM: the
+    receiver of a claimed transfer does not wait for one)."""
 
     TYPE: ClassVar[MsgType] = MsgType.DONE
-    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ, "rows": f.pieces}
-    OPTIONAL: ClassVar[dict] = {"rows": ()}
+    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ}
     transfer_id: str
     seq: int
-    rows: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A same-GPU receiver is copying ``rows`` ((pool row, length) runs, the EMBED_REF's) straight from the
+    mapped pool, with no PULL. Sent before the copy starts, so its answer overlaps the copy: ACK if the rows
+    are exactly this transfer's blocks (the receiver hands the embedding out only then), else ERROR; a
+    claimed transfer is freed by its DONE, which gets no answer."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CLAIM
+    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ, "rows": f.pieces}
+    transfer_id: str
+    seq: int
+    rows: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -258,9 +276,9 @@ class Close:
     reason: str
 
 
-Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close]
+Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close, Claim]
 BY_TYPE: dict[int, type] = {
-    cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close)
+    cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close, Claim)
 }
 
 
