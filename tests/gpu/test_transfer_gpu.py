@@ -5,7 +5,7 @@ and many chunks, both landing modes, fragmented pools on both sides, concurrency
 Protocol 3: a registered embedding's EMBED_REF names its pool rows: on the same GPU the receiver CLAIMs
 them and copies from the mapped pool at once (no PULL: no ``sent`` phase), the sender ACKing only its own
 transfer's rows, then sends DONE; over NCCL the first window's receives are posted right after the PULL. Refs without
-rows (``reserve`` + ``fill``) still take the PULL path. The one-GPU tests are everything but ``nccl``.
+rows (``reserve`` + ``fill``) still take the PULL path. On one GPU the NCCL cases skip themselves.
 
 Skipped without CUDA (tests/conftest.py); the NCCL cases skip with fewer than two GPUs."""
 
