@@ -1,12 +1,12 @@
 """The receiver's one pull loop: one embedding, over any link, through a window of blocks.
 
-``PullRun.run`` allocates the window (the policy's size; fewer blocks if the pool is short, at
-least one), sends a PULL, learns the total length from the first CHUNK's aux, lands every chunk
-through ``link.post`` into the assembled embedding (directly, or into the window and out of it),
-and sends further PULLs until everything arrived. A pipelined link (NCCL, CUDA IPC) asks for every
-chunk with one PULL and posts each chunk's move as its CHUNK arrives, behind the previous one on
-the link's stream (no round trip per continuation); the host link asks chunk by chunk, the window
-bounding the bytes in flight. A CUDA event on the link's stream says when the embedding is usable.
+``PullRun.run`` allocates the window (the policy's size; fewer blocks if the pool is short, at least
+one) and lands every chunk through ``link.post`` into the assembled embedding (directly, or into the
+window and out of it). With an EMBED_REF naming the rows (protocol 3) a same-GPU link copies them at
+once (CLAIM, copy, DONE: no PULL), and NCCL posts the first chunk's receives right after its PULL.
+Else the first CHUNK's aux says the length. A pipelined link (NCCL, CUDA IPC) asks for every chunk
+with one PULL, each chunk's move posted behind the previous one on the link's stream; the host link
+asks chunk by chunk, the window bounding the bytes in flight. A CUDA event says when it is usable.
 
 Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing
 is in doubt is drained (bounded) and given up.

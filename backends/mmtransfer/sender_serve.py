@@ -293,21 +293,23 @@ class PullServer:
                 f"early receives {list(pull.early)[:8]} do not match the first chunk's pieces (a stale or forged ref)",
             )
             return
-        for i, planned in enumerate(itertools.chain((first,), plans)):
+        self._send_chunks(identity, pull, entry, link, itertools.chain((first,), plans))
+
+    def _send_chunks(
+        self, identity: bytes, pull: wire.Pull, entry: Entry, link: SenderLink, plans: Iterator[PlannedChunk]
+    ) -> None:
+        """Per chunk: the link starts moving its pieces, then its CHUNK goes out (with the link's payload)."""
+        aux = entry.aux
+        for i, planned in enumerate(plans):
             try:
                 payload = link.send(planned.pieces)
             except Exception as exc:
                 self.channels.close(pull.channel, f"send failed: {exc}")
                 raise
             pieces = tuple(planned.pieces) if link.names_pieces else ()
+            first_aux = aux if planned.offset == 0 else None
             chunk = wire.Chunk(
-                tid,
-                pull.seq + i,
-                planned.offset,
-                planned.num_tokens,
-                total,
-                aux if planned.offset == 0 else None,
-                pieces,
+                pull.transfer_id, pull.seq + i, planned.offset, planned.num_tokens, aux.total_tokens, first_aux, pieces
             )
             self.outbox.send(identity, chunk, payload)
         event = link.record()
