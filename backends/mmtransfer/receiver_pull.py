@@ -7,9 +7,8 @@ once (CLAIM, copy, DONE: no PULL), and NCCL posts the first chunk's receives rig
 Else the first CHUNK's aux says the length. A pipelined link (NCCL, CUDA IPC) asks for every chunk
 with one PULL, each chunk's move posted behind the previous one on the link's stream; the host link
 asks chunk by chunk, the window bounding the bytes in flight. A CUDA event says when it is usable.
-
-Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing
-is in doubt is drained (bounded) and given up.
+Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing is
+in doubt is drained (bounded) and given up.
 """
 
 from __future__ import annotations
@@ -188,16 +187,23 @@ class PullRun:
             self.link.post(early, chunk_dests(self.ctx.pool, self.out, self.window, self.win_segs, 0, n, early), ())
             self.early = early
 
-    def _next_chunk(self) -> tuple[wire.Chunk, list[bytes]]:
-        sock, tid, timeout_s = self.sock, self.ref.transfer_id, self.ctx.config.pull_timeout_s
-        # poll sleeps in ZeroMQ with the GIL released: one wake-up, and no spin competing for the GIL with
-        # a thread that launches kernels (the decode loop)
-        if not sock.poll(int(timeout_s * 1000)):
-            raise no_answer(tid, timeout_s)
-        # copy=False: a host chunk's payload is read where ZeroMQ received it (one copy fewer)
-        parts = sock.recv_multipart(copy=False)
-        msg = wire.decode(parts[0].bytes, self.key)
-        frames = [p.buffer for p in parts]
+    def _answer(self) -> tuple[wire.Message, list[memoryview]]:
+        """The next answer about this transfer: poll sleeps with the GIL released (no spin), copy=False reads a
+        payload where ZeroMQ received it. An ERROR about another transfer is skipped (a reused socket may hold
+        the answer to an earlier same-GPU pull's DONE, sent if that transfer expired just before it)."""
+        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise no_answer(tid, timeout_s)
+            parts = self.sock.recv_multipart(copy=False)
+            msg = wire.decode(parts[0].bytes, self.key)
+            if not (isinstance(msg, wire.Error) and msg.transfer_id not in ("", tid)):
+                return msg, [p.buffer for p in parts[1:]]
+
+    def _next_chunk(self) -> tuple[wire.Chunk, list[memoryview]]:
+        tid = self.ref.transfer_id
+        msg, frames = self._answer()
         if isinstance(msg, wire.Error):
             # The sender checks a PULL completely before it sends anything: an ERROR in place of the
             # PULL's first CHUNK means nothing was sent, and a channel's pairing is intact.
@@ -206,9 +212,9 @@ class PullRun:
             raise remote_error(msg)
         if not isinstance(msg, wire.Chunk) or msg.transfer_id != tid or msg.seq != self.seq:
             raise ProtocolError(f"expected CHUNK seq {self.seq} for {tid}, got {type(msg).__name__}")
-        if frames[1:] and self.link.names_pieces:
+        if frames and self.link.names_pieces:
             raise ProtocolError(f"CHUNK seq {self.seq} on a {self.link.kind.value} link carries payload frames")
-        return msg, frames[1:]
+        return msg, frames
 
     def _first(self, chunk: wire.Chunk) -> None:
         self.marks["first_chunk"] = time.perf_counter()
@@ -332,12 +338,6 @@ class PullRun:
             timings["gpu_us"] = round(gpu_us, 1)
         return Received(self.out, self.aux, record, timings)
 
-    def _answer(self) -> wire.Message:
-        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
-        if not self.sock.poll(int(timeout_s * 1000)):
-            raise no_answer(tid, timeout_s)
-        return wire.decode(self.sock.recv_multipart(copy=True)[0], self.key)
-
     def _finish(self) -> bool:
         """DONE lets the sender free its blocks now; wait for the ACK so that a caller seeing ``pull``
         return knows both pools are settled (the TTL covers a lost ACK). True: the socket is clean.
@@ -347,7 +347,7 @@ class PullRun:
         not handed out). Its DONE (sent after the copy landed) gets no answer: nothing more to wait for."""
         tid = self.ref.transfer_id
         if self.link.reads_pool and self.ref.ready:
-            msg = self._answer()
+            msg = self._answer()[0]
             if not (isinstance(msg, wire.Ack) and msg.transfer_id == tid):
                 if isinstance(msg, wire.Error):
                     raise remote_error(msg)
@@ -356,7 +356,7 @@ class PullRun:
             return True
         self.sock.send(wire.encode(wire.Done(tid, self.seq), self.key))
         try:
-            msg = self._answer()
+            msg = self._answer()[0]
         except TransferError as exc:
             log.warning("%s: no ACK for DONE of %s (%s); the sender's TTL will reclaim", self.ctx.name, tid, exc)
             return False

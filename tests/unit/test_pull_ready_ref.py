@@ -209,6 +209,35 @@ def test_claim_rows_are_checked_by_the_sender_and_the_claimed_done_is_unanswered
         pair.close()
 
 
+def test_a_stale_answer_on_a_reused_socket_is_skipped(monkeypatch):
+    """A claimed transfer that expires between the CLAIM's ACK and the DONE gets its DONE answered with ERROR,
+    which nobody waits for: the socket goes back to the idle list with it. The next pull skips it."""
+    pair = _Pair(monkeypatch, "auto", GPU_A, GPU_A)
+    try:
+        server, answered = pair.sender.server, []
+
+        def expired_meanwhile(identity, done):
+            answered.append(done.transfer_id)
+            server.reply_unknown(identity, done.transfer_id, done.seq)
+
+        warm = pair.sender.register(_data(8, 1))
+        pair.receiver.pull(warm)  # channel open, one idle socket
+        assert _eventually(lambda: pair.sender.state(warm.transfer_id) is None)  # its DONE is in
+        real = server.on_done
+        monkeypatch.setattr(server, "on_done", expired_meanwhile)
+        first = pair.sender.register(_data(16, 2))
+        pair.receiver.pull(first)
+        assert _eventually(lambda: answered == [first.transfer_id])  # an ERROR now waits in the idle socket
+        monkeypatch.setattr(server, "on_done", real)
+        (sock,) = pair.receiver.sockets.idle[pair.sender.address]
+        data = _data(24, 3)
+        assert torch.equal(pair.receiver.pull(pair.sender.register(data)).embedding, data)
+        assert pair.receiver.sockets.idle[pair.sender.address] == [sock]  # the same socket, still in step
+        pair.sender.discard(first.transfer_id)
+    finally:
+        pair.close()
+
+
 # ---- NCCL: receives posted before the first CHUNK -------------------------------------------------------
 @pytest.fixture
 def nccl(monkeypatch, fake_nccl):  # noqa: F811
