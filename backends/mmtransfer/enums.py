@@ -32,7 +32,7 @@ class Transport(_Named):
 
 
 class Landing(_Named):
-    """Where a GPU link puts received bytes (the host link always lands in the window)."""
+    """Where a GPU link puts received bytes (the host link always lands directly: its payload frame is the buffer)."""
 
     DIRECT = "direct"  # straight into the assembled embedding; the window is the flow-control credit
     WINDOW = "window"  # into the window's blocks, then copied out

@@ -21,8 +21,9 @@ from .errors import SocketsExhausted, TransferError
 from .observer import TransferObserver
 from .pool import BlockPool
 from .receiver_links import LinkTable
-from .receiver_pull import PullContext, PullRun, Received, Reopen, send_abort
+from .receiver_pull import PullRun
 from .receiver_sockets import SocketPool
+from .receiver_types import PullContext, Received, Reopen, send_abort
 from .ref import EmbedRef
 from .transports import ReceiverLink
 from .transports.streams import use_device

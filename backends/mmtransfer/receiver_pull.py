@@ -1,15 +1,14 @@
 """The receiver's one pull loop: one embedding, over any link, through a window of blocks.
 
-``PullRun.run`` allocates the window (the policy's size; fewer blocks if the pool is short, at
-least one), sends a PULL, learns the total length from the first CHUNK's aux, lands every chunk
-through ``link.post`` into the assembled embedding (directly, or into the window and out of it),
-and sends further PULLs until everything arrived. A pipelined link (NCCL, CUDA IPC) asks for every
-chunk with one PULL and posts each chunk's move as its CHUNK arrives, behind the previous one on
-the link's stream (no round trip per continuation); the host link asks chunk by chunk, the window
-bounding the bytes in flight. A CUDA event on the link's stream says when the embedding is usable.
-
-Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing
-is in doubt is drained (bounded) and given up.
+``PullRun.run`` allocates the window (the policy's size; fewer blocks if the pool is short, at least
+one) and lands every chunk through ``link.post`` into the assembled embedding (directly, or into the
+window and out of it). With an EMBED_REF naming the rows (protocol 3) a same-GPU link copies them at
+once (CLAIM, copy, DONE: no PULL), and NCCL posts the first chunk's receives right after its PULL.
+Else the first CHUNK's aux says the length. A pipelined link (NCCL, CUDA IPC) asks for every chunk
+with one PULL, each chunk's move posted behind the previous one on the link's stream; the host link
+asks chunk by chunk, the window bounding the bytes in flight. A CUDA event says when it is usable.
+Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing is
+in doubt is drained (bounded) and given up.
 """
 
 from __future__ import annotations
@@ -17,14 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import zmq
 
 from . import wire
-from .config import TransferConfig
 from .enums import ErrorCode, FailureCause, Landing, TransferState
 from .errors import (
     ChannelError,
@@ -33,53 +30,19 @@ from .errors import (
     RequestTooLarge,
     TransferCancelled,
     TransferError,
-    TransferTimeout,
 )
-from .observer import TransferObserver, TransferRecord
-from .pool import DTYPE_NAMES, BlockPool, Segment
+from .observer import TransferRecord
+from .pool import Segment
 from .receiver_errors import remote_error
-from .receiver_links import LinkTable
-from .receiver_sockets import SocketPool
+from .receiver_types import PullContext, Received, Reopen, check_aux, chunk_dests, no_answer, send_abort
 from .ref import EmbedRef
 from .transports import ReceiverLink
 from .transports.streams import current_stream, elapsed_us, record_event, use_stream, wait_event
-from .window import WindowPolicy
 
 log = logging.getLogger(__name__)
-_SPIN_RECV_S = 0.003
 _DRAIN_MAX_S = 10.0
 # ERRORs after which the sender has given the channel up (or never had it): its pairing is gone
 _CHANNEL_CODES = (ErrorCode.UNAVAILABLE, ErrorCode.UNKNOWN_CHANNEL)
-
-
-@dataclass(frozen=True)
-class Received:
-    """An assembled embedding and what it took to move it."""
-
-    embedding: torch.Tensor
-    aux: wire.Aux
-    record: TransferRecord
-    # where the time went, in microseconds from the pull's start (window, sent, first_chunk, posted, ready,
-    # and gpu_us on a GPU); for profiling and the benchmark
-    timings: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PullContext:
-    """What every pull of one receiver shares."""
-
-    pool: BlockPool
-    config: TransferConfig
-    sockets: SocketPool
-    links: LinkTable
-    observer: TransferObserver
-    window_policy: WindowPolicy
-    name: str
-
-
-class Reopen(Exception):
-    """The sender does not know the channel (it restarted, or gave it up) and sent nothing: retry the
-    pull once on a new channel; the embedding is still there."""
 
 
 class PullRun:
@@ -106,12 +69,16 @@ class PullRun:
         self.t0, self.start = time.perf_counter(), time.monotonic()
         self.marks: dict[str, float] = {}
         self.gpu_start = None
+        self.early: tuple[tuple[int, int], ...] = ()  # the first chunk's pieces, posted before its CHUNK
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self, retry: bool) -> Received:
         link = self.link
         try:
             self._open_window()
+            if link.reads_pool and self.ref.ready:
+                self._read_pool()  # no PULL: nothing pairs by order, so no exclusive section
+                return self._settle()
             with link.exclusive():
                 if link.broken:
                     raise ChannelError(f"{link.kind.value} channel to {self.ref.address} broke")
@@ -119,7 +86,7 @@ class PullRun:
                     if not self.outstanding:
                         self._send_pull()
                     chunk, frames = self._next_chunk()
-                    if self.aux is None:
+                    if self.sent == 0:
                         self._first(chunk)
                     self._check_chunk(chunk)
                     self._land(chunk, frames)
@@ -158,12 +125,45 @@ class PullRun:
         self.state = TransferState.WAITING_FOR_INPUT
         self.marks["window"] = time.perf_counter()
 
-    def _send_pull(self) -> None:
+    def _check_cancelled(self) -> None:
         if self.cancelled is not None and self.cancelled():
             raise TransferCancelled(
                 f"request {self.request_id or '-'} was cancelled; transfer {self.ref.transfer_id} given up"
             )
+
+    def _read_pool(self) -> None:
+        """Same GPU, ref with rows: CLAIM the rows (the sender's answer travels while the bytes move), then
+        copy every chunk from the mapped pool, each behind the previous one on the link's stream (no wait
+        between chunks); ``_finish`` takes the claim's answer and sends DONE."""
+        self._check_cancelled()
+        ref = self.ref
+        self._check_aux(ref.aux)
+        self.sock.send(wire.encode(wire.Claim(ref.transfer_id, 0, ref.rows), self.key))
+        self.marks["first_chunk"] = time.perf_counter()
+        self._begin(ref.aux)
+        total = ref.aux.total_tokens
+        for offset, n in wire.chunk_plan(total, self.capacity):
+            pieces = tuple(wire.chunk_pieces(ref.rows, offset, n, self.runs))
+            chunk = wire.Chunk(ref.transfer_id, self.seq, offset, n, total, None, pieces)
+            self._check_chunk(chunk)
+            self._land(chunk, [])
+            self.sent += n
+            self.seq += 1
+
+    def _early_pieces(self) -> tuple[tuple[int, int], ...]:
+        """The first chunk's pieces, derived from the ref's rows as the sender derives them from its blocks
+        (empty: this pull does not post early)."""
+        ref = self.ref
+        if not (self.link.posts_early and ref.ready and self.sent == 0 and self.aux is None):
+            return ()
+        self._check_aux(ref.aux)
+        n = wire.chunk_tokens(ref.aux.total_tokens, 0, self.capacity)
+        return tuple(wire.chunk_pieces(ref.rows, 0, n, self.runs))
+
+    def _send_pull(self) -> None:
+        self._check_cancelled()
         link = self.link
+        early = self._early_pieces()
         pull = wire.Pull(
             self.ref.transfer_id,
             self.seq,
@@ -175,22 +175,35 @@ class PullRun:
             count=0 if link.pipelined else 1,
             runs=self.runs,
             op_seq=link.ops,
+            early=tuple(n for _, n in early),
         )
         self.sock.send(wire.encode(pull, self.key))
         self.outstanding, self.answered = True, 0
         self.marks.setdefault("sent", time.perf_counter())
+        if early:
+            # the sender posts these sends when the PULL arrives (or zeros of the same lengths if it refuses)
+            self._begin(self.ref.aux)
+            n = sum(k for _, k in early)
+            self.link.post(early, chunk_dests(self.ctx.pool, self.out, self.window, self.win_segs, 0, n, early), ())
+            self.early = early
 
-    def _next_chunk(self) -> tuple[wire.Chunk, list[bytes]]:
-        sock, tid, timeout_s = self.sock, self.ref.transfer_id, self.ctx.config.pull_timeout_s
-        # Spin a little before sleeping in poll: the answer usually comes within a few hundred
-        # microseconds, and waking a sleeping thread costs that much again on a virtual machine.
-        spin_until = time.monotonic() + _SPIN_RECV_S
-        while not sock.poll(0) and time.monotonic() < spin_until:
-            time.sleep(0)
-        if not sock.poll(int(timeout_s * 1000)):
-            raise _no_answer(tid, timeout_s)
-        frames = sock.recv_multipart(copy=True)
-        msg = wire.decode(frames[0], self.key)
+    def _answer(self) -> tuple[wire.Message, list[memoryview]]:
+        """The next answer about this transfer: poll sleeps with the GIL released (no spin), copy=False reads a
+        payload where ZeroMQ received it. An ERROR about another transfer is skipped (a reused socket may hold
+        the answer to an earlier same-GPU pull's DONE, sent if that transfer expired just before it)."""
+        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                raise no_answer(tid, timeout_s)
+            parts = self.sock.recv_multipart(copy=False)
+            msg = wire.decode(parts[0].bytes, self.key)
+            if not (isinstance(msg, wire.Error) and msg.transfer_id not in ("", tid)):
+                return msg, [p.buffer for p in parts[1:]]
+
+    def _next_chunk(self) -> tuple[wire.Chunk, list[memoryview]]:
+        tid = self.ref.transfer_id
+        msg, frames = self._answer()
         if isinstance(msg, wire.Error):
             # The sender checks a PULL completely before it sends anything: an ERROR in place of the
             # PULL's first CHUNK means nothing was sent, and a channel's pairing is intact.
@@ -199,27 +212,30 @@ class PullRun:
             raise remote_error(msg)
         if not isinstance(msg, wire.Chunk) or msg.transfer_id != tid or msg.seq != self.seq:
             raise ProtocolError(f"expected CHUNK seq {self.seq} for {tid}, got {type(msg).__name__}")
-        if frames[1:] and self.link.names_pieces:
+        if frames and self.link.names_pieces:
             raise ProtocolError(f"CHUNK seq {self.seq} on a {self.link.kind.value} link carries payload frames")
-        return msg, frames[1:]
+        return msg, frames
 
     def _first(self, chunk: wire.Chunk) -> None:
-        ctx = self.ctx
         self.marks["first_chunk"] = time.perf_counter()
         aux = chunk.aux
         if aux is None:
             raise ProtocolError("first chunk carries no aux record")
         if aux.total_tokens != chunk.total_tokens:
             raise ProtocolError(f"aux total {aux.total_tokens} != chunk total {chunk.total_tokens}")
-        pool = ctx.pool
-        if aux.hidden != pool.hidden or aux.dtype != DTYPE_NAMES[pool.dtype]:
-            raise ProtocolError(
-                f"embedding is [{aux.hidden}] {aux.dtype}, this pool holds [{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
-            )
-        if aux.total_tokens > ctx.config.max_embed_tokens:
-            raise RequestTooLarge(
-                f"embedding of {aux.total_tokens} tokens exceeds max_embed_tokens={ctx.config.max_embed_tokens}"
-            )
+        if self.aux is not None:  # known from the ref already (early receives)
+            if aux != self.aux:
+                raise ProtocolError("first chunk's aux differs from the EMBED_REF's")
+            return
+        self._check_aux(aux)
+        self._begin(aux)
+
+    def _check_aux(self, aux: wire.Aux) -> None:
+        check_aux(aux, self.ctx.pool, self.ctx.config.max_embed_tokens)
+
+    def _begin(self, aux: wire.Aux) -> None:
+        """The length is known: allocate the assembled embedding and start the GPU clock."""
+        ctx, pool = self.ctx, self.ctx.pool
         self.aux = aux
         self.out = torch.empty((aux.total_tokens, pool.hidden), dtype=pool.dtype, device=pool.device)
         stream = self.link.stream
@@ -257,41 +273,38 @@ class PullRun:
 
     def _land(self, chunk: wire.Chunk, frames: list[bytes]) -> None:
         """Enqueue one chunk: its bytes land straight in ``out`` (direct) or in the window's blocks,
-        followed by the copy out of the window on the same stream (window)."""
+        followed by the copy out of the window on the same stream (window). A first chunk whose receives
+        were posted early is only checked (the sender must have cut it as the receiver did)."""
         link, pool = self.link, self.ctx.pool
-        lengths = [n for _, n in chunk.pieces] or [chunk.num_tokens]
-        if not self.win_segs:
-            dests, token = [], chunk.offset
-            for n in lengths:
-                dests.append(self.out[token : token + n])
-                token += n
-            link.post(chunk.pieces, dests, frames)
-            return
-        if chunk.pieces:
-            rows, dests, token, si = pool.flat_rows, [], 0, 0
-            for n in lengths:
-                while self.win_segs[si].token + self.win_segs[si].length <= token:
-                    si += 1
-                seg = self.win_segs[si]
-                row = seg.pool_row + token - seg.token
-                dests.append(rows[row : row + n])
-                token += n
+        if chunk.num_tokens == self.aux.total_tokens and not self.win_segs:
+            adopted = link.adopt(frames, chunk.num_tokens)
+            if adopted is not None:  # the payload is the embedding (host link, CPU pool): no copy
+                self.out = adopted
+                return
+        if self.early and chunk.offset == 0:
+            if chunk.pieces != self.early:
+                raise ProtocolError("first chunk's pieces differ from the receives posted early")
         else:
-            dests = [pool.rows(seg) for seg in pool.segments(self.window, chunk.num_tokens)]
-        link.post(chunk.pieces, dests, frames)
-        with use_stream(link.stream):
-            pool.gather(self.window, chunk.num_tokens, out=self.out[chunk.offset : chunk.offset + chunk.num_tokens])
+            dests = chunk_dests(
+                pool, self.out, self.window, self.win_segs, chunk.offset, chunk.num_tokens, chunk.pieces
+            )
+            link.post(chunk.pieces, dests, frames)
+        if self.win_segs:
+            with use_stream(link.stream):
+                pool.gather(self.window, chunk.num_tokens, out=self.out[chunk.offset : chunk.offset + chunk.num_tokens])
 
     # ---- the end -----------------------------------------------------------------------
     def _settle(self) -> Received:
         ctx, link, total = self.ctx, self.link, self.aux.total_tokens
         self.marks["posted"] = time.perf_counter()
         landed = record_event(link.stream, ctx.pool.device, timing=True)
-        if not wait_event(landed, ctx.config.pull_timeout_s):
+        # copies within this GPU cannot hang on a peer: block (GIL released) instead of polling
+        if not wait_event(landed, ctx.config.pull_timeout_s, blocking=link.reads_pool):
             raise ChannelError(f"chunk bytes not landed within {ctx.config.pull_timeout_s:.0f}s")
         self.marks["ready"] = time.perf_counter()
         ready_s = time.monotonic() - self.start
         self.clean = self._finish()
+        self.marks["acked"] = time.perf_counter()
         self.state = TransferState.SUCCESS
         ctx.window_policy.observe(total)
         record = TransferRecord(
@@ -327,13 +340,23 @@ class PullRun:
 
     def _finish(self) -> bool:
         """DONE lets the sender free its blocks now; wait for the ACK so that a caller seeing ``pull``
-        return knows both pools are settled (the TTL covers a lost ACK). True: the socket is clean."""
-        tid, timeout_s = self.ref.transfer_id, self.ctx.config.pull_timeout_s
+        return knows both pools are settled (the TTL covers a lost ACK). True: the socket is clean.
+
+        A receiver that copied the ref's rows with no PULL first takes its CLAIM's answer: the ACK is the
+        sender's word that they are this transfer's blocks; without it the pull fails (what was copied is
+        not handed out). Its DONE (sent after the copy landed) gets no answer: nothing more to wait for."""
+        tid = self.ref.transfer_id
+        if self.link.reads_pool and self.ref.ready:
+            msg = self._answer()[0]
+            if not (isinstance(msg, wire.Ack) and msg.transfer_id == tid):
+                if isinstance(msg, wire.Error):
+                    raise remote_error(msg)
+                raise ProtocolError(f"CLAIM of {tid} answered by {type(msg).__name__}")
+            self.sock.send(wire.encode(wire.Done(tid, self.seq), self.key))
+            return True
         self.sock.send(wire.encode(wire.Done(tid, self.seq), self.key))
         try:
-            if not self.sock.poll(int(timeout_s * 1000)):
-                raise _no_answer(tid, timeout_s)
-            msg = wire.decode(self.sock.recv_multipart(copy=True)[0], self.key)
+            msg = self._answer()[0]
         except TransferError as exc:
             log.warning("%s: no ACK for DONE of %s (%s); the sender's TTL will reclaim", self.ctx.name, tid, exc)
             return False
@@ -344,7 +367,7 @@ class PullRun:
 
     def _fail(self, exc: BaseException, retry: bool) -> None:
         ctx, link = self.ctx, self.link
-        if isinstance(exc, RemoteError) and exc.code is ErrorCode.UNKNOWN_CHANNEL and retry and self.aux is None:
+        if isinstance(exc, RemoteError) and exc.code is ErrorCode.UNKNOWN_CHANNEL and retry and self.sent == 0:
             ctx.links.drop(link, str(exc))
             self.clean = True  # the one answer owed (the ERROR) was read
             raise Reopen() from exc
@@ -375,14 +398,3 @@ class PullRun:
         if self.state < TransferState.WAITING_FOR_INPUT or self.sock is None:
             return  # nothing was asked of the sender yet
         send_abort(self.sock, self.ref, reason, self.key)
-
-
-def send_abort(sock: zmq.Socket, ref: EmbedRef, reason: str, key: bytes | None) -> None:
-    try:
-        sock.send(wire.encode(wire.Abort(ref.transfer_id, wire.printable(reason, 256)), key), zmq.NOBLOCK)
-    except (zmq.ZMQError, ProtocolError):
-        pass
-
-
-def _no_answer(tid: str, timeout_s: float) -> TransferTimeout:
-    return TransferTimeout(f"transfer {tid}: no answer from the sender within {timeout_s:.1f}s")

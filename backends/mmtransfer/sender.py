@@ -2,7 +2,9 @@
 
 One ``SenderEndpoint`` per encoder instance. Request threads call ``register`` (or ``reserve``
 then ``fill`` when the EMBED_REF must go out before encoding ends, or ``publish`` for blocks a
-cache holds); a single server thread answers PULL/DONE/ABORT/BOOTSTRAP/CLOSE.
+cache holds); a single server thread answers PULL/DONE/ABORT/BOOTSTRAP/CLOSE. The refs of
+``register`` and ``publish`` name the embedding's pool rows (it is fully written when they
+return): a receiver can move its bytes before any answer from here.
 
 The endpoint is a facade over four collaborators: the transfer table (``sender_table.py``:
 entries, TTL, deferred frees), the channel table (``sender_channels.py``: GPU links by channel
@@ -153,7 +155,7 @@ class SenderEndpoint:
         except BaseException:
             self.discard(ref.transfer_id, "publish failed")
             raise
-        return ref
+        return self._ready_ref(ref, blocks, aux)
 
     def register(
         self, embedding: torch.Tensor, extras: dict[str, list[int]] | None = None, request_id: str = ""
@@ -161,7 +163,10 @@ class SenderEndpoint:
         """``reserve`` + ``fill``: returns the EMBED_REF for a ready embedding."""
         ref = self.reserve(request_id, int(embedding.shape[0]) if embedding.dim() == 2 else 0)
         self.fill(ref.transfer_id, embedding, extras)
-        return ref
+        entry = self.table.get(ref.transfer_id)
+        if entry is None or entry.aux is None:  # dropped (TTL, ABORT) the moment it was filled
+            return ref
+        return self._ready_ref(ref, entry.blocks, entry.aux)
 
     def discard(self, transfer_id: str, reason: str = "discarded") -> bool:
         """Drop a transfer and free its blocks; pulls waiting for it get an error."""
@@ -198,6 +203,13 @@ class SenderEndpoint:
         self.table.publish(transfer_id, blocks, aux, release)
         self.observer.pool_changed()
         self.loop.wake()
+
+    def _ready_ref(self, ref: EmbedRef, blocks: list[int], aux: Aux) -> EmbedRef:
+        """The ref of a fully written embedding: with its pool rows and aux (protocol 3), so a receiver
+        moves bytes before any answer from here; without them if they do not fit the ref."""
+        n = aux.total_tokens
+        rows = tuple((s.pool_row, s.length) for s in self.pool.segments(blocks, n))
+        return EmbedRef(ref.transfer_id, ref.address, n, rows=rows, aux=aux).fitted()
 
     def _aux(self, num_tokens: int, extras: dict[str, list[int]] | None) -> Aux:
         """The aux record, validated now: a receiver would refuse a bad one after the bytes moved."""

@@ -9,6 +9,7 @@ from the link covers the sends of the PULL; the blocks are not freed before it c
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class PullServer:
             self.on_pull(identity, msg)
         elif isinstance(msg, wire.Done):
             self.on_done(identity, msg)
+        elif isinstance(msg, wire.Claim):
+            self.on_claim(identity, msg)
         elif isinstance(msg, wire.Abort):
             self.on_abort(identity, msg)
         elif isinstance(msg, wire.Bootstrap):
@@ -94,10 +97,11 @@ class PullServer:
     def on_pull(self, identity: bytes, pull: wire.Pull) -> None:
         entry = self.table.get(pull.transfer_id)
         if entry is None:
+            self.pair_early(pull)
             self.reply_unknown(identity, pull.transfer_id, pull.seq)
         elif entry.state == TransferState.WAITING_FOR_INPUT:
             if len(self._pending) >= MAX_PENDING_PULLS:
-                self.outbox.error(identity, pull.transfer_id, pull.seq, ErrorCode.BUSY, "too many waiting pulls")
+                self.refuse(identity, pull, ErrorCode.BUSY, "too many waiting pulls")
                 return
             self._pending.append(PendingPull(identity, pull, time.monotonic() + self.config.pull_wait_s))
         else:
@@ -113,7 +117,57 @@ class PullServer:
             return
         entry.state = TransferState.SUCCESS
         self.table.release(entry)
-        self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
+        if not entry.claimed:  # a claiming receiver returned at its claim's ACK and waits for nothing more
+            self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
+
+    def on_claim(self, identity: bytes, claim: wire.Claim) -> None:
+        """A same-GPU receiver copies ``claim.rows`` with no PULL: ACK only this transfer's own blocks (a forged
+        or stale EMBED_REF gets ERROR, and its receiver discards what it copied); the blocks stay until DONE."""
+        entry = self.table.get(claim.transfer_id)
+        if entry is None:
+            self.reply_unknown(identity, claim.transfer_id, claim.seq)
+            return
+        if entry.aux is None or not self._rows_match(entry, claim.rows):
+            self.outbox.error(
+                identity,
+                claim.transfer_id,
+                claim.seq,
+                ErrorCode.BAD_REQUEST,
+                "the rows read are not this transfer's blocks",
+            )
+            return
+        refusal = self.table.admit(entry, identity, 0, entry.aux.total_tokens, 0, 0)  # one receiver at a time
+        if refusal is not None:
+            self.outbox.error(identity, claim.transfer_id, claim.seq, *refusal)
+            return
+        entry.claimed = True
+        self.table.touch(entry)
+        self.outbox.send(identity, wire.Ack(claim.transfer_id, claim.seq))
+
+    def _rows_match(self, entry: Entry, rows: tuple[tuple[int, int], ...]) -> bool:
+        """``rows`` are exactly the (merged) pool runs holding the entry's embedding, in token order."""
+        segs = self.pool.segments(entry.blocks, entry.aux.total_tokens)
+        return tuple((s.pool_row, s.length) for s in segs) == rows
+
+    def refuse(self, identity: bytes, pull: wire.Pull, code: ErrorCode, message: str) -> None:
+        """Answer ``pull`` with ERROR; receives it posted early are first paired (``pair_early``)."""
+        self.pair_early(pull)
+        self.outbox.error(identity, pull.transfer_id, pull.seq, code, message)
+
+    def pair_early(self, pull: wire.Pull) -> None:
+        """The receiver posted receives of ``pull.early`` tokens before asking (from the EMBED_REF's rows); a
+        PULL that is not served sends zeros of those lengths, so an ordered channel's pairing still holds and
+        the channel stays usable. Not when the pairing is already gone (unknown channel, out of order)."""
+        if not pull.early or not pull.channel:
+            return
+        link = self.channels.get(pull.channel)
+        if link is None or not link.ordered or link.ops != pull.op_seq:
+            return
+        try:
+            link.wait_ready(self.config.bootstrap_timeout_s)
+            link.send_blank(pull.early)
+        except Exception as exc:
+            self.channels.close(pull.channel, f"cannot pair the early receives: {exc}")
 
     def on_abort(self, identity: bytes, abort: wire.Abort) -> None:
         # A receiver refused with ERROR(in_use) aborts what it could not pull: that must not end the
@@ -185,20 +239,18 @@ class PullServer:
         for item in self._pending:
             entry = self.table.get(item.pull.transfer_id)
             if entry is None:
-                self.outbox.error(
+                self.refuse(
                     item.identity,
-                    item.pull.transfer_id,
-                    item.pull.seq,
+                    item.pull,
                     ErrorCode.NOT_FOUND,
                     "unknown transfer id: the embedding was dropped before it was ready",
                 )
             elif entry.state != TransferState.WAITING_FOR_INPUT:
                 self.serve(item.identity, item.pull, entry)
             elif now >= item.give_up_at:
-                self.outbox.error(
+                self.refuse(
                     item.identity,
-                    item.pull.transfer_id,
-                    item.pull.seq,
+                    item.pull,
                     ErrorCode.TIMEOUT,
                     f"embedding not ready within {self.config.pull_wait_s:.1f}s",
                 )
@@ -214,10 +266,9 @@ class PullServer:
             raise RuntimeError("transfer has no aux record")
         tid, total, cap = pull.transfer_id, aux.total_tokens, pull.capacity_tokens
         if pull.sent_tokens >= total:
-            self.outbox.error(
+            self.refuse(
                 identity,
-                tid,
-                pull.seq,
+                pull,
                 ErrorCode.BAD_REQUEST,
                 f"sent_tokens {pull.sent_tokens} is not below the total {total}",
             )
@@ -229,10 +280,9 @@ class PullServer:
         if pull.count:
             offsets = offsets[: pull.count]
         if (pull.count and len(offsets) != pull.count) or (pull.runs and sum(pull.runs) != cap):
-            self.outbox.error(
+            self.refuse(
                 identity,
-                tid,
-                pull.seq,
+                pull,
                 ErrorCode.BAD_REQUEST,
                 f"count {pull.count} / runs {sum(pull.runs)} do not fit {len(offsets)} chunk(s) "
                 f"of capacity {cap} from token {pull.sent_tokens} of {total}",
@@ -245,23 +295,35 @@ class PullServer:
             self.channels.close(pull.channel, str(exc))
             self.outbox.error(identity, tid, pull.seq, ErrorCode.UNAVAILABLE, str(exc))
             return
+        plans = self._plans(link, pull, entry, offsets, total)
+        first = next(plans)
+        if pull.early and tuple(n for _, n in first.pieces) != pull.early:
+            self.refuse(
+                identity,
+                pull,
+                ErrorCode.BAD_REQUEST,
+                f"early receives {list(pull.early)[:8]} do not match the first chunk's pieces (a stale or forged ref)",
+            )
+            return
         if not self._admit(identity, pull, entry, link, offsets, total):
             return
-        for i, planned in enumerate(self._plans(link, pull, entry, offsets, total)):
+        self._send_chunks(identity, pull, entry, link, itertools.chain((first,), plans))
+
+    def _send_chunks(
+        self, identity: bytes, pull: wire.Pull, entry: Entry, link: SenderLink, plans: Iterator[PlannedChunk]
+    ) -> None:
+        """Per chunk: the link starts moving its pieces, then its CHUNK goes out (with the link's payload)."""
+        aux = entry.aux
+        for i, planned in enumerate(plans):
             try:
                 payload = link.send(planned.pieces)
             except Exception as exc:
                 self.channels.close(pull.channel, f"send failed: {exc}")
                 raise
             pieces = tuple(planned.pieces) if link.names_pieces else ()
+            first_aux = aux if planned.offset == 0 else None
             chunk = wire.Chunk(
-                tid,
-                pull.seq + i,
-                planned.offset,
-                planned.num_tokens,
-                total,
-                aux if planned.offset == 0 else None,
-                pieces,
+                pull.transfer_id, pull.seq + i, planned.offset, planned.num_tokens, aux.total_tokens, first_aux, pieces
             )
             self.outbox.send(identity, chunk, payload)
         event = link.record()
@@ -280,7 +342,7 @@ class PullServer:
             return True
         code, why = refusal
         log.info("%s: PULL of %s (request %s) refused: %s", self.name, pull.transfer_id, entry.request_id, why)
-        self.outbox.error(identity, pull.transfer_id, pull.seq, code, why)
+        self.refuse(identity, pull, code, why)  # receives posted early are paired first
         return False
 
     def _link(self, identity: bytes, pull: wire.Pull) -> SenderLink | None:

@@ -55,6 +55,7 @@ class Entry:
     owner: bytes | None = None
     next_offset: int = 0  # where the owner's next PULL must start: every chunk is sent once
     unread: int = 0  # payload bytes sent to the owner that no later PULL (or DONE/ABORT) confirmed read
+    claimed: bool = False  # a same-GPU receiver is copying the rows (CLAIM): its DONE gets no answer
 
 
 @dataclass(frozen=True)

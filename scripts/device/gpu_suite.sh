@@ -12,7 +12,10 @@
 #   run(kind="nvidia-h100-x2", carry=[".device-bundle", ".whl", ".cache/models/tiny-qwen2-vl"],
 #       command="bash scripts/device/gpu_suite.sh")
 #
-# MM_GPU_STAGES picks stages (default: "env transfer pipeline bench"; "unit" adds the CPU unit tests; "scaleout" the
+# MM_GPU_STAGES picks stages (default: "env transfer pipeline bench"; "transfer1gpu" runs on ONE GPU the same-GPU
+# tests of tests/gpu/test_transfer_gpu.py and scripts/bench_transfer.py --mode one-gpu (files back: gpu1.log,
+# bench1gpu.log, bench_transfer_one_gpu.json, bench_transfer_one_gpu.png; arguments: MM_BENCH1GPU_ARGS; e.g.
+# MM_GPU_STAGES="env transfer1gpu" on nvidia-h200); "unit" adds the CPU unit tests; "scaleout" the
 # split-server / M x N instance oracle on GPUs, tests/gpu/test_scaleout_gpu.py; "bench2b" builds a random-weights
 # Qwen2-VL-2B-size checkpoint here (mm_models.sized, in the background from the start) and runs
 # scripts/bench_pipeline.py on it: mm_pipeline encoder GPU 0 / language GPU 1 vs mm_monolithic on GPU 0; its
@@ -132,6 +135,14 @@ PYTEST=($PY -m pytest -p no:cacheprovider -ra -o faulthandler_timeout=240)
 
 if has transfer; then
     stage transfer 150 gpu.log "${PYTEST[@]}" tests/gpu/test_transfer_gpu.py -v
+fi
+if has transfer1gpu; then
+    # ONE GPU (nvidia-h200): the same-GPU tests of tests/gpu/test_transfer_gpu.py (the NCCL ones need two GPUs) and
+    # the one-GPU benchmark (CUDA IPC pull vs a raw device-to-device copy, 1-256 MiB); ~4 minutes in all
+    stage transfer1gpu 130 gpu1.log "${PYTEST[@]}" tests/gpu/test_transfer_gpu.py -v   # the 2-GPU cases skip themselves
+    stage transfer1gpu-bench 110 bench1gpu.log $PY scripts/bench_transfer.py --mode one-gpu --out "$OUT" \
+        ${MM_BENCH1GPU_ARGS:---iters 20 --warmup 3}
+    tail -12 "$OUT/bench1gpu.log" | tee -a "$OUT/suite.log"
 fi
 if has pipeline; then
     stage pipeline 200 pipeline.log "${PYTEST[@]}" tests/gpu/test_pipeline_gpu.py -v

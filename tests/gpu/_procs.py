@@ -16,7 +16,8 @@ def embedding_for(seed: int, tokens: int, hidden: int, dtype: torch.dtype) -> to
 
 
 def gpu_sender_main(commands, replies, config, blocks: int, hidden: int, dtype_name: str, device: str) -> None:
-    """Commands: ("register", seed, tokens) -> ref json; ("register_fast", tokens) -> ref json (random
+    """Commands: ("register", seed, tokens) -> ref json (naming the pool rows when they fit); ("reserve_fill",
+    seed, tokens) -> ref json without rows; ("register_fast", tokens) -> ref json (random
     data made on the GPU, for benchmarks); ("fragment", seed) -> held blocks; ("used",) -> used blocks;
     ("nccl_send", nbytes, nccl_id_hex) raw NCCL reference, see bench; ("stop",) -> used blocks."""
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -37,6 +38,11 @@ def gpu_sender_main(commands, replies, config, blocks: int, hidden: int, dtype_n
             if cmd[0] == "register":
                 data = embedding_for(cmd[1], cmd[2], hidden, dtype).to(device)
                 ref = sender.register(data, {"grid_thw": [1, 2, cmd[2]]}, request_id=f"seed-{cmd[1]}")
+                replies.put(("ok", ref.to_json()))
+            elif cmd[0] == "reserve_fill":  # a ref without rows (published before the embedding was written)
+                data = embedding_for(cmd[1], cmd[2], hidden, dtype).to(device)
+                ref = sender.reserve(f"seed-{cmd[1]}", cmd[2])
+                sender.fill(ref.transfer_id, data, {"grid_thw": [1, 2, cmd[2]]})
                 replies.put(("ok", ref.to_json()))
             elif cmd[0] == "register_fast":
                 data = torch.randn(cmd[1], hidden, device=device, dtype=torch.float32).to(dtype)

@@ -2,6 +2,11 @@
 GPU 1 (NCCL) and on GPU 0 (CUDA IPC). Bit-exact reassembly for bf16 and fp16, continuations of 1, 2
 and many chunks, both landing modes, fragmented pools on both sides, concurrency, clear errors.
 
+Protocol 3: a registered embedding's EMBED_REF names its pool rows: on the same GPU the receiver CLAIMs
+them and copies from the mapped pool at once (no PULL: no ``sent`` phase), the sender ACKing only its own
+transfer's rows, then sends DONE; over NCCL the first window's receives are posted right after the PULL. Refs without
+rows (``reserve`` + ``fill``) still take the PULL path. On one GPU the NCCL cases skip themselves.
+
 Skipped without CUDA (tests/conftest.py); the NCCL cases skip with fewer than two GPUs."""
 
 from __future__ import annotations
@@ -13,7 +18,18 @@ import threading
 import pytest
 import torch
 
-from mmtransfer import BlockPool, EmbedRef, Receiver, TransferConfig, TransportUnavailable, dtype_from_name
+from mmtransfer import (
+    BlockPool,
+    EmbedRef,
+    ProtocolError,
+    Receiver,
+    RemoteError,
+    TransferConfig,
+    TransferError,
+    TransportUnavailable,
+    dtype_from_name,
+)
+from mmtransfer.ref import new_transfer_id
 
 from ._procs import SenderProcess, embedding_for
 
@@ -113,6 +129,8 @@ def test_bit_exact_reassembly(sender, receivers, transport, landing, name):
     expected = embedding_for(tokens, tokens, HIDDEN, dtype_from_name(sender.dtype))
     assert torch.equal(got.embedding.cpu().view(torch.int16), expected.view(torch.int16)), "bytes differ"
     chunks = -(-tokens // WINDOW)
+    if transport == "cuda_ipc" and ref.ready:  # copied at once from the mapped pool: no PULL was sent
+        assert "sent" not in got.timings and "acked" in got.timings
     assert got.record.transport == transport
     assert got.record.chunks == chunks and got.record.continuations == chunks - 1
     assert got.aux.extras == {"grid_thw": [1, 2, tokens]}
@@ -177,3 +195,65 @@ def test_pool_lives_on_the_instance_gpu(sender):
         assert rx.pool.storage.device == torch.device("cuda:0")
     finally:
         _close(rx)
+
+
+def _expected(sender, seed: int, tokens: int) -> torch.Tensor:
+    return embedding_for(seed, tokens, HIDDEN, dtype_from_name(sender.dtype)).view(torch.int16)
+
+
+@pytest.mark.parametrize("landing", ["direct", "window"])
+def test_same_gpu_ready_ref_is_copied_at_once_with_no_pull(sender, receivers, landing):
+    rx = receivers("cuda_ipc", sender.dtype, landing)
+    rx.pull(EmbedRef.from_json(sender.call("register", 1, 10)))  # the channel exists: the pool is mapped
+    for seed, tokens in ((21, 700), (22, 2500)):  # one chunk; three chunks at the 1024-token window
+        ref = EmbedRef.from_json(sender.call("register", seed, tokens))
+        assert ref.ready and sum(n for _, n in ref.rows) == tokens  # 6 and 20 blocks: their runs fit the ref
+        got = rx.pull(ref)
+        assert torch.equal(got.embedding.cpu().view(torch.int16), _expected(sender, seed, tokens))
+        assert "sent" not in got.timings and {"first_chunk", "ready", "acked"} <= set(got.timings)
+        assert got.record.chunks == -(-tokens // WINDOW) and got.aux.extras == {"grid_thw": [1, 2, tokens]}
+    assert sender.call("used") == 0
+
+
+@pytest.mark.parametrize("transport", ["nccl", "cuda_ipc"])
+def test_ref_without_rows_takes_the_pull_path(sender, receivers, transport):
+    _need(transport)
+    rx = receivers(transport, sender.dtype, "window")
+    ref = EmbedRef.from_json(sender.call("reserve_fill", 31, 1500))
+    assert not ref.ready
+    got = rx.pull(ref)
+    assert torch.equal(got.embedding.cpu().view(torch.int16), _expected(sender, 31, 1500))
+    assert "sent" in got.timings and got.record.chunks == 2
+    assert sender.call("used") == 0
+
+
+def test_same_gpu_forged_rows_get_nothing(sender, receivers):
+    """Rows of another transfer: the sender does not ACK the CLAIM, the pull fails; rows outside the mapped pool:
+    refused before anything is read. The failed pulls ABORT what they named: everything is freed."""
+    rx = receivers("cuda_ipc", sender.dtype, "direct")
+    victim = EmbedRef.from_json(sender.call("register", 41, 256))
+    mine = EmbedRef.from_json(sender.call("register", 42, 256))
+    with pytest.raises(RemoteError, match="not this transfer's blocks"):
+        rx.pull(EmbedRef(mine.transfer_id, mine.address, 256, rows=victim.rows, aux=mine.aux))
+    with pytest.raises(ProtocolError, match="outside the sender's pool"):
+        rx.pull(EmbedRef(victim.transfer_id, victim.address, 256, rows=((1 << 30, 256),), aux=victim.aux))
+    with pytest.raises(TransferError, match="unknown transfer id"):
+        rx.pull(EmbedRef(new_transfer_id(), mine.address, 256, rows=mine.rows, aux=mine.aux))
+    assert sender.call("used") == 0
+    ref = EmbedRef.from_json(sender.call("register", 43, 300))
+    assert torch.equal(rx.pull(ref).embedding.cpu().view(torch.int16), _expected(sender, 43, 300))
+
+
+def test_nccl_refused_early_pull_keeps_the_channel(sender, receivers):
+    """Receives posted early for a PULL the sender refuses are paired with zeros: the channel stays usable."""
+    _need("nccl")
+    rx = receivers("nccl", sender.dtype, "direct")
+    ref = EmbedRef.from_json(sender.call("register", 51, 900))
+    assert torch.equal(rx.pull(ref).embedding.cpu().view(torch.int16), _expected(sender, 51, 900))
+    channel = rx.link_for(ref.address)
+    ref = EmbedRef.from_json(sender.call("register", 52, 900))
+    with pytest.raises(TransferError, match="unknown transfer id"):
+        rx.pull(EmbedRef(new_transfer_id(), ref.address, 900, rows=ref.rows, aux=ref.aux))
+    assert rx.link_for(ref.address) is channel and not channel.broken
+    assert torch.equal(rx.pull(ref).embedding.cpu().view(torch.int16), _expected(sender, 52, 900))
+    assert sender.call("used") == 0

@@ -123,6 +123,8 @@ def _valid_examples():
         wire.BootstrapAck(TID, "nccl", "cuda", "GPU-2", "host/boot", nccl_id="0f" * 128),
         wire.BootstrapAck(TID, "cuda_ipc", "cuda", "GPU-2", "host/boot", ipc=ipc),
         wire.Close(TID, "gone"),
+        wire.Pull(TID, 0, 0, 64, "nccl", "r", channel=TID, count=0, runs=(8, 56), op_seq=2, early=(8, 40, 16)),
+        wire.Claim(TID, 0, rows=((0, 40), (96, 24))),
     ]
 
 
@@ -160,7 +162,7 @@ def test_every_truncation_of_every_message_is_refused(msg):
             wire.decode(frame[:cut])
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, 255])
 @pytest.mark.parametrize("msg", VALID[:1] + VALID[8:10], ids=lambda m: type(m).__name__)
 def test_wrong_versions_are_refused(msg, version):
     frame = bytearray(wire.encode(msg))

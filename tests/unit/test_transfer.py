@@ -291,6 +291,7 @@ def _raw_exchange(address: str, frames: list[bytes], expect_reply: bool = True):
         b"garbage",
         b"MMTX\x01\x01{}",
         b"MMTX\x02\x01{}",
+        b"MMTX\x03\x01{}",
         b"MMTX\x01\x09{}",
         b"\x00" * 70000,
         wire.encode(wire.Ack(new_transfer_id(), 0)),
@@ -299,8 +300,9 @@ def _raw_exchange(address: str, frames: list[bytes], expect_reply: bool = True):
 def test_endpoint_answers_garbage_with_error_and_keeps_serving(pair, frame):
     sender, receiver = pair
     reply = _raw_exchange(sender.address, [frame])
-    # a frame of protocol version 1 (the previous release) is told so, not just "bad request"
-    expected = wire.ErrorCode.VERSION if frame.startswith(b"MMTX\x01") else wire.ErrorCode.BAD_REQUEST
+    # a frame of an earlier protocol version (1, 2) is told so, not just "bad request"
+    old = frame.startswith((b"MMTX\x01", b"MMTX\x02"))
+    expected = wire.ErrorCode.VERSION if old else wire.ErrorCode.BAD_REQUEST
     assert isinstance(reply, wire.Error) and reply.code == expected
     data = torch.randn(9, HIDDEN)
     assert torch.equal(receiver.pull(sender.register(data)).embedding, data)

@@ -62,6 +62,11 @@ class SenderLink(ABC):
         """Start moving one chunk's pieces; return the payload frames that ride on its CHUNK (none
         when the bytes move out of band)."""
 
+    def send_blank(self, lengths: Sequence[int]) -> None:
+        """Send zeros of these token lengths as one chunk (counted in ``ops``): they pair the receives a
+        receiver posted early (``Pull.early``) for a PULL that is not served. Only ordered links need it."""
+        self.ops += 1
+
     def record(self) -> Any:
         """An event that completes once everything sent so far stopped reading the pool, or None
         when nothing is in flight (the blocks may be freed at once)."""
@@ -82,6 +87,12 @@ class ReceiverLink(ABC):
     """The PULL carries the window's runs and each CHUNK its pieces (see ``SenderLink.names_pieces``)."""
     has_channel: ClassVar[bool] = True
     """Opened by BOOTSTRAP and named in every PULL; a failure on it gives it up (the next pull reopens)."""
+    reads_pool: ClassVar[bool] = False
+    """The receiver reads the sender's pool itself (CUDA IPC): given an EMBED_REF's rows it CLAIMs them (the
+    sender authorizes) and copies at once, then sends DONE; no PULL, no CHUNK."""
+    posts_early: ClassVar[bool] = False
+    """Given an EMBED_REF's rows, the first chunk's receives are posted right after the PULL, before its
+    CHUNK arrives (NCCL: the bytes move as soon as the sender posts the matching sends)."""
 
     def __init__(self, link_id: str, pool: BlockPool, address: str) -> None:
         self.link_id = link_id
@@ -118,6 +129,11 @@ class ReceiverLink(ABC):
     def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
         """Enqueue the landing of one chunk on ``stream``: piece i goes to ``dests[i]`` (links that do
         not name pieces get ``pieces=()`` and fill ``dests`` in order), from ``frames`` or out of band."""
+
+    def adopt(self, frames: Sequence[Any], tokens: int) -> torch.Tensor | None:
+        """The whole embedding as a view of its payload frames, when this link can hand that out without a
+        copy (the host link, into a CPU pool); None: land it with ``post``."""
+        return None
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (bounded) for everything enqueued on ``stream``; False if it did not finish in time."""

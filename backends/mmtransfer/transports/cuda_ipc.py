@@ -1,9 +1,12 @@
 """Same-GPU link: the receiver maps the sender's pool once (CUDA IPC) and copies pieces
 device-to-device on its own stream. NCCL cannot serve this case: it refuses two ranks on one GPU.
 
-The sender moves nothing: a CHUNK names the pool rows (pieces) the receiver copies from.
-The sender's blocks stay allocated until DONE or ABORT, and the receiver sends either only
-after its copies completed (``drain``), so a block is never reused under a reader.
+The sender moves nothing: the EMBED_REF (protocol 3) or a CHUNK names the pool rows (pieces) the
+receiver copies from; with the ref's rows the receiver sends a CLAIM naming them and copies at once,
+handing the embedding out only once the sender ACKed that they are that transfer's blocks (every row is
+also bounds-checked against the mapped pool here), then sends DONE. The sender's blocks stay allocated
+until DONE or ABORT, and the receiver sends either only after its copies completed (``drain``), so a
+block is never reused under a reader.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from ..enums import Transport
-from ..errors import ChannelError, TransferError
+from ..errors import ChannelError, ProtocolError, TransferError
 from ..pool import DTYPE_NAMES, BlockPool, dtype_from_name
 from .base import Pieces, ReceiverLink, SenderLink
 from .streams import use_stream
@@ -135,6 +138,7 @@ class IpcSenderLink(SenderLink):
 
 class IpcReceiverLink(ReceiverLink):
     kind = Transport.CUDA_IPC
+    reads_pool = True
 
     def __init__(self, link_id: str, pool: BlockPool, address: str, ipc: dict[str, Any]) -> None:
         super().__init__(link_id, pool, address)
@@ -165,8 +169,8 @@ class IpcReceiverLink(ReceiverLink):
     def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
         src = self.source
         for row, n in pieces:
-            if row + n > self.source_rows:
-                raise ChannelError(
+            if row + n > self.source_rows:  # a forged ref or CHUNK: refused before anything is read
+                raise ProtocolError(
                     f"cuda_ipc: piece rows [{row}, {row + n}) outside the sender's pool of {self.source_rows} rows"
                 )
         with use_stream(self.stream):

@@ -2,7 +2,9 @@
 payload frame after the CHUNK header. Works between any two processes and hosts, no GPU needed.
 
 There is no channel: a receiver whose pool is on the CPU never bootstraps, and every host PULL
-asks for one chunk (the window bounds the bytes in flight) which lands in the window's blocks.
+asks for one chunk (the window bounds the bytes in flight). The control path is kept lean: the
+receiver takes the payload frame without copying it out of ZeroMQ and copies it once, straight into
+the assembled embedding (no landing in the window's blocks and gathering out of them).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ..enums import Landing, Transport
@@ -48,7 +51,7 @@ class HostReceiverLink(ReceiverLink):
         return cls("", pool, address)
 
     def landing(self, configured: Landing) -> Landing:
-        return Landing.WINDOW
+        return Landing.DIRECT  # the payload frame is the landing buffer: one copy, into the embedding
 
     def payload_bytes(self, capacity_tokens: int) -> int:
         return capacity_tokens * self.pool.bytes_per_token
@@ -64,12 +67,30 @@ class HostReceiverLink(ReceiverLink):
             raise ProtocolError(
                 f"host link: expected one payload frame of {expected} bytes, got {[len(f) for f in frames]}"
             )
+        if pool.device.type == "cpu":
+            # numpy copies from the read-only frame without a staging copy (bfloat16 moves as bytes)
+            src, start = np.frombuffer(frames[0], dtype=np.uint8), 0
+            for dst in dests:
+                flat = dst.view(torch.uint8).numpy().reshape(-1)
+                np.copyto(flat, src[start : start + flat.size])
+                start += flat.size
+            return
         data = torch.frombuffer(bytearray(frames[0]), dtype=pool.dtype).view(tokens, pool.hidden).to(pool.device)
         token = 0
         for dst in dests:
             n = int(dst.shape[0])
             dst.copy_(data[token : token + n], non_blocking=True)
             token += n
+
+    def adopt(self, frames: Sequence[Any], tokens: int) -> torch.Tensor | None:
+        """A one-chunk embedding into a CPU pool is the received payload itself: a writable view of the
+        ZeroMQ message (it lives as long as the tensor does), no copy at all."""
+        pool = self.pool
+        if pool.device.type != "cpu" or len(frames) != 1 or not isinstance(frames[0], memoryview):
+            return None
+        if frames[0].readonly or frames[0].nbytes != tokens * pool.bytes_per_token:
+            return None  # a wrong size is refused by ``post``
+        return torch.frombuffer(frames[0], dtype=pool.dtype).view(tokens, pool.hidden)
 
     def drain(self, timeout_s: float) -> bool:
         return True  # nothing is enqueued out of band

@@ -13,6 +13,11 @@ reaches the receiver before it posts, so a receive is never posted for bytes tha
 NCCL pairs sends and receives by order, so the link is ``ordered``: every chunk counts as one
 operation (``ops``), the PULL carries the receiver's count and the sender refuses a PULL whose
 count differs from its own instead of pairing the wrong bytes.
+
+Early receives (protocol 3): with an EMBED_REF naming the embedding's rows, the receiver derives the
+first chunk's pieces itself (``wire.chunk_pieces``, as the sender does), posts their receives right after
+its PULL and says so (``Pull.early``); the sender posts the matching sends when the PULL arrives, or zeros
+of the same lengths (``send_blank``) when it refuses the PULL, so the pairing holds either way.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class NcclSenderLink(SenderLink):
         self._sptr = int(self.stream.cuda_stream)
         self._bpt = pool.bytes_per_token
         self.comm: nccl_lib.ncclComm_t | None = None
+        self._blank: torch.Tensor | None = None  # zeros paired with early receives of a refused PULL
         self._timeout_s = timeout_s
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -112,6 +118,22 @@ class NcclSenderLink(SenderLink):
         self.ops += 1
         return []
 
+    def send_blank(self, lengths: Sequence[int]) -> None:
+        """Zeros from a scratch buffer of this link (never pool rows: a refused receiver gets no one's data)."""
+        need = max(lengths) * self._bpt
+        if self._blank is None or self._blank.numel() < need:
+            with use_device(self.device):
+                self._blank = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            self.stream.wait_stream(current_stream(self.device))
+        lib, comm, sptr, ptr = self.lib, self.comm, self._sptr, self._blank.data_ptr()
+        lib.group_start()
+        try:
+            for n in lengths:
+                lib.send(ptr, n * self._bpt, RECEIVER_RANK, comm, sptr)
+        finally:
+            lib.group_end()
+        self.ops += 1
+
     def record(self) -> Any:
         return record_event(self.stream, self.device)
 
@@ -122,6 +144,7 @@ class NcclSenderLink(SenderLink):
 
 class NcclReceiverLink(ReceiverLink):
     kind = Transport.NCCL
+    posts_early = True
 
     def __init__(
         self, link_id: str, pool: BlockPool, address: str, nccl_id_hex: str = "", timeout_s: float = 0.0

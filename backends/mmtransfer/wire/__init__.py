@@ -13,6 +13,7 @@ from .messages import (
     Bootstrap,
     BootstrapAck,
     Chunk,
+    Claim,
     Close,
     Done,
     Error,
@@ -21,7 +22,7 @@ from .messages import (
     Pull,
     printable,
 )
-from .pieces import check_pieces, chunk_plan, chunk_tokens, split_pieces
+from .pieces import check_pieces, chunk_pieces, chunk_plan, chunk_tokens, merge_runs, slice_runs, split_pieces
 
 __all__ = [
     "AUTH_FLAG",
@@ -41,6 +42,7 @@ __all__ = [
     "Bootstrap",
     "BootstrapAck",
     "Chunk",
+    "Claim",
     "Close",
     "Done",
     "Error",
@@ -50,11 +52,14 @@ __all__ = [
     "Pull",
     "TransferState",
     "check_pieces",
+    "chunk_pieces",
     "chunk_plan",
     "chunk_tokens",
     "decode",
     "encode",
     "mac_key",
+    "merge_runs",
     "printable",
+    "slice_runs",
     "split_pieces",
 ]

@@ -24,8 +24,11 @@ from ..errors import AuthenticationError, ProtocolError, VersionMismatch
 from .messages import BY_TYPE, Chunk, Message
 
 MAGIC = b"MMTX"
-# 2: typed error codes (unknown_channel), pieces on every GPU-link CHUNK; version 1 peers get a version error
-PROTOCOL_VERSION = 2
+# 2: typed error codes (unknown_channel), pieces on every GPU-link CHUNK
+# 3: the EMBED_REF of a ready embedding carries its pool rows and aux (no round trip before the copy), PULL
+#    ``early`` (receives posted before the CHUNK), CLAIM (the rows a same-GPU receiver copies with no PULL).
+#    Frames of other versions are answered ERROR(version).
+PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024
 HEADER = struct.Struct("!4sBB")
 AUTH_FLAG = 0x80  # set in the type byte of an authenticated frame

@@ -18,6 +18,12 @@ GPU links add a bootstrap pair, once per (sender endpoint, receiver) channel::
     S: BOOTSTRAP_ACK(channel, chosen transport, S's device, ncclUniqueId | CUDA IPC handle)  -> R
     R: CLOSE(channel, reason)  -> S   (the receiver gives a broken channel up; no answer)
 
+A same-GPU receiver holding an EMBED_REF with rows sends no PULL (protocol 3)::
+
+    R: CLAIM(tid, rows)  -> S ; R copies the rows from the mapped pool meanwhile
+    S: ACK(tid)  -> R   (or ERROR: the rows are not tid's blocks)
+    R: DONE(tid) -> S ; S frees its blocks (no answer)
+
 and their PULLs name the channel, ask for every chunk at once (``count=0``), carry the window's
 runs and the channel's operation count; their CHUNKs name the pieces the bytes move in.
 """
@@ -46,6 +52,7 @@ class MsgType(IntEnum):
     BOOTSTRAP = 7
     BOOTSTRAP_ACK = 8
     CLOSE = 9
+    CLAIM = 10
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,10 @@ class Pull:
     ``count`` is how many consecutive chunks this PULL asks for, each answered by its own CHUNK
     (0 = all of them: a GPU link's pipelined pull); ``runs`` the receiver window's contiguous
     run lengths (the sender cuts pieces at the union of both sides' boundaries); ``op_seq`` the
-    channel's operation count (NCCL pairs sends and receives by order)."""
+    channel's operation count (NCCL pairs sends and receives by order); ``early`` the token lengths of the
+    receives the receiver already posted for the first chunk, from the EMBED_REF's rows (the sender posts
+    exactly these sends first: when it cannot serve the PULL it sends zeros of these lengths, so the
+    channel's pairing holds)."""
 
     TYPE: ClassVar[MsgType] = MsgType.PULL
     SCHEMA: ClassVar[dict] = {
@@ -107,8 +117,9 @@ class Pull:
         "count": f.integer(0, f.MAX_CHUNKS_PER_PULL),
         "runs": f.runs,
         "op_seq": f.integer(0, 1 << 62),
+        "early": f.runs,
     }
-    OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0}
+    OPTIONAL: ClassVar[dict] = {"channel": "", "count": 1, "runs": (), "op_seq": 0, "early": ()}
     transfer_id: str
     seq: int
     sent_tokens: int
@@ -119,6 +130,7 @@ class Pull:
     count: int = 1
     runs: tuple[int, ...] = ()
     op_seq: int = 0
+    early: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,10 +161,27 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Done:
+    """The receiver has everything: the sender frees the blocks and answers ACK (not after a CLAIM: the
+    receiver of a claimed transfer does not wait for one)."""
+
     TYPE: ClassVar[MsgType] = MsgType.DONE
     SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ}
     transfer_id: str
     seq: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A same-GPU receiver is copying ``rows`` ((pool row, length) runs, the EMBED_REF's) straight from the
+    mapped pool, with no PULL. Sent before the copy starts, so its answer overlaps the copy: ACK if the rows
+    are exactly this transfer's blocks (the receiver hands the embedding out only then), else ERROR; a
+    claimed transfer is freed by its DONE, which gets no answer."""
+
+    TYPE: ClassVar[MsgType] = MsgType.CLAIM
+    SCHEMA: ClassVar[dict] = {"transfer_id": f.transfer_id, "seq": f.SEQ, "rows": f.pieces}
+    transfer_id: str
+    seq: int
+    rows: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -247,9 +276,9 @@ class Close:
     reason: str
 
 
-Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close]
+Message = Union[Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close, Claim]
 BY_TYPE: dict[int, type] = {
-    cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close)
+    cls.TYPE: cls for cls in (Pull, Chunk, Done, Ack, Abort, Error, Bootstrap, BootstrapAck, Close, Claim)
 }
 
 

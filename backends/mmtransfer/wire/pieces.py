@@ -72,3 +72,36 @@ def check_pieces(pieces: Sequence[tuple[int, int]], num_tokens: int, dst_runs: S
         if ci < len(cuts) and token + n > cuts[ci]:
             raise ProtocolError(f"chunk piece [{token}, {token + n}) crosses a receiver block boundary at {cuts[ci]}")
         token += n
+
+
+def merge_runs(runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(pool row, length) runs in token order with neighbours that continue each other joined."""
+    out: list[tuple[int, int]] = []
+    for row, n in runs:
+        if out and out[-1][0] + out[-1][1] == row:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((row, n))
+    return out
+
+
+def slice_runs(runs: Sequence[tuple[int, int]], offset: int, num_tokens: int) -> list[tuple[int, int]]:
+    """The (pool row, length) runs holding tokens ``[offset, offset + num_tokens)`` of an embedding whose
+    tokens lie in ``runs`` (token order); a range outside them is a ProtocolError."""
+    out, token, end = [], 0, offset + num_tokens
+    for row, n in runs:
+        lo, hi = max(offset, token), min(end, token + n)
+        if lo < hi:
+            out.append((row + lo - token, hi - lo))
+        token += n
+    if offset < 0 or num_tokens < 1 or end > token:
+        raise ProtocolError(f"tokens [{offset}, {end}) are not inside runs of {token} tokens")
+    return out
+
+
+def chunk_pieces(
+    rows: Sequence[tuple[int, int]], offset: int, num_tokens: int, dst_runs: Sequence[int], limit: int = MAX_PIECES
+) -> list[tuple[int, int]]:
+    """The pieces of the chunk at ``offset``: what the sender derives from its blocks and a receiver from
+    an EMBED_REF's rows (the same function over the same data, so both sides agree without a message)."""
+    return split_pieces(slice_runs(rows, offset, num_tokens), dst_runs, limit)
