@@ -28,6 +28,7 @@ MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "max_request_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
     "max_image_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
     "max_inflight": ("mm_pipeline", "mm_pipeline_stream"),
+    "pass_cancellation": ("mm_pipeline", "mm_pipeline_stream"),  # mm_triton.cancel_board
     "internal_access": ("mm_encoder", "mm_language", "mm_language_stream"),  # mm_triton.access
     "trusted_encoders": ("mm_language", "mm_language_stream"),  # mm_language.trust
     "encoder_urls": ("mm_pipeline (language server)",),

@@ -83,6 +83,8 @@ class PipelineModel(ModelBase):
         self._closing = False
         self._monitor = StepMonitor(self.pb_utils)
         self._board = CancelBoard.of_this_server()
+        # off by default: the monitor thread asking is_cancelled() beside the workers is unverified on a GPU
+        self._pass_cancellation = self.int_param("pass_cancellation", 0) != 0
         log.info(
             "%s: %s -> %s, at most %d requests in flight",
             self.instance_name,
@@ -167,7 +169,9 @@ class PipelineModel(ModelBase):
             return
         cancel_key = new_cancel_key()
         language = self._language_request(request, request_id, encoded, token, cancelled, cancel_key)
-        watch = {"cancelled": probe, "on_cancel": lambda: self._board.post(cancel_key)}  # the monitor guards it
+        watch = {}
+        if self._pass_cancellation:  # the monitor asks is_cancelled() under the answer's lock
+            watch = {"cancelled": probe, "on_cancel": lambda: self._board.post(cancel_key)}
         try:
             if self.decoupled:
                 self._relay_stream(language, answer, watch)

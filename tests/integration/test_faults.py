@@ -48,6 +48,7 @@ ENV = {
     "MM_SHARED_SECRET": secrets.token_hex(16),
     "MM_TRUSTED_ENCODERS": "127.0.0.2:*",  # the dead and silent endpoints below (mm_language refuses strangers)
     "MM_MAX_TOKENS_LIMIT": "4096",  # long generations to give up in
+    "MM_PASS_CANCELLATION": "1",  # a cancel during generation is passed on (off by default)
     # test-only: while this file exists, the models it names hang in execute() (mm_triton.heartbeat)
     "MM_TEST_HANG_FILE": f"/tmp/mm-test-hang-{os.getpid()}",
 }
