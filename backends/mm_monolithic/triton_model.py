@@ -8,26 +8,14 @@ from typing import Any
 from mm_engine.api import GenerationRequest
 from mm_triton.bounds import RequestBounds, check_request
 from mm_triton.engine_model import EngineModel
-from mm_triton.generation_inputs import read_generation_inputs
+from mm_triton.generation_inputs import GENERATION_INPUT_NAMES, read_generation_inputs
 from mm_triton.image_budget import ResizedImagesCounter
 from mm_triton.phases import Phase, PhaseClock
 from mm_triton.tensors import bytes_list
 
 from .service import DEFAULT_MAX_IMAGE_PIXELS, MonolithicService
 
-INPUTS = (
-    "IMAGE",
-    "PROMPT",
-    "MESSAGES",
-    "MAX_TOKENS",
-    "TEMPERATURE",
-    "TOP_P",
-    "TOP_K",
-    "SEED",
-    "STOP",
-    "TIMEOUT_MS",
-    "IGNORE_EOS",
-)
+INPUTS = ("IMAGE", *GENERATION_INPUT_NAMES)
 
 
 class MonolithicModelTriton(EngineModel):

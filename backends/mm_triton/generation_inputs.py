@@ -29,6 +29,19 @@ from .tensors import one_string, optional_bool, optional_float, optional_int, op
 
 DEFAULT_MAX_PROMPT_BYTES = 128 * 1024
 MAX_TIMEOUT_MS = 3_600_000
+#: The inputs above, as every model taking them declares them (the pipelines forward exactly these).
+GENERATION_INPUT_NAMES = (
+    "PROMPT",
+    "MESSAGES",
+    "MAX_TOKENS",
+    "TEMPERATURE",
+    "TOP_P",
+    "TOP_K",
+    "SEED",
+    "STOP",
+    "TIMEOUT_MS",
+    "IGNORE_EOS",
+)
 
 
 @dataclass(frozen=True)

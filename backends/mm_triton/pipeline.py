@@ -37,25 +37,14 @@ from .bls import forwarded_error
 from .bounds import RequestBounds, check_request
 from .cancel_board import CANCEL_KEY_INPUT, CancelBoard, new_cancel_key
 from .errors import triton_error
-from .generation_inputs import InputLimits, read_generation_inputs
+from .generation_inputs import GENERATION_INPUT_NAMES, InputLimits, read_generation_inputs
 from .inflight import Answer, StepMonitor
 from .model_base import ModelBase
 from .sinks import ERROR_OUTPUT, ERRORS_INBAND_INPUT
 
 log = logging.getLogger(__name__)
 
-LANGUAGE_INPUTS = (
-    "PROMPT",
-    "MESSAGES",
-    "MAX_TOKENS",
-    "TEMPERATURE",
-    "TOP_P",
-    "TOP_K",
-    "SEED",
-    "STOP",
-    "TIMEOUT_MS",
-    "IGNORE_EOS",
-)
+LANGUAGE_INPUTS = GENERATION_INPUT_NAMES
 PIPELINE_INPUTS = ("IMAGE",) + LANGUAGE_INPUTS
 OUTPUTS = ("TEXT", "TOKEN_IDS", "FINISH_REASON", "PROMPT_TOKENS", "COMPLETION_TOKENS", "IMAGE_TOKENS")
 DEFAULT_MAX_INFLIGHT = 256
