@@ -16,7 +16,8 @@ answer later through the response sender, as ``mm_language`` does), so requests 
 ``max_inflight`` (parameter / ``MM_MAX_INFLIGHT``, default 256) are in flight per instance, more are refused at
 once with UNAVAILABLE (queue_full). A cancellation seen before the encoder step stops the request there; one
 seen after it makes ``mm_language`` free the embeddings at once (``MM_ABANDON``); one during the language step is
-passed on through the :mod:`mm_triton.cancel_board` (the generation ends at its next decode step). A step whose
+passed on through the :mod:`mm_triton.cancel_board` when ``pass_cancellation`` is on (the generation ends at its
+next decode step; off by default, see the README; off, the language step gets no key). A step whose
 stub dies fails the request with UNAVAILABLE (stub_died) at once (:mod:`mm_triton.inflight`); Triton 2.51 would
 never answer it.
 """
@@ -156,10 +157,11 @@ class PipelineModel(ModelBase):
         if encoded.has_error():
             answer.send(pb.InferenceResponse(error=forwarded_error(pb, encoded.error())), final=True)
             return
-        cancel_key = new_cancel_key()
+        # Without pass_cancellation the language step gets no key: it then watches no board file per step.
+        cancel_key = new_cancel_key() if self._pass_cancellation else None
         language = self._language_request(request, request_id, encoded, token, cancelled, cancel_key)
         watch = {}
-        if self._pass_cancellation:  # the monitor asks is_cancelled() under the answer's lock
+        if cancel_key is not None:  # the monitor asks is_cancelled() under the answer's lock
             watch = {"cancelled": probe, "on_cancel": lambda: self._board.post(cancel_key)}
         try:
             if self.decoupled:
@@ -171,16 +173,18 @@ class PipelineModel(ModelBase):
                 pb.InferenceResponse(output_tensors=[] if error else reply.output_tensors(), error=error), final=True
             )
         finally:
-            self._board.clear(cancel_key)
+            if cancel_key is not None:
+                self._board.clear(cancel_key)
 
     def _language_request(
-        self, request: Any, request_id: str, encoded: Any, token: Any, cancelled: Any, cancel_key: str
+        self, request: Any, request_id: str, encoded: Any, token: Any, cancelled: Any, cancel_key: str | None
     ) -> Any:
         """The BLS request of the language step: the refs, the client's generation inputs, the internal ones."""
         pb = self.pb_utils
         inputs = [pb.get_output_tensor_by_name(encoded, "EMBED_REF"), token]
         inputs += [t for t in (pb.get_input_tensor_by_name(request, n) for n in LANGUAGE_INPUTS) if t is not None]
-        inputs.append(pb.Tensor(CANCEL_KEY_INPUT, np.array([cancel_key.encode()], dtype=np.object_)))
+        if cancel_key is not None:
+            inputs.append(pb.Tensor(CANCEL_KEY_INPUT, np.array([cancel_key.encode()], dtype=np.object_)))
         wanted = [n for n in request.requested_output_names() if n in OUTPUTS] or list(OUTPUTS)
         if cancelled():  # mm_language ABORTs the embeddings at once (not after the encoder's ttl_s)
             inputs.append(pb.Tensor(ABANDON_INPUT, np.array([True])))
