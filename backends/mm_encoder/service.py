@@ -59,6 +59,20 @@ def _check_config(name: str, config: TransferConfig, encode_threads: int) -> Non
         )
 
 
+def _make_pool(config: TransferConfig, vision: VisionEncoder, device: str, name: str) -> BlockPool:
+    """The encoder's block pool, shaped by the transfer config and the tower's output."""
+    return BlockPool(
+        config.pool_blocks,
+        config.block_tokens,
+        vision.hidden_size,
+        vision.dtype,
+        device,
+        block_allocator=config.use_block_allocator,
+        slot_blocks=config.max_embed_blocks,
+        name=f"{name}-pool",
+    )
+
+
 class EncoderService:
     """Owns the vision tower, this instance's block pool and its sender endpoint."""
 
@@ -92,16 +106,7 @@ class EncoderService:
         self.geometry = geometry or ImageGeometry.from_model_dir(checkpoint).with_budget(config.max_embed_tokens)
         self._on_downscaled = on_downscaled
         self.vision = VisionEncoder.from_pretrained(checkpoint, device=device, geometry=self.geometry)
-        self.pool = BlockPool(
-            config.pool_blocks,
-            config.block_tokens,
-            self.vision.hidden_size,
-            self.vision.dtype,
-            device,
-            block_allocator=config.use_block_allocator,
-            slot_blocks=config.max_embed_blocks,
-            name=f"{name}-pool",
-        )
+        self.pool = _make_pool(config, self.vision, device, name)
         self.sender = SenderEndpoint(self.pool, config, observer=observer, name=name)
         self.cache = EmbeddingCache(self.pool, min(cache_blocks, config.pool_blocks))
         self.runner = BatchRunner(self.vision, self.sender, self.cache, self._device)
