@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mm_triton.heartbeat import Activity, hang_for_tests, heartbeat
 from mm_triton.phases import PhaseClock
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class EncodeBatcher:
         self.max_delay_s = max_delay_s
         self._run_batch = run_batch
         self._closed_error = closed_error
+        self._hang_name = f"{name}/batch"  # MM_TEST_HANG_FILE's name for this thread (name: the instance's)
         self._queue: deque[EncodeJob] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -136,12 +138,17 @@ class EncodeBatcher:
                 break
             self.batches += 1
             self.batched_jobs += len(batch)
+            beat = heartbeat()  # a tower call stuck here is a hang outside any execute(): the watchdog sees it
+            beat.beat(True, Activity.ENCODE_BATCH)
             try:
+                hang_for_tests(self._hang_name)
                 self._run_batch(batch)
             except BaseException as exc:  # noqa: BLE001 - a bug in run_batch: fail its jobs, keep serving
                 log.exception("encode batch of %d request(s) failed", len(batch))
                 for job in batch:
                     job.finish(None, exc)
+            finally:
+                beat.beat(False, Activity.ENCODE_BATCH)
         self._fail_queued()
 
     def _fail_queued(self) -> None:

@@ -33,7 +33,7 @@ from .detok import IncrementalDetokenizer
 from .endings import end_message, probe_end, step_failed
 from .runner import ModelRunner
 from .sampling import make_generator, sample
-from .scheduler import Intake, Landed, WaitQueue
+from .scheduler import Drained, Intake, Landed, WaitQueue
 from .sequence import SeqState, Sequence
 from .slots import Move, SlotTable
 from .stats import EngineObserver, EngineStats, StepCounters
@@ -142,18 +142,25 @@ class LLMEngine(Engine):
                 drained = self._intake.take(0 if busy else IDLE_POLL_S)
                 if drained.closing:
                     break
-                for seq in drained.new:
-                    self._enqueue(seq)
-                for landed in drained.landed:
-                    self._land(landed)
-                self._expire(time.monotonic())
-                self._step()
-                self._report_gauges()
+                self._observer.on_loop_work(True)
+                try:
+                    self._iterate(drained)
+                finally:
+                    self._observer.on_loop_work(False)
         except BaseException:  # a bug: fail every sequence rather than hang them
             log.exception("engine loop crashed")
             self._fail_all(ErrorCause.INTERNAL, "the language engine loop crashed")
         finally:
             self._shutdown()
+
+    def _iterate(self, drained: Drained) -> None:
+        for seq in drained.new:
+            self._enqueue(seq)
+        for landed in drained.landed:
+            self._land(landed)
+        self._expire(time.monotonic())
+        self._step()
+        self._report_gauges()
 
     def _enqueue(self, seq: Sequence) -> None:
         self._queue.add(seq)

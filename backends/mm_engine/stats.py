@@ -36,6 +36,10 @@ class EngineStats:
 class EngineObserver:
     """Hooks for metrics; the defaults do nothing. Called on the engine loop thread."""
 
+    def on_loop_work(self, busy: bool) -> None:
+        """Around the work of each loop iteration (not its idle wait): True before, False after. A host marks
+        its liveness with it (a loop stuck in one iteration is a hang; ``mm_triton.heartbeat``)."""
+
     def on_gauges(self, running: int, waiting: int, slots_used: int, slots_total: int) -> None:
         """After each step (and when the engine idles)."""
 

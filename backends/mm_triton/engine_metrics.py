@@ -13,7 +13,7 @@
     mm_phase_seconds{phase=queue|transfer|slot_wait|prefill|decode}   from ``on_sequence_timing`` (phases.py)
 
 All of them come from the engine's own :class:`~mm_engine.stats.EngineObserver` hooks, called on its loop
-thread.
+thread; so does the loop's mark on the stub's heartbeat (``on_loop_work``, :mod:`mm_triton.heartbeat`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from mm_engine.api import ErrorCause, FinishReason
 from mm_engine.stats import EngineObserver
 from mm_engine.timing import SequenceTiming
 
+from .heartbeat import Activity, hang_for_tests, heartbeat
 from .phases import Phase, PhaseMetrics, engine_phases
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class EngineMetrics(EngineObserver):
         mf = pb_utils.MetricFamily
         self._phases = phases
         self._load_phase = load_phase
+        self._hang_name = f"{model}/engine"  # MM_TEST_HANG_FILE's name for this loop
         labels = {"model": model, "instance": instance}
         self._lock = threading.Lock()
         self._families: list[Any] = []  # families must outlive their metrics
@@ -77,6 +79,12 @@ class EngineMetrics(EngineObserver):
         requests = mf(name="mm_engine_requests_total", description="Ended sequences by outcome", kind=mf.COUNTER)
         self._families.append(requests)
         self._outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+
+    def on_loop_work(self, busy: bool) -> None:
+        """The loop's iterations go on the stub's heartbeat: the watchdog restarts a stub whose loop is stuck."""
+        heartbeat().beat(busy, Activity.ENGINE_LOOP)
+        if busy:
+            hang_for_tests(self._hang_name)
 
     def on_gauges(self, running: int, waiting: int, slots_used: int, slots_total: int) -> None:
         with self._lock:

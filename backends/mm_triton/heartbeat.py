@@ -3,17 +3,22 @@
 A stub that hangs without stopping (a deadlock, a native call that never returns: state R or S, not T) answers
 nothing, and Triton waits for it forever. Every model's ``execute`` (``ModelBase`` wraps each subclass's) marks
 its start and end in a small file, ``/dev/shm/mm_heartbeat_<stub pid>`` (8 bytes: CLOCK_MONOTONIC seconds, the
-same clock in every process of the host); the watchdog kills a stub busy in one call longer than its
+same clock in every process of the host), and so do each iteration of a language engine's loop and each
+batch of the encoder's batcher (those models' ``execute`` only hands requests over: a hang there would be
+outside any call). The file holds the oldest start
+of the activities under way (``Activity``); the watchdog kills a stub busy in one of them longer than its
 ``hang_s`` and reloads it like a dead one. The file goes with the model's ``finalize``; one of a stub that was
 killed is removed by the watchdog after the reload, when its server dies, or at the next watchdog start (``sweep``).
 
 ``MM_TEST_HANG_FILE`` (tests only): while that file exists and names the model (its text, split by whitespace),
-that model's ``execute`` waits for it to go, i.e. hangs without being stopped.
+that model's ``execute`` waits for it to go, i.e. hangs without being stopped; ``<model>/engine`` hangs that
+model's engine loop instead, ``<instance>/batch`` (e.g. ``mm_encoder_0_0/batch``) an encoder's batcher.
 """
 
 from __future__ import annotations
 
 import atexit
+import enum
 import functools
 import logging
 import os
@@ -67,12 +72,23 @@ def sweep(shm_dir: Path | None = None) -> int:
     return removed
 
 
+class Activity(enum.Enum):
+    """What a stub can be busy in; each is marked on its own, so overlapping ones never hide each other's start."""
+
+    EXECUTE = "execute"  # a model's execute() (Triton calls one at a time per instance)
+    ENGINE_LOOP = "engine_loop"  # one iteration of the language engine's loop (its own thread)
+    ENCODE_BATCH = "encode_batch"  # one vision-tower batch of the encoder (its batcher thread)
+
+
 class Heartbeat:
-    """This process's heartbeat file; ``beat(busy)`` is called around every ``execute`` (any thread)."""
+    """This process's heartbeat file; ``beat(busy, activity)`` is called around every ``execute`` (any thread),
+    engine loop iteration and encoder batch."""
 
     def __init__(self, shm_dir: Path | None = None) -> None:
         self._fd: int | None = None
-        self._depth = 0  # nested execute calls (a subclass calling super().execute) mark once
+        # per activity: nested marks (a subclass calling super().execute marks once) and since when it is busy
+        self._depth = dict.fromkeys(Activity, 0)
+        self._since: dict[Activity, float] = {}
         self._lock = threading.Lock()
         try:
             self._fd = os.open(path_for(os.getpid(), shm_dir), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -81,11 +97,17 @@ class Heartbeat:
         except OSError as exc:  # no /dev/shm: the watchdog then sees no heartbeat, as before
             log.warning("heartbeat: cannot create %s: %s", path_for(os.getpid(), shm_dir), exc)
 
-    def beat(self, busy: bool) -> None:
+    def beat(self, busy: bool, activity: Activity = Activity.EXECUTE) -> None:
         with self._lock:
-            self._depth += 1 if busy else -1
-            if self._fd is not None and self._depth == (1 if busy else 0):
-                os.pwrite(self._fd, struct.pack(_FORMAT, time.monotonic() if busy else 0.0), 0)
+            depth = self._depth[activity] = self._depth[activity] + (1 if busy else -1)
+            if depth != (1 if busy else 0):
+                return
+            if busy:
+                self._since[activity] = time.monotonic()
+            else:
+                self._since.pop(activity, None)
+            if self._fd is not None:
+                os.pwrite(self._fd, struct.pack(_FORMAT, min(self._since.values(), default=0.0)), 0)
 
 
 _beats: dict[int, Heartbeat] = {}  # by pid: a forked child makes its own
@@ -108,7 +130,7 @@ def close() -> None:
             remove(os.getpid())
 
 
-def _hang_for_tests(model: str) -> None:
+def hang_for_tests(model: str) -> None:
     flag = os.environ.get("MM_TEST_HANG_FILE")
     if not flag:
         return
@@ -117,7 +139,7 @@ def _hang_for_tests(model: str) -> None:
     except OSError:
         return
     if model in names:
-        log.warning("%s: hanging in execute() while %s exists (MM_TEST_HANG_FILE)", model, flag)
+        log.warning("%s: hanging while %s exists (MM_TEST_HANG_FILE)", model, flag)
         while os.path.exists(flag):
             time.sleep(0.05)
 
@@ -130,7 +152,7 @@ def marked(execute: Callable[..., Any]) -> Callable[..., Any]:
         hb = heartbeat()
         hb.beat(True)
         try:
-            _hang_for_tests(getattr(self, "model_name", ""))
+            hang_for_tests(getattr(self, "model_name", ""))
             return execute(self, requests)
         finally:
             hb.beat(False)

@@ -451,16 +451,22 @@ def test_a_stopped_stub_is_killed_and_restarted_before_triton_gives_up(rs, image
     )
 
 
-def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image):
+@pytest.mark.parametrize(
+    "model, hang",
+    [("mm_encoder", "mm_encoder"), ("mm_encoder", "{instance}/batch"), ("mm_language", "mm_language/engine")],
+)
+def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image, model, hang):
     """A stub that hangs without being stopped (a deadlock: state S, not T) answers nothing and Triton waits
-    forever. The test-only knob makes mm_encoder's execute() hang; the watchdog sees the stub busy in one call
-    for longer than hang_s (its heartbeat), kills it and reloads the model, and the pipeline serves again."""
+    forever. The test-only knob makes mm_encoder's execute() hang, or its batcher's tower call, or mm_language's
+    engine loop (those two are outside any execute(), which has returned); the watchdog sees the stub busy in
+    one activity for longer than hang_s (its heartbeat), kills it and reloads the model, and the pipeline
+    serves again."""
     from mm_triton import heartbeat, procfs
 
     flag = Path(ENV["MM_TEST_HANG_FILE"])
     rs.watchdog.hang_s = 3.0
     restarts_before = len(rs.watchdog.restarts)
-    pid = rs.stub_pid("mm_encoder")
+    pid = rs.stub_pid(model)
     outcome: list[str] = []
 
     def request() -> None:
@@ -470,7 +476,8 @@ def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image)
         except InferenceServerException as exc:
             outcome.append(error_text(exc))
 
-    flag.write_text("mm_encoder")
+    instance = next(inst for inst, stub in rs.stubs().items() if stub == pid)
+    flag.write_text(hang.format(instance=instance))
     client = threading.Thread(target=request)
     try:
         client.start()
@@ -478,7 +485,7 @@ def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image)
         while not heartbeat.busy_since(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         hung_at = time.monotonic()
-        assert heartbeat.busy_since(pid), "the encoder never entered execute()"
+        assert heartbeat.busy_since(pid), f"{model} never marked its heartbeat busy"
         assert procfs.proc_stat(pid).state not in ("T", "t")  # hung, not stopped
         while len(rs.watchdog.restarts) == restarts_before and time.monotonic() - hung_at < 90:
             time.sleep(0.1)
@@ -487,7 +494,7 @@ def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image)
         flag.unlink(missing_ok=True)
         rs.watchdog.hang_s = 120.0
         client.join(150)
-    assert [r.model for r in rs.watchdog.restarts[restarts_before:]] == ["mm_encoder"]
+    assert [r.model for r in rs.watchdog.restarts[restarts_before:]] == [model]
     assert procfs.proc_stat(pid) is None or not procfs.proc_stat(pid).alive
     assert not heartbeat.path_for(pid).exists()  # the dead stub's heartbeat file is removed too
     assert outcome and (outcome[0] == "ok" or FAULT_ERRORS.search(outcome[0])), outcome
@@ -495,7 +502,7 @@ def test_a_hung_stub_is_detected_by_its_heartbeat_and_restarted(rs, small_image)
     rs.start_pids = rs.stubs()
     _healthy(rs, small_image, expect_restarts=True)
     print(
-        f"hung encoder stub: killed and reloaded {restarted_after:.1f}s after it hung (hang_s 3, reload "
+        f"hung {hang}: stub killed and reloaded {restarted_after:.1f}s after it hung (hang_s 3, reload "
         f"{rs.watchdog.restarts[-1].seconds:.1f}s, +{recovered:.1f}s settle); the hung request got {outcome[0][:80]!r}"
     )
 

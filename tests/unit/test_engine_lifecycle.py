@@ -285,3 +285,34 @@ def test_observer_sees_tokens_latencies_and_endings(make_engine, mono, encoder):
     assert len(obs.ttft) == 6 and len(obs.itl) == obs.generated - 6
     assert sorted(obs.finished) == ["length"] * 6
     assert 1 < obs.max_running <= 4
+
+
+class LoopMarks(EngineObserver):
+    """Records the loop's work marks and what the engine did inside them (tokens come only while busy)."""
+
+    def __init__(self) -> None:
+        self.marks: list[bool] = []
+        self.tokens_while_idle = 0
+
+    def on_loop_work(self, busy):
+        self.marks.append(busy)
+
+    def on_generation_tokens(self, count):
+        if not self.marks or not self.marks[-1]:
+            self.tokens_while_idle += count
+
+
+def test_every_loop_iteration_is_marked_busy_then_idle(make_engine, mono, encoder):
+    """The host's hang detection (mm_triton.heartbeat) relies on these marks: each iteration's work sits
+    between a True and a False, and the loop's idle wait is outside them."""
+    obs = LoopMarks()
+    engine = make_engine(observer=obs, max_batch_size=2)
+    sinks = [RecordingSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        engine.submit(build_request(mono, encoder, f"m{i}", text_case(4, f"prompt {i}")), sink)
+    for sink in sinks:
+        sink.wait()
+    wait_until(lambda: obs.marks and obs.marks[-1] is False)
+    marks = list(obs.marks)
+    assert len(marks) >= 8 and len(marks) % 2 == 0
+    assert all(marks[0::2]) and not any(marks[1::2]) and obs.tokens_while_idle == 0

@@ -130,3 +130,42 @@ def test_finalize_removes_the_stubs_heartbeat_file(shm):
     assert heartbeat.path_for(os.getpid()).exists()
     model.finalize()
     assert model.seen[-1] == "finalized" and not heartbeat.path_for(os.getpid()).exists()
+
+
+def test_overlapping_activities_keep_the_oldest_start(shm):
+    """An execute() that overlaps an engine loop iteration neither hides nor restarts the iteration's start:
+    the file holds the oldest start of what is under way, and 0.0 once nothing is."""
+    hb = heartbeat.Heartbeat(shm)
+    hb.beat(True, heartbeat.Activity.ENGINE_LOOP)
+    loop_start = heartbeat.busy_since(os.getpid(), shm)
+    time.sleep(0.01)
+    hb.beat(True)  # an execute starts while the iteration runs
+    assert heartbeat.busy_since(os.getpid(), shm) == loop_start
+    hb.beat(False, heartbeat.Activity.ENGINE_LOOP)
+    execute_start = heartbeat.busy_since(os.getpid(), shm)
+    assert execute_start > loop_start  # the execute is what is under way now
+    hb.beat(True, heartbeat.Activity.ENGINE_LOOP)  # the next iteration: the execute is older
+    assert heartbeat.busy_since(os.getpid(), shm) == execute_start
+    hb.beat(False)
+    assert heartbeat.busy_since(os.getpid(), shm) > execute_start
+    hb.beat(False, heartbeat.Activity.ENGINE_LOOP)
+    assert heartbeat.busy_since(os.getpid(), shm) == 0.0
+
+
+def test_the_engine_metrics_mark_the_loop_and_the_test_knob_hangs_it(shm, monkeypatch):
+    from mm_triton.engine_metrics import EngineMetrics
+
+    metrics = EngineMetrics.__new__(EngineMetrics)  # only the heartbeat part: no Triton metrics needed
+    metrics._hang_name = "mm_language/engine"
+    flag = shm / "hang"
+    flag.write_text("mm_language/engine")
+    monkeypatch.setenv("MM_TEST_HANG_FILE", str(flag))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (metrics.on_loop_work(True), done.set()), daemon=True)
+    worker.start()
+    time.sleep(0.3)
+    assert not done.is_set() and heartbeat.busy_since(os.getpid()) > 0
+    flag.unlink()
+    assert done.wait(2)
+    metrics.on_loop_work(False)
+    assert heartbeat.busy_since(os.getpid()) == 0.0
