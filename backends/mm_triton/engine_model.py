@@ -47,6 +47,7 @@ class EngineModel(ModelBase):
     ``build_request`` and ``abandon``."""
 
     engine: Engine
+    uses_torch = True
     phase_metrics: PhaseMetrics | None = None  # set by setup_engine_model
     cancel_probe_s = DEFAULT_CANCEL_PROBE_INTERVAL_MS / 1000  # setup_engine_model reads cancel_probe_interval_ms
     # what the engine's image load is, as a phase (None: the loader reports its own phases)
