@@ -248,3 +248,22 @@ def test_the_loop_pays_no_metric_ipc_per_step(mono, encoder):
     assert len(itl) == tokens - 1 and all(v >= 0 for v in itl)  # every gap recorded
     assert pb.made[("mm_engine_generated_tokens_total", None)].value == tokens
     assert pb.made[("mm_phase_seconds", "decode")].observed and steps >= tokens - 1
+
+
+def test_an_idle_loop_sleeps_until_a_submit(mono, encoder):
+    """No sequence at all: the loop waits for a submit instead of polling every IDLE_POLL_S (it woke 50 times a
+    second, and set four gauges each time, before)."""
+    from mm_engine import EngineConfig, LLMEngine
+
+    from ._engine_util import RecordingSink
+
+    engine = LLMEngine(mono.hf_model, mono.tokenizer, EngineConfig(max_seq_len=512, max_batch_size=2))
+    try:
+        time.sleep(0.5)
+        assert engine.stats().steps <= 2  # polling every 20 ms would be ~25
+        sink = RecordingSink()
+        engine.submit(build_request(mono, encoder, "r", Case([], "hi", SamplingParams(max_tokens=2))), sink)
+        assert sink.wait(30).output is not None and len(sink.tokens) == 2
+    finally:
+        engine.close(5)
+    assert not engine.running  # close wakes a sleeping loop
