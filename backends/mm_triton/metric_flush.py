@@ -1,9 +1,9 @@
 """Histogram observations off the engine loop's thread.
 
 Every ``pb_utils`` metric call in a Python-backend stub is a round trip to tritonserver over shared memory
-(measured in a stub on the 2-core CPU machine: ``observe`` 19 us, ``increment`` 17 us, ``is_cancelled`` 49 us
-alone; each of them releases the GIL while it waits, so with another Python thread runnable it costs the
-caller up to the interpreter's switch interval, 5 ms: 1.2-4 ms measured, docs/BENCHMARKS.md section 6). The
+(measured in a stub on the 2-core CPU machine: ``observe`` 10-19 us, ``increment`` 14-17 us alone; they may
+release the GIL while they wait, so beside another runnable Python thread one costs the caller up to the
+interpreter's switch interval, 5 ms: 0.1-4 ms measured, docs/BENCHMARKS.md section 6). The
 engine's loop thread observed one inter-token latency per token and its phases at every sequence end. Here
 hot threads only queue ``(histogram, value)`` pairs (a list append under a lock); one daemon thread at
 lowered priority (nice +10) observes them, every value exactly as queued, in queue order:
