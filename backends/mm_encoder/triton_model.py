@@ -41,6 +41,8 @@ PHASES = (Phase.QUEUE, Phase.IMAGE_DECODE, Phase.PREPROCESS, Phase.VISION, Phase
 
 
 class EncoderModel(ModelBase):
+    uses_torch = True  # torch_threads (mm_triton.cpu_threads)
+
     def setup(self) -> None:
         self._resized = ResizedImagesCounter(self.pb_utils, self.model_name, self.instance_name)
         config = self.transfer_config

@@ -41,7 +41,8 @@ from .validate import ModelLimits, check_images, check_request
 
 log = logging.getLogger(__name__)
 
-#: Longest sleep of an idle loop: cancellation and deadlines of waiting sequences are polled this often.
+#: Longest sleep of a loop whose sequences are all loading: their cancellation and deadlines are polled this
+#: often. A loop with no sequence at all sleeps until a submit (or close) wakes it: no polling while idle.
 IDLE_POLL_S = 0.02
 
 
@@ -139,7 +140,7 @@ class LLMEngine(Engine):
         try:
             while True:
                 busy = bool(self._slots.used or self._queue.has_ready())
-                drained = self._intake.take(0 if busy else IDLE_POLL_S)
+                drained = self._intake.take(0 if busy else IDLE_POLL_S if len(self._queue) else None)
                 if drained.closing:
                     break
                 self._observer.on_loop_work(True)

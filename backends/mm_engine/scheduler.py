@@ -105,10 +105,11 @@ class Intake:
         with self._cond:
             self._cond.notify()
 
-    def take(self, wait_s: float) -> Drained:
-        """Everything new; waits up to ``wait_s`` first when nothing is there (0: never waits)."""
+    def take(self, wait_s: float | None) -> Drained:
+        """Everything new; waits up to ``wait_s`` first when nothing is there (0: never waits; None: until a
+        submit, a landed load or close)."""
         with self._cond:
-            if wait_s > 0 and not (self._new or self._landed or self._closing):
+            if (wait_s is None or wait_s > 0) and not (self._new or self._landed or self._closing):
                 self._cond.wait(wait_s)
             out = Drained(self._new, self._landed, self._closing)
             self._new, self._landed = [], []

@@ -62,7 +62,7 @@ class LanguageModelTriton(EngineModel):
         """The pipeline's cancellation of this step, posted on this server's board (a BLS call cannot be
         cancelled in Triton 2.51). Read after the gate: only the pipeline's requests get here."""
         key = read_cancel_key(self.pb_utils, request)
-        return None if key is None else self.cancel_board.probe(key)
+        return None if key is None else self.cancel_board.probe(key, self.cancel_probe_s)
 
     def abandon(self, request: Any, reason: str) -> None:
         if not self.gate.allows(self.pb_utils, request):

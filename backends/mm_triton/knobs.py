@@ -25,6 +25,8 @@ MODEL_PARAMETERS: dict[str, tuple[str, ...]] = {
     "max_tokens_limit": ("mm_language", "mm_monolithic"),
     "default_max_tokens": ("mm_language", "mm_monolithic"),
     "max_prompt_bytes": ("mm_language", "mm_monolithic"),
+    "torch_threads": ("mm_encoder", "mm_language", "mm_monolithic"),  # mm_triton.cpu_threads
+    "cancel_probe_interval_ms": ("mm_language", "mm_monolithic"),  # mm_triton.engine_model
     "max_request_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
     "max_image_bytes": ("mm_pipeline", "mm_pipeline_stream", "mm_monolithic", "mm_pipeline (language server)"),
     "max_inflight": ("mm_pipeline", "mm_pipeline_stream"),

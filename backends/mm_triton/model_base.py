@@ -38,6 +38,7 @@ class ModelBase:
 
     pb_utils: Any = None  # set by model.py to the triton_python_backend_utils module
     needs_checkpoint = True  # False: a model that loads no weights (the pipelines): checkpoint is None
+    uses_torch = False  # True: the models running torch (encoder, engines) set its threads (torch_threads)
 
     def __init_subclass__(cls, **kw: Any) -> None:
         """Every model's own ``execute`` marks the stub's heartbeat (mm_triton.heartbeat): the watchdog
@@ -61,6 +62,10 @@ class ModelBase:
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.device = instance_device(args)
+        if self.uses_torch:  # its CPU threads, before any torch work (mm_triton.cpu_threads)
+            from .cpu_threads import apply_torch_threads
+
+            apply_torch_threads(self.resolver, self.device, self.instance_name)
         heartbeat()  # its file now (idle), before the first execute: a stale one of a reused pid is reset
         self.setup()
 

@@ -23,6 +23,8 @@ from typing import Any
 
 from mm_engine.timing import SequenceTiming
 
+from .metric_flush import DeferredHistograms
+
 log = logging.getLogger(__name__)
 PHASE_METRIC = "mm_phase_seconds"
 # 0.5 ms .. 60 s: a publish of a small embedding to the decode of 1024 tokens on a CPU
@@ -101,9 +103,18 @@ def format_phases(seconds: Mapping[Phase, float]) -> str:
 class PhaseMetrics:
     """The ``mm_phase_seconds`` histograms of one model instance (thread-safe)."""
 
-    def __init__(self, pb_utils: Any, model: str, instance: str, phases: Iterable[Phase] = tuple(Phase)) -> None:
-        """``phases``: the ones this model runs (only those get a histogram); others are ignored."""
+    def __init__(
+        self,
+        pb_utils: Any,
+        model: str,
+        instance: str,
+        phases: Iterable[Phase] = tuple(Phase),
+        deferred: DeferredHistograms | None = None,
+    ) -> None:
+        """``phases``: the ones this model runs (only those get a histogram); others are ignored. ``deferred``:
+        observe through that flusher thread (the engine models: their loop thread pays no IPC), else at once."""
         mf = pb_utils.MetricFamily
+        self._deferred = deferred
         self._family = mf(
             name=PHASE_METRIC, description="Seconds a request spent in each phase", kind=mf.HISTOGRAM
         )  # kept: a family must outlive its metrics
@@ -124,8 +135,15 @@ class PhaseMetrics:
             with self._lock:
                 for phase, value in seconds.items():
                     hist = self._hist.get(phase)
-                    if hist is not None:
+                    if hist is None:
+                        continue
+                    if self._deferred is not None:
+                        self._deferred.observe(hist, max(0.0, float(value)))
+                    else:
                         hist.observe(max(0.0, float(value)))
-            log.debug("%s: request %s phases: %s", self._model, request_id, format_phases(seconds))
+            if self._deferred is not None:
+                self._deferred.flush_soon()  # once per request: its phases show up within milliseconds
+            if log.isEnabledFor(logging.DEBUG):  # the formatting is not free: skip it unless it is logged
+                log.debug("%s: request %s phases: %s", self._model, request_id, format_phases(seconds))
         except Exception:  # noqa: BLE001
             log.exception("%s: recording the phases of request %s failed", self._model, request_id)
