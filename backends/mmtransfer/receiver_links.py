@@ -64,7 +64,18 @@ class LinkTable:
                 link = self._bootstrap(address)
                 with self._lock:
                     self._links[address] = link
+                self._drop_stale()
             return link
+
+    def _drop_stale(self) -> None:
+        """Links whose sender is gone, at every new link: a restarted encoder on another port is never pulled
+        from at its old address again, and a mapping of its pool would keep that memory for good."""
+        with self._lock:
+            links = list(self._links.values())
+        for link in links:
+            why = link.stale()
+            if why:
+                self.drop(link, why)
 
     def drop(self, link: ReceiverLink, reason: str, sock: zmq.Socket | None = None) -> None:
         """Give a broken link up; with ``sock``, tell the sender (CLOSE) so it aborts its half now."""

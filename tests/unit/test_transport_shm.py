@@ -378,8 +378,35 @@ def test_a_stale_mapping_is_dropped_and_bootstrapped_again(pair, monkeypatch):
     pair.receiver.pull(pair.sender.register(data))
     first = pair.receiver.link_for(pair.sender.address)
     assert first.stale() == ""
-    monkeypatch.setattr(memfd, "still_exported", lambda desc: False)
+    real = memfd.still_exported
+    monkeypatch.setattr(memfd, "still_exported", lambda desc: False if desc is first.desc else real(desc))
     got = pair.receiver.pull(pair.sender.register(data))
     assert first.broken and torch.equal(got.embedding, data) and got.record.transport == "shm"
-    monkeypatch.undo()
-    assert pair.receiver.link_for(pair.sender.address) is not first and pair.idle()
+    second = pair.receiver.link_for(pair.sender.address)
+    assert second is not first and not second.broken and pair.idle()
+
+
+def test_a_sender_gone_for_good_releases_its_mapping_when_another_is_bootstrapped():
+    """An encoder restarted on another port is never pulled from at its old address: its mapping is dropped
+    (and unmapped) when the receiver bootstraps to any sender, not kept for the receiver's life."""
+    cfg = _cfg()
+    receiver = Receiver(BlockPool(cfg.pool_blocks, cfg.block_tokens, HIDDEN, torch.bfloat16, name="r"), cfg, name="r")
+    try:
+        old = SenderEndpoint(BlockPool(64, cfg.block_tokens, HIDDEN, torch.bfloat16, name="s1"), cfg, name="s1")
+        data = _data(30, 10)
+        assert receiver.pull(old.register(data)).record.transport == "shm"
+        mapped = receiver.link_for(old.address)
+        old_address = old.address
+        old.close()
+        del old
+        gc.collect()
+        assert mapped.stale()  # the pool (and its descriptor) went with the sender
+        new = SenderEndpoint(BlockPool(64, cfg.block_tokens, HIDDEN, torch.bfloat16, name="s2"), cfg, name="s2")
+        try:
+            assert torch.equal(receiver.pull(new.register(data)).embedding, data)
+            assert mapped.broken and mapped.source is None
+            assert old_address not in receiver.links._links
+        finally:
+            new.close()
+    finally:
+        receiver.close()
