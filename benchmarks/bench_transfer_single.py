@@ -1,13 +1,14 @@
-"""One-machine modes of scripts/bench_transfer.py: the same-GPU path on ONE GPU and the host transport on the CPU.
+"""One-machine modes of scripts/bench_transfer.py: the same-GPU path on ONE GPU; the shm and host transports on the CPU.
 
 ``--mode one-gpu``: a sender process and a receiver process on cuda:0 (what an encoder and a language model
 sharing a GPU are): the project's CUDA IPC pull (protocol 3: the EMBED_REF names the pool rows, the receiver
 copies at once and only sends DONE) against one raw device-to-device copy of the same bytes, 1 to 256 MiB
 (hidden 4096 bf16), with a 1024-token window (continuations) and an exact window (one chunk).
 
-``--mode cpu``: in one process, a sender endpoint thread and two receivers, one on ``auto`` (the shm transport:
-it maps the sender's memfd pool and copies, CLAIM/ACK + DONE on the socket) and one forced to ``host`` (bytes
-inline on ZeroMQ), 256 / 1024 / 4096 tokens x 3584 fp16 each in one chunk, against a raw memcpy of the same
+``--mode cpu``: a sender endpoint in a process of its own (as mm_encoder's stub is) and, in this one, two
+receivers, one on ``auto`` (the shm transport: it maps the sender's memfd pool and copies, CLAIM/ACK + DONE on
+the socket) and one forced to ``host`` (bytes inline on ZeroMQ), 256 / 1024 / 4096 tokens x 3584 fp16 each in
+one chunk, against a raw memcpy of the same
 bytes plus one ZeroMQ round trip (DEALER -> ROUTER echo thread, the same socket pattern) and a raw ZeroMQ reply
 carrying the bytes, interleaved in the same run. The target (1024 tokens): pull <= 2 x (memcpy + round trip).
 
@@ -189,8 +190,59 @@ LABELS = {
 }
 
 
-def _pull_once(sender, receiver, data):
-    ref = sender.register(data)
+def _cpu_config(top: int):
+    from mmtransfer import TransferConfig
+
+    return TransferConfig(
+        block_tokens=128, default_window_tokens=top, pool_blocks=-(-top // 128) + 2, max_embed_tokens=top
+    )
+
+
+def _cpu_data(tokens: int):
+    import torch
+
+    return torch.randn(tokens, CPU_HIDDEN, generator=torch.Generator().manual_seed(tokens)).to(torch.float16)
+
+
+def _sender_main(commands, replies, top: int) -> None:
+    """The encoder's side in its own process (as mm_encoder's stub is): registers ``_cpu_data(tokens)`` on
+    request and answers with the ref; None ends it."""
+    import torch
+
+    from mmtransfer import BlockPool, SenderEndpoint
+
+    cfg = _cpu_config(top)
+    pool = BlockPool(cfg.pool_blocks, 128, CPU_HIDDEN, torch.float16, name="bench-s")
+    with SenderEndpoint(pool, cfg, name="bench-s") as sender:
+        replies.put(sender.address)
+        data: dict = {}
+        while (tokens := commands.get(timeout=600)) is not None:
+            replies.put(sender.register(data.setdefault(tokens, _cpu_data(tokens))).to_json())
+
+
+class _SenderProcess:
+    def __init__(self, top: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.commands, self.replies = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_sender_main, args=(self.commands, self.replies, top), daemon=True)
+        self.proc.start()
+        self.address = self.replies.get(timeout=120)
+
+    def register(self, tokens: int):
+        from mmtransfer import EmbedRef
+
+        self.commands.put(tokens)
+        return EmbedRef.from_json(self.replies.get(timeout=60))
+
+    def close(self) -> None:
+        self.commands.put(None)
+        self.proc.join(10)
+
+
+def _pull_once(sender, receiver, tokens: int):
+    ref = sender.register(tokens)
     t0 = time.perf_counter()
     got = receiver.pull(ref)
     return time.perf_counter() - t0, got
@@ -203,7 +255,7 @@ def _size_measurements(sender, receivers: dict, tokens: int, iters: int, warmup:
 
     nbytes = tokens * CPU_HIDDEN * 2
     src, dst = torch.randn(nbytes // 4).view(torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
-    data = torch.randn(tokens, CPU_HIDDEN).to(torch.float16)
+    data = _cpu_data(tokens)
     times: dict[str, list[float]] = {k: [] for k in SERIES}
     records: dict[str, list[dict]] = {name: [] for name in receivers}
     ok, echo = True, _Echo(nbytes)
@@ -212,7 +264,7 @@ def _size_measurements(sender, receivers: dict, tokens: int, iters: int, warmup:
             sample = {}
             order = list(receivers.items())
             for name, receiver in order if i % 2 else order[::-1]:
-                sample[f"pull_{name}"], got = _pull_once(sender, receiver, data)
+                sample[f"pull_{name}"], got = _pull_once(sender, receiver, tokens)
                 sample[f"ready_{name}"] = got.record.ready_s
                 ok = ok and got.record.transport == name and got.record.chunks == 1
                 ok = ok and torch.equal(got.embedding, data)
@@ -268,29 +320,29 @@ def _print_row(row: dict, iters: int) -> None:
 
 
 def run_cpu(args, bench) -> int:
-    """One sender endpoint, a receiver on auto (shm) and one forced to host, in this process; every size."""
+    """A sender endpoint in its own process; in this one a receiver on auto (shm) and one forced to host."""
     import platform
 
     import torch
 
-    from mmtransfer import BlockPool, Receiver, SenderEndpoint, TransferConfig
+    from mmtransfer import BlockPool, Receiver
 
     sizes = args.tokens if args.tokens != bench.TOKENS else CPU_SIZES
     iters, top = max(args.iters, 20), max(sizes)
-    blocks = -(-top // 128) + 2
-    cfg = TransferConfig(block_tokens=128, default_window_tokens=top, pool_blocks=blocks, max_embed_tokens=top)
-    pool = partial(BlockPool, blocks, 128, CPU_HIDDEN, torch.float16)
-    rows = []
-    with (
-        SenderEndpoint(pool(name="bench-s"), cfg, name="bench-s") as sender,
-        Receiver(pool(name="bench-r-shm"), cfg, name="bench-r-shm") as shm,
-        Receiver(pool(name="bench-r-host"), cfg.replace(transport="host"), name="bench-r-host") as host,
-    ):
-        for tokens in sizes:
-            rows.append(
-                _cpu_row(tokens, *_size_measurements(sender, {"shm": shm, "host": host}, tokens, iters, args.warmup))
-            )
-            _print_row(rows[-1], iters)
+    cfg = _cpu_config(top)
+    pool = partial(BlockPool, cfg.pool_blocks, 128, CPU_HIDDEN, torch.float16)
+    rows, sender = [], _SenderProcess(top)
+    try:
+        with (
+            Receiver(pool(name="bench-r-shm"), cfg, name="bench-r-shm") as shm,
+            Receiver(pool(name="bench-r-host"), cfg.replace(transport="host"), name="bench-r-host") as host,
+        ):
+            for tokens in sizes:
+                measured = _size_measurements(sender, {"shm": shm, "host": host}, tokens, iters, args.warmup)
+                rows.append(_cpu_row(tokens, *measured))
+                _print_row(rows[-1], iters)
+    finally:
+        sender.close()
     machine = {
         "host": platform.node(),
         "cpus": _cpus(),
