@@ -8,9 +8,9 @@ copies at once and only sends DONE) against one raw device-to-device copy of the
 ``--mode cpu``: a sender endpoint in a process of its own (as mm_encoder's stub is) and, in this one, two
 receivers, one on ``auto`` (the shm transport: it maps the sender's memfd pool and copies, CLAIM/ACK + DONE on
 the socket) and one forced to ``host`` (bytes inline on ZeroMQ), 256 / 1024 / 4096 tokens x 3584 fp16 each in
-one chunk, against a raw memcpy of the same
-bytes plus one ZeroMQ round trip (DEALER -> ROUTER echo thread, the same socket pattern) and a raw ZeroMQ reply
-carrying the bytes, interleaved in the same run. The target (1024 tokens): pull <= 2 x (memcpy + round trip).
+one chunk, against a raw memcpy of the same bytes plus one ZeroMQ round trip (DEALER -> ROUTER echo thread, the
+same socket pattern) and a raw ZeroMQ reply carrying the bytes, interleaved in the same run. The target
+(1024 tokens): pull <= 2 x (memcpy + round trip).
 
 Both print a table and write bench_transfer_<mode>.json (+ .png for one-gpu) into --out.
 """
