@@ -53,7 +53,9 @@ class ShmReceiverLink(MappedReceiverLink):
     def copy_pieces(self, pieces: Pieces, dests: Sequence[torch.Tensor]) -> None:
         src = self.source
         for (row, n), dst in zip(pieces, dests, strict=True):
-            # as bytes: numpy has no bfloat16; a destination slice of the embedding is contiguous rows
+            # as bytes: numpy has no bfloat16; a destination slice of the embedding is contiguous rows. One
+            # thread, not torch's intra-op pool: on a small host the sender's answer to the CLAIM needs a core
+            # during the copy (measured: torch's 2-thread copy lands sooner, but the pull returns later)
             np.copyto(dst.view(torch.uint8).numpy(), src[row : row + n])
 
     def exclusive(self) -> AbstractContextManager:
