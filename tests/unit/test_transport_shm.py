@@ -190,10 +190,10 @@ def test_auto_bootstraps_once_per_sender_and_reads_with_no_pull(pair, monkeypatc
         got = pair.receiver.pull(pair.sender.register(data))
         assert torch.equal(got.embedding.view(torch.int16), data.view(torch.int16))
         assert got.record.transport == "shm" and got.record.chunks == -(-tokens // 32)
+    assert pair.idle()  # the last DONE (unanswered: the pull returned at its CLAIM's ACK) is in
     kinds = [type(m) for m in seen]
     assert kinds.count(wire.Bootstrap) == 1 and wire.Pull not in kinds
     assert kinds.count(wire.Claim) == 4 and kinds.count(wire.Done) == 4
-    assert pair.idle()
 
 
 def test_concurrent_pulls_share_one_mapping(pair):
@@ -257,7 +257,7 @@ def test_abort_cancel_and_timeouts_free_every_block(pair, monkeypatch):
     pair.sender.discard(reserved.transfer_id)
     assert pair.idle()
     # the CLAIM is never answered: the pull times out, hands nothing out, ABORTs; the sender frees
-    monkeypatch.setattr(pair.sender.server, "on_claim", lambda identity, claim: None)
+    monkeypatch.setattr(pair.sender.server.claims, "on_claim", lambda identity, claim: None)
     pair.receiver.config = pair.receiver.config.replace(pull_timeout_s=0.5)
     start = time.monotonic()
     with pytest.raises(TransferTimeout):
