@@ -33,7 +33,8 @@ def sender_main(refs, stop, device: str, hidden: int, dtype: str, tokens: int, i
 
     per = (tokens + 127) // 128
     blocks = inflight * per + 8
-    cfg = TransferConfig(block_tokens=128, max_embed_tokens=max(8192, tokens), pool_blocks=blocks)
+    # host, as measured in docs/BENCHMARKS.md (on one host mm_language now pulls over shm)
+    cfg = TransferConfig(block_tokens=128, max_embed_tokens=max(8192, tokens), pool_blocks=blocks, transport="host")
     pool = BlockPool(blocks, 128, hidden, dtype_from_name(dtype), device, name="overlap-sender")
     sender = SenderEndpoint(pool, cfg, name="overlap-sender")
     data = torch.randn(tokens, hidden).to(dtype_from_name(dtype)).to(device)
@@ -166,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         daemon=True,
     )
     sender.start()
-    cfg = TransferConfig(block_tokens=128, pool_blocks=64, max_embed_tokens=max(8192, args.embed_tokens))
+    cfg = TransferConfig(
+        block_tokens=128, pool_blocks=64, max_embed_tokens=max(8192, args.embed_tokens), transport="host"
+    )
     receiver = Receiver(BlockPool(64, 128, lm.hidden_size, lm.dtype, args.device, name="overlap-rx"), cfg)
     try:
         decode_phase(engine, lm, args)  # warm

@@ -15,7 +15,7 @@ Prints a table and writes bench_transfer.json + bench_transfer.png into --out. E
     python scripts/bench_transfer.py --out results/transfer           # everything (2 GPUs)
     python scripts/bench_transfer.py --quick --skip-triton            # a smoke run
     python scripts/bench_transfer.py --mode one-gpu --out results/t1  # one GPU: CUDA IPC vs a raw D2D copy
-    python scripts/bench_transfer.py --mode cpu --out results/tcpu    # no GPU: host transport vs memcpy + RTT
+    python scripts/bench_transfer.py --mode cpu --out results/tcpu    # no GPU: shm and host vs memcpy + RTT
 """
 
 from __future__ import annotations
@@ -421,8 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="two-gpu",
         choices=["two-gpu", "one-gpu", "cpu"],
         help="two-gpu: everything below; one-gpu: same-GPU CUDA IPC pull vs a raw device-to-device copy, 1-256 MiB "
-        "(bench_transfer_one_gpu.json/.png); cpu: the host transport, 1024 x 3584 fp16 in one chunk, vs a raw memcpy "
-        "+ one ZeroMQ round trip (bench_transfer_cpu.json)",
+        "(bench_transfer_one_gpu.json/.png); cpu: the shm and host transports, 256/1024/4096 x 3584 fp16 in "
+        "one chunk (--tokens to change), vs a raw memcpy + one ZeroMQ round trip (bench_transfer_cpu.json)",
     )
     ap.add_argument(
         "--landing",
@@ -503,7 +503,8 @@ def main(argv=None) -> int:
     if args.mode != "two-gpu":
         import bench_transfer_single as single
 
-        return single.run_cpu(args) if args.mode == "cpu" else single.run_one_gpu(args, sys.modules[__name__])
+        run = single.run_cpu if args.mode == "cpu" else single.run_one_gpu
+        return run(args, sys.modules[__name__])
 
     import torch
 

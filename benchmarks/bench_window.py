@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         max_embed_tokens=max(args.mix.max_tokens, 1),
         adaptive_max_window_tokens=args.adaptive_max_tokens,
         adaptive_min_samples=args.adaptive_min_samples,
+        transport="host",  # one PULL per window: what the policies trade (shm copies every chunk at once)
     )
     hints = [h for h in (True, False) if not (args.hint_only and not h) and not (args.no_hint_only and h)]
     t0 = time.monotonic()

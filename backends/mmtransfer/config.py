@@ -44,14 +44,15 @@ class TransferConfig:
     control_host: interface the sender's control endpoint binds to (loopback by default).
     control_port: 0 picks a free port.
     advertise_host: address receivers use to reach this endpoint (default: control_host).
-    transport: how chunk bytes move: "auto" (both pools on CPU or either on CPU -> host;
-        same GPU -> cuda_ipc; different GPUs -> nccl), or forced: "host", "nccl", "cuda_ipc".
+    transport: how chunk bytes move: "auto" (both pools on the CPU of one host -> shm, falling back
+        to host where the sender's pool cannot be mapped; either pool on the CPU otherwise -> host;
+        same GPU -> cuda_ipc; different GPUs -> nccl), or forced: "host", "shm", "nccl", "cuda_ipc".
         Both ends must agree: a forced transport the other end cannot use is a clear error.
     gpu_landing: where GPU transports put received bytes: "direct" (straight into the assembled
         embedding: the CHUNK header, which carries the total length, always arrives before the
         bytes; the window is the flow-control credit) or "window" (into the window's blocks, then
         copied out, like the host transport).
-    bootstrap_timeout_s: how long forming a GPU channel (NCCL communicator, IPC mapping) may take.
+    bootstrap_timeout_s: how long forming a channel (NCCL communicator, IPC or shm mapping) may take.
     max_unread_tokens: the sender's bound on chunk bytes queued to one receiver connection that it has
         not confirmed read (a receiver's next PULL or DONE confirms), in tokens of its pool; beyond it a
         PULL is answered ERROR(busy) and nothing is queued. 0 = two default windows.

@@ -29,6 +29,7 @@ class Transport(_Named):
     HOST = "host"  # inline ZeroMQ frames on the control connection: any two processes, no GPU needed
     NCCL = "nccl"  # point-to-point on a 2-rank communicator: two GPUs
     CUDA_IPC = "cuda_ipc"  # the receiver maps the sender's pool: the same GPU
+    SHM = "shm"  # the receiver maps the sender's CPU pool (a memfd region): two CPU pools on the same host
 
 
 class Landing(_Named):

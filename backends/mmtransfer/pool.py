@@ -1,7 +1,8 @@
 """The block pool: one preallocated buffer per instance, lent out block by block.
 
 ``storage`` is ``[num_blocks, block_tokens, hidden]`` on the instance's device (a
-CUDA tensor works unchanged). An embedding's aux record (length, layout, extras) is not
+CUDA tensor works unchanged; on the CPU it lives in a memfd region, ``memfd.py``, that the
+shm transport maps in another process). An embedding's aux record (length, layout, extras) is not
 stored here: the sender keeps it with the transfer and sends it with the first chunk.
 
 An allocation is a list of block ids; token ``t`` of an allocation lives in block
@@ -17,12 +18,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .allocator import Allocator, BlockAllocator, FixedSlotAllocator
 from .errors import PoolExhausted, RequestTooLarge
+from .memfd import Region, shared_empty
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,13 @@ class BlockPool:
         self.block_tokens = block_tokens
         self.hidden = hidden
         self.dtype = dtype
-        self.storage = torch.empty((num_blocks, block_tokens, hidden), dtype=dtype, device=device)
+        shape = (num_blocks, block_tokens, hidden)
+        # Every CPU pool lives in a memfd region: another process on this host can map it (the shm transport)
+        self.region: Region | None = None
+        if torch.device(device).type == "cpu":
+            self.storage, self.region = shared_empty(shape, dtype, self)
+        else:
+            self.storage = torch.empty(shape, dtype=dtype, device=device)
         self._rows = self.storage.view(num_blocks * block_tokens, hidden)
         self.allocator: Allocator = (
             BlockAllocator(num_blocks) if block_allocator else FixedSlotAllocator(num_blocks, slot_blocks or num_blocks)
@@ -193,6 +201,18 @@ class BlockPool:
     def row_ptr(self, row: int) -> int:
         """Device address of flat pool row ``row`` (for transports that hand raw pointers to NCCL)."""
         return self.storage.data_ptr() + row * self.bytes_per_token
+
+    def shm_export(self) -> dict[str, Any] | None:
+        """What another process on this host needs to map the storage read-only (None: not shareable)."""
+        if self.region is None:
+            return None
+        rows = self._rows
+        return {
+            **self.region.export(),
+            "rows": int(rows.shape[0]),
+            "hidden": self.hidden,
+            "dtype": DTYPE_NAMES[self.dtype],
+        }
 
     @property
     def flat_rows(self) -> torch.Tensor:

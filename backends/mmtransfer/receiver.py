@@ -2,10 +2,10 @@
 
 ``Receiver`` is a facade over its collaborators: the links to sender endpoints
 (``receiver_links.py``: bootstrap, cache, CLOSE), the sockets (``receiver_sockets.py``) and the one
-pull loop (``receiver_pull.py``). A receiver whose pool is on the CPU (or forced to the host
-transport) never bootstraps: its pulls use the host link. One on a GPU bootstraps a channel to
-each sender endpoint on first use: NCCL for another GPU, CUDA IPC for the same GPU, or the host
-link when the sender has no GPU.
+pull loop (``receiver_pull.py``). A receiver forced to the host transport never bootstraps: its
+pulls use the host link. Any other bootstraps a channel to each sender endpoint on first use: shm
+between two CPU pools of one host (the host link where the sender's pool cannot be mapped), NCCL
+for another GPU, CUDA IPC for the same GPU, or the host link when only one side has a GPU.
 """
 
 from __future__ import annotations
@@ -65,13 +65,10 @@ class Receiver:
 
     @property
     def uses_channels(self) -> bool:
-        """True when pulls may go over a GPU channel: this pool is on CUDA and the transport is not
-        forced to host, or a GPU transport is forced (a CPU pool then gets a clear error)."""
-        transport = self.config.transport
-        return (self.pool.device.type == "cuda" and transport is not Transport.HOST) or transport in (
-            Transport.NCCL,
-            Transport.CUDA_IPC,
-        )
+        """True unless the transport is forced to host: pulls may then go over a channel bootstrapped once
+        per sender (shm between two CPU pools of one host; NCCL or CUDA IPC for a GPU pool; a forced
+        transport the pools cannot use gets a clear error)."""
+        return self.config.transport is not Transport.HOST
 
     def link_for(self, address: str) -> ReceiverLink:
         """The link pulls from ``address`` use: the host link, or a channel bootstrapped on first use."""

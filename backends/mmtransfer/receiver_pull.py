@@ -2,13 +2,13 @@
 
 ``PullRun.run`` allocates the window (the policy's size; fewer blocks if the pool is short, at least
 one) and lands every chunk through ``link.post`` into the assembled embedding (directly, or into the
-window and out of it). With an EMBED_REF naming the rows (protocol 3) a same-GPU link copies them at
-once (CLAIM, copy, DONE: no PULL), and NCCL posts the first chunk's receives right after its PULL.
-Else the first CHUNK's aux says the length. A pipelined link (NCCL, CUDA IPC) asks for every chunk
-with one PULL, each chunk's move posted behind the previous one on the link's stream; the host link
-asks chunk by chunk, the window bounding the bytes in flight. A CUDA event says when it is usable.
-Every path frees the window; on failure the sender is told to ABORT, and a channel whose pairing is
-in doubt is drained (bounded) and given up.
+window and out of it). With an EMBED_REF naming the rows (protocol 3) a link that maps the sender's pool
+(CUDA IPC, shm) copies them at once (CLAIM, copy, DONE: no PULL), and NCCL posts the first chunk's
+receives right after its PULL. Else the first CHUNK's aux says the length. A pipelined link (NCCL,
+CUDA IPC, shm) asks for every chunk with one PULL, each chunk's move posted behind the previous one on
+the link's stream; the host link asks chunk by chunk, the window bounding the bytes in flight. A CUDA
+event says when it is usable. Every path frees the window; on failure the sender is told to ABORT, and
+a channel whose pairing is in doubt is drained (bounded) and given up.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class PullRun:
             )
 
     def _read_pool(self) -> None:
-        """Same GPU, ref with rows: CLAIM the rows (the sender's answer travels while the bytes move), then
+        """A mapped pool (same GPU, shm), ref with rows: CLAIM the rows (the answer travels while bytes move), then
         copy every chunk from the mapped pool, each behind the previous one on the link's stream (no wait
         between chunks); ``_finish`` takes the claim's answer and sends DONE."""
         self._check_cancelled()

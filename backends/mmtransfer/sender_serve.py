@@ -1,4 +1,5 @@
-"""The sender's serve path: every PULL, over any link, is answered here (server thread only).
+"""The sender's serve path: every PULL, over any link, is answered here (server thread only); a CLAIM by
+``sender_claims.py``.
 
 A PULL names its link: no channel -> the host link; else a channel opened by BOOTSTRAP (NCCL or
 CUDA IPC). Whatever the link, ``serve`` checks the whole PULL first (an ERROR must come before
@@ -22,6 +23,7 @@ from .enums import ErrorCode, TransferState, Transport
 from .errors import TransferError
 from .pool import BlockPool
 from .sender_channels import ChannelTable
+from .sender_claims import ClaimDesk
 from .sender_server import Outbox
 from .sender_table import EXPIRED, Entry, InFlight, TransferTable
 from .transports import SenderLink
@@ -66,6 +68,7 @@ class PullServer:
         self.name = name
         self.host_link = HostSenderLink("", pool, 0.0)  # no channel: never formed, never closed
         self.device_info: DeviceInfo = device_info(pool.device)
+        self.claims = ClaimDesk(pool, table, outbox, self.reply_unknown)
         self._pending: list[PendingPull] = []
 
     def dispatch(self, identity: bytes, msg: wire.Message) -> bool:
@@ -75,7 +78,7 @@ class PullServer:
         elif isinstance(msg, wire.Done):
             self.on_done(identity, msg)
         elif isinstance(msg, wire.Claim):
-            self.on_claim(identity, msg)
+            self.claims.on_claim(identity, msg)
         elif isinstance(msg, wire.Abort):
             self.on_abort(identity, msg)
         elif isinstance(msg, wire.Bootstrap):
@@ -119,35 +122,6 @@ class PullServer:
         self.table.release(entry)
         if not entry.claimed:  # a claiming receiver returned at its claim's ACK and waits for nothing more
             self.outbox.send(identity, wire.Ack(done.transfer_id, done.seq))
-
-    def on_claim(self, identity: bytes, claim: wire.Claim) -> None:
-        """A same-GPU receiver copies ``claim.rows`` with no PULL: ACK only this transfer's own blocks (a forged
-        or stale EMBED_REF gets ERROR, and its receiver discards what it copied); the blocks stay until DONE."""
-        entry = self.table.get(claim.transfer_id)
-        if entry is None:
-            self.reply_unknown(identity, claim.transfer_id, claim.seq)
-            return
-        if entry.aux is None or not self._rows_match(entry, claim.rows):
-            self.outbox.error(
-                identity,
-                claim.transfer_id,
-                claim.seq,
-                ErrorCode.BAD_REQUEST,
-                "the rows read are not this transfer's blocks",
-            )
-            return
-        refusal = self.table.admit(entry, identity, 0, entry.aux.total_tokens, 0, 0)  # one receiver at a time
-        if refusal is not None:
-            self.outbox.error(identity, claim.transfer_id, claim.seq, *refusal)
-            return
-        entry.claimed = True
-        self.table.touch(entry)
-        self.outbox.send(identity, wire.Ack(claim.transfer_id, claim.seq))
-
-    def _rows_match(self, entry: Entry, rows: tuple[tuple[int, int], ...]) -> bool:
-        """``rows`` are exactly the (merged) pool runs holding the entry's embedding, in token order."""
-        segs = self.pool.segments(entry.blocks, entry.aux.total_tokens)
-        return tuple((s.pool_row, s.length) for s in segs) == rows
 
     def refuse(self, identity: bytes, pull: wire.Pull, code: ErrorCode, message: str) -> None:
         """Answer ``pull`` with ERROR; receives it posted early are first paired (``pair_early``)."""

@@ -500,16 +500,22 @@ def test_window_beyond_any_pool_and_offsets_past_the_end(live):
 
 def test_hostile_bootstrap_and_close_on_a_cpu_endpoint(live):
     sender, receiver, ctx = live
+    before = dict(sender.channels.links)  # the module's receiver holds its shm channel
     # a GPU transport asked of a CPU-only endpoint: a clear UNAVAILABLE, no channel state kept
     boot = wire.encode(wire.Bootstrap(new_transfer_id(), "nccl", "cuda", "GPU-x", "elsewhere/1", 1))
     reply = _exchange(ctx, sender.address, [boot])
     assert isinstance(reply, wire.Error) and reply.code == "unavailable"
-    assert not sender.channels.links
+    assert sender.channels.links == before
     # host is negotiated (no channel): answered, nothing kept
     reply = _exchange(
         ctx, sender.address, [wire.encode(wire.Bootstrap(new_transfer_id(), "auto", "cuda", "G", "h", 1))]
     )
-    assert isinstance(reply, wire.BootstrapAck) and reply.transport == "host" and not sender.channels.links
+    assert isinstance(reply, wire.BootstrapAck) and reply.transport == "host" and sender.channels.links == before
+    # shm asked from another host: UNAVAILABLE, nothing kept
+    boot = wire.encode(wire.Bootstrap(new_transfer_id(), "shm", "cpu", "", "elsewhere/1", 1))
+    reply = _exchange(ctx, sender.address, [boot])
+    assert isinstance(reply, wire.Error) and reply.code == "unavailable" and "same host" in reply.message
+    assert sender.channels.links == before
     # CLOSE of a channel that does not exist, and frames only a sender may send: dropped or refused
     assert _exchange(ctx, sender.address, [wire.encode(wire.Close(new_transfer_id(), "x"))]) is None
     for msg in (VALID[2], VALID[5], VALID[9]):

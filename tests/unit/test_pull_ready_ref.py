@@ -336,7 +336,9 @@ def test_host_pull_lands_once_or_adopts_the_payload(tokens):
     are copied once each, straight into the embedding. Both sides free everything."""
     from mmtransfer import BlockPool, Receiver, SenderEndpoint, TransferConfig
 
-    cfg = TransferConfig(block_tokens=8, default_window_tokens=32, pool_blocks=64, max_embed_tokens=4096)
+    cfg = TransferConfig(
+        block_tokens=8, default_window_tokens=32, pool_blocks=64, max_embed_tokens=4096, transport="host"
+    )
     sender = SenderEndpoint(BlockPool(64, 8, HIDDEN, torch.bfloat16, name="s"), cfg, name="s")
     receiver = Receiver(BlockPool(16, 8, HIDDEN, torch.bfloat16, name="r"), cfg, name="r")
     try:

@@ -116,6 +116,7 @@ def test_receiver_gives_up_a_cancelled_transfer_between_continuations():
         pull_timeout_s=2,
         alloc_timeout_s=1,
         use_size_hint=False,
+        transport="host",  # asked before every PULL; an shm pull copies every chunk at once, asked once
     )
     with (
         SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender,
@@ -155,7 +156,10 @@ def test_pull_loader_aborts_the_rest_on_cancellation_and_abort():
     from mm_language.loader import PullLoader
     from mmtransfer import EmbedRef
 
-    cfg = TransferConfig(block_tokens=4, default_window_tokens=8, pool_blocks=8, max_embed_tokens=256, pull_timeout_s=2)
+    # host: the cancellation is asked before every PULL, so "during the second pull" is a count of them
+    cfg = TransferConfig(
+        block_tokens=4, default_window_tokens=8, pool_blocks=8, max_embed_tokens=256, pull_timeout_s=2, transport="host"
+    )
     with SenderEndpoint(BlockPool(64, 4, HIDDEN, name="tx"), cfg) as sender:
         receiver = Receiver(BlockPool(8, 4, HIDDEN, name="rx"), cfg)
         try:

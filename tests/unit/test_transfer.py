@@ -1,5 +1,5 @@
-"""Sender and receiver end to end: separate processes, continuations, exhaustion, TTL,
-pulls before registration, and hostile frames against a live endpoint."""
+"""Sender and receiver end to end: separate processes (over the host link; shm: test_transport_shm.py),
+continuations, exhaustion, TTL, pulls before registration, and hostile frames against a live endpoint."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def sender_proc(request, proc_config):
 @pytest.mark.parametrize("tokens, chunks", [(1, 1), (64, 1), (65, 2), (128, 2), (129, 3), (3200, 50), (3201, 51)])
 def test_cross_process_bit_exact_with_continuations(sender_proc, proc_config, tokens, chunks):
     pool = BlockPool(8, proc_config.block_tokens, HIDDEN, getattr(torch, sender_proc.dtype), name="rx")
-    with Receiver(pool, proc_config.replace(use_size_hint=False)) as rx:
+    with Receiver(pool, proc_config.replace(use_size_hint=False, transport="host")) as rx:
         ref = EmbedRef.from_json(sender_proc.call("register", tokens, tokens))
         got = rx.pull(ref, request_id="r1")
     expected = embedding_for(tokens, tokens, HIDDEN, sender_proc.dtype)
@@ -70,7 +70,7 @@ def test_cross_process_pull_waits_for_late_fill(sender_proc, proc_config):
     pool = BlockPool(8, proc_config.block_tokens, HIDDEN, getattr(torch, sender_proc.dtype))
     ref = EmbedRef.from_json(sender_proc.call("reserve"))
     threading.Timer(0.3, sender_proc.call, args=("fill", ref.transfer_id, 7, 100)).start()
-    with Receiver(pool, proc_config) as rx:
+    with Receiver(pool, proc_config.replace(transport="host")) as rx:
         got = rx.pull(ref)
     assert torch.equal(got.embedding, embedding_for(7, 100, HIDDEN, sender_proc.dtype))
     assert got.record.chunks == 2 and pool.used_blocks == 0

@@ -49,7 +49,9 @@ CPU = DeviceInfo("cpu", "", HOST)
 @pytest.mark.parametrize(
     "sender, receiver, expected",
     [
-        (CPU, CPU, "host"),
+        (CPU, CPU, "shm"),
+        (CPU, DeviceInfo("cpu", "", "otherhost/1"), "host"),
+        (CPU, DeviceInfo("cpu", "", ""), "host"),
         (GPU_A, CPU, "host"),
         (CPU, GPU_A, "host"),
         (GPU_A, GPU_A, "cuda_ipc"),
@@ -70,6 +72,10 @@ def test_auto_picks_the_natural_transport(sender, receiver, expected):
         ("nccl", "auto", GPU_A, GPU_B, "nccl"),
         ("auto", "cuda_ipc", GPU_A, GPU_A, "cuda_ipc"),
         ("nccl", "nccl", GPU_A, GPU_B, "nccl"),
+        ("host", "auto", CPU, CPU, "host"),
+        ("auto", "host", CPU, CPU, "host"),
+        ("shm", "auto", CPU, CPU, "shm"),
+        ("auto", "shm", CPU, CPU, "shm"),
     ],
 )
 def test_forced_transport_is_used_when_possible(s_pref, r_pref, sender, receiver, expected):
@@ -83,6 +89,11 @@ def test_forced_transport_is_used_when_possible(s_pref, r_pref, sender, receiver
         ("auto", "nccl", CPU, GPU_A, "both pools on CUDA"),
         ("auto", "cuda_ipc", GPU_A, GPU_B, "same GPU"),
         ("host", "nccl", GPU_A, GPU_B, "sender forces"),
+        ("auto", "shm", CPU, DeviceInfo("cpu", "", "otherhost/1"), "shm needs both pools on the same host"),
+        ("shm", "auto", CPU, DeviceInfo("cpu", "", ""), "same host"),
+        ("auto", "shm", GPU_A, CPU, "shm needs both pools on the CPU"),
+        ("auto", "shm", CPU, GPU_A, "both pools on the CPU"),
+        ("shm", "host", CPU, CPU, "sender forces"),
     ],
 )
 def test_impossible_transport_is_a_clear_error(s_pref, r_pref, sender, receiver, message):
@@ -547,9 +558,10 @@ def test_forced_gpu_transport_on_cpu_pools_is_a_clear_error_and_frees():
         sender.close()
 
 
-def test_cpu_receiver_never_bootstraps(monkeypatch):
-    """The CPU path is unchanged: no BOOTSTRAP, host frames only."""
-    cfg = _cfg()
+def test_cpu_receiver_forced_to_host_never_bootstraps(monkeypatch):
+    """transport=host on a CPU receiver: no BOOTSTRAP, host frames only (on auto it asks for shm:
+    test_transport_shm.py)."""
+    cfg = _cfg(transport="host")
     sender = SenderEndpoint(BlockPool(64, 8, HIDDEN, name="s"), cfg, name="s")
     receiver = Receiver(BlockPool(16, 8, HIDDEN, name="r"), cfg, name="r")
     called = []

@@ -9,16 +9,19 @@ from .base import ReceiverLink, SenderLink
 from .cuda_ipc import IpcReceiverLink, IpcSenderLink
 from .host import HostReceiverLink, HostSenderLink
 from .nccl import NcclReceiverLink, NcclSenderLink
+from .shm import ShmReceiverLink, ShmSenderLink
 
 SENDER_LINKS: dict[Transport, type[SenderLink]] = {
     Transport.HOST: HostSenderLink,
     Transport.NCCL: NcclSenderLink,
     Transport.CUDA_IPC: IpcSenderLink,
+    Transport.SHM: ShmSenderLink,
 }
 RECEIVER_LINKS: dict[Transport, type[ReceiverLink]] = {
     Transport.HOST: HostReceiverLink,
     Transport.NCCL: NcclReceiverLink,
     Transport.CUDA_IPC: IpcReceiverLink,
+    Transport.SHM: ShmReceiverLink,
 }
 
 

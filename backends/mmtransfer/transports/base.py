@@ -2,8 +2,9 @@
 
 A link has two halves. The sender endpoint serves every PULL through a ``SenderLink`` and the
 receiver runs every pull through a ``ReceiverLink``, whatever the transport: host (bytes inline on
-the control connection), NCCL (a 2-rank communicator) or CUDA IPC (the sender's pool mapped on
-the same GPU). The control connection carries only what to move; the link moves it.
+the control connection), NCCL (a 2-rank communicator), CUDA IPC (the sender's pool mapped on
+the same GPU) or shm (the sender's CPU pool mapped on the same host). The control connection
+carries only what to move; the link moves it.
 
 Contract: for every CHUNK the sender calls ``SenderLink.send`` once, before the CHUNK is sent,
 and the receiver calls ``ReceiverLink.post`` once, after the CHUNK arrived, in the same order per
@@ -11,7 +12,7 @@ link. Pieces are ``(sender pool row, tokens)`` runs in token order, contiguous i
 pool; ``dests`` are the receiver's destination views ``[tokens, hidden]`` in token order.
 
 This module holds the interface only; ``transports/__init__.py`` maps each ``Transport`` to its
-implementation (``host.py``, ``nccl.py``, ``cuda_ipc.py``), so nothing here imports one.
+implementation (``host.py``, ``nccl.py``, ``cuda_ipc.py``, ``shm.py``), so nothing here imports one.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ReceiverLink(ABC):
     has_channel: ClassVar[bool] = True
     """Opened by BOOTSTRAP and named in every PULL; a failure on it gives it up (the next pull reopens)."""
     reads_pool: ClassVar[bool] = False
-    """The receiver reads the sender's pool itself (CUDA IPC): given an EMBED_REF's rows it CLAIMs them (the
+    """The receiver reads the sender's pool itself (CUDA IPC, shm): given an EMBED_REF's rows it CLAIMs them (the
     sender authorizes) and copies at once, then sends DONE; no PULL, no CHUNK."""
     posts_early: ClassVar[bool] = False
     """Given an EMBED_REF's rows, the first chunk's receives are posted right after the PULL, before its
@@ -134,6 +135,11 @@ class ReceiverLink(ABC):
         """The whole embedding as a view of its payload frames, when this link can hand that out without a
         copy (the host link, into a CPU pool); None: land it with ``post``."""
         return None
+
+    def stale(self) -> str:
+        """Why this link may no longer be used although nothing failed on it (the sender it mapped is gone),
+        checked before every pull; "" while it may. The receiver then bootstraps a new one."""
+        return ""
 
     def drain(self, timeout_s: float) -> bool:
         """Wait (bounded) for everything enqueued on ``stream``; False if it did not finish in time."""

@@ -1,17 +1,12 @@
 """Same-GPU link: the receiver maps the sender's pool once (CUDA IPC) and copies pieces
 device-to-device on its own stream. NCCL cannot serve this case: it refuses two ranks on one GPU.
 
-The sender moves nothing: the EMBED_REF (protocol 3) or a CHUNK names the pool rows (pieces) the
-receiver copies from; with the ref's rows the receiver sends a CLAIM naming them and copies at once,
-handing the embedding out only once the sender ACKed that they are that transfer's blocks (every row is
-also bounds-checked against the mapped pool here), then sends DONE. The sender's blocks stay allocated
-until DONE or ABORT, and the receiver sends either only after its copies completed (``drain``), so a
-block is never reused under a reader.
+What the link does beyond the export and the mapping (the CLAIM, the bounds checks, when blocks may be
+freed) is shared with the shm link: ``mapped.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
 from typing import Any, Sequence
@@ -19,12 +14,12 @@ from typing import Any, Sequence
 import torch
 
 from ..enums import Transport
-from ..errors import ChannelError, ProtocolError, TransferError
+from ..errors import TransferError
 from ..pool import DTYPE_NAMES, BlockPool, dtype_from_name
-from .base import Pieces, ReceiverLink, SenderLink
+from .base import Pieces
+from .mapped import MappedReceiverLink, MappedSenderLink
 from .streams import use_stream
 
-log = logging.getLogger(__name__)
 # Pools exported by this process, by local_key: a CUDA IPC handle cannot be opened by the process
 # that made it, so a receiver in the same process (tests, benchmarks) uses the tensor itself.
 _EXPORTED: dict[str, torch.Tensor] = {}
@@ -118,65 +113,26 @@ def import_storage(desc: dict[str, Any], device: torch.device) -> torch.Tensor:
         )
 
 
-class IpcSenderLink(SenderLink):
+class IpcSenderLink(MappedSenderLink):
     kind = Transport.CUDA_IPC
+    ack_field = "ipc"
 
-    def __init__(self, link_id: str, pool: BlockPool, timeout_s: float) -> None:
-        super().__init__(link_id, pool, timeout_s)
+    def export(self, pool: BlockPool) -> dict[str, Any]:
         export = _POOL_EXPORTS.get(pool)
         if export is None:
             export = _POOL_EXPORTS[pool] = export_storage(pool.flat_rows)
-        self._export = export
-
-    def ack_fields(self) -> dict[str, Any]:
-        return {"ipc": dict(self._export)}
-
-    def send(self, pieces: Pieces) -> list[memoryview]:
-        self.ops += 1  # nothing to move: the receiver reads
-        return []
+        return export
 
 
-class IpcReceiverLink(ReceiverLink):
+class IpcReceiverLink(MappedReceiverLink):
     kind = Transport.CUDA_IPC
-    reads_pool = True
+    ack_field = "ipc"
 
-    def __init__(self, link_id: str, pool: BlockPool, address: str, ipc: dict[str, Any]) -> None:
-        super().__init__(link_id, pool, address)
-        if ipc["hidden"] != pool.hidden or ipc["dtype"] != DTYPE_NAMES[pool.dtype]:
-            raise ChannelError(
-                f"cuda_ipc: the sender's pool holds [{ipc['hidden']}] {ipc['dtype']}, this pool "
-                f"[{pool.hidden}] {DTYPE_NAMES[pool.dtype]}"
-            )
-        try:
-            self.source = import_storage(ipc, pool.device)
-        except Exception as exc:
-            raise ChannelError(f"cuda_ipc: cannot map the sender's pool: {type(exc).__name__}: {exc}") from None
-        self.source_rows = int(ipc["rows"])
-        log.info(
-            "cuda_ipc channel %s: mapped %d rows of %s's pool on %s",
-            link_id[:8],
-            self.source_rows,
-            address,
-            pool.device,
-        )
+    def map_source(self, desc: dict[str, Any]) -> torch.Tensor:
+        return import_storage(desc, self.pool.device)
 
-    @classmethod
-    def connect(cls, link_id, pool, address, ack, timeout_s) -> IpcReceiverLink:
-        if ack.ipc is None:
-            raise ChannelError("cuda_ipc BOOTSTRAP_ACK carries no IPC handle")
-        return cls(link_id, pool, address, ack.ipc)
-
-    def post(self, pieces: Pieces, dests: Sequence[torch.Tensor], frames: Sequence[bytes]) -> None:
+    def copy_pieces(self, pieces: Pieces, dests: Sequence[torch.Tensor]) -> None:
         src = self.source
-        for row, n in pieces:
-            if row + n > self.source_rows:  # a forged ref or CHUNK: refused before anything is read
-                raise ProtocolError(
-                    f"cuda_ipc: piece rows [{row}, {row + n}) outside the sender's pool of {self.source_rows} rows"
-                )
         with use_stream(self.stream):
             for (row, n), dst in zip(pieces, dests, strict=True):
                 dst.copy_(src[row : row + n], non_blocking=True)
-        self.ops += 1
-
-    def close(self) -> None:
-        self.source = None

@@ -1,10 +1,11 @@
 """The host link: chunk bytes travel inline on the control connection (ZeroMQ over TCP), as one
 payload frame after the CHUNK header. Works between any two processes and hosts, no GPU needed.
 
-There is no channel: a receiver whose pool is on the CPU never bootstraps, and every host PULL
-asks for one chunk (the window bounds the bytes in flight). The control path is kept lean: the
-receiver takes the payload frame without copying it out of ZeroMQ and copies it once, straight into
-the assembled embedding (no landing in the window's blocks and gathering out of them).
+There is no channel: a host PULL names none (two CPU pools on one host use shm unless a side forces
+host or the pool cannot be mapped; then this link serves them), and every host PULL asks for one
+chunk (the window bounds the bytes in flight). The control path is kept lean: the receiver takes the
+payload frame without copying it out of ZeroMQ and copies it once, straight into the assembled
+embedding (no landing in the window's blocks and gathering out of them).
 """
 
 from __future__ import annotations

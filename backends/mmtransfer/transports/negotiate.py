@@ -1,6 +1,7 @@
-"""Which transport a (sender, receiver) pair uses: ``auto`` on both sides -> the natural one (no GPU
-on either side -> host; the same GPU -> cuda_ipc; else nccl); a side that forces a transport gets
-it if the other side allows it and it can connect the two pools; else ``TransportUnavailable``."""
+"""Which transport a (sender, receiver) pair uses: ``auto`` on both sides -> the natural one (both pools on
+the CPU of one host -> shm; a CPU pool otherwise -> host; the same GPU -> cuda_ipc; else nccl); a side that
+forces a transport gets it if the other side allows it and it can connect the two pools; else
+``TransportUnavailable``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ def feasible(kind: Transport, sender: DeviceInfo, receiver: DeviceInfo) -> str:
                 "use transport=cuda_ipc or auto"
             )
         return ""
+    if kind is Transport.SHM:
+        if sender.is_cuda or receiver.is_cuda:
+            return "shm needs both pools on the CPU (a GPU pool uses cuda_ipc or nccl)"
+        if not sender.host or sender.host != receiver.host:
+            return (
+                f"shm needs both pools on the same host (sender on {sender.host or '?'}, receiver on "
+                f"{receiver.host or '?'}); use transport=host or auto"
+            )
+        return ""
     if kind is Transport.CUDA_IPC:
         return "" if sender.same_gpu(receiver) else "cuda_ipc needs both pools on the same GPU of the same host"
     return f"unknown transport {kind!r}"
@@ -29,6 +39,8 @@ def feasible(kind: Transport, sender: DeviceInfo, receiver: DeviceInfo) -> str:
 
 def natural_transport(sender: DeviceInfo, receiver: DeviceInfo) -> Transport:
     """What ``auto`` picks."""
+    if not (sender.is_cuda or receiver.is_cuda) and not feasible(Transport.SHM, sender, receiver):
+        return Transport.SHM
     if not (sender.is_cuda and receiver.is_cuda):
         return Transport.HOST
     return Transport.CUDA_IPC if sender.same_gpu(receiver) else Transport.NCCL

@@ -28,6 +28,9 @@ MAGIC = b"MMTX"
 # 3: the EMBED_REF of a ready embedding carries its pool rows and aux (no round trip before the copy), PULL
 #    ``early`` (receives posted before the CHUNK), CLAIM (the rows a same-GPU receiver copies with no PULL).
 #    Frames of other versions are answered ERROR(version).
+#    The shm transport kept 3: its one addition (the BOOTSTRAP_ACK ``shm`` field, left out unless the transport
+#    is shm) only reaches a receiver that asked for shm or auto with a CPU pool, which a protocol-3 receiver never
+#    did (a CPU receiver did not bootstrap), and a protocol-3 sender answers such a BOOTSTRAP with host.
 PROTOCOL_VERSION = 3
 MAX_FRAME_BYTES = 64 * 1024
 HEADER = struct.Struct("!4sBB")

@@ -134,3 +134,22 @@ def ipc(name: str, v: Any) -> dict[str, Any] | None:
     if not isinstance(v, dict) or set(v) != set(IPC_SCHEMA):
         raise ProtocolError(f"field {name}: expected exactly the fields {sorted(IPC_SCHEMA)}")
     return {key: check(f"{name}.{key}", v[key]) for key, check in IPC_SCHEMA.items()}
+
+
+SHM_SCHEMA: dict[str, Check] = {
+    "pid": integer(1, 1 << 31),
+    "fd": integer(0, 1 << 31),
+    "inode": integer(0, 1 << 63),
+    "size_bytes": integer(1, 1 << 48),
+    "rows": integer(1, 1 << 40),
+    "hidden": integer(1, MAX_HIDDEN),
+    "dtype": text(16, NAME),
+}
+
+
+def shm(name: str, v: Any) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != set(SHM_SCHEMA):
+        raise ProtocolError(f"field {name}: expected exactly the fields {sorted(SHM_SCHEMA)}")
+    return {key: check(f"{name}.{key}", v[key]) for key, check in SHM_SCHEMA.items()}

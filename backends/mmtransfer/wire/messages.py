@@ -12,13 +12,14 @@ of the frame while they hold their defaults. Sequence (receiver R drives, sender
     (on failure R sends ABORT(tid, reason); S frees and answers nothing)
     (any bad request: S answers ERROR(tid, code, message))
 
-GPU links add a bootstrap pair, once per (sender endpoint, receiver) channel::
+Channel links (GPU links, shm) add a bootstrap pair, once per (sender endpoint, receiver) channel::
 
     R: BOOTSTRAP(channel, wanted transport, R's device)  ->  S
-    S: BOOTSTRAP_ACK(channel, chosen transport, S's device, ncclUniqueId | CUDA IPC handle)  -> R
+    S: BOOTSTRAP_ACK(channel, chosen transport, S's device, ncclUniqueId | CUDA IPC handle | shm region)  -> R
     R: CLOSE(channel, reason)  -> S   (the receiver gives a broken channel up; no answer)
 
-A same-GPU receiver holding an EMBED_REF with rows sends no PULL (protocol 3)::
+A receiver that maps the sender's pool (same GPU, or shm on one host) holding an EMBED_REF with rows sends
+no PULL (protocol 3)::
 
     R: CLAIM(tid, rows)  -> S ; R copies the rows from the mapped pool meanwhile
     S: ACK(tid)  -> R   (or ERROR: the rows are not tid's blocks)
@@ -255,7 +256,10 @@ class BootstrapAck:
         "host": f.text(128),
         "nccl_id": f.hex_string(256, exact=256),
         "ipc": f.ipc,
+        "shm": f.shm,
     }
+    # Left out unless the transport is shm: every other BOOTSTRAP_ACK is the frame protocol 3 always sent.
+    OPTIONAL: ClassVar[dict] = {"shm": None}
     channel: str
     transport: Transport
     device_kind: str
@@ -263,6 +267,7 @@ class BootstrapAck:
     host: str
     nccl_id: str = ""
     ipc: dict | None = None
+    shm: dict | None = None
     version: int = BOOTSTRAP_VERSION
 
 
