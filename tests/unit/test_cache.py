@@ -4,6 +4,7 @@ under pool pressure, and every block comes back."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -120,6 +121,11 @@ def test_cached_embedding_served_to_concurrent_receivers_bit_exact():
         for t in threads:
             t.join(30)
         assert all(torch.equal(r, data) for r in results)
+        # a pull over a link that reads the pool (shm) returns once its DONE is sent: the sender releases the
+        # cache's ref when it has read that DONE, just after
+        deadline = time.monotonic() + 10
+        while entry.refs and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert entry.refs == 0 and cache.idle_blocks == 8
     cache.clear()
     assert pool.used_blocks == 0
