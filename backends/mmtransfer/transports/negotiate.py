@@ -39,7 +39,7 @@ def feasible(kind: Transport, sender: DeviceInfo, receiver: DeviceInfo) -> str:
 
 def natural_transport(sender: DeviceInfo, receiver: DeviceInfo) -> Transport:
     """What ``auto`` picks."""
-    if not (sender.is_cuda or receiver.is_cuda) and not feasible(Transport.SHM, sender, receiver):
+    if not feasible(Transport.SHM, sender, receiver):  # two CPU pools on one host
         return Transport.SHM
     if not (sender.is_cuda and receiver.is_cuda):
         return Transport.HOST

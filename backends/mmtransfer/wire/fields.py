@@ -128,12 +128,20 @@ IPC_SCHEMA: dict[str, Check] = {
 }
 
 
-def ipc(name: str, v: Any) -> dict[str, Any] | None:
-    if v is None:
-        return None
-    if not isinstance(v, dict) or set(v) != set(IPC_SCHEMA):
-        raise ProtocolError(f"field {name}: expected exactly the fields {sorted(IPC_SCHEMA)}")
-    return {key: check(f"{name}.{key}", v[key]) for key, check in IPC_SCHEMA.items()}
+def record(schema: dict[str, Check]) -> Check:
+    """An optional object field with exactly ``schema``'s keys, each checked by its own validator (None: absent)."""
+
+    def check(name: str, v: Any) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        if not isinstance(v, dict) or set(v) != set(schema):
+            raise ProtocolError(f"field {name}: expected exactly the fields {sorted(schema)}")
+        return {key: check_key(f"{name}.{key}", v[key]) for key, check_key in schema.items()}
+
+    return check
+
+
+ipc = record(IPC_SCHEMA)
 
 
 SHM_SCHEMA: dict[str, Check] = {
@@ -146,10 +154,4 @@ SHM_SCHEMA: dict[str, Check] = {
     "dtype": text(16, NAME),
 }
 
-
-def shm(name: str, v: Any) -> dict[str, Any] | None:
-    if v is None:
-        return None
-    if not isinstance(v, dict) or set(v) != set(SHM_SCHEMA):
-        raise ProtocolError(f"field {name}: expected exactly the fields {sorted(SHM_SCHEMA)}")
-    return {key: check(f"{name}.{key}", v[key]) for key, check in SHM_SCHEMA.items()}
+shm = record(SHM_SCHEMA)
