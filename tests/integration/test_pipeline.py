@@ -154,6 +154,24 @@ def _phase_counts(metrics, model: str, phases) -> dict[str, float]:
     return {p: metric_value(metrics, "mm_phase_seconds_count", 0.0, model=model, phase=p) for p in phases}
 
 
+def _wait_phase_counts(server, before, models, n: int, timeout_s: float = 10.0) -> dict:
+    """Metrics once every model's phases counted ``n`` more requests (or the last ones seen at the timeout).
+
+    The engine models observe a request's phases after its answer has gone out, through a low-priority flusher
+    thread (mm_triton/metric_flush.py), so a scrape right after the answer may not see the last one yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = _wait_pools_empty(server)
+        done = all(
+            _phase_counts(m, model, phases)[p] - _phase_counts(before, model, phases)[p] >= n
+            for model, phases in models
+            for p in phases
+        )
+        if done or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
 def test_phase_histograms_count_every_request(mm_server, tiny_model_dir):
     """mm_phase_seconds: one observation per phase per request on each model (a cache hit reports vision 0),
     the sums plausible."""
@@ -164,12 +182,9 @@ def test_phase_histograms_count_every_request(mm_server, tiny_model_dir):
         with MMClient(mm_server.http_url, model=model) as client:
             for image in fresh:
                 client.generate([image], PROMPT, max_tokens=3)
-    after = _wait_pools_empty(mm_server)
-    for model, phases in (
-        ("mm_encoder", ENCODER_PHASES),
-        ("mm_language", LANGUAGE_PHASES),
-        ("mm_monolithic", MONOLITHIC_PHASES),
-    ):
+    models = (("mm_encoder", ENCODER_PHASES), ("mm_language", LANGUAGE_PHASES), ("mm_monolithic", MONOLITHIC_PHASES))
+    after = _wait_phase_counts(mm_server, before, models, n)
+    for model, phases in models:
         got = _phase_counts(after, model, phases)
         was = _phase_counts(before, model, phases)
         assert {p: got[p] - was[p] for p in phases} == {p: n for p in phases}, model
