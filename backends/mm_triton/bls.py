@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Triton 2.51 hands a BLS caller every error of the called model as INTERNAL; mm_language's errors
 # start with the prefix mm_triton.errors gives each code, so that prefix tells the code again.
@@ -55,3 +58,18 @@ def forwarded_error(pb: Any, error: Any) -> Any:
         name, message = "UNAVAILABLE", f"unavailable (model_reloading): {message}"
     value = getattr(pb.TritonError, name, None)
     return pb.TritonError(message, value) if value is not None else pb.TritonError(message)
+
+
+def drain_stream(stream: Any, request_id: str) -> None:
+    """Read a decoupled BLS response stream to its end, here, on the caller's thread (which holds the GIL).
+
+    python_backend r24.10 (Triton 2.51): a ``ResponseIterator`` whose Python object goes before the stream ended
+    is destroyed later on the stub's stub-to-parent service thread (``Stub::SendCleanupId``), which frees the
+    responses still buffered in it, and their tensors (``~PbTensor``), without the GIL: the stub dies with
+    SIGSEGV and every stream through it hangs (cores from one H200 and the 2-core CPU VM, 2026-12-03;
+    docs/RELIABILITY.md section 6). So every stream is read to its end before it is dropped."""
+    try:
+        for _ in stream:
+            pass
+    except Exception as exc:  # noqa: BLE001 - the request is already answered; the stream only has to end
+        log.debug("request %s: draining the language stream ended with %s", request_id, exc)

@@ -11,6 +11,7 @@ server's BLS ``mm_pipeline``) never imports torch or the transfer library.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import logging
@@ -59,6 +60,9 @@ class ModelBase:
             level=self.resolver.str("log_level", "INFO").upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        # A stub that crashes (SIGSEGV, SIGABRT) leaves every thread's Python stack in the server's log
+        # (the stub's stderr is tritonserver's); without it Triton only reports the stub "not healthy".
+        faulthandler.enable(all_threads=True)
         self.model_name = args["model_name"]
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.device = instance_device(args)

@@ -34,7 +34,7 @@ import numpy as np
 from mmtransfer import TransferCancelled
 
 from .access import ABANDON_INPUT, server_token, token_tensor
-from .bls import forwarded_error
+from .bls import drain_stream, forwarded_error
 from .bounds import RequestBounds, check_request
 from .cancel_board import CANCEL_KEY_INPUT, CancelBoard, new_cancel_key
 from .errors import triton_error
@@ -200,8 +200,9 @@ class PipelineModel(ModelBase):
         response) goes out FINAL, since Triton drops a FINAL on an empty response by default."""
         pb = self.pb_utils
         key = self._monitor.enter(answer, self.language_model, **watch)
+        stream = language.exec(decoupled=True)
         try:
-            for reply in language.exec(decoupled=True):
+            for reply in stream:
                 if answer.done:
                     return  # the monitor failed it (stub died) or the client went away
                 if reply.has_error():
@@ -220,6 +221,7 @@ class PipelineModel(ModelBase):
                     return
             answer.send(final=True)
         finally:
+            drain_stream(stream, answer.request_id)
             self._monitor.leave(key)
 
     # ---- helpers -----------------------------------------------------------------------------------
