@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -63,13 +66,58 @@ def forwarded_error(pb: Any, error: Any) -> Any:
 def drain_stream(stream: Any, request_id: str) -> None:
     """Read a decoupled BLS response stream to its end, here, on the caller's thread (which holds the GIL).
 
-    python_backend r24.10 (Triton 2.51): a ``ResponseIterator`` whose Python object goes before the stream ended
-    is destroyed later on the stub's stub-to-parent service thread (``Stub::SendCleanupId``), which frees the
-    responses still buffered in it, and their tensors (``~PbTensor``), without the GIL: the stub dies with
-    SIGSEGV and every stream through it hangs (cores from one H200 and the 2-core CPU VM, 2026-12-03;
-    docs/RELIABILITY.md section 6). So every stream is read to its end before it is dropped."""
+    python_backend r24.10 (Triton 2.51): a ``ResponseIterator`` keeps every response it handed out; dropped
+    before its end, its destructor reads the rest with the GIL released, and when its last reference goes on the
+    stub's stub-to-parent service thread (``Stub::SendCleanupId``) all those responses free their tensors there,
+    without the GIL: the stub dies (SIGSEGV or a corrupted heap) and every stream through it hangs (cores from one
+    H200 and the 2-core CPU VM, 2026-12-03; docs/RELIABILITY.md section 6). Read to its end, the iterator asks
+    for that cleanup itself; :class:`LateRelease` then keeps it until the cleanup is done."""
     try:
         for _ in stream:
             pass
     except Exception as exc:  # noqa: BLE001 - the request is already answered; the stream only has to end
         log.debug("request %s: draining the language stream ended with %s", request_id, exc)
+
+
+#: How long a finished BLS stream is kept: the stub's service thread drops its own reference well within it.
+LATE_RELEASE_S = 5.0
+
+
+class LateRelease:
+    """Keeps objects for ``delay_s``, then drops them on its own Python thread (with the GIL).
+
+    A finished ``ResponseIterator`` is referenced by the stub's cleanup map too; whichever reference goes last
+    destroys it and the responses it holds. Kept here past the stub's cleanup, the last one is ours, dropped
+    where the GIL is held."""
+
+    def __init__(self, delay_s: float = LATE_RELEASE_S, name: str = "mm-late-release") -> None:
+        self.delay_s = delay_s
+        self._kept: collections.deque[tuple[float, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._name = name
+        self._thread: threading.Thread | None = None
+
+    def keep(self, obj: Any) -> None:
+        with self._cond:
+            self._kept.append((time.monotonic() + self.delay_s, obj))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._kept)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._kept:
+                    self._cond.wait()
+                due, _ = self._kept[0]
+                wait_s = due - time.monotonic()
+                if wait_s > 0:
+                    self._cond.wait(wait_s)
+                    continue
+                _, obj = self._kept.popleft()
+            del obj  # the last reference, dropped here with the GIL held

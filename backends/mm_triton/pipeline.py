@@ -34,7 +34,7 @@ import numpy as np
 from mmtransfer import TransferCancelled
 
 from .access import ABANDON_INPUT, server_token, token_tensor
-from .bls import drain_stream, forwarded_error
+from .bls import LateRelease, drain_stream, forwarded_error
 from .bounds import RequestBounds, check_request
 from .cancel_board import CANCEL_KEY_INPUT, CancelBoard, new_cancel_key
 from .errors import triton_error
@@ -72,6 +72,7 @@ class PipelineModel(ModelBase):
         self._max_inflight = max_inflight
         self._closing = False
         self._monitor = StepMonitor(self.pb_utils)
+        self._finished_streams = LateRelease(name=f"{self.instance_name}-late-release")
         self._board = CancelBoard.of_this_server()
         # off by default: the monitor thread asking is_cancelled() beside the workers is unverified on a GPU
         self._pass_cancellation = self.int_param("pass_cancellation", 0) != 0
@@ -222,6 +223,7 @@ class PipelineModel(ModelBase):
             answer.send(final=True)
         finally:
             drain_stream(stream, answer.request_id)
+            self._finished_streams.keep(stream)
             self._monitor.leave(key)
 
     # ---- helpers -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mm_triton.bls import drain_stream
+from mm_triton.bls import LateRelease, drain_stream
 from mm_triton.inflight import Answer
 from mm_triton.pipeline import PipelineModel
 
@@ -81,10 +81,12 @@ def _relay(replies: list[_Reply], *, done_before: bool = False) -> tuple[_Stream
     model = PipelineModel.__new__(PipelineModel)  # no initialize(): only what _relay_stream uses
     model.pb_utils, model.language_model = _PB, "mm_language_stream"
     model._monitor = SimpleNamespace(enter=lambda *a, **k: "key", leave=lambda key: None)
+    model._finished_streams = LateRelease(delay_s=60)
     stream, sender = _Stream(replies), _Sender()
     answer = Answer(_PB, sender, "r1")
     answer.done = done_before
     model._relay_stream(SimpleNamespace(exec=lambda decoupled: stream), answer, {})
+    assert len(model._finished_streams) == 1  # kept past the stub's own cleanup of it
     return stream, sender
 
 
@@ -106,7 +108,8 @@ def test_an_answer_already_given_still_reads_the_stream_to_its_end():
 
 @pytest.mark.parametrize("bad", ["error", "inband"])
 def test_an_error_on_the_stream_still_reads_it_to_its_end(bad):
-    failing = _Reply({}, error="boom") if bad == "error" else _Reply({"MM_ERROR": SimpleNamespace(as_numpy=lambda: np.array([b"INTERNAL\tboom"], dtype=object))})
+    inband = SimpleNamespace(as_numpy=lambda: np.array([b"INTERNAL\tboom"], dtype=object))
+    failing = _Reply({}, error="boom") if bad == "error" else _Reply({"MM_ERROR": inband})
     stream, sender = _relay([_tokens(0), failing, _tokens(2)])
     assert stream.exhausted
     assert sender.sent[-1][1] == _FINAL and len(sender.sent) == 2
@@ -119,3 +122,27 @@ def test_drain_stream_swallows_a_stream_that_breaks():
     ok = _Stream([_tokens(0), _tokens(1)])
     drain_stream(ok, "r1")
     assert ok.exhausted
+
+
+def test_late_release_drops_what_it_keeps_after_the_delay_on_its_own_thread():
+    import gc
+    import threading
+    import time
+    import weakref
+
+    class _Kept:
+        pass
+
+    dropped_on: list[str] = []
+    late = LateRelease(delay_s=0.2)
+    obj = _Kept()
+    ref = weakref.ref(obj, lambda _: dropped_on.append(threading.current_thread().name))
+    late.keep(obj)
+    del obj
+    gc.collect()
+    assert ref() is not None and len(late) == 1  # held
+    deadline = time.monotonic() + 5
+    while ref() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ref() is None and len(late) == 0
+    assert dropped_on == ["mm-late-release"]
