@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from .api import EngineError, ErrorCause
 from .sequence import Sequence
@@ -38,3 +39,14 @@ def step_failed(request_id: str, e: BaseException) -> EngineError:
     err = EngineError(ErrorCause.INTERNAL, f"request {request_id}: model step failed: {e}")
     err.__cause__ = e
     return err
+
+
+def checkpoint_eos_ids(hf_model: Any) -> set[int]:
+    """The checkpoint's end-of-sequence token ids (generation config first, then the text config)."""
+    gen = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(hf_model.config.text_config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}

@@ -30,7 +30,7 @@ from .api import (
 )
 from .config import EngineConfig
 from .detok import IncrementalDetokenizer
-from .endings import end_message, probe_end, step_failed
+from .endings import checkpoint_eos_ids, end_message, probe_end, step_failed
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Drained, Intake, Landed, WaitQueue
@@ -72,7 +72,7 @@ class LLMEngine(Engine):
             merge_size=int(hf_model.config.vision_config.spatial_merge_size),
             max_seq_len=config.max_seq_len,
         )
-        self._eos = set(eos_token_ids) if eos_token_ids is not None else _eos_ids(hf_model)
+        self._eos = set(eos_token_ids) if eos_token_ids is not None else checkpoint_eos_ids(hf_model)
         self._observer = observer or EngineObserver()
         self._counters = StepCounters()
         self._slots = SlotTable(config.max_batch_size)
@@ -391,13 +391,3 @@ def _safe(fn: Any, *args: Any) -> None:
         fn(*args)
     except Exception:  # noqa: BLE001 - sinks and observers must not break the loop
         log.exception("%s raised", getattr(fn, "__qualname__", fn))
-
-
-def _eos_ids(hf_model: Any) -> set[int]:
-    gen = getattr(hf_model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(hf_model.config.text_config, "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
