@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import gc
 import json
 import logging
 import time
@@ -116,8 +117,8 @@ class ModelBase:
         return responses
 
     def finalize(self) -> None:
-        """Triton unloads the model: the stub's heartbeat file goes (subclasses' own ``finalize`` do the same)."""
-        close_heartbeat()
+        """Triton unloads the model. After the outermost ``finalize`` (every class's own is wrapped, see
+        ``_closing_heartbeat``) the stub's heartbeat file goes and the model's objects are freed."""
 
     def error_for(self, exc: BaseException) -> Any:
         """The ``pb_utils.TritonError`` answering a request that raised ``exc`` (see mm_triton.errors)."""
@@ -160,10 +161,28 @@ def _closing_heartbeat(finalize: Any) -> Any:
 
     @functools.wraps(finalize)
     def run(self: Any) -> None:
+        outermost = not vars(self).get("_mm_finalizing", False)  # a subclass's finalize calls super().finalize()
+        self._mm_finalizing = True
         try:
             finalize(self)
         finally:
-            close_heartbeat()
+            if outermost:
+                close_heartbeat()
+                release_objects(self)
 
     run.__mm_heartbeat__ = True  # type: ignore[attr-defined]
     return run
+
+
+def release_objects(model: Any) -> None:
+    """Free what the model holds now, while its stub is still attached to tritonserver.
+
+    python_backend r24.10 frees a model's objects only after the stub detached; a ``pb_utils`` ``MetricFamily``
+    freed then writes to shared memory that is gone (SIGSEGV in ``Metric::SaveToSharedMemory`` under
+    ``~MetricFamily``): every unload crashed the stubs, and tritonserver waited out ``--exit-timeout-secs`` for
+    models it never saw unloaded (docs/RELIABILITY.md section 6)."""
+    vars(model).clear()
+    gc.collect()
+
+
+ModelBase.finalize = _closing_heartbeat(ModelBase.finalize)  # type: ignore[method-assign]

@@ -124,12 +124,45 @@ def test_finalize_removes_the_stubs_heartbeat_file(shm):
         def finalize(self):
             self.seen.append("finalized")
 
-    model = _Finalizing([])
+    seen: list = []
+    model = _Finalizing(seen)
     model.pb_utils = type("PB", (), {"InferenceResponse": staticmethod(lambda **kw: kw)})
     model.execute([])
     assert heartbeat.path_for(os.getpid()).exists()
     model.finalize()
-    assert model.seen[-1] == "finalized" and not heartbeat.path_for(os.getpid()).exists()
+    assert seen[-1] == "finalized" and not heartbeat.path_for(os.getpid()).exists()
+
+
+def test_finalize_frees_the_models_objects_after_the_outermost_finalize_only(shm):
+    """A subclass's finalize calling super().finalize() still has its attributes afterwards; once the outermost
+    returns, the model holds nothing (a pb_utils MetricFamily freed later, when the stub has detached, crashed
+    every stub at unload)."""
+    import weakref
+
+    class _Held:
+        pass
+
+    class _Inner(_Model):
+        def finalize(self):
+            self.seen.append("inner")
+
+    class _Outer(_Inner):
+        def finalize(self):
+            super().finalize()
+            self.seen.append(("outer sees", type(self.held).__name__))  # still there after the inner one
+
+    seen: list = []
+    model = _Outer(seen)
+    model.held = _Held()
+    held = weakref.ref(model.held)
+    model.finalize()
+    assert seen == ["inner", ("outer sees", "_Held")]
+    assert vars(model) == {} and held() is None
+    plain = _Model([])  # no finalize of its own: the base's, wrapped too
+    plain.held = _Held()
+    held = weakref.ref(plain.held)
+    plain.finalize()
+    assert held() is None and not heartbeat.path_for(os.getpid()).exists()
 
 
 def test_overlapping_activities_keep_the_oldest_start(shm):
