@@ -105,6 +105,17 @@ class LateRelease:
                 self._thread.start()
             self._cond.notify()
 
+    def close(self) -> None:
+        """Drop everything kept, here, once the newest has been kept its delay (the model's ``finalize``: what
+        is still kept must go while the stub is attached; freed at interpreter exit, a response frees shared
+        memory that is gone: SIGSEGV)."""
+        with self._cond:
+            newest = self._kept[-1][0] if self._kept else 0.0
+        time.sleep(min(max(0.0, newest - time.monotonic()), self.delay_s))
+        with self._cond:
+            kept, self._kept = self._kept, collections.deque()
+        kept.clear()  # the last references, dropped with the GIL held
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._kept)

@@ -74,7 +74,7 @@ class PipelineModel(ModelBase):
         self._monitor = StepMonitor(self.pb_utils)
         self._finished_streams = LateRelease(name=f"{self.instance_name}-late-release")
         self._board = CancelBoard.of_this_server()
-        # off by default: the monitor thread asking is_cancelled() beside the workers is unverified on a GPU
+        # off by default: the monitor's is_cancelled() round trips cost throughput (docs/RELIABILITY.md section 6)
         self._pass_cancellation = self.int_param("pass_cancellation", 0) != 0
         log.info(
             "%s: %s -> %s, at most %d requests in flight",
@@ -112,6 +112,7 @@ class PipelineModel(ModelBase):
     def finalize(self) -> None:
         self._closing = True
         self._monitor.close()
+        self._finished_streams.close()
 
     # ---- one request -------------------------------------------------------------------------------
     def _serve(self, request: Any, answer: Answer) -> None:

@@ -146,3 +146,22 @@ def test_late_release_drops_what_it_keeps_after_the_delay_on_its_own_thread():
         time.sleep(0.05)
     assert ref() is None and len(late) == 0
     assert dropped_on == ["mm-late-release"]
+
+
+def test_late_release_close_drops_everything_after_the_newest_delay():
+    import time
+    import weakref
+
+    class _Kept:
+        pass
+
+    late = LateRelease(delay_s=0.3)
+    objs = [_Kept(), _Kept()]
+    refs = [weakref.ref(o) for o in objs]
+    for o in objs:
+        late.keep(o)
+    del objs, o
+    t0 = time.monotonic()
+    late.close()  # the model's finalize: nothing may be left for the interpreter's exit
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert len(late) == 0 and all(r() is None for r in refs)
