@@ -17,7 +17,7 @@ on 127.0.0.1 only, with small pools, short timeouts and the shared secret on, an
               mistyped inputs, forged or malformed EMBED_REFs sent to mm_language)
   direct      a client calling an internal model (mm_encoder with a large image, mm_language with 16 refs to
               a stranger's address) without the server's internal token: must be refused, allocating nothing
-  kill        every --kill-every seconds a random stub (mm_encoder or mm_language) gets SIGKILL; the watchdog
+  kill        every --kill-every seconds a random stub (of --kill-models) gets SIGKILL or SIGSTOP; the watchdog
               reloads the model; requests failing within the kill window are expected casualties
 
 At the end it waits for quiescence and reports: requests served, failures by cause (each marked expected or
@@ -129,6 +129,7 @@ class Options:
     max_rss_growth_mib: float = 256.0
     log_file: str | None = None
     quiesce_timeout_s: float = 60.0
+    kill_models: tuple[str, ...] = ("mm_encoder", "mm_language")  # the stubs the killer picks from
 
 
 def register_stub_region(rs) -> str:
@@ -431,7 +432,7 @@ class Soak:
         while not self.stop.wait(every):
             if self.issued >= self.opts.requests:
                 return
-            model = rnd.choice(["mm_encoder", "mm_language"])
+            model = rnd.choice(list(self.opts.kill_models))
             # a third of the faults are pauses (SIGSTOP, never resumed: a stall); the watchdog kills and reloads
             sig = signal.SIGSTOP if rnd.random() < 1 / 3 else signal.SIGKILL
             at = time.monotonic() - self.t0
@@ -647,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="SIGKILL a random stub this often (0: never; default 60)",
     )
+    p.add_argument(
+        "--kill-models",
+        default="mm_encoder,mm_language",
+        help="the stubs --kill-every picks from, comma-separated (default mm_encoder,mm_language)",
+    )
     p.add_argument("--no-faults", action="store_true", help="normal requests only (a baseline)")
     p.add_argument("--max-rss-growth-mib", type=float, default=256.0)
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the report here too")
@@ -662,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         mix,
         args.max_rss_growth_mib,
         str(args.log_file),
+        kill_models=tuple(m for m in args.kill_models.split(",") if m),
     )
     args.log_file.parent.mkdir(parents=True, exist_ok=True)
     report = run_soak(opts)

@@ -35,6 +35,10 @@ def test_short_soak_loses_nothing(tiny_model_dir):
         concurrency=6,
         seed=7,
         kill_every_s=15,
+        # Only mm_language's stub: killing the batching encoder's stub can make tritonserver 2.51 itself abort
+        # (boost::interprocess::lock_exception; scripts/serve restarts it, the soak's server does not), which
+        # test_faults.py tracks as a known risk (xfail). This soak is about what the product survives.
+        kill_models=("mm_language",),
         max_rss_growth_mib=256,
         log_file=str(LOG_DIR / "test_soak-server.log"),
     )
