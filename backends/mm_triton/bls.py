@@ -96,9 +96,12 @@ class LateRelease:
         self._cond = threading.Condition()
         self._name = name
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def keep(self, obj: Any) -> None:
         with self._cond:
+            if self._closed:  # the model is being unloaded: the caller drops it now, while the stub is attached
+                return
             self._kept.append((time.monotonic() + self.delay_s, obj))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -114,6 +117,11 @@ class LateRelease:
         time.sleep(min(max(0.0, newest - time.monotonic()), self.delay_s))
         with self._cond:
             kept, self._kept = self._kept, collections.deque()
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=1.0)  # not in the middle of dropping one when close returns
         kept.clear()  # the last references, dropped with the GIL held
 
     def __len__(self) -> int:
@@ -123,8 +131,10 @@ class LateRelease:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._kept:
+                while not self._kept and not self._closed:
                     self._cond.wait()
+                if self._closed:
+                    return
                 due, _ = self._kept[0]
                 wait_s = due - time.monotonic()
                 if wait_s > 0:
